@@ -1,0 +1,2 @@
+"""One module per backend: ``cuda`` and ``npu`` share :mod:`._torch_device`; ``fake`` lives in
+:mod:`streamkit.fake`."""

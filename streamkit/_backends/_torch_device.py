@@ -1,0 +1,91 @@
+"""A backend over a torch device module (``torch.cuda``, ``torch.npu``): thin and exact.
+
+Handles are the module's own ``Stream`` and ``Event`` objects, so the semantics are the device
+runtime's: nothing here re-implements ordering.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Any
+
+import torch
+
+from .._backend import Backend
+
+
+class TorchDeviceBackend(Backend):
+    def __init__(self, name: str, module: Any) -> None:
+        self.name = name
+        self._mod = module
+
+    def device(self) -> torch.device:
+        return torch.device(self.name, self._mod.current_device())
+
+    def synchronize(self) -> None:
+        self._mod.synchronize()
+
+    def check_usable(self) -> None:
+        return None
+
+    # streams
+    def new_stream(self, priority: int) -> Any:
+        return self._mod.Stream(priority=priority)
+
+    def current_stream(self) -> Any:
+        return self._mod.current_stream()
+
+    def default_stream(self) -> Any:
+        return self._mod.default_stream()
+
+    def stream_context(self, stream: Any) -> AbstractContextManager[None]:
+        return self._mod.stream(stream)
+
+    def stream_wait_event(self, stream: Any, event: Any) -> None:
+        stream.wait_event(event)
+
+    def stream_synchronize(self, stream: Any) -> None:
+        stream.synchronize()
+
+    def stream_query(self, stream: Any) -> bool:
+        return bool(stream.query())
+
+    def stream_priority(self, stream: Any) -> int:
+        return int(stream.priority)
+
+    def stream_key(self, stream: Any) -> Any:
+        return (stream.device, stream.stream_id)
+
+    def stream_label(self, stream: Any) -> str:
+        return f"{stream.device} id={stream.stream_id}"
+
+    def native_stream(self, stream: Any) -> Any:
+        return stream
+
+    # events
+    def new_event(self, enable_timing: bool) -> Any:
+        return self._mod.Event(enable_timing=enable_timing)
+
+    def event_record(self, event: Any, stream: Any) -> None:
+        event.record(stream)
+
+    def event_synchronize(self, event: Any) -> None:
+        event.synchronize()
+
+    def event_query(self, event: Any) -> bool:
+        return bool(event.query())
+
+    def event_elapsed_time(self, start: Any, end: Any) -> float:
+        return float(start.elapsed_time(end))
+
+    def native_event(self, event: Any) -> Any:
+        return event
+
+    # memory
+    def record_stream(self, tensor: torch.Tensor, stream: Any) -> None:
+        if tensor.device.type != self.name:
+            raise ValueError(
+                f"record_stream(tensor): tensor is on {tensor.device}, not on a {self.name} device;"
+                " only device memory is managed by the stream-ordered allocator"
+            )
+        tensor.record_stream(stream)

@@ -1,0 +1,361 @@
+"""Backend-neutral public API: backend selection, :class:`Stream`, :class:`Event`, :func:`switch`.
+
+Everything here is a thin wrapper over the active :class:`~streamkit._backend.Backend`; the
+semantics stated in the docstrings are those of CUDA streams, which every backend follows.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+import torch
+
+from ._backend import Backend
+from ._errors import BackendMismatchError, BackendUnavailableError
+
+#: preference order used when no backend is named
+BACKEND_NAMES: tuple[str, ...] = ("npu", "cuda", "fake")
+
+_lock = threading.RLock()
+_loaded: dict[str, Backend] = {}
+_reasons: dict[str, str] = {}
+_override: list[Backend] = []  # process-wide stack: use_backend() and fake sessions push here
+_selected: str | None = None  # set_backend()
+
+
+def _load(name: str) -> Backend:
+    """Return the backend called ``name``, or raise :class:`BackendUnavailableError` saying why."""
+    if name == "fake":
+        from .fake import _session
+
+        return _session.active_backend()
+    if name not in BACKEND_NAMES:
+        raise ValueError(
+            f"unknown streamkit backend {name!r}: choose one of {', '.join(map(repr, BACKEND_NAMES))}"
+        )
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        if name in _reasons:
+            raise BackendUnavailableError(_reasons[name])
+        try:
+            if name == "cuda":
+                from ._backends.cuda import load_cuda
+
+                backend = load_cuda()
+            else:
+                from ._backends.npu import load_npu
+
+                backend = load_npu()
+        except BackendUnavailableError as exc:
+            _reasons[name] = str(exc)
+            raise
+        _loaded[name] = backend
+        return backend
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot be used here, or ``None`` when it can."""
+    try:
+        _load(name)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process, in preference order (``npu``, ``cuda``, ``fake``)."""
+    return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend called ``name``; with ``None``, the active one.
+
+    The active backend is the innermost :func:`use_backend` / open fake session, else the one given
+    to :func:`set_backend`, else the ``STREAMKIT_BACKEND`` environment variable, else the first
+    available of ``npu``, ``cuda``, ``fake``.
+    """
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"get_backend(name): expected a backend name (str) or None, got {type(name).__name__}")
+        return _load(name)
+    if _override:
+        return _override[-1]
+    chosen = _selected or os.environ.get("STREAMKIT_BACKEND") or None
+    if chosen:
+        return _load(chosen)
+    for candidate in BACKEND_NAMES:
+        try:
+            return _load(candidate)
+        except BackendUnavailableError:
+            continue
+    raise BackendUnavailableError("no streamkit backend is available")  # pragma: no cover (fake always is)
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend used when no :func:`use_backend` block or fake session is active
+    (``None`` restores the default choice). The selection is process-wide."""
+    global _selected
+    if name is not None:
+        _load(name)  # fail now, not at first use
+    _selected = name
+
+
+def _push_backend(backend: Backend) -> None:
+    with _lock:
+        _override.append(backend)
+
+
+def _pop_backend(backend: Backend) -> None:
+    with _lock:
+        # Remove the innermost entry for this backend (sessions may end out of strict order
+        # when used from several threads).
+        for i in range(len(_override) - 1, -1, -1):
+            if _override[i] is backend:
+                del _override[i]
+                return
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Make backend ``name`` the active backend (process-wide) inside the block; yields it."""
+    backend = _load(name)
+    _push_backend(backend)
+    try:
+        yield backend
+    finally:
+        _pop_backend(backend)
+
+
+def device() -> torch.device:
+    """The active backend's device."""
+    return get_backend().device()
+
+
+def synchronize() -> None:
+    """Block the host until all work issued to every stream of the active device has completed;
+    everything the host issues afterwards is ordered after that work."""
+    get_backend().synchronize()
+
+
+def _expect(value: Any, cls: type, where: str) -> None:
+    if not isinstance(value, cls):
+        raise TypeError(
+            f"{where}: expected a streamkit.{cls.__name__}, got {type(value).__module__}.{type(value).__qualname__}"
+            f" (create it with streamkit.{cls.__name__}(...) or take it from streamkit.current_stream())"
+        )
+
+
+def _same_backend(a: Any, b: Any, where: str) -> None:
+    if a._backend is not b._backend:
+        raise BackendMismatchError(
+            f"{where}: {a!r} and {b!r} belong to different backends ({a._backend!r} vs {b._backend!r});"
+            " streams and events can only be combined within one backend (and one fake session)"
+        )
+
+
+class Stream:
+    """A device stream: work issued to it runs in issue order (FIFO).
+
+    ``Stream(priority=0)`` creates a new stream on the active backend. Like ``torch.cuda.Stream`` it is
+    non-blocking: it has no implicit ordering with the default stream or any other stream; only
+    :meth:`wait_stream`, :meth:`wait_event` and host synchronization order work across streams.
+    Lower numbers are higher priorities, as on CUDA.
+    """
+
+    __slots__ = ("_backend", "_handle", "__weakref__")
+
+    def __new__(cls, priority: int = 0) -> "Stream":
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise TypeError(f"Stream(priority): expected an int, got {type(priority).__name__}")
+        backend = get_backend()
+        return cls._wrap(backend, backend.new_stream(priority))
+
+    @classmethod
+    def _wrap(cls, backend: Backend, handle: Any) -> "Stream":
+        self = object.__new__(cls)
+        self._backend = backend
+        self._handle = handle
+        return self
+
+    def wait_stream(self, other: "Stream") -> None:
+        """Order all work issued to this stream after this call behind all work issued to ``other``
+        before it (``self.wait_event(other.record_event())``). The host does not block."""
+        _expect(other, Stream, "Stream.wait_stream(other)")
+        _same_backend(self, other, "Stream.wait_stream(other)")
+        self._backend.check_usable()
+        event = self._backend.new_event(False)
+        self._backend.event_record(event, other._handle)
+        self._backend.stream_wait_event(self._handle, event)
+
+    def wait_event(self, event: "Event") -> None:
+        """Order all work issued to this stream after this call behind the work that ``event``
+        captured when it was last recorded. Waiting on a never-recorded event does nothing
+        (streamkit warns). The host does not block."""
+        _expect(event, Event, "Stream.wait_event(event)")
+        _same_backend(self, event, "Stream.wait_event(event)")
+        self._backend.check_usable()
+        self._backend.stream_wait_event(self._handle, event._handle)
+
+    def record_event(self, event: "Event | None" = None) -> "Event":
+        """Record ``event`` (a new one if ``None``) on this stream: it captures all work issued to
+        this stream so far. Returns the event."""
+        if event is None:
+            event = Event._wrap(self._backend, self._backend.new_event(False))
+        else:
+            _expect(event, Event, "Stream.record_event(event)")
+            _same_backend(self, event, "Stream.record_event(event)")
+        self._backend.check_usable()
+        self._backend.event_record(event._handle, self._handle)
+        return event
+
+    def synchronize(self) -> None:
+        """Block the host until all work issued to this stream has completed; the host, and so all
+        work it issues afterwards, is then ordered after that work."""
+        self._backend.check_usable()
+        self._backend.stream_synchronize(self._handle)
+
+    def query(self) -> bool:
+        """``True`` if all work issued to this stream has completed (the host may then rely on it)."""
+        self._backend.check_usable()
+        return self._backend.stream_query(self._handle)
+
+    @property
+    def priority(self) -> int:
+        return self._backend.stream_priority(self._handle)
+
+    @property
+    def backend(self) -> str:
+        """Name of the backend this stream belongs to."""
+        return self._backend.name
+
+    @property
+    def native(self) -> Any:
+        """The framework's stream (``torch.cuda.Stream``, ``torch_npu.npu.Stream``); ``None`` on fake."""
+        return self._backend.native_stream(self._handle)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Stream):
+            return NotImplemented
+        return self._backend is other._backend and self._backend.stream_key(
+            self._handle
+        ) == other._backend.stream_key(other._handle)
+
+    def __hash__(self) -> int:
+        return hash((id(self._backend), self._backend.stream_key(self._handle)))
+
+    def __repr__(self) -> str:
+        return f"<streamkit.Stream {self._backend.stream_label(self._handle)} backend={self._backend.name}>"
+
+
+class Event:
+    """A marker in a stream's work. ``Event(enable_timing=False)`` creates one on the active backend.
+
+    :meth:`record` captures the work issued to a stream so far; a later :meth:`wait` or
+    :meth:`synchronize` orders a stream or the host after that captured work. Re-recording changes
+    what *later* waits see, never what earlier waits already ordered.
+    """
+
+    __slots__ = ("_backend", "_handle", "__weakref__")
+
+    def __new__(cls, enable_timing: bool = False) -> "Event":
+        if not isinstance(enable_timing, bool):
+            raise TypeError(f"Event(enable_timing): expected a bool, got {type(enable_timing).__name__}")
+        backend = get_backend()
+        return cls._wrap(backend, backend.new_event(enable_timing))
+
+    @classmethod
+    def _wrap(cls, backend: Backend, handle: Any) -> "Event":
+        self = object.__new__(cls)
+        self._backend = backend
+        self._handle = handle
+        return self
+
+    def _stream_or_current(self, stream: "Stream | None", where: str) -> Any:
+        if stream is None:
+            return self._backend.current_stream()
+        _expect(stream, Stream, where)
+        _same_backend(self, stream, where)
+        return stream._handle
+
+    def record(self, stream: "Stream | None" = None) -> None:
+        """Capture all work issued so far to ``stream`` (default: the current stream)."""
+        handle = self._stream_or_current(stream, "Event.record(stream)")
+        self._backend.check_usable()
+        self._backend.event_record(self._handle, handle)
+
+    def wait(self, stream: "Stream | None" = None) -> None:
+        """Order all later work on ``stream`` (default: the current stream) after the captured work."""
+        handle = self._stream_or_current(stream, "Event.wait(stream)")
+        self._backend.check_usable()
+        self._backend.stream_wait_event(handle, self._handle)
+
+    def synchronize(self) -> None:
+        """Block the host until the captured work has completed (returns at once if never recorded)."""
+        self._backend.check_usable()
+        self._backend.event_synchronize(self._handle)
+
+    def query(self) -> bool:
+        """``True`` if the captured work has completed (or the event was never recorded)."""
+        self._backend.check_usable()
+        return self._backend.event_query(self._handle)
+
+    def elapsed_time(self, end_event: "Event") -> float:
+        """Milliseconds between this event's and ``end_event``'s records; both need
+        ``enable_timing=True`` and must have completed."""
+        _expect(end_event, Event, "Event.elapsed_time(end_event)")
+        _same_backend(self, end_event, "Event.elapsed_time(end_event)")
+        self._backend.check_usable()
+        return self._backend.event_elapsed_time(self._handle, end_event._handle)
+
+    @property
+    def backend(self) -> str:
+        return self._backend.name
+
+    @property
+    def native(self) -> Any:
+        """The framework's event (``torch.cuda.Event``...); ``None`` on fake."""
+        return self._backend.native_event(self._handle)
+
+    def __repr__(self) -> str:
+        return f"<streamkit.Event {self._handle!r} backend={self._backend.name}>"
+
+
+def current_stream() -> Stream:
+    """The calling thread's current stream on the active backend."""
+    backend = get_backend()
+    return Stream._wrap(backend, backend.current_stream())
+
+
+def default_stream() -> Stream:
+    """The active device's default stream."""
+    backend = get_backend()
+    return Stream._wrap(backend, backend.default_stream())
+
+
+@contextmanager
+def switch(stream: Stream | None, enabled: bool = True) -> Iterator[Stream | None]:
+    """Make ``stream`` the calling thread's current stream inside the block and restore the previous
+    one on exit; blocks nest. Neither entering nor leaving synchronizes anything. ``switch(None)``
+    and ``enabled=False`` do nothing."""
+    if stream is None or not enabled:
+        yield stream
+        return
+    _expect(stream, Stream, "switch(stream)")
+    stream._backend.check_usable()
+    with stream._backend.stream_context(stream._handle):
+        yield stream
+
+
+def record_stream(tensor: torch.Tensor, stream: Stream) -> None:
+    """Tell the allocator that ``tensor``'s memory is in use by work on ``stream``: the memory is not
+    reused for new allocations until the work issued to ``stream`` so far has completed, even if
+    the tensor is freed earlier (``Tensor.record_stream``)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"record_stream(tensor): expected a torch.Tensor, got {type(tensor).__name__}")
+    _expect(stream, Stream, "record_stream(stream)")
+    stream._backend.check_usable()
+    stream._backend.record_stream(tensor, stream._handle)

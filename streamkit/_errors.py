@@ -1,0 +1,44 @@
+"""Exceptions and warnings raised by streamkit."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .fake._report import Race
+
+
+class StreamkitError(RuntimeError):
+    """Base class of streamkit's own errors."""
+
+
+class BackendUnavailableError(StreamkitError):
+    """The requested backend cannot be used on this machine; the message says why."""
+
+
+class BackendMismatchError(StreamkitError, TypeError):
+    """A stream, event or tensor of one backend (or of a closed fake session) was used with another."""
+
+
+class SessionClosedError(BackendMismatchError):
+    """A stream, event or tensor of a fake session that has ended was used."""
+
+
+class RaceError(StreamkitError):
+    """Two accesses to overlapping device memory, at least one a write, with no happens-before
+    between them. ``str(err)`` is the full report; ``err.race`` is the :class:`~streamkit.fake.Race`."""
+
+    def __init__(self, race: "Race") -> None:
+        super().__init__(str(race))
+        self.race = race
+
+
+class StreamkitWarning(UserWarning):
+    """Base class of streamkit's warnings."""
+
+
+class UnrecordedEventWarning(StreamkitWarning):
+    """A stream waited on (or the host synchronized with) an event that was never recorded.
+
+    CUDA and NPU treat this as a silent no-op, which usually hides a missing ``record()``.
+    """

@@ -1,0 +1,71 @@
+"""The happens-before check run on every access, and the allocator's free check."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._clocks import StreamState, ordered_before
+from ._tracking import Kernel, StorageState
+
+
+class Detector:
+    """Checks each access against a storage's access table, then records it.
+
+    ``report(record, kernel, kind, tensor, state)`` is called for every race found; it raises in
+    ``detect="raise"`` mode before the kernel runs.
+    """
+
+    __slots__ = ("report",)
+
+    def __init__(self, report: Any) -> None:
+        self.report = report
+
+    def write(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
+        clock = stream.clock
+        n = len(clock)
+        for records in (state.writes, state.reads):
+            for r in records:
+                if r[0] < end and start < r[1]:
+                    i = r[2]
+                    if not (i < n and clock[i] >= r[3]):
+                        self.report(r, kernel, "write", tensor, state)
+        record = (start, end, stream.idx, kernel.seq, kernel)
+        if start == 0 and end == state.nbytes:
+            state.writes = [record]
+            state.reads = []
+            return
+        if state.writes:
+            state.writes = [r for r in state.writes if r[0] < start or r[1] > end]
+        if state.reads:
+            state.reads = [r for r in state.reads if r[0] < start or r[1] > end]
+        state.writes.append(record)
+
+    def read(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
+        clock = stream.clock
+        n = len(clock)
+        for r in state.writes:
+            if r[0] < end and start < r[1]:
+                i = r[2]
+                if not (i < n and clock[i] >= r[3]):
+                    self.report(r, kernel, "read", tensor, state)
+        reads = state.reads
+        if reads:
+            # an earlier read covered by this one and ordered before it adds nothing
+            reads = [r for r in reads if r[0] < start or r[1] > end or not (r[2] < n and clock[r[2]] >= r[3])]
+        reads.append((start, end, stream.idx, kernel.seq, kernel))
+        state.reads = reads
+
+    @staticmethod
+    def unordered_at_free(state: StorageState, reuse_clock: list[int]) -> list[tuple]:
+        """Records of other streams that the allocation stream's future work is not ordered after
+        (and that no record_stream covers): reusing the memory would race with them."""
+        alloc = state.alloc_stream.idx
+        pending = []
+        for records in (state.writes, state.reads):
+            for r in records:
+                i = r[2]
+                if i == alloc or i in state.record_streams:
+                    continue
+                if not ordered_before(i, r[3], reuse_clock):
+                    pending.append(r)
+        return pending

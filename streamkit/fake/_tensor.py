@@ -1,0 +1,386 @@
+"""Fake device tensors: a wrapper subclass around a CPU tensor, the device registration, and the
+dispatch handlers that turn every op into a tracked kernel on the current stream.
+
+The fake device is PyTorch's PrivateUse1 device renamed ``fake``; a Python fallback on that key sees
+factory calls (``torch.zeros(n, device="fake")``) from any thread.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import Any
+
+import torch
+
+from .._errors import BackendUnavailableError, SessionClosedError
+from ._report import capture_site
+from ._tracking import METADATA_MUTATORS, NONE, READ, WRITE, OpPlan, StorageState, byte_range, plan_for
+
+DEVICE_TYPE = "fake"
+DEVICE: torch.device  # torch.device("fake", 0), defined once the device is registered
+CPU = torch.device("cpu")
+_make_wrapper = torch.Tensor._make_wrapper_subclass
+_registered = False
+_register_lock = threading.Lock()
+_library: Any = None
+
+# Ops whose output size depends on the data: on CUDA they copy a size to the host and wait for it.
+SYNCING_OPS = frozenset(
+    {"nonzero", "masked_select", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "bincount",
+     "repeat_interleave", "nonzero_static_"}
+)
+_HOST_SCALAR_TYPES = ("bool", "Scalar", "int", "float", "number", "SymInt", "SymBool", "SymFloat")
+# Allocation-only factories: they write nothing (the memory holds garbage, as on a device).
+_ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
+
+# The session whose dispatch handles fake tensors now; set by _session.
+_state: dict[str, Any] = {"session": None}
+
+
+def ensure_registered() -> None:
+    """Claim PyTorch's PrivateUse1 device as ``fake`` (once per process)."""
+    global _registered, _library
+    if _registered:
+        return
+    with _register_lock:
+        if _registered:
+            return
+        name = torch._C._get_privateuse1_backend_name()
+        if name not in ("privateuseone", DEVICE_TYPE):
+            raise BackendUnavailableError(
+                f"fake backend unavailable: it needs PyTorch's PrivateUse1 device, which {name!r} already"
+                f" uses in this process (run fake-backend checks in a process that doesn't import {name}'s extension)"
+            )
+        if name == "privateuseone":
+            torch.utils.backend_registration._setup_privateuseone_for_python_backend(rename=DEVICE_TYPE)
+        global DEVICE
+        DEVICE = torch.device(DEVICE_TYPE, 0)
+        _library = torch.library.Library("_", "IMPL", "PrivateUse1")
+        _library.fallback(_factory_fallback)
+        _registered = True
+
+
+def _session() -> Any:
+    session = _state["session"]
+    if session is None:
+        from ._session import active_session
+
+        session = active_session()
+    return session
+
+
+class FakeDeviceTensor(torch.Tensor):
+    """A tensor on the fake device: metadata of its own, values in a CPU tensor (``_inner``).
+
+    Every op on it is a kernel on the current stream of the session that made it.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @classmethod
+    def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        plan = plan_for(func)
+        handler = plan.handler
+        if handler is None:
+            handler = plan.handler = _choose_handler(plan)
+        return handler(plan, args, kwargs or {})
+
+    # host reads that don't go through an aten op on the wrapper
+    def tolist(self) -> Any:
+        return self.cpu().tolist()
+
+    def numpy(self, *, force: bool = False) -> Any:
+        raise TypeError(
+            f"can't convert {self.device} device type tensor to numpy. Use Tensor.cpu() to copy the tensor"
+            " to host memory first."
+        )
+
+    def __repr__(self, *, tensor_contents: Any = None) -> str:
+        text = repr(self.cpu())
+        device = f"device='{self.device}'"
+        if ", dtype=" in text:
+            return text.replace(", dtype=", f", {device}, dtype=", 1)
+        return text[:-1] + f", {device})"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        if self.dim() == 0 and spec:
+            return self.item().__format__(spec)
+        return repr(self)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError("fake-device tensors can't be pickled; call .cpu() first")
+
+
+def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
+    out = _make_wrapper(
+        FakeDeviceTensor, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
+        dtype=inner.dtype, device=DEVICE,
+    )
+    out._inner = inner
+    out._st = state
+    out._lo, out._hi = byte_range(inner)
+    return out
+
+
+def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
+    """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
+    nbytes = inner.untyped_storage().nbytes()
+    state = StorageState(session if session.tracking else None, nbytes, stream, site)
+    out = _new_wrapper(inner, state)
+    if kernel is not None and session.tracking and out._hi > out._lo:
+        state.writes.append((out._lo, out._hi, stream.idx, kernel.seq, kernel))
+    return out
+
+
+def peek(tensor: torch.Tensor) -> torch.Tensor:
+    """The CPU tensor holding a fake-device tensor's values, read without a device operation.
+
+    For validators that must not add host syncs; it bypasses race detection.
+    """
+    if type(tensor) is not FakeDeviceTensor:
+        raise TypeError(f"peek(tensor): expected a fake-device tensor, got a tensor on {getattr(tensor, 'device', None)}")
+    return tensor._inner
+
+
+# ---------------------------------------------------------------------------------------------
+# argument unwrapping
+
+
+def _mixed(plan: OpPlan, t: torch.Tensor) -> None:
+    raise RuntimeError(
+        f"Expected all tensors to be on the same device, but found at least two devices, {DEVICE} and {t.device}!"
+        f" (in {plan.op}; move the CPU tensor with .to(sk.device()) first)"
+    )
+
+
+def _check_session(session: Any, t: FakeDeviceTensor) -> None:
+    owner = t._st.session
+    if owner is not None and owner is not session:
+        if owner.closed:
+            raise SessionClosedError(f"this tensor belongs to a fake session that has ended ({owner!r})")
+        raise SessionClosedError(f"this tensor belongs to another fake session ({owner!r}), not the active {session!r}")
+
+
+def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: Any) -> Any:
+    tp = type(value)
+    if tp is FakeDeviceTensor:
+        if value._st.session is not session:
+            _check_session(session, value)
+        if kind:
+            accesses.append((value, kind))
+        return value._inner
+    if tp is list or tp is tuple:
+        if not value:
+            return value
+        return tp(_unwrap_value(plan, v, kind, accesses, session) for v in value)
+    if isinstance(value, torch.Tensor) and value.dim() != 0 and not plan.allows_cpu and not plan.is_collective:
+        _mixed(plan, value)
+    return value
+
+
+def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: Any) -> tuple[list, dict, list]:
+    accesses: list = []
+    kinds = plan.arg_kinds
+    nk = len(kinds)
+    new_args = list(args)
+    for i, a in enumerate(args):
+        tp = type(a)
+        if tp is FakeDeviceTensor:
+            if a._st.session is not session:
+                _check_session(session, a)
+            k = kinds[i] if i < nk else READ
+            if k:
+                accesses.append((a, k))
+            new_args[i] = a._inner
+        elif tp is list or tp is tuple or isinstance(a, torch.Tensor):
+            new_args[i] = _unwrap_value(plan, a, kinds[i] if i < nk else READ, accesses, session)
+    if kwargs:
+        kw_kinds = plan.kw_kinds
+        kwargs = {k: _unwrap_value(plan, v, kw_kinds.get(k, READ), accesses, session) for k, v in kwargs.items()}
+    return new_args, kwargs, accesses
+
+
+def _arg(plan: OpPlan, args: Any, kwargs: dict, index: int) -> Any:
+    if index < len(args):
+        return args[index]
+    return kwargs[plan.op._schema.arguments[index].name]
+
+
+# ---------------------------------------------------------------------------------------------
+# handlers
+
+
+def _choose_handler(plan: OpPlan) -> Any:
+    name = plan.name
+    if name in METADATA_MUTATORS or name == "resize_":
+        return _metadata_mutator
+    if plan.is_view:
+        return _view
+    if name == "_to_copy":
+        return _to_copy
+    if name == "copy_":
+        return _copy
+    if plan.is_collective:
+        return _collective
+    return _kernel
+
+
+def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """Any op: one kernel on the current stream reading and writing what its schema says."""
+    session = _session()
+    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
+    stream = session.current_state()
+    site = capture_site(sys._getframe(2)) if session.tracking else None
+    with session.lock:
+        kernel = session.issue(plan.op, stream, site, new_args, new_kwargs, accesses)
+        result = session.scheduler.submit(kernel)
+        out = _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+        if plan.name in SYNCING_OPS:
+            session.host_sync(stream.clock, "implicit_syncs")
+        elif plan.outputs and str(plan.op._schema.returns[0].type) in _HOST_SCALAR_TYPES:
+            session.host_sync(stream.clock, "blocking_copies")  # .item(), torch.equal(): a D2H read
+    return out
+
+
+def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: Any, stream: Any, kernel: Any, site: Any) -> Any:
+    outputs = plan.outputs
+    if len(outputs) == 1:
+        return _wrap_one(plan, outputs[0], result, args, kwargs, session, stream, kernel, site)
+    if not outputs:
+        return result
+    return tuple(
+        _wrap_one(plan, spec, value, args, kwargs, session, stream, kernel, site) for spec, value in zip(outputs, result)
+    )
+
+
+def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, session: Any, stream: Any, kernel: Any, site: Any) -> Any:
+    kind, index = spec
+    if kind == "arg":
+        original = _arg(plan, args, kwargs, index)
+        if type(original) is FakeDeviceTensor and original._inner.shape != original.shape:
+            raise RuntimeError(
+                f"{plan.op} resized its output from {tuple(original.shape)} to {tuple(original._inner.shape)}:"
+                " fake-device tensors can't change shape in place; pass an out= tensor of the result's shape"
+            )
+        return original
+    if type(value) is torch.Tensor:
+        if kind == "view":
+            return _new_wrapper(value, _arg(plan, args, kwargs, index)._st)
+        return wrap_fresh(session, value, stream, kernel, site)
+    if type(value) is list or type(value) is tuple:
+        return type(value)(_wrap_one(plan, spec, v, args, kwargs, session, stream, kernel, site) for v in value)
+    return value
+
+
+def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """A view: new metadata over the same memory. Not a kernel, not an access."""
+    session = _session()
+    new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    result = plan.op._op(*new_args, **new_kwargs)
+    return _wrap_outputs(plan, result, args, kwargs, session, None, None, None)
+
+
+def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    self = args[0]
+    if plan.name == "resize_" and tuple(args[1]) == tuple(self.shape):
+        return self
+    raise NotImplementedError(
+        f"{plan.op} changes a fake-device tensor's shape or strides in place, which fake tensors don't support;"
+        " use the out-of-place form (e.g. x = x.t() instead of x.t_())"
+    )
+
+
+def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """``.to(...)``/``.cpu()``: to the host it is a D2H copy on the current stream (blocking unless
+    ``non_blocking=True``); otherwise an ordinary kernel."""
+    device = kwargs.get("device")
+    if device is None or torch.device(device).type != "cpu":
+        return _kernel(plan, args, kwargs)
+    session = _session()
+    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
+    stream = session.current_state()
+    site = capture_site(sys._getframe(2)) if session.tracking else None
+    with session.lock:
+        kernel = session.issue(plan.op, stream, site, new_args, new_kwargs, accesses)
+        result = session.scheduler.submit(kernel)
+        if not kwargs.get("non_blocking", False):
+            session.host_sync(stream.clock, "blocking_copies")
+    return result
+
+
+def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """``dst.copy_(src)``: H2D or D2H when one side is on the host (blocking unless
+    ``non_blocking=True``), else a device kernel."""
+    dst, src = args[0], args[1]
+    non_blocking = args[2] if len(args) > 2 else kwargs.get("non_blocking", False)
+    dst_fake = type(dst) is FakeDeviceTensor
+    src_fake = type(src) is FakeDeviceTensor
+    if dst_fake and src_fake:
+        return _kernel(plan, args, kwargs)
+    session = _session()
+    stream = session.current_state()
+    site = capture_site(sys._getframe(2)) if session.tracking else None
+    if dst_fake:
+        _check_session(session, dst) if dst._st.session is not session else None
+        accesses = [(dst, WRITE)]
+        new_args = [dst._inner, src, non_blocking]
+    else:
+        _check_session(session, src) if src._st.session is not session else None
+        accesses = [(src, READ)]
+        new_args = [dst, src._inner, non_blocking]
+    with session.lock:
+        kernel = session.issue(plan.op, stream, site, new_args, {}, accesses)
+        session.scheduler.submit(kernel)
+        if not non_blocking:
+            session.host_sync(stream.clock, "blocking_copies")
+    return dst
+
+
+def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """A c10d collective: a kernel on the current stream reading its inputs and writing its output.
+
+    Under the eager scheduler it completes at issue (its work is waited for), so a failing peer
+    raises here.
+    """
+    session = _session()
+    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
+    stream = session.current_state()
+    site = capture_site(sys._getframe(2)) if session.tracking else None
+    with session.lock:
+        kernel = session.issue(plan.op, stream, site, new_args, new_kwargs, accesses)
+    # Run outside the lock: it blocks on peers, and other threads must keep issuing.
+    result = session.scheduler.submit(kernel)
+    works = [r for r in (result if isinstance(result, tuple) else (result,)) if hasattr(r, "wait") and not isinstance(r, torch.Tensor)]
+    for work in works:
+        work.wait()
+    if isinstance(result, tuple) and result and plan.arg_kinds and plan.arg_kinds[0] == WRITE:
+        # The first result is the output argument itself: hand back the caller's fake tensors.
+        return (args[0] if args else kwargs[plan.op._schema.arguments[0].name],) + tuple(result[1:])
+    return result
+
+
+def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
+    """Ops that reach the fake device with no fake tensor argument: factories (``torch.zeros(...,
+    device="fake")``). An allocation on the current stream, plus a kernel if it fills memory."""
+    session = _session()
+    if kwargs.get("device") is not None:
+        kwargs["device"] = CPU
+    for a in args:
+        if isinstance(a, torch.Tensor) and a.device.type != "cpu":
+            raise RuntimeError(f"{op}: unexpected argument on {a.device} for the fake device")
+    plan = plan_for(op)
+    stream = session.current_state()
+    site = capture_site(sys._getframe(1)) if session.tracking else None
+    with session.lock:
+        if plan.name in _ALLOCATIONS:
+            result = op._op(*args, **kwargs)
+            return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
+        kernel = session.issue(op, stream, site, list(args), kwargs, [])
+        result = session.scheduler.submit(kernel)
+        return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+
+
+NONE, READ, WRITE  # re-exported names used by the session

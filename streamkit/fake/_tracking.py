@@ -1,0 +1,182 @@
+"""Op tracking: what an op reads and writes (from its schema), the per-storage access table, the
+kernel record, and the scheduler that runs kernels.
+
+Identity of memory is a storage plus a byte range, so overlapping views conflict and disjoint
+slices do not. A strided view is tracked by its bounding byte range (conservative: interleaved
+strided views such as ``x[::2]`` and ``x[1::2]`` are treated as overlapping).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from ._clocks import StreamState
+
+NONE, READ, WRITE = 0, 1, 2
+
+# In-place ops that change a tensor's shape/strides: a wrapper tensor's metadata can't follow them.
+METADATA_MUTATORS = frozenset(
+    {"t_", "transpose_", "squeeze_", "unsqueeze_", "as_strided_", "swapdims_", "swapaxes_", "set_", "resize_as_"}
+)
+# Ops whose CPU-tensor index arguments are allowed beside device tensors (CUDA accepts them too).
+INDEX_OPS = frozenset({"index", "index_put", "index_put_", "_index_put_impl_", "_unsafe_index", "_unsafe_index_put"})
+
+
+class OpPlan:
+    """How one op overload accesses its tensor arguments and what its outputs are, from its schema.
+
+    ``arg_kinds[i]`` / ``kw_kinds[name]`` is NONE (aliased by a view output), READ or WRITE.
+    ``outputs`` has one entry per return: ``("arg", i)`` (returns argument ``i`` itself: in-place or
+    out=), ``("view", i)`` (a new view of argument ``i``) or ``("fresh", None)`` (new memory).
+    """
+
+    __slots__ = ("op", "name", "arg_kinds", "kw_kinds", "outputs", "is_view", "is_collective", "handler", "allows_cpu")
+
+    def __init__(self, op: Any) -> None:
+        self.op = op
+        schema = op._schema
+        self.name = schema.name.split("::")[-1]
+        namespace = schema.name.split("::")[0]
+        self.is_collective = namespace == "c10d"
+        self.handler: Callable[..., Any] | None = None
+        self.allows_cpu = self.name in INDEX_OPS
+        self.arg_kinds: list[int] = []
+        self.kw_kinds: dict[str, int] = {}
+        alias_owner: dict[str, int] = {}
+        first_tensor = None
+        for i, arg in enumerate(schema.arguments):
+            info = arg.alias_info
+            if info is None:
+                kind = READ
+            elif info.is_write:
+                kind = WRITE
+            else:
+                kind = NONE
+            if self.is_collective:
+                # c10d schemas carry no write annotation: a mutating collective ("..._") writes
+                # its first tensor argument (the output) and returns it; the rest are inputs.
+                is_tensor = "Tensor" in str(arg.type)
+                if is_tensor and first_tensor is None:
+                    first_tensor = i
+                    kind = WRITE if self.name.endswith("_") else READ
+                else:
+                    kind = READ
+            if info is not None:
+                for name in info.before_set:
+                    alias_owner.setdefault(name, i)
+            self.arg_kinds.append(kind)
+            self.kw_kinds[arg.name] = kind
+        self.outputs: list[tuple[str, int | None]] = []
+        for ret in schema.returns:
+            info = ret.alias_info
+            owner = None
+            if info is not None:
+                for name in info.before_set:
+                    if name in alias_owner:
+                        owner = alias_owner[name]
+                        break
+            if info is not None and info.is_write and owner is not None:
+                self.outputs.append(("arg", owner))
+            elif info is not None and owner is not None:
+                self.outputs.append(("view", owner))
+            elif info is not None and not info.is_write:
+                # e.g. split(): "Tensor(a)[]" with the alias on the elements: views of the aliased arg
+                owner = next((j for j, k in enumerate(self.arg_kinds) if k == NONE), 0)
+                self.outputs.append(("view", owner))
+            elif self.name == "_unsafe_view":
+                self.outputs.append(("view", 0))  # shares memory despite a schema without aliasing
+            else:
+                self.outputs.append(("fresh", None))
+        if self.name == "_unsafe_view":
+            self.arg_kinds[0] = NONE
+            self.kw_kinds["self"] = NONE
+        self.is_view = bool(self.outputs) and all(kind == "view" for kind, _ in self.outputs)
+
+
+_PLANS: dict[Any, OpPlan] = {}
+
+
+def plan_for(op: Any) -> OpPlan:
+    plan = _PLANS.get(op)
+    if plan is None:
+        plan = _PLANS[op] = OpPlan(op)
+    return plan
+
+
+def byte_range(t: torch.Tensor) -> tuple[int, int]:
+    """The bounding byte range ``[start, end)`` of ``t`` within its storage."""
+    n = t.numel()
+    if n == 0:
+        return (0, 0)
+    size = t.element_size()
+    offset = t.storage_offset()
+    extent = 1
+    for dim, stride in zip(t.size(), t.stride()):
+        extent += (dim - 1) * stride
+    return (offset * size, (offset + extent) * size)
+
+
+class StorageState:
+    """The access table of one storage: accesses not yet superseded, and allocator facts.
+
+    Records are ``(start, end, stream_idx, seq, kernel)``. A write drops the records it covers (any
+    later access that conflicts with them conflicts with the write too); a read drops earlier
+    reads it covers that happen before it.
+    """
+
+    __slots__ = ("reads", "writes", "nbytes", "alloc_stream", "alloc_site", "record_streams", "session", "__weakref__")
+
+    def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any) -> None:
+        self.reads: list[tuple] = []
+        self.writes: list[tuple] = []
+        self.nbytes = nbytes
+        self.alloc_stream = alloc_stream
+        self.alloc_site = alloc_site
+        self.record_streams: set[int] = set()
+        self.session = session
+
+    def __del__(self) -> None:
+        # The last tensor on this storage is gone: the caching allocator may hand the memory to a
+        # new allocation on the allocation stream right away.
+        session = self.session
+        if session is not None and (self.reads or self.writes):
+            try:
+                session._on_free(self)
+            except Exception:  # never raise from a finalizer
+                pass
+
+
+class Kernel:
+    """One unit of device work: the op, its (unwrapped) arguments, the stream, the issue site."""
+
+    __slots__ = ("op", "stream", "seq", "site", "args", "kwargs")
+
+    def __init__(self, op: Any, stream: StreamState, seq: int, site: Any, args: Any, kwargs: Any) -> None:
+        self.op = op
+        self.stream = stream
+        self.seq = seq
+        self.site = site
+        self.args = args
+        self.kwargs = kwargs
+
+    def run(self) -> Any:
+        args, kwargs = self.args, self.kwargs
+        self.args = self.kwargs = None  # a finished kernel keeps no tensors alive
+        return self.op._op(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.op} on stream {self.stream!r} #{self.seq}>"
+
+
+class EagerScheduler:
+    """Runs every kernel when it is issued: values are those of a fully synchronous device.
+
+    Deferred schedules (adversarial, random, exhaustive) implement the same ``submit``.
+    """
+
+    name = "eager"
+
+    def submit(self, kernel: Kernel) -> Any:
+        return kernel.run()
