@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-STACK_DEPTH = 8
+STACK_DEPTH = 6
 _INTERNAL_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (torch.__file__, os.path.join(os.path.dirname(__file__), "..", "__init__.py"))
@@ -27,12 +27,12 @@ _INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py")
 def capture_site(frame: Any) -> tuple:
     """Capture up to STACK_DEPTH frames from ``frame`` outwards as (code, lineno) pairs."""
     site = []
-    n = 0
-    while frame is not None and n < STACK_DEPTH:
+    for _ in range(STACK_DEPTH):
+        if frame is None:
+            break
         site.append((frame.f_code, frame.f_lineno))
         frame = frame.f_back
-        n += 1
-    return tuple(site)
+    return site
 
 
 def _internal(filename: str) -> bool:

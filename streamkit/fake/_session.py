@@ -92,7 +92,7 @@ class Session:
         self._tls = threading.local()
         self._seen: set[tuple] = set()
         self._pending: RaceError | None = None
-        self.clocks.new_stream(0, ())
+        self._default_stream = self.clocks.new_stream(0, ())
 
     # -- the public surface -------------------------------------------------------------------
     @property
@@ -115,8 +115,10 @@ class Session:
 
     # -- used by the dispatch handlers -------------------------------------------------------
     def current_state(self) -> StreamState:
-        stream = getattr(self._tls, "stream", None)
-        return stream if stream is not None else self.clocks.streams[0]
+        try:
+            return self._tls.stream or self._default_stream
+        except AttributeError:  # a thread that never switched streams
+            return self._default_stream
 
     def issue(self, op: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> Kernel:
         """Issue one kernel on ``stream``: check and record its accesses (raising on a race in
@@ -126,7 +128,13 @@ class Session:
         self.stats.kernels += 1
         if not self.tracking:
             return Kernel(op, stream, 0, None, args, kwargs)
-        kernel = Kernel(op, stream, self.clocks.issue(stream), site, args, kwargs)
+        clocks = self.clocks
+        if stream.host_version != clocks.host_version:
+            clocks._catch_up(stream)
+        clock = stream.clock
+        seq = clock[stream.idx] + 1
+        clock[stream.idx] = seq
+        kernel = Kernel(op, stream, seq, site, args, kwargs)
         detector = self.detector
         for tensor, kind in accesses:
             lo, hi = tensor._lo, tensor._hi
@@ -136,6 +144,12 @@ class Session:
                 else:
                     detector.read(tensor._st, lo, hi, stream, kernel, tensor)
         return kernel
+
+    def issue_untracked(self, op: Any, stream: StreamState, args: Any, kwargs: Any) -> Kernel:
+        if self._pending is not None:
+            self._raise_pending()
+        self.stats.kernels += 1
+        return Kernel(op, stream, 0, None, args, kwargs)
 
     def host_sync(self, clock: Any, kind: str) -> None:
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
@@ -189,12 +203,13 @@ class Session:
             earlier_kind = "write" if record in state.writes else "read"
             first = make_access(earlier.op, self._stream(earlier.stream), earlier_kind, earlier.site)
             second = make_access(
-                "free (the caching allocator may reuse this memory)", self._stream(state.alloc_stream), "free",
+                "the caching allocator (last reference dropped)", self._stream(state.alloc_stream), "free",
                 capture_site(sys._getframe(2)),
             )
+            shape, dtype = state.alloc_meta or ((state.nbytes,), torch.uint8)
             alloc = user_stack(state.alloc_site) if state.alloc_site else []
             label, _ = stream_description(self._stream(state.alloc_stream))
-            info = TensorInfo((state.nbytes,), torch.uint8, short_location(alloc[-1] if alloc else None), label)
+            info = TensorInfo(shape, dtype, short_location(alloc[-1] if alloc else None), label)
             race = Race(first, second, info, suggest_fix(first, second))
             if self._add_race(race) and self.detect == "raise" and self._pending is None:
                 self._pending = RaceError(race)
@@ -252,7 +267,7 @@ class FakeBackend(Backend):
                     "waiting on an event that was never recorded orders nothing (a silent no-op on CUDA);"
                     " record it on the producing stream first"
                 ),
-                stacklevel=4,
+                stacklevel=3,
             )
             return
         s.stats.event_waits += 1

@@ -31,6 +31,13 @@ SYNCING_OPS = frozenset(
      "repeat_interleave", "nonzero_static_"}
 )
 _HOST_SCALAR_TYPES = ("bool", "Scalar", "int", "float", "number", "SymInt", "SymBool", "SymFloat")
+# Ops that answer from metadata alone: no kernel, no host sync.
+_METADATA_QUERIES = frozenset(
+    {"_has_compatible_shallow_copy_type", "is_same_size", "is_coalesced", "is_complex", "is_floating_point",
+     "is_conj", "is_neg", "is_set_to", "is_pinned", "_is_zerotensor", "is_signed", "is_inference",
+     "is_contiguous", "is_strides_like_format", "is_non_overlapping_and_dense", "dim", "sym_numel",
+     "sym_size", "sym_stride", "sym_storage_offset", "size", "stride", "numel"}
+)
 # Allocation-only factories: they write nothing (the memory holds garbage, as on a device).
 _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
 
@@ -128,7 +135,7 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
 def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
     nbytes = inner.untyped_storage().nbytes()
-    state = StorageState(session if session.tracking else None, nbytes, stream, site)
+    state = StorageState(session if session.tracking else None, nbytes, stream, site, (tuple(inner.shape), inner.dtype))
     out = _new_wrapper(inner, state)
     if kernel is not None and session.tracking and out._hi > out._lo:
         state.writes.append((out._lo, out._hi, stream.idx, kernel.seq, kernel))
@@ -215,9 +222,13 @@ def _arg(plan: OpPlan, args: Any, kwargs: dict, index: int) -> Any:
 
 def _choose_handler(plan: OpPlan) -> Any:
     name = plan.name
-    if name in METADATA_MUTATORS or name == "resize_":
+    if name in SYNCING_OPS:
+        plan.host_sync = "implicit_syncs"
+    elif plan.outputs and str(plan.op._schema.returns[0].type) in _HOST_SCALAR_TYPES:
+        plan.host_sync = "blocking_copies"  # .item(), torch.equal(): the host reads the result
+    if name in METADATA_MUTATORS or name in ("resize_", "set_"):
         return _metadata_mutator
-    if plan.is_view:
+    if plan.is_view or name in _METADATA_QUERIES:
         return _view
     if name == "_to_copy":
         return _to_copy
@@ -230,18 +241,25 @@ def _choose_handler(plan: OpPlan) -> Any:
 
 def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
-    session = _session()
+    session = _state["session"] or _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
-    with session.lock:
-        kernel = session.issue(plan.op, stream, site, new_args, new_kwargs, accesses)
+    lock = session.lock
+    lock.acquire()
+    try:
+        if session.tracking:
+            kernel = session.issue(plan.op, stream, capture_site(sys._getframe(2)), new_args, new_kwargs, accesses)
+        else:
+            kernel = session.issue_untracked(plan.op, stream, new_args, new_kwargs)
         result = session.scheduler.submit(kernel)
-        out = _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
-        if plan.name in SYNCING_OPS:
-            session.host_sync(stream.clock, "implicit_syncs")
-        elif plan.outputs and str(plan.op._schema.returns[0].type) in _HOST_SCALAR_TYPES:
-            session.host_sync(stream.clock, "blocking_copies")  # .item(), torch.equal(): a D2H read
+        if plan.returns_self:
+            out = args[0]
+        else:
+            out = _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, kernel.site)
+        if plan.host_sync is not None:
+            session.host_sync(stream.clock, plan.host_sync)
+    finally:
+        lock.release()
     return out
 
 
@@ -261,10 +279,10 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
     if kind == "arg":
         original = _arg(plan, args, kwargs, index)
         if type(original) is FakeDeviceTensor and original._inner.shape != original.shape:
-            raise RuntimeError(
-                f"{plan.op} resized its output from {tuple(original.shape)} to {tuple(original._inner.shape)}:"
-                " fake-device tensors can't change shape in place; pass an out= tensor of the result's shape"
-            )
+            # an out= argument the op resized (factories such as arange fill an empty one)
+            _refresh(original)
+            if kernel is not None and session.tracking and original._hi > original._lo:
+                original._st.writes.append((original._lo, original._hi, stream.idx, kernel.seq, kernel))
         return original
     if type(value) is torch.Tensor:
         if kind == "view":
@@ -276,21 +294,36 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
 
 
 def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
-    """A view: new metadata over the same memory. Not a kernel, not an access."""
+    """A view (new metadata over the same memory) or a metadata query: not a kernel, not an access."""
     session = _session()
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     result = plan.op._op(*new_args, **new_kwargs)
     return _wrap_outputs(plan, result, args, kwargs, session, None, None, None)
 
 
+def _refresh(tensor: FakeDeviceTensor) -> None:
+    """Make the wrapper's own sizes/strides follow its CPU tensor after an in-place change."""
+    inner = tensor._inner
+    tensor.data = _new_wrapper(inner, tensor._st)
+    tensor._lo, tensor._hi = byte_range(inner)
+    tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
+
+
 def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """``t_()``, ``unsqueeze_()``, ``resize_()``...: new metadata for the same tensor, not a kernel."""
     self = args[0]
-    if plan.name == "resize_" and tuple(args[1]) == tuple(self.shape):
-        return self
-    raise NotImplementedError(
-        f"{plan.op} changes a fake-device tensor's shape or strides in place, which fake tensors don't support;"
-        " use the out-of-place form (e.g. x = x.t() instead of x.t_())"
-    )
+    session = _session()
+    if self._st.session is not session:
+        _check_session(session, self)
+    if plan.name == "set_":
+        raise NotImplementedError(
+            "Tensor.set_() on a fake-device tensor is not supported (it would swap the memory that race"
+            " detection tracks); create a new tensor or a view instead"
+        )
+    new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    plan.op._op(*new_args, **new_kwargs)
+    _refresh(self)
+    return self
 
 
 def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:

@@ -32,7 +32,10 @@ class OpPlan:
     out=), ``("view", i)`` (a new view of argument ``i``) or ``("fresh", None)`` (new memory).
     """
 
-    __slots__ = ("op", "name", "arg_kinds", "kw_kinds", "outputs", "is_view", "is_collective", "handler", "allows_cpu")
+    __slots__ = (
+        "op", "name", "arg_kinds", "kw_kinds", "outputs", "is_view", "is_collective", "handler", "allows_cpu",
+        "returns_self", "host_sync", "call",
+    )
 
     def __init__(self, op: Any) -> None:
         self.op = op
@@ -93,6 +96,11 @@ class OpPlan:
             self.arg_kinds[0] = NONE
             self.kw_kinds["self"] = NONE
         self.is_view = bool(self.outputs) and all(kind == "view" for kind, _ in self.outputs)
+        # An in-place op (not an out= overload) returns its first argument unchanged: fast path.
+        self.returns_self = self.outputs == [("arg", 0)] and "out" not in op._overloadname
+        self.call = op._op
+        # After the op: does the host wait for it? (set by the dispatch layer, which knows the lists)
+        self.host_sync: str | None = None
 
 
 _PLANS: dict[Any, OpPlan] = {}
@@ -126,14 +134,15 @@ class StorageState:
     reads it covers that happen before it.
     """
 
-    __slots__ = ("reads", "writes", "nbytes", "alloc_stream", "alloc_site", "record_streams", "session", "__weakref__")
+    __slots__ = ("reads", "writes", "nbytes", "alloc_stream", "alloc_site", "alloc_meta", "record_streams", "session", "__weakref__")
 
-    def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any) -> None:
+    def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
         self.reads: list[tuple] = []
         self.writes: list[tuple] = []
         self.nbytes = nbytes
         self.alloc_stream = alloc_stream
         self.alloc_site = alloc_site
+        self.alloc_meta = alloc_meta  # (shape, dtype) of the tensor that allocated it
         self.record_streams: set[int] = set()
         self.session = session
 
