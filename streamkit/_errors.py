@@ -16,7 +16,7 @@ class BackendUnavailableError(StreamkitError):
     """The requested backend cannot be used on this machine; the message says why."""
 
 
-class BackendMismatchError(StreamkitError, TypeError):
+class BackendMismatchError(StreamkitError):
     """A stream, event or tensor of one backend (or of a closed fake session) was used with another."""
 
 

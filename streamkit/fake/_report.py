@@ -21,7 +21,7 @@ _INTERNAL_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (torch.__file__, os.path.join(os.path.dirname(__file__), "..", "__init__.py"))
 )
-_INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py")
+_INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py", f"{os.sep}_pytest{os.sep}", f"{os.sep}pluggy{os.sep}")
 
 
 def capture_site(frame: Any) -> tuple:
@@ -45,9 +45,6 @@ def user_stack(site: Sequence[tuple]) -> list[traceback.FrameSummary]:
     frames = []
     for code, lineno in site:
         if _internal(code.co_filename):
-            if frames:
-                # internal frames *between* user frames (e.g. a context manager) are noise too
-                continue
             continue
         frames.append(
             traceback.FrameSummary(code.co_filename, lineno, code.co_name, line=linecache.getline(code.co_filename, lineno).strip())
