@@ -48,11 +48,21 @@ class Detector:
                 i = r[2]
                 if not (i < n and clock[i] >= r[3]):
                     self.report(r, kernel, "read", tensor, state)
+        record = (start, end, stream.idx, kernel.seq, kernel)
         reads = state.reads
-        if reads:
-            # an earlier read covered by this one and ordered before it adds nothing
-            reads = [r for r in reads if r[0] < start or r[1] > end or not (r[2] < n and clock[r[2]] >= r[3])]
-        reads.append((start, end, stream.idx, kernel.seq, kernel))
+        if not reads:
+            state.reads = [record]
+            return
+        if len(reads) == 1:
+            r = reads[0]
+            if r[0] >= start and r[1] <= end and r[2] < n and clock[r[2]] >= r[3]:
+                reads[0] = record  # the steady state: the same reader again
+            else:
+                reads.append(record)
+            return
+        # an earlier read covered by this one and ordered before it adds nothing
+        reads = [r for r in reads if r[0] < start or r[1] > end or not (r[2] < n and clock[r[2]] >= r[3])]
+        reads.append(record)
         state.reads = reads
 
     @staticmethod

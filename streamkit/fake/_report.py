@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import torch
 
-STACK_DEPTH = 6
+STACK_DEPTH = 7
 _INTERNAL_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (torch.__file__, os.path.join(os.path.dirname(__file__), "..", "__init__.py"))
 )
-_INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py", f"{os.sep}_pytest{os.sep}", f"{os.sep}pluggy{os.sep}")
+_INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py", "typing_extensions.py", f"{os.sep}_pytest{os.sep}", f"{os.sep}pluggy{os.sep}")
 
 
 def capture_site(frame: Any) -> tuple:

@@ -53,15 +53,19 @@ class Stats:
         return Stats(**{f.name: getattr(self, f.name) - getattr(other, f.name) for f in fields(self)})
 
 
+class _ThreadState(threading.local):
+    stream: StreamState | None = None  # the thread's current stream; None: the default stream
+
+
 class _StreamContext:
     __slots__ = ("_tls", "_stream", "_prev")
 
-    def __init__(self, tls: threading.local, stream: StreamState) -> None:
+    def __init__(self, tls: _ThreadState, stream: StreamState) -> None:
         self._tls = tls
         self._stream = stream
 
     def __enter__(self) -> None:
-        self._prev = getattr(self._tls, "stream", None)
+        self._prev = self._tls.stream
         self._tls.stream = self._stream
 
     def __exit__(self, *exc: Any) -> None:
@@ -89,7 +93,7 @@ class Session:
         self.stats = Stats()
         self.closed = False
         self.backend = FakeBackend(self)
-        self._tls = threading.local()
+        self._tls = _ThreadState()
         self._seen: set[tuple] = set()
         self._pending: RaceError | None = None
         self._default_stream = self.clocks.new_stream(0, ())
@@ -115,26 +119,23 @@ class Session:
 
     # -- used by the dispatch handlers -------------------------------------------------------
     def current_state(self) -> StreamState:
-        try:
-            return self._tls.stream or self._default_stream
-        except AttributeError:  # a thread that never switched streams
-            return self._default_stream
+        return self._tls.stream or self._default_stream
 
-    def issue(self, op: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> Kernel:
+    def issue(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> Kernel:
         """Issue one kernel on ``stream``: check and record its accesses (raising on a race in
         ``raise`` mode, before it runs)."""
         if self._pending is not None:
             self._raise_pending()
         self.stats.kernels += 1
         if not self.tracking:
-            return Kernel(op, stream, 0, None, args, kwargs)
+            return Kernel(op, call, stream, 0, None, args, kwargs)
         clocks = self.clocks
         if stream.host_version != clocks.host_version:
             clocks._catch_up(stream)
         clock = stream.clock
         seq = clock[stream.idx] + 1
         clock[stream.idx] = seq
-        kernel = Kernel(op, stream, seq, site, args, kwargs)
+        kernel = Kernel(op, call, stream, seq, site, args, kwargs)
         detector = self.detector
         for tensor, kind in accesses:
             lo, hi = tensor._lo, tensor._hi
@@ -145,11 +146,11 @@ class Session:
                     detector.read(tensor._st, lo, hi, stream, kernel, tensor)
         return kernel
 
-    def issue_untracked(self, op: Any, stream: StreamState, args: Any, kwargs: Any) -> Kernel:
+    def issue_untracked(self, op: Any, call: Any, stream: StreamState, args: Any, kwargs: Any) -> Kernel:
         if self._pending is not None:
             self._raise_pending()
         self.stats.kernels += 1
-        return Kernel(op, stream, 0, None, args, kwargs)
+        return Kernel(op, call, stream, 0, None, args, kwargs)
 
     def host_sync(self, clock: Any, kind: str) -> None:
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)

@@ -42,7 +42,7 @@ _METADATA_QUERIES = frozenset(
 _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
 
 # The session whose dispatch handles fake tensors now; set by _session.
-_state: dict[str, Any] = {"session": None}
+_state: dict[str, Any] = {"session": None, "learning": None}
 
 
 def ensure_registered() -> None:
@@ -83,7 +83,7 @@ class FakeDeviceTensor(torch.Tensor):
     Every op on it is a kernel on the current stream of the session that made it.
     """
 
-    __torch_function__ = torch._C._disabled_torch_function_impl
+    # __torch_function__ is _fastpath.torch_function, bound at the end of this module
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -248,9 +248,9 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     lock.acquire()
     try:
         if session.tracking:
-            kernel = session.issue(plan.op, stream, capture_site(sys._getframe(2)), new_args, new_kwargs, accesses)
+            kernel = session.issue(plan.op, plan.call, stream, capture_site(sys._getframe(2)), new_args, new_kwargs, accesses)
         else:
-            kernel = session.issue_untracked(plan.op, stream, new_args, new_kwargs)
+            kernel = session.issue_untracked(plan.op, plan.call, stream, new_args, new_kwargs)
         result = session.scheduler.submit(kernel)
         if plan.returns_self:
             out = args[0]
@@ -260,6 +260,9 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
             session.host_sync(stream.clock, plan.host_sync)
     finally:
         lock.release()
+    learning = _state["learning"]
+    if learning is not None and learning[0] == threading.get_ident():
+        learning[1].append((plan, args, kwargs, out))
     return out
 
 
@@ -337,7 +340,7 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     stream = session.current_state()
     site = capture_site(sys._getframe(2)) if session.tracking else None
     with session.lock:
-        kernel = session.issue(plan.op, stream, site, new_args, new_kwargs, accesses)
+        kernel = session.issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
         result = session.scheduler.submit(kernel)
         if not kwargs.get("non_blocking", False):
             session.host_sync(stream.clock, "blocking_copies")
@@ -365,7 +368,7 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
     with session.lock:
-        kernel = session.issue(plan.op, stream, site, new_args, {}, accesses)
+        kernel = session.issue(plan.op, plan.call, stream, site, new_args, {}, accesses)
         session.scheduler.submit(kernel)
         if not non_blocking:
             session.host_sync(stream.clock, "blocking_copies")
@@ -383,7 +386,7 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     stream = session.current_state()
     site = capture_site(sys._getframe(2)) if session.tracking else None
     with session.lock:
-        kernel = session.issue(plan.op, stream, site, new_args, new_kwargs, accesses)
+        kernel = session.issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
     result = session.scheduler.submit(kernel)
     works = [r for r in (result if isinstance(result, tuple) else (result,)) if hasattr(r, "wait") and not isinstance(r, torch.Tensor)]
@@ -411,9 +414,14 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         if plan.name in _ALLOCATIONS:
             result = op._op(*args, **kwargs)
             return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
-        kernel = session.issue(op, stream, site, list(args), kwargs, [])
+        kernel = session.issue(op, op._op, stream, site, list(args), kwargs, [])
         result = session.scheduler.submit(kernel)
         return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
 
 
 NONE, READ, WRITE  # re-exported names used by the session
+
+
+from . import _fastpath  # noqa: E402  (needs the names above)
+
+FakeDeviceTensor.__torch_function__ = classmethod(_fastpath.torch_function)  # type: ignore[assignment]

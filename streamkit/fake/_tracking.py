@@ -158,12 +158,16 @@ class StorageState:
 
 
 class Kernel:
-    """One unit of device work: the op, its (unwrapped) arguments, the stream, the issue site."""
+    """One unit of device work: the op, its (unwrapped) arguments, the stream, the issue site.
 
-    __slots__ = ("op", "stream", "seq", "site", "args", "kwargs")
+    ``op`` names the work (an aten overload); ``call`` runs it on the unwrapped arguments.
+    """
 
-    def __init__(self, op: Any, stream: StreamState, seq: int, site: Any, args: Any, kwargs: Any) -> None:
+    __slots__ = ("op", "call", "stream", "seq", "site", "args", "kwargs")
+
+    def __init__(self, op: Any, call: Any, stream: StreamState, seq: int, site: Any, args: Any, kwargs: Any) -> None:
         self.op = op
+        self.call = call
         self.stream = stream
         self.seq = seq
         self.site = site
@@ -173,7 +177,7 @@ class Kernel:
     def run(self) -> Any:
         args, kwargs = self.args, self.kwargs
         self.args = self.kwargs = None  # a finished kernel keeps no tensors alive
-        return self.op._op(*args, **kwargs)
+        return self.call(*args, **kwargs)
 
     def __repr__(self) -> str:
         return f"<kernel {self.op} on stream {self.stream!r} #{self.seq}>"

@@ -1,0 +1,147 @@
+"""A fast path for hot, simple ops: tracked exactly like the dispatch path, minus PyTorch's
+C++ dispatch round trip for wrapper tensors (about half the cost of a tiny op).
+
+It covers a whitelist of ops whose memory behaviour never depends on values or shapes
+(arithmetic, in-place updates, reductions: the output is the first argument, or fresh memory).
+The first call with a given argument-type pattern runs through ``__torch_dispatch__`` while it is
+observed; only if that call was exactly one kernel, whose tensor arguments are the caller's
+tensors one for one, is the pattern cached. Later calls reuse the observed aten op name and
+read/write sets, so races, reports and stats are the same on both paths.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from typing import Any
+
+import torch
+
+from . import _tensor
+from ._report import capture_site
+from ._tracking import NONE
+
+_SCALARS = (int, float, bool)
+_T = torch.Tensor
+_INPLACE_NAMES = (
+    "add_", "sub_", "mul_", "div_", "__iadd__", "__isub__", "__imul__", "__itruediv__", "zero_", "fill_",
+    "clamp_", "clamp_min_", "clamp_max_", "index_add_", "scatter_add_", "scatter_", "index_copy_", "index_fill_",
+    "masked_fill_", "addcmul_", "addcdiv_", "lerp_", "abs_", "neg_", "exp_", "sqrt_", "sigmoid_", "relu_",
+    "copy_", "pow_", "floor_divide_", "remainder_",
+)
+_FRESH_NAMES = (
+    "add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
+    "__truediv__", "__rtruediv__", "__neg__", "__matmul__", "matmul", "mm", "sum", "mean", "amax", "amin",
+    "argmax", "argmin", "exp", "sqrt", "abs", "neg", "clone", "pow", "__pow__", "cumsum", "softmax",
+    "index_select", "gather", "where", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
+    "__le__", "__gt__", "__ge__", "sigmoid", "relu", "float", "long", "int", "floor_divide", "remainder",
+    "__floordiv__", "__mod__", "prod", "norm", "square", "minimum", "maximum", "logical_and", "logical_or",
+)
+# STREAMKIT_FAST_PATH=0 sends every op through __torch_dispatch__ (for debugging streamkit itself).
+FAST_FUNCS: frozenset = frozenset(
+    [getattr(_T, n) for n in _INPLACE_NAMES + _FRESH_NAMES if hasattr(_T, n)]
+    + [getattr(torch, n) for n in _FRESH_NAMES if hasattr(torch, n) and not n.startswith("__")]
+) if os.environ.get("STREAMKIT_FAST_PATH", "1") != "0" else frozenset()
+
+
+class FastPlan:
+    """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
+
+    __slots__ = ("op", "tensors", "returns_self")
+
+    def __init__(self, op: Any, tensors: tuple, returns_self: bool) -> None:
+        self.op = op
+        self.tensors = tensors  # ((position, kind), ...)
+        self.returns_self = returns_self
+
+
+_plans: dict[tuple, FastPlan | None] = {}
+_learning_lock = threading.Lock()
+_disabled = torch._C._disabled_torch_function_impl
+_state = _tensor._state
+
+
+def _analyse(args: tuple, observed: list) -> FastPlan | None:
+    if len(observed) != 1:
+        return None
+    plan, aten_args, aten_kwargs, out = observed[0]
+    if plan.host_sync is not None or plan.is_collective or any(isinstance(v, torch.Tensor) for v in aten_kwargs.values()):
+        return None
+    positions = []
+    for p, a in enumerate(args):
+        if type(a) is _tensor.FakeDeviceTensor:
+            positions.append(p)
+        elif not isinstance(a, _SCALARS):
+            return None
+    wrappers_in_call = [i for i, a in enumerate(aten_args) if isinstance(a, torch.Tensor)]
+    if any(type(aten_args[i]) is not _tensor.FakeDeviceTensor for i in wrappers_in_call) or len(wrappers_in_call) != len(positions):
+        return None
+    tensors = []
+    for p in positions:
+        index = next((i for i in wrappers_in_call if aten_args[i] is args[p]), None)
+        if index is None or index >= len(plan.arg_kinds):
+            return None
+        tensors.append((p, plan.arg_kinds[index]))
+    if plan.returns_self and out is args[0] and positions and positions[0] == 0:
+        return FastPlan(plan.op, tuple(tensors), True)
+    if plan.outputs == [("fresh", None)] and type(out) is _tensor.FakeDeviceTensor:
+        if all(out._st is not args[p]._st for p in positions):
+            return FastPlan(plan.op, tuple(tensors), False)
+    return None
+
+
+def _learn(func: Any, types: Any, args: tuple, key: tuple) -> Any:
+    if not _learning_lock.acquire(blocking=False):
+        return _disabled(func, types, args, {})
+    observed: list = []
+    try:
+        _tensor._state["learning"] = (threading.get_ident(), observed)
+        result = _disabled(func, types, args, {})
+    finally:
+        _tensor._state["learning"] = None
+        _learning_lock.release()
+    _plans[key] = _analyse(args, observed)
+    return result
+
+
+def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    """``FakeDeviceTensor.__torch_function__``: the fast path when it applies, else plain dispatch."""
+    if kwargs or func not in FAST_FUNCS:
+        return _disabled(func, types, args, kwargs or {})
+    n = len(args)
+    if n == 2:
+        key = (func, type(args[0]), type(args[1]))
+    elif n == 1:
+        key = (func, type(args[0]))
+    else:
+        key = (func, *map(type, args))
+    fast = _plans.get(key, _learning_lock)
+    if fast is None:
+        return _disabled(func, types, args, {})
+    if fast is _learning_lock:
+        return _learn(func, types, args, key)
+    session = _state["session"] or _tensor._session()
+    inner = list(args)
+    accesses = []
+    for p, kind in fast.tensors:
+        t = args[p]
+        if t._st.session is not session:
+            return _disabled(func, types, args, {})  # the dispatch path raises the right error
+        inner[p] = t._inner
+        if kind != NONE:
+            accesses.append((t, kind))
+    stream = session.current_state()
+    lock = session.lock
+    lock.acquire()
+    try:
+        if session.tracking:
+            kernel = session.issue(fast.op, func, stream, capture_site(sys._getframe(1)), inner, {}, accesses)
+        else:
+            kernel = session.issue_untracked(fast.op, func, stream, inner, {})
+        result = session.scheduler.submit(kernel)
+        if fast.returns_self:
+            return args[0]
+        return _tensor.wrap_fresh(session, result, stream, kernel, kernel.site)
+    finally:
+        lock.release()

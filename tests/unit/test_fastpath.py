@@ -1,0 +1,81 @@
+"""The fast path must be indistinguishable from the dispatch path: same values, races, stats."""
+
+import subprocess
+import sys
+
+import torch
+
+import streamkit as sk
+from streamkit import fake
+from streamkit.fake import _fastpath
+
+PROGRAM = r"""
+import json, torch, streamkit as sk
+from streamkit import fake
+with fake.session(detect="record") as s:
+    side = sk.Stream()
+    x = torch.arange(8.0).to(s.device)
+    y = torch.ones(8, device=s.device)
+    x.add_(y)                      # default writes x
+    x += 1
+    z = x * 2 + y                  # fresh outputs
+    with sk.switch(side):
+        w = x.sum()                # race: side reads x without waiting
+        y.mul_(3)                  # race: side writes y that default read
+    side.wait_stream(sk.default_stream())
+    with sk.switch(side):
+        v = (z - 1).clone()
+    sk.default_stream().wait_stream(side)
+    out = {
+        "values": [z.tolist(), w.item(), v.tolist(), y.tolist()],
+        "races": [(r.first.op, r.first.kind, r.first.lineno, r.second.op, r.second.kind, r.second.lineno) for r in s.races],
+        "kernels": s.stats.kernels,
+    }
+print(json.dumps(out))
+"""
+
+
+def run(fast: bool) -> str:
+    env = {"STREAMKIT_FAST_PATH": "1" if fast else "0", "PATH": ""}
+    import os
+
+    env = {**os.environ, **env}
+    proc = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_fast_and_dispatch_paths_agree():
+    fast, slow = run(True), run(False)
+    assert fast == slow
+    assert '"aten.sum.default", "read"' in fast and '"aten.mul_.Tensor", "write"' in fast
+
+
+def test_fast_path_is_taken_for_whitelisted_ops(fake_session):
+    x = torch.zeros(4, device=fake_session.device)
+    y = torch.ones(4, device=fake_session.device)
+    x.add_(y)  # first call: learned through dispatch
+    key = (torch.Tensor.add_, type(x), type(y))
+    plan = _fastpath._plans[key]
+    assert plan is not None and plan.returns_self and str(plan.op) == "aten.add_.Tensor"
+    assert plan.tensors == ((0, 2), (1, 1))  # self written, other read
+
+
+def test_ops_that_are_not_one_kernel_are_never_cached(fake_session):
+    x = torch.zeros(4, device=fake_session.device)
+    x.copy_(torch.ones(4))  # an H2D copy, not a device kernel
+    assert _fastpath._plans[(torch.Tensor.copy_, type(x), torch.Tensor)] is None
+    assert x.tolist() == [1.0] * 4
+
+
+def test_fast_path_refuses_tensors_of_another_session():
+    with fake.session() as s:
+        x = torch.zeros(4, device=s.device)
+        x.add_(1)
+    with fake.session():
+        try:
+            x.add_(1)
+        except sk.SessionClosedError:
+            pass
+        else:
+            raise AssertionError("a tensor of a closed session was accepted")
