@@ -28,6 +28,7 @@ from ._core import (
 from ._errors import (
     BackendMismatchError,
     BackendUnavailableError,
+    EventTimingError,
     RaceError,
     SessionClosedError,
     StreamkitError,
@@ -42,6 +43,7 @@ __all__ = [
     "BackendMismatchError",
     "BackendUnavailableError",
     "Event",
+    "EventTimingError",
     "RaceError",
     "SessionClosedError",
     "Stream",

@@ -33,6 +33,14 @@ class RaceError(StreamkitError):
         self.race = race
 
 
+class EventTimingError(StreamkitError, ValueError):
+    """``elapsed_time`` on events without ``enable_timing=True`` or not recorded.
+
+    A ``ValueError`` as in current PyTorch (``TORCH_CHECK_VALUE``), and a ``RuntimeError`` as in
+    older releases, so code written for either catches it.
+    """
+
+
 class StreamkitWarning(UserWarning):
     """Base class of streamkit's warnings."""
 

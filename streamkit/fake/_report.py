@@ -24,10 +24,10 @@ _INTERNAL_DIRS = tuple(
 _INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py", "typing_extensions.py", f"{os.sep}_pytest{os.sep}", f"{os.sep}pluggy{os.sep}")
 
 
-def capture_site(frame: Any) -> tuple:
-    """Capture up to STACK_DEPTH frames from ``frame`` outwards as (code, lineno) pairs."""
+def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
+    """Capture up to ``depth`` frames from ``frame`` outwards as (code, lineno) pairs."""
     site = []
-    for _ in range(STACK_DEPTH):
+    for _ in range(depth):
         if frame is None:
             break
         site.append((frame.f_code, frame.f_lineno))

@@ -15,7 +15,7 @@ import torch
 
 from .. import _core
 from .._backend import Backend
-from .._errors import RaceError, SessionClosedError, StreamkitError, UnrecordedEventWarning
+from .._errors import EventTimingError, RaceError, SessionClosedError, StreamkitError, UnrecordedEventWarning
 from ._clocks import Clocks, EventState, StreamState
 from ._detector import Detector
 from ._report import Access, Race, TensorInfo, capture_site, make_access, short_location, stream_description, suggest_fix, user_stack
@@ -309,7 +309,14 @@ class FakeBackend(Backend):
 
     def event_synchronize(self, event: EventState) -> None:
         if event.clock is None:
-            return  # as on CUDA: nothing to wait for
+            warnings.warn(
+                UnrecordedEventWarning(
+                    "synchronizing with an event that was never recorded waits for nothing (a silent no-op"
+                    " on CUDA); record it on the producing stream first"
+                ),
+                stacklevel=3,
+            )
+            return
         self._session.host_sync(event.clock, "event_syncs")
 
     def event_query(self, event: EventState) -> bool:
@@ -321,9 +328,9 @@ class FakeBackend(Backend):
 
     def event_elapsed_time(self, start: EventState, end: EventState) -> float:
         if not (start.enable_timing and end.enable_timing):
-            raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+            raise EventTimingError("Both events must be created with argument 'enable_timing=True'.")
         if start.clock is None or end.clock is None:
-            raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+            raise EventTimingError("Both events must be recorded before calculating elapsed time.")
         return (end.time - start.time) * 1000.0
 
     # memory

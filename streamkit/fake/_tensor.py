@@ -24,6 +24,7 @@ _make_wrapper = torch.Tensor._make_wrapper_subclass
 _registered = False
 _register_lock = threading.Lock()
 _library: Any = None
+_aten_library: Any = None
 
 # Ops whose output size depends on the data: on CUDA they copy a size to the host and wait for it.
 SYNCING_OPS = frozenset(
@@ -65,6 +66,11 @@ def ensure_registered() -> None:
         DEVICE = torch.device(DEVICE_TYPE, 0)
         _library = torch.library.Library("_", "IMPL", "PrivateUse1")
         _library.fallback(_factory_fallback)
+        # torch.tensor(data, device="fake") copies into a fake tensor with Python dispatch turned off:
+        # only a kernel registered for copy_ itself is reached then (the fallback trips an assert).
+        global _aten_library
+        _aten_library = torch.library.Library("aten", "IMPL", "PrivateUse1")
+        _aten_library.impl("copy_", _copy_kernel)
         _registered = True
 
 
@@ -375,6 +381,11 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     return dst
 
 
+def _copy_kernel(dst: Any, src: Any, non_blocking: bool = False) -> Any:
+    """``copy_`` reached below Python dispatch (``torch.tensor(data, device="fake")``)."""
+    return _copy(plan_for(torch.ops.aten.copy_.default), (dst, src, non_blocking), {})
+
+
 def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """A c10d collective: a kernel on the current stream reading its inputs and writing its output.
 
@@ -384,7 +395,8 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
+    # torch.distributed wraps collectives in several layers of decorators: look further out
+    site = capture_site(sys._getframe(2), 16) if session.tracking else None
     with session.lock:
         kernel = session.issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
