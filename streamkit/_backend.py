@@ -50,6 +50,12 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def stream_wait_event(self, stream: Any, event: Any) -> None: ...
 
+    def stream_wait_stream(self, stream: Any, other: Any) -> None:
+        """``stream`` waits for all work issued to ``other`` so far (record on ``other``, then wait)."""
+        event = self.new_event(False)
+        self.event_record(event, other)
+        self.stream_wait_event(stream, event)
+
     @abc.abstractmethod
     def stream_synchronize(self, stream: Any) -> None: ...
 

@@ -187,9 +187,7 @@ class Stream:
         _expect(other, Stream, "Stream.wait_stream(other)")
         _same_backend(self, other, "Stream.wait_stream(other)")
         self._backend.check_usable()
-        event = self._backend.new_event(False)
-        self._backend.event_record(event, other._handle)
-        self._backend.stream_wait_event(self._handle, event)
+        self._backend.stream_wait_stream(self._handle, other._handle)
 
     def wait_event(self, event: "Event") -> None:
         """Order all work issued to this stream after this call behind the work that ``event``
@@ -336,18 +334,34 @@ def default_stream() -> Stream:
     return Stream._wrap(backend, backend.default_stream())
 
 
-@contextmanager
-def switch(stream: Stream | None, enabled: bool = True) -> Iterator[Stream | None]:
+class switch:
     """Make ``stream`` the calling thread's current stream inside the block and restore the previous
     one on exit; blocks nest. Neither entering nor leaving synchronizes anything. ``switch(None)``
-    and ``enabled=False`` do nothing."""
-    if stream is None or not enabled:
-        yield stream
-        return
-    _expect(stream, Stream, "switch(stream)")
-    stream._backend.check_usable()
-    with stream._backend.stream_context(stream._handle):
-        yield stream
+    and ``enabled=False`` do nothing.
+
+    ``with sk.switch(side) as s:`` binds ``s`` to ``side``.
+    """
+
+    __slots__ = ("_stream", "_context")
+
+    def __init__(self, stream: Stream | None, enabled: bool = True) -> None:
+        if stream is not None and enabled:
+            _expect(stream, Stream, "switch(stream)")
+            self._stream = stream
+            self._context: Any = stream._backend.stream_context(stream._handle)
+        else:
+            self._stream = stream
+            self._context = None
+
+    def __enter__(self) -> Stream | None:
+        if self._context is not None:
+            self._stream._backend.check_usable()
+            self._context.__enter__()
+        return self._stream
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._context is not None:
+            self._context.__exit__(*exc)
 
 
 def record_stream(tensor: torch.Tensor, stream: Stream) -> None:

@@ -44,6 +44,9 @@ class TorchDeviceBackend(Backend):
     def stream_wait_event(self, stream: Any, event: Any) -> None:
         stream.wait_event(event)
 
+    def stream_wait_stream(self, stream: Any, other: Any) -> None:
+        stream.wait_stream(other)
+
     def stream_synchronize(self, stream: Any) -> None:
         stream.synchronize()
 

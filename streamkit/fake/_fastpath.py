@@ -105,8 +105,18 @@ def _learn(func: Any, types: Any, args: tuple, key: tuple) -> Any:
     return result
 
 
+_BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
+
+
 def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
     """``FakeDeviceTensor.__torch_function__``: the fast path when it applies, else plain dispatch."""
+    if func in _BACKWARD:
+        # PyTorch runs backward for a non-CPU device on a device thread that needs a C++ device
+        # guard; with the Python one the process aborts. Refuse instead of taking it down.
+        raise NotImplementedError(
+            "autograd backward is not supported on the fake device (PyTorch's autograd engine needs a"
+            " native device guard for it); forward passes are tracked, run backward checks on a real device"
+        )
     if kwargs or func not in FAST_FUNCS:
         return _disabled(func, types, args, kwargs or {})
     n = len(args)

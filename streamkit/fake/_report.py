@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import torch
 
-STACK_DEPTH = 7
+STACK_DEPTH = 5
 _INTERNAL_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (torch.__file__, os.path.join(os.path.dirname(__file__), "..", "__init__.py"))
@@ -24,20 +24,43 @@ _INTERNAL_DIRS = tuple(
 _INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py", "typing_extensions.py", f"{os.sep}_pytest{os.sep}", f"{os.sep}pluggy{os.sep}")
 
 
-def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
-    """Capture up to ``depth`` frames from ``frame`` outwards as (code, lineno) pairs."""
-    site = []
-    for _ in range(depth):
-        if frame is None:
-            break
-        site.append((frame.f_code, frame.f_lineno))
-        frame = frame.f_back
-    return site
-
-
 def _internal(filename: str) -> bool:
     path = os.path.abspath(filename)
     return path.startswith(_INTERNAL_DIRS) or any(marker in filename for marker in _INTERNAL_FILES)
+
+
+_internal_codes: dict[Any, bool] = {}
+_MAX_SKIPPED = 64
+
+
+def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
+    """Capture up to ``depth`` user frames from ``frame`` outwards as (code, lineno) pairs.
+
+    torch/streamkit frames are skipped (classified once per code object), so a kernel issued many
+    frames below the user's line (``nn.Module`` call chains, c10d wrappers) still names that line.
+    If no user frame is found, the innermost frame is kept.
+    """
+    site = []
+    innermost = frame
+    skipped = 0
+    codes = _internal_codes
+    while frame is not None:
+        code = frame.f_code
+        internal = codes.get(code)
+        if internal is None:
+            internal = codes[code] = _internal(code.co_filename)
+        if not internal:
+            site.append((code, frame.f_lineno))
+            if len(site) >= depth:
+                break
+        elif skipped >= _MAX_SKIPPED:
+            break
+        else:
+            skipped += 1
+        frame = frame.f_back
+    if not site and innermost is not None:
+        site.append((innermost.f_code, innermost.f_lineno))
+    return site
 
 
 def user_stack(site: Sequence[tuple]) -> list[traceback.FrameSummary]:

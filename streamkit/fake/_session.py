@@ -16,7 +16,7 @@ import torch
 from .. import _core
 from .._backend import Backend
 from .._errors import EventTimingError, RaceError, SessionClosedError, StreamkitError, UnrecordedEventWarning
-from ._clocks import Clocks, EventState, StreamState
+from ._clocks import Clocks, EventState, StreamState, merge
 from ._detector import Detector
 from ._report import Access, Race, TensorInfo, capture_site, make_access, short_location, stream_description, suggest_fix, user_stack
 from . import _tensor
@@ -275,6 +275,17 @@ class FakeBackend(Backend):
         if s.tracking:
             with s.lock:
                 s.clocks.wait(stream, event)
+
+    def stream_wait_stream(self, stream: StreamState, other: StreamState) -> None:
+        s = self._session
+        s.stats.event_records += 1  # as on CUDA: an event recorded on `other`, then waited on
+        s.stats.event_waits += 1
+        if s.tracking:
+            with s.lock:
+                clocks = s.clocks
+                clocks._catch_up(other)
+                clocks._catch_up(stream)
+                merge(stream.clock, other.clock)
 
     def stream_synchronize(self, stream: StreamState) -> None:
         self._session.host_sync(stream.clock, "stream_syncs")

@@ -395,8 +395,7 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
-    # torch.distributed wraps collectives in several layers of decorators: look further out
-    site = capture_site(sys._getframe(2), 16) if session.tracking else None
+    site = capture_site(sys._getframe(2)) if session.tracking else None
     with session.lock:
         kernel = session.issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.

@@ -1,0 +1,140 @@
+"""Collectives on the fake backend: 2 gloo ranks in subprocesses (``_dist_worker.py``).
+
+A collective is a kernel on the current stream that reads its input and writes its output, so
+issuing it on a side stream that didn't wait for the default-stream producer is a race, and the
+fixed program (``side.wait_stream(default)``) is clean and numerically right on both ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+
+WORKER = Path(__file__).with_name("_dist_worker.py")
+REPO = Path(__file__).resolve().parents[2]
+WORLD = 2
+N = 4  # _dist_worker.N
+TIMEOUT_S = 90
+
+
+def worker_line(marker: str) -> int:
+    tag = "# <" + marker + ">"
+    hits = [i for i, text in enumerate(WORKER.read_text().splitlines(), 1) if text.rstrip().endswith(tag)]
+    assert len(hits) == 1, f"marker {tag!r} in {WORKER.name}: lines {hits}"
+    return hits[0]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    env = dict(os.environ)
+    env["MASTER_ADDR"] = "127.0.0.1"
+    env["MASTER_PORT"] = str(_free_port())
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.pop("STREAMKIT_BACKEND", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), str(rank), str(WORLD)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank in range(WORLD)
+    ]
+    outputs = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=TIMEOUT_S)
+            outputs.append((proc.returncode, out, err))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    parsed = []
+    for rank, (rc, out, err) in enumerate(outputs):
+        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        assert rc == 0 and len(lines) == 1, f"rank {rank} exited {rc}\nstdout:\n{out}\nstderr:\n{err[-4000:]}"
+        data = json.loads(lines[0][len("RESULT "):])
+        assert data["rank"] == rank
+        parsed.append(data)
+    return parsed
+
+
+def _scenario(results, key):
+    per_rank = []
+    for data in results:
+        entry = data[key]
+        assert "error" not in entry, f"rank {data['rank']} {key} failed:\n{entry['error']}"
+        per_rank.append(entry)
+    return per_rank
+
+
+def _check(access, *, op_contains, kind, stream, marker):
+    assert op_contains in access["op"], access
+    assert access["kind"] == kind, access
+    assert access["stream"] == stream, access
+    line = worker_line(marker)
+    assert access["lineno"] == line, access
+    assert access["location"] == f"{WORKER.name}:{line}", access
+
+
+def test_all_gather_on_side_stream_without_wait_is_reported(results):
+    for rank, entry in enumerate(_scenario(results, "all_gather/racy")):
+        races = entry["races"]
+        assert len(races) == 1, f"rank {rank}: " + "\n\n".join(r["text"] for r in races)
+        _check(races[0]["first"], op_contains="fill_", kind="write", stream="default", marker="ag-produce")
+        _check(races[0]["second"], op_contains="allgather", kind="read", stream="side", marker="ag-collective")
+        assert "wait_stream" in races[0]["text"]
+
+
+def test_all_gather_fixed_is_clean_and_correct(results):
+    for rank, entry in enumerate(_scenario(results, "all_gather/fixed")):
+        assert entry["races"] == [], f"rank {rank}: " + "\n\n".join(r["text"] for r in entry["races"])
+        assert entry["values"] == [1.0] * N + [2.0] * N
+        assert entry["kernels"] >= 1  # the collective is a kernel on the side stream
+
+
+def test_all_reduce_on_side_stream_without_wait_is_reported(results):
+    for rank, entry in enumerate(_scenario(results, "all_reduce/racy")):
+        races = entry["races"]
+        assert len(races) == 1, f"rank {rank}: " + "\n\n".join(r["text"] for r in races)
+        _check(races[0]["first"], op_contains="fill_", kind="write", stream="default", marker="ar-produce")
+        # all_reduce works in place: its access to x is a write (which conflicts with reads too)
+        _check(races[0]["second"], op_contains="allreduce", kind="write", stream="side", marker="ar-collective")
+
+
+def test_all_reduce_fixed_is_clean_and_correct(results):
+    for rank, entry in enumerate(_scenario(results, "all_reduce/fixed")):
+        assert entry["races"] == [], f"rank {rank}: " + "\n\n".join(r["text"] for r in entry["races"])
+        assert entry["values"] == [3.0] * N
+        assert entry["kernels"] >= 1
+
+
+def test_reading_all_reduce_output_without_wait_is_reported(results):
+    for rank, entry in enumerate(_scenario(results, "all_reduce_consumer/racy")):
+        races = entry["races"]
+        assert len(races) == 1, f"rank {rank}: " + "\n\n".join(r["text"] for r in races)
+        _check(races[0]["first"], op_contains="allreduce", kind="write", stream="side", marker="arc-collective")
+        _check(races[0]["second"], op_contains="sum", kind="read", stream="default", marker="arc-consume")
+
+
+def test_reading_all_reduce_output_after_wait_is_clean(results):
+    for rank, entry in enumerate(_scenario(results, "all_reduce_consumer/fixed")):
+        assert entry["races"] == [], f"rank {rank}: " + "\n\n".join(r["text"] for r in entry["races"])
+        assert entry["values"] == [3.0 * N]

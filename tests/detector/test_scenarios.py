@@ -1,0 +1,1536 @@
+"""Race-detector scenarios on the fake backend.
+
+Each test is a small stream program: it asserts either that no race is reported, or exactly which
+race is (both accesses' op, kind, stream and source line). Expected lines come from marker comments
+(``# <name>``) found in this file by :func:`line_of`, never from hard-coded numbers.
+
+Tensors that cross streams are freed only once nothing unordered touches them any more (or the
+test is about exactly that), so that the allocator's free check stays quiet where it should.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import streamkit as sk
+from streamkit import fake
+
+HERE = os.path.realpath(__file__)
+BASENAME = os.path.basename(__file__)
+_SOURCE = Path(__file__).read_text().splitlines()
+
+
+def line_of(marker: str) -> int:
+    """The line number of the unique line of this file that ends with the comment ``# <marker>``."""
+    tag = "# <" + marker + ">"
+    hits = [i for i, text in enumerate(_SOURCE, start=1) if text.rstrip().endswith(tag)]
+    assert len(hits) == 1, f"marker {tag!r} found on lines {hits}, expected exactly one"
+    return hits[0]
+
+
+def check_access(access, *, kind, stream, marker, op=None):
+    """Assert one side of a race: kind, stream, op (when given) and the user source line."""
+    assert access.kind == kind, f"kind: expected {kind!r}, got {access.kind!r} ({access})"
+    assert access.stream == stream, f"stream: expected {stream!r}, got {access.stream!r}"
+    if op is not None:
+        assert access.op == op, f"op: expected {op!r}, got {access.op!r}"
+    assert isinstance(access.op, str) and access.op
+    line = line_of(marker)
+    assert access.lineno == line, f"line: expected {BASENAME}:{line} ({marker}), got {access.location}"
+    assert access.filename is not None and os.path.realpath(access.filename) == HERE
+    assert access.location == f"{BASENAME}:{line}"
+
+
+def check_race(race, *, first, second, shape=None, dtype=None):
+    """``first``/``second``: dicts of check_access keyword arguments."""
+    assert isinstance(race, fake.Race)
+    check_access(race.first, **first)
+    check_access(race.second, **second)
+    if shape is not None:
+        assert tuple(race.tensor.shape) == tuple(shape)
+    if dtype is not None:
+        assert race.tensor.dtype == dtype
+
+
+def one_race(session):
+    assert len(session.races) == 1, "expected exactly one race, got:\n" + "\n\n".join(map(str, session.races))
+    return session.races[0]
+
+
+def no_races(session):
+    assert session.races == [], "expected no race, got:\n" + "\n\n".join(map(str, session.races))
+
+
+def setup(session, *shape):
+    """default stream, a new side stream, and a ones() tensor whose initialization the side
+    stream is ordered after (so only what the test does next can race)."""
+    default = sk.current_stream()
+    side = sk.Stream()
+    x = torch.ones(*(shape or (16,)), device=session.device)
+    side.wait_stream(default)
+    return default, side, x
+
+
+# =================================================================================================
+# basic orderings between the default stream and a side stream
+# =================================================================================================
+
+
+def test_side_reads_default_write_without_wait(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)  # <nowait-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <nowait-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="nowait-write", op="aten.add_.Tensor"),
+        second=dict(kind="read", stream=side, marker="nowait-read", op="aten.sum.default"),
+        shape=(16,),
+        dtype=torch.float32,
+    )
+    assert fake_session.races == [info.value.race]
+
+
+def test_side_reads_default_write_with_wait_stream(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)
+    side.wait_stream(default)
+    with sk.switch(side):
+        total = x.sum()
+    default.wait_stream(side)
+    assert total.item() == 32.0
+    no_races(fake_session)
+
+
+def test_side_reads_default_write_with_wait_event(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)
+    ready = sk.Event()
+    ready.record()
+    side.wait_event(ready)
+    with sk.switch(side):
+        x.sum()
+    default.wait_stream(side)  # before x is freed on default at the end (else: a "free" race)
+    no_races(fake_session)
+
+
+def test_side_reads_with_event_wait_method(fake_session):
+    default, side, x = setup(fake_session)
+    x.mul_(3)
+    ev = default.record_event()
+    ev.wait(side)
+    with sk.switch(side):
+        x.sum()
+    default.wait_stream(side)
+    no_races(fake_session)
+
+
+def test_wait_in_wrong_direction(fake_session):
+    """default.wait_stream(side) orders default after side, not side after default."""
+    default, side, x = setup(fake_session)
+    x.add_(1)  # <wrongdir-write>
+    default.wait_stream(side)
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <wrongdir-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="wrongdir-write"),
+        second=dict(kind="read", stream=side, marker="wrongdir-read"),
+    )
+
+
+def test_wait_stream_only_covers_work_issued_before_it(fake_session):
+    default, side, x = setup(fake_session)
+    side.wait_stream(default)
+    x.add_(1)  # <late-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <late-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="late-write", op="aten.add_.Tensor"),
+        second=dict(kind="read", stream=side, marker="late-read"),
+    )
+
+
+def test_ordering_is_transitive(fake_session):
+    default, s1, x = setup(fake_session)
+    s2 = sk.Stream()
+    x.add_(1)
+    s1.wait_stream(default)
+    with sk.switch(s1):
+        x.mul_(2)
+    s2.wait_stream(s1)  # s2 after s1 after default
+    with sk.switch(s2):
+        x.sub_(1)
+    default.wait_stream(s2)
+    assert x.tolist() == [3.0] * 16
+    no_races(fake_session)
+
+
+def test_default_reads_side_write_without_wait(fake_session):
+    default, side, x = setup(fake_session)
+    with sk.switch(side):
+        x.add_(5)  # <rev-write>
+    with pytest.raises(sk.RaceError) as info:
+        x.sum()  # <rev-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=side, marker="rev-write"),
+        second=dict(kind="read", stream=default, marker="rev-read"),
+    )
+
+
+# =================================================================================================
+# events
+# =================================================================================================
+
+
+def test_event_recorded_before_the_write(fake_session):
+    default, side, x = setup(fake_session)
+    ev = sk.Event()
+    ev.record()  # captures the work *before* the write below
+    x.add_(1)  # <early-write>
+    side.wait_event(ev)
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <early-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="early-write"),
+        second=dict(kind="read", stream=side, marker="early-read"),
+    )
+
+
+def test_rerecord_after_wait_does_not_order_retroactively(fake_session):
+    default, side, x = setup(fake_session)
+    ev = sk.Event()
+    ev.record()
+    side.wait_event(ev)
+    x.add_(1)  # <rerec-write>
+    ev.record()  # too late: the wait above already took the old capture
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <rerec-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="rerec-write"),
+        second=dict(kind="read", stream=side, marker="rerec-read"),
+    )
+
+
+def test_rerecord_before_a_new_wait_orders(fake_session):
+    default, side, x = setup(fake_session)
+    ev = sk.Event()
+    ev.record()
+    side.wait_event(ev)
+    x.add_(1)
+    ev.record()
+    side.wait_event(ev)  # a new wait sees the new capture
+    with sk.switch(side):
+        x.sum()
+    default.wait_stream(side)
+    no_races(fake_session)
+
+
+def test_event_recorded_on_another_stream_does_not_order(fake_session):
+    default, side, x = setup(fake_session)
+    other = sk.Stream()
+    x.add_(1)  # <otherev-write>
+    ev = other.record_event()  # captures `other`, which never saw the write
+    side.wait_event(ev)
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <otherev-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="otherev-write"),
+        second=dict(kind="read", stream=side, marker="otherev-read"),
+    )
+
+
+def test_wait_on_never_recorded_event_warns_and_orders_nothing(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)  # <unrec-write>
+    never = sk.Event()
+    with pytest.warns(sk.UnrecordedEventWarning):
+        side.wait_event(never)
+    with pytest.warns(sk.UnrecordedEventWarning):
+        never.wait(side)
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <unrec-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="unrec-write"),
+        second=dict(kind="read", stream=side, marker="unrec-read"),
+    )
+
+
+def test_unrecorded_event_warning_points_at_the_caller(fake_session):
+    side = sk.Stream()
+    never = sk.Event()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        side.wait_event(never)  # <unrec-warn-1>
+        never.wait(side)  # <unrec-warn-2>
+    got = [(os.path.basename(w.filename), w.lineno) for w in caught if issubclass(w.category, sk.UnrecordedEventWarning)]
+    assert got == [(BASENAME, line_of("unrec-warn-1")), (BASENAME, line_of("unrec-warn-2"))]
+
+
+def test_unrecorded_event_is_a_streamkit_warning():
+    assert issubclass(sk.UnrecordedEventWarning, sk.StreamkitWarning)
+    assert issubclass(sk.StreamkitWarning, UserWarning)
+
+
+def test_host_sync_on_never_recorded_event_warns(fake_session):
+    """UnrecordedEventWarning's docstring: also when the host synchronizes with such an event."""
+    with pytest.warns(sk.UnrecordedEventWarning):
+        sk.Event().synchronize()
+
+
+# =================================================================================================
+# host synchronization
+# =================================================================================================
+
+
+@pytest.mark.parametrize("how", ["stream", "event", "device", "query_stream", "query_event"])
+def test_host_sync_orders_later_work_on_other_streams(fake_session, how):
+    default, side, x = setup(fake_session)
+    x.add_(1)
+    if how == "stream":
+        default.synchronize()
+    elif how == "event":
+        default.record_event().synchronize()
+    elif how == "device":
+        sk.synchronize()
+    elif how == "query_stream":
+        assert default.query() is True  # True: the host may rely on the work having completed
+    else:
+        assert default.record_event().query() is True
+    with sk.switch(side):
+        x.mul_(2)
+    sk.synchronize()
+    assert x.tolist() == [4.0] * 16
+    no_races(fake_session)
+
+
+def test_synchronizing_the_wrong_stream_does_not_order(fake_session):
+    default, side, x = setup(fake_session)
+    other = sk.Stream()
+    x.add_(1)  # <wrongsync-write>
+    other.synchronize()
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <wrongsync-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="wrongsync-write"),
+        second=dict(kind="read", stream=side, marker="wrongsync-read"),
+    )
+
+
+def test_stream_created_after_host_sync_is_ordered_after_it(fake_session):
+    x = torch.ones(8, device=fake_session.device)
+    x.add_(1)
+    sk.synchronize()
+    late = sk.Stream()
+    with sk.switch(late):
+        x.mul_(3)
+    sk.synchronize()
+    assert x.tolist() == [6.0] * 8
+    no_races(fake_session)
+
+
+def test_stream_created_after_the_write_without_sync_is_not_ordered(fake_session):
+    default = sk.current_stream()
+    x = torch.ones(8, device=fake_session.device)
+    x.add_(1)  # <newstream-write>
+    late = sk.Stream()  # creating a stream synchronizes nothing
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(late):
+            x.sum()  # <newstream-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="newstream-write"),
+        second=dict(kind="read", stream=late, marker="newstream-read"),
+    )
+
+
+# =================================================================================================
+# kinds of access
+# =================================================================================================
+
+
+def test_write_write_race(fake_session):
+    default, side, x = setup(fake_session)
+    x.fill_(1.0)  # <ww-first>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.fill_(2.0)  # <ww-second>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="ww-first", op="aten.fill_.Scalar"),
+        second=dict(kind="write", stream=side, marker="ww-second", op="aten.fill_.Scalar"),
+    )
+
+
+def test_read_read_is_never_a_race(fake_session):
+    default, side, x = setup(fake_session)
+    a = x.sum()
+    with sk.switch(side):
+        b = x.sum()
+        c = x * 2
+    d = x.max()
+    default.wait_stream(side)
+    assert a.item() == b.item() == 16.0
+    assert d.item() == 1.0
+    del c
+    no_races(fake_session)
+
+
+def test_in_place_op_is_a_write(fake_session):
+    default, side, x = setup(fake_session)
+    x.sum()  # <inplace-read>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.mul_(2)  # <inplace-write>
+    check_race(
+        info.value.race,
+        first=dict(kind="read", stream=default, marker="inplace-read", op="aten.sum.default"),
+        second=dict(kind="write", stream=side, marker="inplace-write", op="aten.mul_.Tensor"),
+    )
+
+
+def test_out_argument_is_a_write(fake_session):
+    default, side, x = setup(fake_session)
+    a = torch.ones(16, device=fake_session.device)
+    side.wait_stream(default)
+    x.sum()  # <out-read>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            torch.add(a, a, out=x)  # <out-write>
+    check_race(
+        info.value.race,
+        first=dict(kind="read", stream=default, marker="out-read"),
+        second=dict(kind="write", stream=side, marker="out-write", op="aten.add.out"),
+    )
+
+
+def test_copy_source_is_a_read(fake_session):
+    default, side, x = setup(fake_session)
+    src = torch.zeros(16, device=fake_session.device)
+    side.wait_stream(default)
+    src.add_(2)  # <copy-src-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.copy_(src)  # <copy-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="copy-src-write"),
+        second=dict(kind="read", stream=side, marker="copy-read", op="aten.copy_.default"),
+    )
+
+
+def test_copy_destination_is_a_write(fake_session):
+    default, side, x = setup(fake_session)
+    src = torch.zeros(16, device=fake_session.device)
+    side.wait_stream(default)
+    x.sum()  # <copy-dst-read>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.copy_(src)  # <copy-write>
+    check_race(
+        info.value.race,
+        first=dict(kind="read", stream=default, marker="copy-dst-read"),
+        second=dict(kind="write", stream=side, marker="copy-write", op="aten.copy_.default"),
+    )
+
+
+def test_out_of_place_op_reads_its_inputs(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)  # <oop-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            _ = x + 1  # <oop-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="oop-write"),
+        second=dict(kind="read", stream=side, marker="oop-read", op="aten.add.Tensor"),
+    )
+
+
+def test_tensor_list_arguments_are_read(fake_session):
+    default, side, a = setup(fake_session)
+    b = torch.ones(16, device=fake_session.device)
+    side.wait_stream(default)
+    b.mul_(3)  # <cat-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            torch.cat([a, b])  # <cat-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="cat-write", op="aten.mul_.Tensor"),
+        second=dict(kind="read", stream=side, marker="cat-read", op="aten.cat.default"),
+    )
+
+
+def test_setitem_is_a_write(fake_session):
+    default, side, x = setup(fake_session)
+    x.sum()  # <setitem-read>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x[0] = 5.0  # <setitem-write>
+    check_race(
+        info.value.race,
+        first=dict(kind="read", stream=default, marker="setitem-read"),
+        second=dict(kind="write", stream=side, marker="setitem-write"),
+    )
+
+
+def test_clone_on_side_reads_the_source(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)  # <clone-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.clone()  # <clone-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="clone-write"),
+        second=dict(kind="read", stream=side, marker="clone-read", op="aten.clone.default"),
+    )
+
+
+def test_output_is_written_on_the_stream_that_computed_it(fake_session):
+    default, side, x = setup(fake_session)
+    with sk.switch(side):
+        y = x * 2  # <output-write>
+    with pytest.raises(sk.RaceError) as info:
+        y.sum()  # <output-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=side, marker="output-write", op="aten.mul.Tensor"),
+        second=dict(kind="read", stream=default, marker="output-read", op="aten.sum.default"),
+    )
+    default.wait_stream(side)
+
+
+def test_different_tensors_do_not_race(fake_session):
+    default, side, x = setup(fake_session)
+    y = torch.ones(16, device=fake_session.device)
+    side.wait_stream(default)
+    x.add_(1)
+    with sk.switch(side):
+        y.add_(1)
+    sk.synchronize()
+    no_races(fake_session)
+
+
+# =================================================================================================
+# views
+# =================================================================================================
+
+
+def test_disjoint_slices_do_not_race(fake_session):
+    default, side, x = setup(fake_session)
+    x[:8].add_(1)
+    with sk.switch(side):
+        x[8:].add_(2)
+    sk.synchronize()
+    assert x.tolist() == [2.0] * 8 + [3.0] * 8
+    no_races(fake_session)
+
+
+def test_disjoint_rows_do_not_race(fake_session):
+    default, side, x = setup(fake_session, 4, 8)
+    x[0:2].zero_()
+    with sk.switch(side):
+        x[2:4].fill_(5.0)
+    sk.synchronize()
+    assert x.sum().item() == 5.0 * 16
+    no_races(fake_session)
+
+
+def test_overlapping_views_race(fake_session):
+    default, side, x = setup(fake_session)
+    x[:10].add_(1)  # <overlap-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x[6:].sum()  # <overlap-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="overlap-write", op="aten.add_.Tensor"),
+        second=dict(kind="read", stream=side, marker="overlap-read", op="aten.sum.default"),
+    )
+
+
+def test_view_and_base_race(fake_session):
+    default, side, x = setup(fake_session)
+    x[3:5].zero_()  # <viewbase-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <viewbase-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="viewbase-write"),
+        second=dict(kind="read", stream=side, marker="viewbase-read"),
+    )
+
+
+def test_base_and_reshaped_view_race(fake_session):
+    default, side, x = setup(fake_session, 4, 4)
+    flat = x.view(16)
+    x.mul_(2)  # <reshape-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            flat[5].item()  # <reshape-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="reshape-write"),
+        second=dict(kind="read", stream=side, marker="reshape-read"),
+    )
+
+
+def test_interleaved_strided_views_are_treated_as_overlapping(fake_session):
+    """Documented conservative behaviour: a strided view is tracked by its bounding byte range."""
+    default, side, x = setup(fake_session)
+    x[::2].add_(1)  # <stride-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x[1::2].add_(1)  # <stride-write2>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="stride-write"),
+        second=dict(kind="write", stream=side, marker="stride-write2"),
+    )
+
+
+# =================================================================================================
+# host reads and copies
+# =================================================================================================
+
+
+@pytest.mark.parametrize("how", ["cpu", "item", "tolist", "print", "repr", "to_cpu", "float", "bool"])
+def test_host_read_on_stream_that_did_not_wait(fake_session, how, capsys):
+    default, side, x = setup(fake_session, 4)
+    x.add_(1)  # <hostread-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            if how == "cpu":
+                x.cpu()  # <hostread-cpu>
+            elif how == "item":
+                x[0].item()  # <hostread-item>
+            elif how == "tolist":
+                x.tolist()  # <hostread-tolist>
+            elif how == "print":
+                print(x)  # <hostread-print>
+            elif how == "repr":
+                repr(x)  # <hostread-repr>
+            elif how == "to_cpu":
+                x.to("cpu")  # <hostread-to_cpu>
+            elif how == "float":
+                float(x[1])  # <hostread-float>
+            else:
+                if x.any():  # <hostread-bool>
+                    pass
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="hostread-write"),
+        second=dict(kind="read", stream=side, marker=f"hostread-{how}"),
+    )
+
+
+def test_blocking_cpu_counts_a_host_sync_and_orders_the_host(fake_session):
+    default, side, x = setup(fake_session)
+    before = fake_session.stats.copy()
+    with sk.switch(side):
+        x.add_(1)
+        host = x.cpu()
+    delta = fake_session.stats - before
+    assert delta.blocking_copies == 1
+    assert delta.host_syncs == 1
+    assert host.tolist() == [2.0] * 16
+    assert host.device.type == "cpu"
+    # the host waited for side: work it issues now on any stream is ordered after side's add_
+    x.mul_(2)
+    assert x.sum().item() == 64.0
+    no_races(fake_session)
+
+
+def test_non_blocking_copy_to_host_does_not_sync(fake_session):
+    default, side, x = setup(fake_session)
+    before = fake_session.stats.copy()
+    with sk.switch(side):
+        staged = x.to("cpu", non_blocking=True)  # <nb-read>
+    delta = fake_session.stats - before
+    assert delta.blocking_copies == 0
+    assert delta.host_syncs == 0
+    with pytest.raises(sk.RaceError) as info:
+        x.add_(1)  # <nb-write>
+    check_race(
+        info.value.race,
+        first=dict(kind="read", stream=side, marker="nb-read"),
+        second=dict(kind="write", stream=default, marker="nb-write", op="aten.add_.Tensor"),
+    )
+    del staged
+
+
+def test_host_to_device_copy(fake_session):
+    host = torch.arange(6, dtype=torch.float32)
+    before = fake_session.stats.copy()
+    x = host.to(fake_session.device)
+    assert (fake_session.stats - before).blocking_copies == 1
+    assert x.device == fake_session.device
+    assert x.device.type == "fake"
+    assert x.shape == (6,)
+    assert torch.equal(fake.peek(x), host)
+    host.add_(100)  # the copy is a copy: later host writes don't reach it
+    assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    no_races(fake_session)
+
+
+def test_blocking_host_to_device_copy_on_side_orders_the_host(fake_session):
+    default = sk.current_stream()
+    side = sk.Stream()
+    x = torch.zeros(6, device=fake_session.device)
+    side.wait_stream(default)
+    with sk.switch(side):
+        x.copy_(torch.arange(6, dtype=torch.float32))  # blocking H2D on side: host waits for it
+    assert x.sum().item() == 15.0  # default stream, after the host sync
+    no_races(fake_session)
+
+
+def test_non_blocking_host_to_device_copy_on_side_races(fake_session):
+    default = sk.current_stream()
+    side = sk.Stream()
+    x = torch.zeros(6, device=fake_session.device)
+    side.wait_stream(default)
+    before = fake_session.stats.copy()
+    with sk.switch(side):
+        x.copy_(torch.ones(6), non_blocking=True)  # <h2d-nb-write>
+    assert (fake_session.stats - before).host_syncs == 0
+    with pytest.raises(sk.RaceError) as info:
+        x.sum()  # <h2d-nb-read>
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=side, marker="h2d-nb-write"),
+        second=dict(kind="read", stream=default, marker="h2d-nb-read"),
+    )
+
+
+def test_to_device_on_side_stream_blocking_orders_the_host(fake_session):
+    side = sk.Stream()
+    with sk.switch(side):
+        y = torch.arange(4, dtype=torch.float32).to(fake_session.device)  # blocking H2D on side
+    assert y.sum().item() == 6.0  # default stream: ordered by the host sync
+    sk.synchronize()  # y was allocated on side and used on default: sync before it is freed
+    del y
+    no_races(fake_session)
+
+
+def test_to_device_non_blocking_on_side_stream_races():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        before = s.stats.copy()
+        with sk.switch(side):
+            y = torch.arange(4, dtype=torch.float32).to(s.device, non_blocking=True)  # <tonb-write>
+        assert (s.stats - before).host_syncs == 0
+        y.sum()  # <tonb-read>
+        sk.synchronize()
+        del y
+        race = one_race(s)
+    check_race(
+        race,
+        first=dict(kind="write", stream=side, marker="tonb-write"),
+        second=dict(kind="read", stream=default, marker="tonb-read"),
+    )
+
+
+def test_data_dependent_output_size_is_a_host_sync(fake_session):
+    """nonzero() must learn its output size on the host: on CUDA it synchronizes."""
+    default, side, x = setup(fake_session)
+    with sk.switch(side):
+        x.add_(1)
+        before = fake_session.stats.copy()
+        idx = torch.nonzero(x)
+        assert (fake_session.stats - before).host_syncs == 1
+    x.mul_(2)  # the host waited for side: ordered
+    assert idx.shape == (16, 1)
+    sk.synchronize()
+    del idx
+    no_races(fake_session)
+
+
+def test_fake_tensor_with_non_scalar_cpu_tensor_raises(fake_session):
+    x = torch.ones(4, device=fake_session.device)
+    with pytest.raises(RuntimeError, match="same device"):
+        x + torch.ones(4)
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ones(4) * x
+    with pytest.raises(RuntimeError, match="same device"):
+        x.add_(torch.ones(4))
+    # a 0-dim CPU tensor is a scalar: allowed, as on CUDA
+    assert (x + torch.tensor(2.0)).tolist() == [3.0] * 4
+
+
+def test_numpy_raises_type_error(fake_session):
+    x = torch.ones(4, device=fake_session.device)
+    with pytest.raises(TypeError, match="cpu"):
+        x.numpy()
+    assert x.cpu().numpy().tolist() == [1.0] * 4
+
+
+def test_peek_is_untracked(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)
+    before = fake_session.stats.copy()
+    with sk.switch(side):
+        values = fake.peek(x)  # no access, no race, no sync
+    assert values.device.type == "cpu"
+    assert values.tolist() == [2.0] * 16
+    delta = fake_session.stats - before
+    assert delta.kernels == 0 and delta.host_syncs == 0
+    no_races(fake_session)
+
+
+# =================================================================================================
+# detect modes and the report
+# =================================================================================================
+
+
+def test_record_mode_collects_races_and_goes_on():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        a = torch.ones(8, device=s.device)
+        b = torch.ones(8, device=s.device)
+        side.wait_stream(default)
+        a.add_(1)  # <rec-a-write>
+        b.add_(1)  # <rec-b-write>
+        with sk.switch(side):
+            a.mul_(10)  # <rec-a-write2>
+            total = b.sum()  # <rec-b-read>
+        default.wait_stream(side)
+        values = a.tolist()  # execution went on: the eager scheduler ran everything
+        got_total = total.item()
+        del total
+        races = list(s.races)
+    assert values == [20.0] * 8
+    assert got_total == 16.0
+    assert len(races) == 2, "\n\n".join(map(str, races))
+    check_race(
+        races[0],
+        first=dict(kind="write", stream=default, marker="rec-a-write"),
+        second=dict(kind="write", stream=side, marker="rec-a-write2", op="aten.mul_.Tensor"),
+    )
+    check_race(
+        races[1],
+        first=dict(kind="write", stream=default, marker="rec-b-write"),
+        second=dict(kind="read", stream=side, marker="rec-b-read", op="aten.sum.default"),
+    )
+
+
+def test_record_mode_reports_a_repeated_race_once_per_site():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(8, device=s.device)
+        side.wait_stream(default)
+        for _ in range(3):
+            x.add_(1)
+            with sk.switch(side):
+                x.sum()
+            default.wait_stream(side)
+        sk.synchronize()
+        n = len(s.races)
+    assert n == 1
+
+
+def test_detect_off_records_nothing():
+    with fake.session(detect="off") as s:
+        side = sk.Stream()
+        x = torch.ones(8, device=s.device)
+        x.add_(1)
+        with sk.switch(side):
+            x.mul_(2)  # a race, unchecked
+            y = x.sum()
+        assert s.races == []
+        assert y.item() == 32.0
+        assert s.stats.kernels > 0  # stats still count
+    assert s.races == []
+
+
+def test_invalid_detect_mode():
+    with pytest.raises(ValueError, match="detect"):
+        with fake.session(detect="warn"):
+            pass
+
+
+def test_race_error_report(fake_session):
+    default = sk.current_stream()
+    side = sk.Stream()
+    x = torch.zeros(3, 7, device=fake_session.device)  # <report-alloc>
+    side.wait_stream(default)
+    x.add_(1)  # <report-write>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <report-read>
+    err = info.value
+    assert isinstance(err, RuntimeError)
+    assert isinstance(err, sk.StreamkitError)
+    race = err.race
+    assert str(err) == str(race)
+    text = str(race)
+    w, r = line_of("report-write"), line_of("report-read")
+    assert f"{BASENAME}:{w}" in text
+    assert f"{BASENAME}:{r}" in text
+    assert "read" in text and "write" in text
+    assert "aten.add_.Tensor" in text and "aten.sum.default" in text
+    # both streams are described: the default stream, and the side stream by its name
+    assert "default" in text
+    assert "side" in text
+    # the tensor
+    assert "3, 7" in text
+    assert "float32" in text
+    assert tuple(race.tensor.shape) == (3, 7)
+    assert race.tensor.dtype == torch.float32
+    assert str(line_of("report-alloc")) in str(race.tensor.allocated_at)
+    # a fix line
+    fix_lines = [line for line in text.splitlines() if "wait_stream" in line]
+    assert fix_lines, text
+    assert "wait_stream" in race.fix
+    assert race.fix in text
+
+
+def test_access_stack_is_user_code_innermost_last(fake_session):
+    default, side, x = setup(fake_session)
+
+    def produce():
+        x.add_(1)  # <stack-write>
+
+    produce()  # <stack-write-caller>
+    with pytest.raises(sk.RaceError) as info:
+        with sk.switch(side):
+            x.sum()  # <stack-read>
+    race = info.value.race
+    stack = race.first.stack
+    assert all(hasattr(f, "filename") and hasattr(f, "lineno") for f in stack)
+    assert stack[-1].lineno == line_of("stack-write")
+    assert stack[-1].name == "produce"
+    assert [f.lineno for f in stack[-2:]] == [line_of("stack-write-caller"), line_of("stack-write")]
+    torch_dir = os.path.dirname(os.path.realpath(torch.__file__)) + os.sep
+    sk_dir = os.path.dirname(os.path.realpath(sk.__file__)) + os.sep
+    for access in (race.first, race.second):
+        for frame in access.stack:
+            path = os.path.realpath(frame.filename)
+            assert not path.startswith(torch_dir), frame
+            assert not path.startswith(sk_dir), frame
+    assert race.second.stack[-1].lineno == line_of("stack-read")
+
+
+def test_race_is_raised_at_the_second_access_only(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)  # the first access raises nothing
+    with sk.switch(side):
+        ok = torch.ones(3, device=fake_session.device).sum()  # unrelated work: no race
+        with pytest.raises(sk.RaceError):
+            x.sum()
+    del ok
+
+
+def test_deep_call_stack_still_finds_the_user_line(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)  # <deep-write>
+
+    def nest(n):
+        if n == 0:
+            with sk.switch(side):
+                return x.sum()  # <deep-read>
+        return nest(n - 1)
+
+    with pytest.raises(sk.RaceError) as info:
+        nest(12)
+    check_access(info.value.race.second, kind="read", stream=side, marker="deep-read")
+
+
+def test_race_inside_nested_torch_modules_points_at_the_user_call():
+    """The op runs ~10 Python frames below the user's line (Module.__call__ chains): the report
+    must still name the user's line, not a torch.nn frame."""
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        model = torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(4, 4)), torch.nn.ReLU()).to(s.device)
+        x = torch.ones(2, 4, device=s.device)
+        side.wait_stream(default)
+        x.add_(1)  # <module-write>
+        with sk.switch(side):
+            y = model(x)  # <module-read>
+        sk.synchronize()
+        races = list(s.races)
+        del y
+    assert len(races) == 1, "\n\n".join(map(str, races))
+    check_race(
+        races[0],
+        first=dict(kind="write", stream=default, marker="module-write"),
+        second=dict(kind="read", stream=side, marker="module-read"),
+    )
+    assert f"{BASENAME}:{line_of('module-read')}" in str(races[0])
+
+
+# =================================================================================================
+# threads
+# =================================================================================================
+
+
+def _run_thread(fn):
+    errors = []
+
+    def target():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=target)
+    t.start()
+    t.join(timeout=30)
+    assert not t.is_alive()
+    return errors
+
+
+def test_threads_with_own_streams_race():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        sa, sb = sk.Stream(), sk.Stream()
+        x = torch.ones(32, device=s.device)
+        sa.wait_stream(default)
+        sb.wait_stream(default)
+
+        def writer():
+            with sk.switch(sa):
+                x.add_(1)  # <thr-write>
+
+        def reader():
+            assert sk.current_stream() == default  # a new thread starts on the default stream
+            with sk.switch(sb):
+                x.sum()  # <thr-read>
+
+        assert _run_thread(writer) == []
+        assert _run_thread(reader) == []  # thread join orders the host threads, not the streams
+        sk.synchronize()
+        race = one_race(s)
+    check_race(
+        race,
+        first=dict(kind="write", stream=sa, marker="thr-write"),
+        second=dict(kind="read", stream=sb, marker="thr-read"),
+    )
+
+
+def test_threads_with_own_streams_and_an_event_do_not_race():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        sa, sb = sk.Stream(), sk.Stream()
+        x = torch.ones(32, device=s.device)
+        sa.wait_stream(default)
+        box = {}
+
+        def writer():
+            with sk.switch(sa):
+                x.add_(1)
+                box["done"] = sk.current_stream().record_event()
+
+        def reader():
+            with sk.switch(sb):
+                sb.wait_event(box["done"])
+                box["sum"] = x.sum()
+
+        assert _run_thread(writer) == []
+        assert _run_thread(reader) == []
+        sk.synchronize()
+        assert box.pop("sum").item() == 64.0
+        no_races(s)
+
+
+def test_thread_without_switch_runs_on_the_default_stream():
+    """Main thread writes inside switch(side); a new thread's op runs on the default stream."""
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(8, device=s.device)
+        side.wait_stream(default)
+        with sk.switch(side):
+            x.add_(1)  # <thrdef-write>
+
+            def reader():
+                x.sum()  # <thrdef-read>
+
+            assert _run_thread(reader) == []
+        sk.synchronize()
+        race = one_race(s)
+    check_race(
+        race,
+        first=dict(kind="write", stream=side, marker="thrdef-write"),
+        second=dict(kind="read", stream=default, marker="thrdef-read"),
+    )
+
+
+def test_concurrent_threads_on_their_own_streams_and_tensors():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        shared = torch.full((8,), 2.0, device=s.device)
+        streams = [sk.Stream() for _ in range(4)]
+        for st in streams:
+            st.wait_stream(default)
+        barrier = threading.Barrier(len(streams))
+        results = {}
+
+        def worker(i):
+            with sk.switch(streams[i]):
+                own = torch.zeros(8, device=s.device)
+                barrier.wait(timeout=30)
+                for _ in range(50):
+                    own.add_(shared)  # everyone reads `shared`: read-read, never a race
+                results[i] = own.sum().item()  # a blocking copy on this thread's stream
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(streams))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        sk.synchronize()
+        assert results == {i: 800.0 for i in range(len(streams))}
+        no_races(s)
+
+
+def test_raise_mode_in_a_thread(fake_session):
+    default, side, x = setup(fake_session)
+    x.add_(1)
+
+    def reader():
+        with sk.switch(side):
+            x.sum()
+
+    errors = _run_thread(reader)
+    assert len(errors) == 1 and isinstance(errors[0], sk.RaceError)
+    assert errors[0].race.second.stream == side
+
+
+# =================================================================================================
+# freeing memory still in use by another stream
+# =================================================================================================
+
+
+def test_free_while_side_stream_still_reads():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(64, device=s.device)
+        side.wait_stream(default)
+        with sk.switch(side):
+            y = x * 2  # <free-use>
+        del x  # <free-free>
+        races = list(s.races)
+        del y
+    assert len(races) == 1, "\n\n".join(map(str, races))
+    race = races[0]
+    check_access(race.first, kind="read", stream=side, marker="free-use", op="aten.mul.Tensor")
+    check_access(race.second, kind="free", stream=default, marker="free-free")
+    assert "record_stream" in race.fix
+
+
+def test_a_live_view_keeps_the_memory():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(64, device=s.device)
+        v = x[8:]
+        side.wait_stream(default)
+        with sk.switch(side):
+            v.sum()  # <view-use>
+        del x  # the view still holds the memory: no free yet
+        assert s.races == []
+        del v  # <view-free>
+        races = list(s.races)
+    assert len(races) == 1
+    check_access(races[0].first, kind="read", stream=side, marker="view-use")
+    check_access(races[0].second, kind="free", stream=default, marker="view-free")
+
+
+def test_free_at_function_return_points_at_the_call():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+
+        def work():
+            x = torch.ones(8, device=s.device)
+            side.wait_stream(default)
+            with sk.switch(side):
+                x.sum()  # <ret-use>
+            # x is freed when work() returns
+
+        work()  # <ret-call>
+        races = list(s.races)
+    assert len(races) == 1
+    check_access(races[0].first, kind="read", stream=side, marker="ret-use")
+    check_access(races[0].second, kind="free", stream=default, marker="ret-call")
+
+
+def test_free_with_record_stream_is_ok():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(64, device=s.device)
+        side.wait_stream(default)
+        with sk.switch(side):
+            y = x * 2
+        sk.record_stream(x, side)
+        del x
+        del y
+        no_races(s)
+
+
+def test_free_after_waiting_for_the_user_is_ok():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(64, device=s.device)
+        side.wait_stream(default)
+        with sk.switch(side):
+            y = x * 2
+        default.wait_stream(side)
+        del x
+        del y
+        no_races(s)
+
+
+def test_free_of_side_allocated_tensor_used_on_default():
+    """The classic: allocated on side, consumed on default, freed without record_stream."""
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(64, device=s.device)
+        side.wait_stream(default)
+        with sk.switch(side):
+            y = x + 1  # allocated on side
+        default.wait_stream(side)
+        total = y.sum()  # <free2-use>
+        del y  # <free2-free>
+        races = list(s.races)
+        assert total.item() == 128.0
+    assert len(races) == 1, "\n\n".join(map(str, races))
+    check_access(races[0].first, kind="read", stream=default, marker="free2-use")
+    check_access(races[0].second, kind="free", stream=side, marker="free2-free")
+
+
+def test_free_of_side_allocated_tensor_with_record_stream_is_ok():
+    with fake.session(detect="record") as s:
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(64, device=s.device)
+        side.wait_stream(default)
+        with sk.switch(side):
+            y = x + 1
+        default.wait_stream(side)
+        total = y.sum()
+        sk.record_stream(y, default)
+        del y
+        assert total.item() == 128.0
+        no_races(s)
+
+
+def test_free_race_in_raise_mode_is_raised():
+    """A free can't raise from the finalizer: raise mode must still surface it (at the next
+    stream operation or when the session ends), never drop it."""
+    with pytest.raises(sk.RaceError) as info:
+        with fake.session(detect="raise"):
+            default = sk.current_stream()
+            side = sk.Stream()
+            x = torch.ones(64, device=sk.device())
+            side.wait_stream(default)
+            with sk.switch(side):
+                y = x * 2
+            del x
+            sk.synchronize()
+            del y
+    assert info.value.race.second.kind == "free"
+
+
+# =================================================================================================
+# sessions and backends
+# =================================================================================================
+
+
+@pytest.fixture(params=["raise", "off"])
+def closed(request):
+    """A stream, an event recorded on it, and a tensor, of a fake session that has ended."""
+    with fake.session(detect=request.param) as s:
+        st = sk.Stream()
+        ev = sk.Event()
+        ev.record(st)
+        x = torch.ones(2, device=s.device)
+    assert s.backend is not sk.get_backend()
+    return st, ev, x
+
+
+def _in_new_session(fn):
+    with fake.session():
+        fn()
+
+
+_CLOSED_USES = {
+    "stream.synchronize": lambda st, ev, x: st.synchronize(),
+    "stream.query": lambda st, ev, x: st.query(),
+    "stream.record_event": lambda st, ev, x: st.record_event(),
+    "stream.wait_stream": lambda st, ev, x: st.wait_stream(st),
+    "stream.wait_event": lambda st, ev, x: st.wait_event(ev),
+    "switch": lambda st, ev, x: sk.switch(st).__enter__(),
+    "event.synchronize": lambda st, ev, x: ev.synchronize(),
+    "event.query": lambda st, ev, x: ev.query(),
+    "event.record": lambda st, ev, x: ev.record(),
+    "event.record(stream)": lambda st, ev, x: ev.record(st),
+    "event.wait": lambda st, ev, x: ev.wait(),
+    "record_stream": lambda st, ev, x: sk.record_stream(x, st),
+    "tensor.sum": lambda st, ev, x: x.sum(),
+    "tensor.add_": lambda st, ev, x: x.add_(1),
+    "tensor + 1": lambda st, ev, x: x + 1,
+    "tensor * tensor": lambda st, ev, x: x * x,
+    "tensor.cpu": lambda st, ev, x: x.cpu(),
+    "tensor.sum in a new session": lambda st, ev, x: _in_new_session(x.sum),
+    "tensor + 1 in a new session": lambda st, ev, x: _in_new_session(lambda: x + 1),
+    "switch in a new session": lambda st, ev, x: _in_new_session(lambda: sk.switch(st).__enter__()),
+}
+
+
+@pytest.mark.parametrize("use", list(_CLOSED_USES))
+def test_using_a_closed_session_raises_session_closed_error(closed, use):
+    st, ev, x = closed
+    with pytest.raises(sk.SessionClosedError):
+        _CLOSED_USES[use](st, ev, x)
+
+
+def test_session_closed_error_hierarchy():
+    # (Whether BackendMismatchError is also a TypeError is not asserted: torch turns a TypeError
+    # raised inside Tensor.__add__ & co. into NotImplemented, which would hide the real error of
+    # `closed_tensor + 1`; the "tensor + 1" case above checks the error that surfaces.)
+    assert issubclass(sk.SessionClosedError, sk.BackendMismatchError)
+    assert issubclass(sk.BackendMismatchError, sk.StreamkitError)
+    assert issubclass(sk.BackendMismatchError, RuntimeError)
+
+
+def test_session_cannot_be_reopened_or_nested():
+    with fake.session() as s:
+        with pytest.raises(sk.StreamkitError):
+            with fake.session():
+                pass
+        assert sk.get_backend() is s.backend
+    with pytest.raises(sk.SessionClosedError):
+        with s:
+            pass
+
+
+def test_streams_of_two_fake_sessions_do_not_mix():
+    with fake.session():
+        old = sk.Stream()
+        old_ev = sk.Event()
+    with fake.session():
+        new = sk.Stream()
+        with pytest.raises(sk.BackendMismatchError):
+            new.wait_stream(old)
+        with pytest.raises(sk.BackendMismatchError):
+            new.wait_event(old_ev)
+        with pytest.raises(sk.BackendMismatchError):
+            new.record_event(old_ev)
+        assert new != old
+
+
+def test_explicit_session_and_default_session_do_not_mix():
+    with sk.use_backend("fake") as default_session_backend:
+        outside = sk.Stream()
+    with fake.session() as s:
+        assert s.backend is not default_session_backend
+        inside = sk.Stream()
+        with pytest.raises(sk.BackendMismatchError):
+            inside.wait_stream(outside)
+        with pytest.raises(sk.BackendMismatchError):
+            outside.wait_stream(inside)
+
+
+def test_default_session_detects_with_raise():
+    """Outside any explicit session the fake backend is a process-wide session with detect="raise"."""
+    with sk.use_backend("fake"):
+        default = sk.current_stream()
+        side = sk.Stream()
+        x = torch.ones(4, device=sk.device())
+        side.wait_stream(default)
+        x.add_(1)  # <defsess-write>
+        with pytest.raises(sk.RaceError) as info:
+            with sk.switch(side):
+                x.sum()  # <defsess-read>
+        sk.synchronize()
+    check_race(
+        info.value.race,
+        first=dict(kind="write", stream=default, marker="defsess-write"),
+        second=dict(kind="read", stream=side, marker="defsess-read"),
+    )
+
+
+def _real_backends():
+    return [name for name in ("cuda", "npu") if sk.unavailable_reason(name) is None]
+
+
+def test_streams_of_two_backends_do_not_mix():
+    real = _real_backends()
+    if not real:
+        pytest.skip(
+            "needs a second backend besides fake: "
+            + "; ".join(sk.unavailable_reason(name) or name for name in ("cuda", "npu"))
+        )
+    with sk.use_backend(real[0]):
+        real_stream = sk.Stream()
+        real_event = sk.Event()
+    with fake.session():
+        fake_stream = sk.Stream()
+        with pytest.raises(sk.BackendMismatchError):
+            fake_stream.wait_stream(real_stream)
+        with pytest.raises(sk.BackendMismatchError):
+            real_stream.wait_stream(fake_stream)
+        with pytest.raises(sk.BackendMismatchError):
+            fake_stream.wait_event(real_event)
+        with pytest.raises(sk.BackendMismatchError):
+            real_event.record(fake_stream)
+        assert fake_stream != real_stream
+
+
+# =================================================================================================
+# stats
+# =================================================================================================
+
+
+def test_stats_counts(fake_session):
+    s = fake_session
+    default = sk.current_stream()
+    side = sk.Stream()
+    x = torch.zeros(8, device=s.device)
+    side.wait_stream(default)
+
+    before = s.stats.copy()
+    x.add_(1)
+    x.mul_(2)
+    x.zero_()
+    d = s.stats - before
+    assert isinstance(d, fake.Stats)
+    assert (d.kernels, d.event_records, d.event_waits, d.host_syncs) == (3, 0, 0, 0)
+    assert before.kernels == (s.stats - d).kernels  # copy() is a snapshot
+
+    before = s.stats.copy()
+    ev = sk.Event()
+    ev.record()
+    side.record_event()
+    side.wait_event(ev)
+    d = s.stats - before
+    assert (d.kernels, d.event_records, d.event_waits, d.host_syncs) == (0, 2, 1, 0)
+
+    before = s.stats.copy()
+    side.synchronize()
+    d = s.stats - before
+    assert (d.stream_syncs, d.event_syncs, d.device_syncs, d.blocking_copies, d.host_syncs) == (1, 0, 0, 0, 1)
+
+    before = s.stats.copy()
+    ev.synchronize()
+    d = s.stats - before
+    assert (d.stream_syncs, d.event_syncs, d.device_syncs, d.blocking_copies, d.host_syncs) == (0, 1, 0, 0, 1)
+
+    before = s.stats.copy()
+    sk.synchronize()
+    d = s.stats - before
+    assert (d.stream_syncs, d.event_syncs, d.device_syncs, d.blocking_copies, d.host_syncs) == (0, 0, 1, 0, 1)
+
+    before = s.stats.copy()
+    x.cpu()
+    x[0].item()
+    x.tolist()
+    d = s.stats - before
+    assert (d.stream_syncs, d.event_syncs, d.device_syncs, d.blocking_copies, d.host_syncs) == (0, 0, 0, 3, 3)
+
+    total = s.stats
+    assert total.host_syncs == (
+        total.blocking_copies + total.stream_syncs + total.event_syncs + total.device_syncs
+        + getattr(total, "implicit_syncs", 0)
+    )
+    no_races(s)
+
+
+def test_stats_count_in_off_mode():
+    with fake.session(detect="off") as s:
+        x = torch.ones(4, device=s.device)
+        before = s.stats.copy()
+        x.add_(1)
+        x.cpu()
+        sk.synchronize()
+        d = s.stats - before
+    assert d.kernels >= 2
+    assert d.blocking_copies == 1
+    assert d.device_syncs == 1
+
+
+def test_wait_stream_counts_a_wait(fake_session):
+    side = sk.Stream()
+    before = fake_session.stats.copy()
+    side.wait_stream(sk.current_stream())
+    d = fake_session.stats - before
+    assert d.event_waits == 1
+    assert d.host_syncs == 0
+    assert d.kernels == 0
+
+
+# =================================================================================================
+# streams: fake-specific facts the conformance suite can't assert everywhere
+# =================================================================================================
+
+
+def test_fake_device(fake_session):
+    assert fake_session.device == torch.device("fake:0")
+    assert sk.device() == fake_session.device
+    assert sk.get_backend() is fake_session.backend
+    assert fake_session.backend.name == "fake"
+    assert isinstance(fake_session.backend, sk.Backend)
+
+
+def test_elapsed_time_errors_are_what_cuda_raises(fake_session):
+    """torch.cuda.Event.elapsed_time raises ValueError for events without enable_timing on current
+    torch (c10/cuda/CUDAEvent.h: TORCH_CHECK_VALUE), RuntimeError on older torch: code catching
+    either must work on the fake backend too."""
+    a, b = sk.Event(), sk.Event()
+    a.record()
+    b.record()
+    with pytest.raises(RuntimeError):
+        a.elapsed_time(b)
+    with pytest.raises(ValueError):
+        a.elapsed_time(b)
+
+
+def test_elapsed_time_is_ordered(fake_session):
+    a, b, c = (sk.Event(enable_timing=True) for _ in range(3))
+    x = torch.ones(64, device=fake_session.device)
+    a.record()
+    x.add_(1)
+    b.record()
+    x.add_(1)
+    c.record()
+    c.synchronize()
+    ab, bc, ac = a.elapsed_time(b), b.elapsed_time(c), a.elapsed_time(c)
+    assert 0.0 <= ab <= ac and 0.0 <= bc <= ac
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
