@@ -3,6 +3,7 @@ exposes them through the public API."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 import time
@@ -109,6 +110,11 @@ class Session:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self.tracking and exc_type is None:
+            # Tensors kept alive only by reference cycles (a caught exception's traceback, say) would
+            # otherwise be freed at some later collection: free them now, inside the session, so
+            # their free checks are deterministic.
+            gc.collect()
         _deactivate(self)
         pending, self._pending = self._pending, None
         if pending is not None and exc_type is None:
@@ -137,13 +143,21 @@ class Session:
         clock[stream.idx] = seq
         kernel = Kernel(op, call, stream, seq, site, args, kwargs)
         detector = self.detector
-        for tensor, kind in accesses:
-            lo, hi = tensor._lo, tensor._hi
-            if hi > lo:
-                if kind == WRITE:
-                    detector.write(tensor._st, lo, hi, stream, kernel, tensor)
-                else:
-                    detector.read(tensor._st, lo, hi, stream, kernel, tensor)
+        try:
+            for tensor, kind in accesses:
+                lo, hi = tensor._lo, tensor._hi
+                if hi > lo:
+                    if kind == WRITE:
+                        detector.write(tensor._st, lo, hi, stream, kernel, tensor)
+                    else:
+                        detector.read(tensor._st, lo, hi, stream, kernel, tensor)
+        except RaceError:
+            # The kernel never runs: it must leave no access behind (those checked before the racing one).
+            for tensor, _ in accesses:
+                state = tensor._st
+                state.reads = [r for r in state.reads if r[4] is not kernel]
+                state.writes = [r for r in state.writes if r[4] is not kernel]
+            raise
         return kernel
 
     def issue_untracked(self, op: Any, call: Any, stream: StreamState, args: Any, kwargs: Any) -> Kernel:

@@ -188,6 +188,7 @@ def test_default_reads_side_write_without_wait(fake_session):
         first=dict(kind="write", stream=side, marker="rev-write"),
         second=dict(kind="read", stream=default, marker="rev-read"),
     )
+    default.wait_stream(side)  # side's add_ did run: x may only be freed once default is after it
 
 
 # =================================================================================================
@@ -682,6 +683,7 @@ def test_non_blocking_copy_to_host_does_not_sync(fake_session):
         second=dict(kind="write", stream=default, marker="nb-write", op="aten.add_.Tensor"),
     )
     del staged
+    default.wait_stream(side)  # side's copy did run: x may only be freed once default is after it
 
 
 def test_host_to_device_copy(fake_session):
@@ -725,6 +727,7 @@ def test_non_blocking_host_to_device_copy_on_side_races(fake_session):
         first=dict(kind="write", stream=side, marker="h2d-nb-write"),
         second=dict(kind="read", stream=default, marker="h2d-nb-read"),
     )
+    default.wait_stream(side)  # side's copy did run: x may only be freed once default is after it
 
 
 def test_to_device_on_side_stream_blocking_orders_the_host(fake_session):

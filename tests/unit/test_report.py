@@ -108,3 +108,18 @@ def test_free_race_raises_at_the_next_operation_in_raise_mode():
                 x.mul(2)
             del x
             torch.ones(1, device=s.device)  # the pending race surfaces here
+
+
+def test_a_kernel_that_raised_leaves_no_access_behind():
+    with fake.session(detect="raise") as s:
+        side = sk.Stream()
+        a = torch.ones(4, device=s.device)
+        b = torch.ones(4, device=s.device)
+        side.wait_stream(sk.current_stream())
+        b.mul_(3)
+        with sk.switch(side):
+            with pytest.raises(sk.RaceError):
+                torch.cat([a, b])  # a is checked (fine), b races: the cat never runs
+        assert a._st.reads == [] or all(r[2] != side._handle.idx for r in a._st.reads)
+        del a  # no free race: side never touched a
+    assert s.races[1:] == []

@@ -1,0 +1,294 @@
+"""One rank of a multi-rank streamkit_eplb scenario (launched by conftest.run_ranks, not collected by pytest).
+
+usage: rank_worker.py SCENARIO BACKEND   with MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE set.
+BACKEND is ``fake`` (gloo group, fake session with detect="raise"), ``cuda`` (nccl) or ``npu`` (hccl).
+Prints ``KEY value`` lines the tests assert on; exits 0 when the scenario's own checks passed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import sys
+import time
+from contextlib import contextmanager
+
+import torch
+import torch.distributed as dist
+
+import streamkit as sk
+from streamkit_eplb import CollectError, HeatCollector
+
+RANK = int(os.environ["RANK"])
+WORLD = int(os.environ["WORLD_SIZE"])
+
+
+def say(key: str, value: object = "") -> None:
+    print(f"{key} {value}".rstrip(), flush=True)
+
+
+@contextmanager
+def environment(backend: str, timeout_s: float = 60.0):
+    """Yields the fake session (or None on real devices) with the default process group initialized.
+
+    The default group gets a generous timeout (the ranks may start seconds apart on a loaded
+    machine); scenarios that test timeouts make a second group with a short one (short_group)."""
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if backend == "fake":
+        from streamkit import fake
+
+        dist.init_process_group("gloo", rank=RANK, world_size=WORLD, timeout=timeout)
+        with fake.session(detect="raise") as session:
+            yield session
+        return
+    if backend == "cuda":
+        torch.cuda.set_device(RANK)
+        pg = "nccl"
+    else:
+        import torch_npu  # noqa: F401
+
+        torch.npu.set_device(RANK)  # type: ignore[attr-defined]
+        pg = "hccl"
+    dist.init_process_group(pg, rank=RANK, world_size=WORLD, timeout=timeout)
+    with sk.use_backend(backend):
+        yield None
+
+
+def short_group(timeout_s: float):
+    """A group of all ranks whose collectives time out after ``timeout_s`` seconds."""
+    return dist.new_group(list(range(WORLD)), timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def host_syncs(session) -> int:
+    return session.stats.host_syncs if session is not None else 0
+
+
+def scenario_main(backend: str, seeds: str = "1,2,3") -> None:
+    """Race-free, sync-free, conserving: random records of every kind on every rank, collects on a
+    schedule shared by the ranks; checked per rank, layer and expert for several seeds."""
+    with environment(backend) as session:
+        total_records = total_collects = record_syncs = collect_syncs = 0
+        checksums = []
+        for seed in map(int, seeds.split(",")):
+            r, c, rs, cs, checksum = _conservation_run(session, seed)
+            total_records += r
+            total_collects += c
+            record_syncs += rs
+            collect_syncs += cs
+            checksums.append(checksum)
+        say("HYPOTHESIS_EXAMPLES", _hypothesis_conservation(session))
+        say("CHECKSUM", checksums)
+        say("RECORDS", total_records)
+        say("COLLECTS", total_collects)
+        say("RECORD_SYNCS", record_syncs)
+        say("COLLECT_SYNCS", collect_syncs)
+        if session is not None:
+            say("RACES", len(session.races))
+        say("OK")
+    dist.destroy_process_group()
+
+
+def _conservation_run(session, seed: int):
+    dev = sk.device()
+    shapes = random.Random(seed)
+    L, E = shapes.randint(1, 5), shapes.randint(1, 8)
+    c = HeatCollector(L, E, group=dist.group.WORLD)
+    data = random.Random(seed * 1000 + RANK)  # every rank records different data
+    schedule = random.Random(seed)  # ... but all ranks collect at the same points
+    expected = torch.zeros(L, E, dtype=torch.int64)
+    window_expected = torch.zeros(L, E, dtype=torch.int64)
+    results, per_window, snapshots = [], [], []
+    record_syncs = collect_syncs = records = collects = 0
+    for _step in range(25):
+        for _ in range(data.randint(0, 4)):
+            layer = data.randrange(L)
+            kind = data.choice(["counts", "cumulative", "topk"])
+            contribution = torch.zeros(E, dtype=torch.int64)
+            if kind == "topk":
+                n = data.randint(0, 9)
+                ids = torch.tensor([data.randrange(-1, E) for _ in range(2 * n)], dtype=torch.int64).reshape(n, 2)
+                for i in ids.flatten().tolist():
+                    if i >= 0:
+                        contribution[i] += 1
+                arg = ids.to(data.choice([torch.int32, torch.int64])).to(dev)
+                before = host_syncs(session)
+                c.record(layer, topk_ids=arg)
+            else:
+                counts = torch.tensor([data.randrange(0, 50) for _ in range(E)], dtype=torch.int64)
+                contribution += counts
+                arg = (counts.cumsum(0) if kind == "cumulative" else counts).to(torch.int32).to(dev)
+                before = host_syncs(session)
+                c.record(layer, arg, cumulative=kind == "cumulative")
+            record_syncs += host_syncs(session) - before
+            records += 1
+            expected[layer] += contribution
+            window_expected[layer] += contribution
+            del arg
+        if schedule.random() < 0.35:
+            before = host_syncs(session)
+            handle = c.collect()
+            collect_syncs += host_syncs(session) - before
+            collects += 1
+            per_window.append(window_expected.clone())
+            window_expected.zero_()
+            if schedule.random() < 0.5:  # sometimes keep it pending across more records
+                heat = handle.wait()
+                results.append(heat)
+                snapshots.append((heat, heat.load.clone()))
+            else:
+                results.append(handle)
+    before = host_syncs(session)
+    last = c.collect()
+    collect_syncs += host_syncs(session) - before
+    collects += 1
+    per_window.append(window_expected.clone())
+    heats = [h.wait() if hasattr(h, "wait") else h for h in results] + [last.wait()]
+    # a Heat returned by wait() is never overwritten by later records and collects
+    for heat, snapshot in snapshots:
+        assert torch.equal(heat.load, snapshot), (heat.window, heat.load, snapshot)
+    assert [h.window for h in heats] == list(range(len(heats))), [h.window for h in heats]
+    for heat, mine in zip(heats, per_window):  # each window holds exactly this rank's records
+        assert tuple(heat.load.shape) == (L, WORLD, E), heat.load.shape
+        assert torch.equal(heat.load[:, RANK, :], mine), (heat.window, heat.load[:, RANK, :], mine)
+        assert int(heat.invalid.sum()) == 0
+    total = torch.stack([h.load for h in heats]).sum(0)
+    assert torch.equal(total[:, RANK, :], expected), (total[:, RANK, :], expected)
+    return records, collects, record_syncs, collect_syncs, [int(v) for v in total.flatten().tolist()]
+
+
+def _hypothesis_conservation(session) -> int:
+    """The property test of test_eplb_properties.py, across the group: every rank runs the same
+    derandomized hypothesis examples (so they agree on when to collect), each records rank-specific
+    data derived from the example, and every rank checks every rank's row of every window."""
+    from hypothesis import HealthCheck, Phase, given, settings
+    from hypothesis import strategies as st
+
+    dev = sk.device()
+    group = short_group(20.0)  # a rank that fails makes its peer fail within 20 s, not hang
+    examples = [0]
+
+    @st.composite
+    def programs(draw):
+        layers, experts = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+        record = st.one_of(
+            st.tuples(st.just("counts"), st.integers(0, layers - 1),
+                      st.lists(st.integers(0, 2**20), min_size=experts, max_size=experts), st.booleans()),
+            st.tuples(st.just("topk"), st.integers(0, layers - 1),
+                      st.lists(st.integers(-1, experts - 1), max_size=8), st.just(False)),
+        )
+        ops = draw(st.lists(st.one_of(record, record, st.just(("collect",))), max_size=15))
+        return layers, experts, ops
+
+    def contribution(op, rank, experts):
+        """What rank ``rank`` records for ``op``: the example's data, made rank-specific."""
+        kind, _layer, values, _cumulative = op
+        if kind == "counts":
+            return torch.tensor(values, dtype=torch.int64).roll(rank) + rank
+        return torch.tensor([(v + rank) % experts if v >= 0 else -1 for v in values], dtype=torch.int64)
+
+    def counted(op, tensor, experts):
+        if op[0] == "counts":
+            return tensor
+        return torch.bincount(tensor[tensor >= 0], minlength=experts)
+
+    @settings(max_examples=30, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(programs())
+    def conservation(program):
+        examples[0] += 1
+        layers, experts, ops = program
+        c = HeatCollector(layers, experts, group=group)
+        expected = [torch.zeros(WORLD, layers, experts, dtype=torch.int64)]
+        handles = []
+        for op in ops:
+            if op[0] == "collect":
+                handles.append(c.collect())
+                expected.append(torch.zeros(WORLD, layers, experts, dtype=torch.int64))
+                continue
+            _kind, layer, _values, cumulative = op
+            for rank in range(WORLD):
+                expected[-1][rank, layer] += counted(op, contribution(op, rank, experts), experts)
+            mine = contribution(op, RANK, experts)
+            arg = (mine.cumsum(0) if cumulative else mine).to(dev)
+            before = host_syncs(session)
+            if op[0] == "counts":
+                c.record(layer, arg, cumulative=cumulative)
+            else:
+                c.record(layer, topk_ids=arg)
+            assert host_syncs(session) == before
+        handles.append(c.collect())
+        heats = [h.wait() for h in handles]
+        for heat, want in zip(heats, expected):
+            assert torch.equal(heat.load, want.permute(1, 0, 2)), (heat.window, heat.load, want)
+        total = torch.stack([h.load for h in heats]).sum(0)
+        assert torch.equal(total, torch.stack(expected).sum(0).permute(1, 0, 2))
+
+    conservation()
+    return examples[0]
+
+
+def scenario_mismatch(backend: str) -> None:
+    """Rank 1 disagrees on num_experts: every rank fails at construction, nobody hangs."""
+    with environment(backend):
+        experts = 8 if RANK == 0 else 16
+        try:
+            HeatCollector(4, experts, group=dist.group.WORLD)
+        except ValueError as exc:
+            say("MISMATCH", str(exc))
+        else:
+            say("NO_ERROR")
+    os._exit(0)
+
+
+def scenario_peer_death(backend: str) -> None:
+    """Rank 1 dies after construction; rank 0's wait() raises CollectError within the PG timeout."""
+    timeout_s = 5.0
+    with environment(backend):
+        dev = sk.device()
+        c = HeatCollector(2, 4, group=short_group(timeout_s))
+        c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
+        c.collect().wait()  # one healthy window first
+        if RANK != 0:
+            say("DYING")
+            os._exit(3)
+        time.sleep(0.5)
+        c.record(1, torch.tensor([2, 2, 2, 2]).to(dev))
+        start = time.monotonic()
+        handle = c.collect()
+        try:
+            heat = handle.wait()
+        except CollectError as exc:
+            say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
+        else:
+            say("RETURNED", repr(heat))
+        say("DONE")
+    os._exit(0)
+
+
+def scenario_peer_stall(backend: str) -> None:
+    """Rank 1 stays alive but never joins the collect: rank 0's wait() raises within the PG timeout."""
+    timeout_s = 3.0
+    with environment(backend):
+        dev = sk.device()
+        c = HeatCollector(2, 4, group=short_group(timeout_s))
+        if RANK != 0:
+            say("STALLING")
+            time.sleep(timeout_s + 2.0)
+            os._exit(0)
+        c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
+        start = time.monotonic()
+        handle = c.collect()
+        try:
+            heat = handle.wait()
+        except CollectError as exc:
+            say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
+        else:
+            say("RETURNED", repr(heat))
+        say("DONE")
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    scenario, backend, *rest = sys.argv[1:]
+    globals()[f"scenario_{scenario}"](backend, *rest)

@@ -1,0 +1,98 @@
+"""Multi-rank: the collector across a process group (gloo ranks on the fake backend; NCCL/HCCL
+across the visible devices when those backends exist), the shape check, dead peers, and the demo.
+
+Every scenario runs as subprocesses with their own timeout: a failure is a failed test, never a hang.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from streamkit_eplb._buggy import marker_lines
+
+
+def _assert_ok(results):
+    for r in results:
+        assert r.returncode == 0, r.describe()
+
+
+def test_ranks_are_race_free_sync_free_and_conserve_every_token(streamkit_backend, ranks, eplb_world):
+    name = streamkit_backend.name
+    world = eplb_world(name)
+    results = ranks("main", world=world, backend=name)
+    _assert_ok(results)
+    for r in results:
+        assert r.lines("OK") == [""], r.describe()
+        assert int(r.lines("RECORDS")[0]) > 50
+        assert int(r.lines("COLLECTS")[0]) > 5
+        assert int(r.lines("HYPOTHESIS_EXAMPLES")[0]) == 30  # the property held on every example
+    # every rank sees the same gathered windows
+    assert len({r.lines("CHECKSUM")[0] for r in results}) == 1
+    if name == "fake":  # detect="raise" ran the whole thing; and not one host sync
+        for r in results:
+            assert r.lines("RACES") == ["0"]
+            assert r.lines("RECORD_SYNCS") == ["0"], r.describe()
+            assert r.lines("COLLECT_SYNCS") == ["0"], r.describe()
+
+
+def test_ranks_disagreeing_on_the_shape_fail_at_construction(streamkit_backend, ranks, eplb_world):
+    name = streamkit_backend.name
+    results = ranks("mismatch", world=eplb_world(name), backend=name, timeout=90)
+    _assert_ok(results)
+    for r in results:
+        (message,) = r.lines("MISMATCH") or [r.describe()]
+        assert "disagree on (num_layers, num_experts)" in message
+        assert "rank 0: (4, 8)" in message and "rank 1: (4, 16)" in message
+
+
+@pytest.mark.streamkit_backends("fake")
+def test_a_dead_peer_makes_wait_raise_not_return_a_partial_heat(streamkit_backend, ranks):
+    results = ranks("peer_death", timeout=90)
+    survivor = results[0]
+    assert survivor.returncode == 0, survivor.describe()
+    assert survivor.lines("RETURNED") == [], survivor.describe()
+    (raised,) = survivor.lines("RAISED") or [survivor.describe()]
+    assert float(raised.split()[0]) < 10.0  # the process group timeout is 5 s
+    assert results[1].lines("DYING") == [""]
+
+
+@pytest.mark.streamkit_backends("fake")
+def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_backend, ranks):
+    results = ranks("peer_stall", timeout=90)
+    survivor = results[0]
+    assert survivor.returncode == 0, survivor.describe()
+    assert survivor.lines("RETURNED") == [], survivor.describe()
+    (raised,) = survivor.lines("RAISED") or [survivor.describe()]
+    assert 2.5 < float(raised.split()[0]) < 3.0 + 3.0  # the group's timeout is 3 s (plus slack)
+
+
+SMALL = ("--layers", "4", "--experts", "8", "--steps", "6", "--interval", "3", "--tokens", "32", "--timeout", "100")
+
+
+@pytest.mark.streamkit_backends("fake")
+def test_demo_prints_balancedness_and_writes_the_heat_map(streamkit_backend, eplb_demo, tmp_path):
+    out = tmp_path / "heat.png"
+    proc = eplb_demo(*SMALL, "--out", str(out))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    assert "2 gloo ranks on the fake backend" in text
+    assert "races: 0" in text
+    assert "0.00 host syncs" in text
+    assert text.count("window ") >= 2 and "balancedness" in text
+    table = [line.split() for line in text.splitlines() if line.strip()[:1].isdigit() and len(line.split()) == 5]
+    assert len(table) == 4  # one row per layer
+    assert all(0.0 < float(row[-1]) <= 1.0 for row in table)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.streamkit_backends("fake")
+def test_demo_buggy_prints_the_race_naming_the_gather_and_the_clear(streamkit_backend, eplb_demo):
+    proc = eplb_demo(*SMALL, "--buggy", "--steps", "2", "--interval", "1")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    text = proc.stdout
+    assert "race(s)" in text and "the race report" in text
+    flagged = [line for line in text.splitlines() if "<- gather on the side stream vs. clear" in line]
+    assert flagged, text
+    assert any(f"_buggy.py:{n}" in flagged[0] for n in marker_lines("gather"))
+    assert any(f"_buggy.py:{n}" in flagged[0] for n in marker_lines("clear"))
+    assert "stream race on a tensor" in text
