@@ -37,6 +37,7 @@ _FRESH_NAMES = (
     "index_select", "gather", "where", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
     "__le__", "__gt__", "__ge__", "sigmoid", "relu", "float", "long", "int", "floor_divide", "remainder",
     "__floordiv__", "__mod__", "prod", "norm", "square", "minimum", "maximum", "logical_and", "logical_or",
+    "bincount",
 )
 # STREAMKIT_FAST_PATH=0 sends every op through __torch_dispatch__ (for debugging streamkit itself).
 FAST_FUNCS: frozenset = frozenset(
@@ -48,12 +49,13 @@ FAST_FUNCS: frozenset = frozenset(
 class FastPlan:
     """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
 
-    __slots__ = ("op", "tensors", "returns_self")
+    __slots__ = ("op", "tensors", "returns_self", "host_sync")
 
-    def __init__(self, op: Any, tensors: tuple, returns_self: bool) -> None:
+    def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None) -> None:
         self.op = op
         self.tensors = tensors  # ((position, kind), ...)
         self.returns_self = returns_self
+        self.host_sync = host_sync  # the host waits after it (bincount sizes its output on the host)
 
 
 _plans: dict[tuple, FastPlan | None] = {}
@@ -66,7 +68,7 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
     if len(observed) != 1:
         return None
     plan, aten_args, aten_kwargs, out = observed[0]
-    if plan.host_sync is not None or plan.is_collective or any(isinstance(v, torch.Tensor) for v in aten_kwargs.values()):
+    if plan.is_collective or any(isinstance(v, torch.Tensor) for v in aten_kwargs.values()):
         return None
     positions = []
     for p, a in enumerate(args):
@@ -84,20 +86,20 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
             return None
         tensors.append((p, plan.arg_kinds[index]))
     if plan.returns_self and out is args[0] and positions and positions[0] == 0:
-        return FastPlan(plan.op, tuple(tensors), True)
+        return FastPlan(plan.op, tuple(tensors), True, plan.host_sync)
     if plan.outputs == [("fresh", None)] and type(out) is _tensor.FakeDeviceTensor:
         if all(out._st is not args[p]._st for p in positions):
-            return FastPlan(plan.op, tuple(tensors), False)
+            return FastPlan(plan.op, tuple(tensors), False, plan.host_sync)
     return None
 
 
-def _learn(func: Any, types: Any, args: tuple, key: tuple) -> Any:
+def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
     if not _learning_lock.acquire(blocking=False):
-        return _disabled(func, types, args, {})
+        return _disabled(func, types, args, kwargs)
     observed: list = []
     try:
         _tensor._state["learning"] = (threading.get_ident(), observed)
-        result = _disabled(func, types, args, {})
+        result = _disabled(func, types, args, kwargs)
     finally:
         _tensor._state["learning"] = None
         _learning_lock.release()
@@ -117,27 +119,34 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
             "autograd backward is not supported on the fake device (PyTorch's autograd engine needs a"
             " native device guard for it); forward passes are tracked, run backward checks on a real device"
         )
-    if kwargs or func not in FAST_FUNCS:
+    if func not in FAST_FUNCS:
         return _disabled(func, types, args, kwargs or {})
     n = len(args)
-    if n == 2:
+    if kwargs:
+        # keyword arguments are fine as long as they hold no tensors (minlength=..., dim=...)
+        for value in kwargs.values():
+            if isinstance(value, torch.Tensor) or type(value) in (list, tuple):
+                return _disabled(func, types, args, kwargs)
+        key = (func, *map(type, args), *kwargs)
+    elif n == 2:
         key = (func, type(args[0]), type(args[1]))
     elif n == 1:
         key = (func, type(args[0]))
     else:
         key = (func, *map(type, args))
+    kwargs = kwargs or {}
     fast = _plans.get(key, _learning_lock)
     if fast is None:
-        return _disabled(func, types, args, {})
+        return _disabled(func, types, args, kwargs)
     if fast is _learning_lock:
-        return _learn(func, types, args, key)
+        return _learn(func, types, args, kwargs, key)
     session = _state["session"] or _tensor._session()
     inner = list(args)
     accesses = []
     for p, kind in fast.tensors:
         t = args[p]
         if t._st.session is not session:
-            return _disabled(func, types, args, {})  # the dispatch path raises the right error
+            return _disabled(func, types, args, kwargs)  # the dispatch path raises the right error
         inner[p] = t._inner
         if kind != NONE:
             accesses.append((t, kind))
@@ -146,12 +155,13 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
     lock.acquire()
     try:
         if session.tracking:
-            kernel = session.issue(fast.op, func, stream, capture_site(sys._getframe(1)), inner, {}, accesses)
+            kernel = session.issue(fast.op, func, stream, capture_site(sys._getframe(1)), inner, kwargs, accesses)
         else:
-            kernel = session.issue_untracked(fast.op, func, stream, inner, {})
+            kernel = session.issue_untracked(fast.op, func, stream, inner, kwargs)
         result = session.scheduler.submit(kernel)
-        if fast.returns_self:
-            return args[0]
-        return _tensor.wrap_fresh(session, result, stream, kernel, kernel.site)
+        out = args[0] if fast.returns_self else _tensor.wrap_fresh(session, result, stream, kernel, kernel.site)
+        if fast.host_sync is not None:
+            session.host_sync(stream.clock, fast.host_sync)
+        return out
     finally:
         lock.release()

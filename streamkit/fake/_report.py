@@ -29,7 +29,7 @@ def _internal(filename: str) -> bool:
     return path.startswith(_INTERNAL_DIRS) or any(marker in filename for marker in _INTERNAL_FILES)
 
 
-_internal_codes: dict[Any, bool] = {}
+_internal_codes: dict[str, bool] = {}  # filename -> torch/streamkit internal?
 _MAX_SKIPPED = 64
 
 
@@ -46,9 +46,10 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
     codes = _internal_codes
     while frame is not None:
         code = frame.f_code
-        internal = codes.get(code)
+        filename = code.co_filename  # a str: its hash is cached, unlike a code object's
+        internal = codes.get(filename)
         if internal is None:
-            internal = codes[code] = _internal(code.co_filename)
+            internal = codes[filename] = _internal(filename)
         if not internal:
             site.append((code, frame.f_lineno))
             if len(site) >= depth:

@@ -141,7 +141,7 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
 def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
     nbytes = inner.untyped_storage().nbytes()
-    state = StorageState(session, nbytes, stream, site, (tuple(inner.shape), inner.dtype))
+    state = StorageState(session, nbytes, stream, site, (inner.shape, inner.dtype))
     out = _new_wrapper(inner, state)
     if kernel is not None and session.tracking and out._hi > out._lo:
         state.writes.append((out._lo, out._hi, stream.idx, kernel.seq, kernel))

@@ -120,6 +120,8 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
         return (0, 0)
     size = t.element_size()
     offset = t.storage_offset()
+    if t.is_contiguous():
+        return (offset * size, (offset + n) * size)
     extent = 1
     for dim, stride in zip(t.size(), t.stride()):
         extent += (dim - 1) * stride
@@ -150,11 +152,18 @@ class StorageState:
         # The last tensor on this storage is gone: the caching allocator may hand the memory to a
         # new allocation on the allocation stream right away.
         session = self.session
-        if session is not None and (self.reads or self.writes):
-            try:
-                session._on_free(self)
-            except Exception:  # never raise from a finalizer
-                pass
+        if session is None:
+            return
+        alloc = self.alloc_stream.idx
+        # The common case: only the allocation stream ever touched it; nothing to check.
+        for records in (self.writes, self.reads):
+            for r in records:
+                if r[2] != alloc:
+                    try:
+                        session._on_free(self)
+                    except Exception:  # never raise from a finalizer
+                        pass
+                    return
 
 
 class Kernel:
