@@ -10,6 +10,7 @@ import linecache
 import os
 import re
 import sys
+import sysconfig
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -24,9 +25,16 @@ _INTERNAL_DIRS = tuple(
 _INTERNAL_FILES = ("<frozen ", "contextlib.py", "threading.py", "runpy.py", "typing_extensions.py", f"{os.sep}_pytest{os.sep}", f"{os.sep}pluggy{os.sep}")
 
 
+_STDLIB = os.path.abspath(sysconfig.get_paths()["stdlib"]) + os.sep
+_SITE = tuple({os.path.abspath(sysconfig.get_paths()[k]) + os.sep for k in ("purelib", "platlib")})
+
+
 def _internal(filename: str) -> bool:
+    """torch, streamkit, pytest and the standard library (multiprocessing, runpy...) are not the user's code."""
     path = os.path.abspath(filename)
-    return path.startswith(_INTERNAL_DIRS) or any(marker in filename for marker in _INTERNAL_FILES)
+    if path.startswith(_INTERNAL_DIRS) or any(marker in filename for marker in _INTERNAL_FILES):
+        return True
+    return path.startswith(_STDLIB) and not path.startswith(_SITE)
 
 
 _internal_codes: dict[str, bool] = {}  # filename -> torch/streamkit internal?
