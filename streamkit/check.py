@@ -23,7 +23,7 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
     if not os.path.isfile(path):
         print(f"streamkit check: no such script: {path}", file=out)
         return 2
-    saved_argv, saved_path0 = sys.argv, sys.path[0] if sys.path else None
+    saved_argv = sys.argv
     sys.argv = [path, *args]
     script_dir = os.path.dirname(os.path.abspath(path))
     sys.path.insert(0, script_dir)

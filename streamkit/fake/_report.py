@@ -182,7 +182,7 @@ class Race:
             _format_stack(self.first.stack, "            "),
             f"  second: {self.second.kind} by {self.second.op} on {second_label} at {self.second.location}",
             _format_stack(self.second.stack, "            "),
-            f"  nothing orders the second after the first (no wait, event or host sync in between).",
+            "  nothing orders the second after the first (no wait, event or host sync in between).",
             f"  fix: {self.fix}",
         ]
         return "\n".join(line for line in lines if line)

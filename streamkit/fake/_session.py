@@ -19,7 +19,7 @@ from .._backend import Backend
 from .._errors import EventTimingError, RaceError, SessionClosedError, StreamkitError, UnrecordedEventWarning
 from ._clocks import Clocks, EventState, StreamState, merge
 from ._detector import Detector
-from ._report import Access, Race, TensorInfo, capture_site, make_access, short_location, stream_description, suggest_fix, user_stack
+from ._report import Race, TensorInfo, capture_site, make_access, short_location, stream_description, suggest_fix, user_stack
 from . import _tensor
 from ._tensor import WRITE, FakeDeviceTensor, _state, ensure_registered
 from ._tracking import EagerScheduler, Kernel, StorageState
@@ -200,11 +200,9 @@ class Session:
         first = make_access(earlier.op, self._stream(earlier.stream), earlier_kind, earlier.site)
         second = make_access(kernel.op, self._stream(kernel.stream), kind, kernel.site)
         race = Race(first, second, self._tensor_info(tensor, state), suggest_fix(first, second))
-        new = self._add_race(race)
+        self._add_race(race)
         if self.detect == "raise":
             raise RaceError(race)
-        if not new:
-            return
 
     def _on_free(self, state: StorageState) -> None:
         if self.closed or not self.tracking:

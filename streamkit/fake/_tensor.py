@@ -15,10 +15,10 @@ import torch
 
 from .._errors import BackendUnavailableError, SessionClosedError
 from ._report import capture_site
-from ._tracking import METADATA_MUTATORS, NONE, READ, WRITE, OpPlan, StorageState, byte_range, plan_for
+from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, plan_for
 
 DEVICE_TYPE = "fake"
-DEVICE: torch.device  # torch.device("fake", 0), defined once the device is registered
+DEVICE: torch.device = torch.device("cpu")  # torch.device("fake", 0) once ensure_registered() ran
 CPU = torch.device("cpu")
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _registered = False
@@ -365,12 +365,13 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     session = _session()
     stream = session.current_state()
     site = capture_site(sys._getframe(2)) if session.tracking else None
-    if dst_fake:
-        _check_session(session, dst) if dst._st.session is not session else None
+    device_side = dst if dst_fake else src
+    if device_side._st.session is not session:
+        _check_session(session, device_side)
+    if dst_fake:  # host to device: the copy writes dst
         accesses = [(dst, WRITE)]
         new_args = [dst._inner, src, non_blocking]
-    else:
-        _check_session(session, src) if src._st.session is not session else None
+    else:  # device to host: the copy reads src
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
     with session.lock:
@@ -429,8 +430,6 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         result = session.scheduler.submit(kernel)
         return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
 
-
-NONE, READ, WRITE  # re-exported names used by the session
 
 
 from . import _fastpath  # noqa: E402  (needs the names above)
