@@ -30,12 +30,13 @@ _INPLACE_NAMES = (
     "masked_fill_", "addcmul_", "addcdiv_", "lerp_", "abs_", "neg_", "exp_", "sqrt_", "sigmoid_", "relu_",
     "copy_", "pow_", "floor_divide_", "remainder_",
 )
+# Never ops that may return an input itself (float()/contiguous()/to() when nothing changes).
 _FRESH_NAMES = (
     "add", "sub", "mul", "div", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__",
     "__truediv__", "__rtruediv__", "__neg__", "__matmul__", "matmul", "mm", "sum", "mean", "amax", "amin",
     "argmax", "argmin", "exp", "sqrt", "abs", "neg", "clone", "pow", "__pow__", "cumsum", "softmax",
     "index_select", "gather", "where", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
-    "__le__", "__gt__", "__ge__", "sigmoid", "relu", "float", "long", "int", "floor_divide", "remainder",
+    "__le__", "__gt__", "__ge__", "sigmoid", "relu", "floor_divide", "remainder",
     "__floordiv__", "__mod__", "prod", "norm", "square", "minimum", "maximum", "logical_and", "logical_or",
     "bincount",
 )
@@ -159,7 +160,13 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
         else:
             kernel = session.issue_untracked(fast.op, func, stream, inner, kwargs)
         result = session.scheduler.submit(kernel)
-        out = args[0] if fast.returns_self else _tensor.wrap_fresh(session, result, stream, kernel, kernel.site)
+        if fast.returns_self:
+            out = args[0]
+        else:
+            for p, _ in fast.tensors:
+                if result is inner[p]:  # defensive: an op that handed back its input is no new memory
+                    return args[p]
+            out = _tensor.wrap_fresh(session, result, stream, kernel, kernel.site)
         if fast.host_sync is not None:
             session.host_sync(stream.clock, fast.host_sync)
         return out

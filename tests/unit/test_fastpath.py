@@ -79,3 +79,19 @@ def test_fast_path_refuses_tensors_of_another_session():
             pass
         else:
             raise AssertionError("a tensor of a closed session was accepted")
+
+
+def test_dtype_conversions_that_return_their_input_keep_its_identity(fake_session):
+    i = torch.zeros(4, dtype=torch.long, device=fake_session.device)
+    f = torch.zeros(4, device=fake_session.device)
+    assert i.float() is not i
+    assert f.float() is f  # no copy: the same tensor, so races on it are still seen
+    side = sk.Stream()
+    g = f.float()
+    with sk.switch(side):
+        try:
+            g.add_(1)  # f was written on the default stream (zeros): side must wait
+        except sk.RaceError:
+            pass
+        else:
+            raise AssertionError("race through an alias returned by float() was missed")
