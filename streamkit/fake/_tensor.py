@@ -236,6 +236,8 @@ def _choose_handler(plan: OpPlan) -> Any:
         return _metadata_mutator
     if plan.is_view or name in _METADATA_QUERIES:
         return _view
+    if name in _ALLOCATIONS:
+        return _allocation
     if name == "_to_copy":
         return _to_copy
     if name == "copy_":
@@ -316,6 +318,19 @@ def _refresh(tensor: FakeDeviceTensor) -> None:
     tensor.data = _new_wrapper(inner, tensor._st)
     tensor._lo, tensor._hi = byte_range(inner)
     tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
+
+
+def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """``empty_like(x)``, ``x.new_empty(...)``: new memory on the current stream. Not a kernel, and it
+    reads nothing of ``x`` (only its metadata)."""
+    session = _session()
+    new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    if new_kwargs.get("device") is not None:
+        new_kwargs["device"] = CPU
+    stream = session.current_state()
+    site = capture_site(sys._getframe(2)) if session.tracking else None
+    result = plan.call(*new_args, **new_kwargs)
+    return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
 
 
 def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:

@@ -123,3 +123,18 @@ def test_a_kernel_that_raised_leaves_no_access_behind():
         assert a._st.reads == [] or all(r[2] != side._handle.idx for r in a._st.reads)
         del a  # no free race: side never touched a
     assert s.races[1:] == []
+
+
+def test_allocations_like_another_tensor_read_nothing_of_it():
+    with fake.session(detect="raise") as s:
+        x = torch.zeros(4, dtype=torch.int64, device=s.device)
+        x.add_(1)  # written on the default stream
+        side = sk.Stream()
+        before = s.stats.copy()
+        with sk.switch(side):
+            a = torch.empty_like(x)  # only x's metadata: no read, no kernel
+            b = x.new_empty((2, 3))
+        assert (s.stats - before).kernels == 0
+        assert a.shape == x.shape and a.device == s.device and b.shape == (2, 3)
+        assert s.races == []
+        side.synchronize()
