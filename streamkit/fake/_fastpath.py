@@ -152,23 +152,15 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
         if kind != NONE:
             accesses.append((t, kind))
     stream = session.current_state()
-    lock = session.lock
-    lock.acquire()
-    try:
-        if session.tracking:
-            kernel = session.issue(fast.op, func, stream, capture_site(sys._getframe(1)), inner, kwargs, accesses)
-        else:
-            kernel = session.issue_untracked(fast.op, func, stream, inner, kwargs)
-        result = session.scheduler.submit(kernel)
-        if fast.returns_self:
-            out = args[0]
-        else:
-            for p, _ in fast.tensors:
-                if result is inner[p]:  # defensive: an op that handed back its input is no new memory
-                    return args[p]
-            out = _tensor.wrap_fresh(session, result, stream, kernel, kernel.site)
-        if fast.host_sync is not None:
-            session.host_sync(stream.clock, fast.host_sync)
-        return out
-    finally:
-        lock.release()
+    site = capture_site(sys._getframe(1)) if session.tracking else None
+    kernel, result = session.launch(fast.op, func, stream, site, inner, kwargs, accesses)
+    if fast.returns_self:
+        out = args[0]
+    else:
+        for p, _ in fast.tensors:
+            if result is inner[p]:  # defensive: an op that handed back its input is no new memory
+                return args[p]
+        out = _tensor.wrap_fresh(session, result, stream, kernel, site)
+    if fast.host_sync is not None:
+        session.host_sync(stream.clock, fast.host_sync)
+    return out

@@ -160,11 +160,15 @@ class Session:
             raise
         return kernel
 
-    def issue_untracked(self, op: Any, call: Any, stream: StreamState, args: Any, kwargs: Any) -> Kernel:
-        if self._pending is not None:
-            self._raise_pending()
-        self.stats.kernels += 1
-        return Kernel(op, call, stream, 0, None, args, kwargs)
+    def launch(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> tuple[Kernel, Any]:
+        """Issue a kernel (see :meth:`issue`) and hand it to the scheduler: ``(kernel, result)``."""
+        lock = self.lock
+        lock.acquire()
+        try:
+            kernel = self.issue(op, call, stream, site, args, kwargs, accesses)
+            return kernel, self.scheduler.submit(kernel)
+        finally:
+            lock.release()
 
     def host_sync(self, clock: Any, kind: str) -> None:
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)

@@ -252,22 +252,11 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     session = _state["session"] or _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
-    lock = session.lock
-    lock.acquire()
-    try:
-        if session.tracking:
-            kernel = session.issue(plan.op, plan.call, stream, capture_site(sys._getframe(2)), new_args, new_kwargs, accesses)
-        else:
-            kernel = session.issue_untracked(plan.op, plan.call, stream, new_args, new_kwargs)
-        result = session.scheduler.submit(kernel)
-        if plan.returns_self:
-            out = args[0]
-        else:
-            out = _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, kernel.site)
-        if plan.host_sync is not None:
-            session.host_sync(stream.clock, plan.host_sync)
-    finally:
-        lock.release()
+    site = capture_site(sys._getframe(2)) if session.tracking else None
+    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+    if plan.host_sync is not None:
+        session.host_sync(stream.clock, plan.host_sync)
     learning = _state["learning"]
     if learning is not None and learning[0] == threading.get_ident():
         learning[1].append((plan, args, kwargs, out))
@@ -360,11 +349,9 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
     site = capture_site(sys._getframe(2)) if session.tracking else None
-    with session.lock:
-        kernel = session.issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
-        result = session.scheduler.submit(kernel)
-        if not kwargs.get("non_blocking", False):
-            session.host_sync(stream.clock, "blocking_copies")
+    _, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    if not kwargs.get("non_blocking", False):
+        session.host_sync(stream.clock, "blocking_copies")
     return result
 
 
@@ -389,11 +376,9 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
-    with session.lock:
-        kernel = session.issue(plan.op, plan.call, stream, site, new_args, {}, accesses)
-        session.scheduler.submit(kernel)
-        if not non_blocking:
-            session.host_sync(stream.clock, "blocking_copies")
+    session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses)
+    if not non_blocking:
+        session.host_sync(stream.clock, "blocking_copies")
     return dst
 
 
@@ -437,13 +422,10 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
     plan = plan_for(op)
     stream = session.current_state()
     site = capture_site(sys._getframe(1)) if session.tracking else None
-    with session.lock:
-        if plan.name in _ALLOCATIONS:
-            result = op._op(*args, **kwargs)
-            return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
-        kernel = session.issue(op, op._op, stream, site, list(args), kwargs, [])
-        result = session.scheduler.submit(kernel)
-        return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+    if plan.name in _ALLOCATIONS:
+        return _wrap_outputs(plan, op._op(*args, **kwargs), args, kwargs, session, stream, None, site)
+    kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
+    return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
 
 
 
