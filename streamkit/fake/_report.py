@@ -1,7 +1,8 @@
 """Race reports: the two accesses, the tensor, and the wait that fixes it.
 
-Issue sites are captured cheaply on every access (code object + line number per frame) and turned
-into file:line stacks only here, when a race is reported.
+Issue sites are captured cheaply on every access (code object + instruction offset per frame: a
+frame's line number costs a line-table scan) and turned into file:line stacks only here, when a
+race is reported.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ _MAX_SKIPPED = 64
 
 
 def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
-    """Capture up to ``depth`` user frames from ``frame`` outwards as (code, lineno) pairs.
+    """Capture up to ``depth`` user frames from ``frame`` outwards as (code, instruction offset) pairs.
 
     torch/streamkit frames are skipped (classified once per code object), so a kernel issued many
     frames below the user's line (``nn.Module`` call chains, c10d wrappers) still names that line.
@@ -59,7 +60,7 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
         if internal is None:
             internal = codes[filename] = _internal(filename)
         if not internal:
-            site.append((code, frame.f_lineno))
+            site.append((code, frame.f_lasti))
             if len(site) >= depth:
                 break
         elif skipped >= _MAX_SKIPPED:
@@ -68,22 +69,31 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
             skipped += 1
         frame = frame.f_back
     if not site and innermost is not None:
-        site.append((innermost.f_code, innermost.f_lineno))
+        site.append((innermost.f_code, innermost.f_lasti))
     return site
+
+
+def line_of(code: Any, offset: int) -> int:
+    """The source line of the instruction at byte ``offset`` in ``code`` (what ``frame.f_lineno`` says)."""
+    for start, end, line in code.co_lines():
+        if start <= offset < end:
+            return line if line is not None else code.co_firstlineno
+    return code.co_firstlineno
 
 
 def user_stack(site: Sequence[tuple]) -> list[traceback.FrameSummary]:
     """The captured frames without torch/streamkit internals, innermost last (as in tracebacks)."""
     frames = []
-    for code, lineno in site:
+    for code, offset in site:
         if _internal(code.co_filename):
             continue
+        lineno = line_of(code, offset)
         frames.append(
             traceback.FrameSummary(code.co_filename, lineno, code.co_name, line=linecache.getline(code.co_filename, lineno).strip())
         )
     if not frames and site:  # everything was internal: show the outermost captured frame
-        code, lineno = site[-1]
-        frames.append(traceback.FrameSummary(code.co_filename, lineno, code.co_name))
+        code, offset = site[-1]
+        frames.append(traceback.FrameSummary(code.co_filename, line_of(code, offset), code.co_name))
     frames.reverse()
     return frames
 

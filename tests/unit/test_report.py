@@ -138,3 +138,20 @@ def test_allocations_like_another_tensor_read_nothing_of_it():
         assert a.shape == x.shape and a.device == s.device and b.shape == (2, 3)
         assert s.races == []
         side.synchronize()
+
+
+def test_captured_sites_resolve_to_the_lines_the_frames_were_on():
+    import sys
+
+    from streamkit.fake._report import capture_site, user_stack
+
+    def inner():
+        return (
+            capture_site(sys._getframe(0)),
+            sys._getframe(0).f_lineno,
+        )
+
+    site, expected_inner = inner(); expected_outer = sys._getframe(0).f_lineno
+    stack = user_stack(site)
+    assert [frame.lineno for frame in stack[-2:]] == [expected_outer, expected_inner - 1]
+    assert stack[-1].name == "inner" and stack[-2].name == "test_captured_sites_resolve_to_the_lines_the_frames_were_on"
