@@ -7,6 +7,11 @@ The first call with a given argument-type pattern runs through ``__torch_dispatc
 observed; only if that call was exactly one kernel, whose tensor arguments are the caller's
 tensors one for one, is the pattern cached. Later calls reuse the observed aten op name and
 read/write sets, so races, reports and stats are the same on both paths.
+
+Method calls (``x.add_(y)``, ``x + y``) don't even pay for PyTorch's ``__torch_function__``
+handling: the whitelisted C methods are overridden on the fake tensor class by thin Python methods
+that enter the same fast path (unless a ``TorchFunctionMode`` is active or torch functions are
+disabled: then the C method runs, exactly as it would without the override).
 """
 
 from __future__ import annotations
@@ -122,37 +127,54 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
         )
     if func not in FAST_FUNCS:
         return _disabled(func, types, args, kwargs or {})
+    return fast_call(func, args, kwargs)
+
+
+_TYPES = (_tensor.FakeDeviceTensor,)
+
+
+def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
+    """Run whitelisted ``func`` through its learned plan (learning it on first use)."""
     n = len(args)
     if kwargs:
         # keyword arguments are fine as long as they hold no tensors (minlength=..., dim=...)
         for value in kwargs.values():
             if isinstance(value, torch.Tensor) or type(value) in (list, tuple):
-                return _disabled(func, types, args, kwargs)
+                return _disabled(func, _TYPES, args, kwargs)
         key = (func, *map(type, args), *kwargs)
     elif n == 2:
         key = (func, type(args[0]), type(args[1]))
+        kwargs = _NO_KWARGS
     elif n == 1:
         key = (func, type(args[0]))
+        kwargs = _NO_KWARGS
     else:
         key = (func, *map(type, args))
-    kwargs = kwargs or {}
+        kwargs = _NO_KWARGS
     fast = _plans.get(key, _learning_lock)
     if fast is None:
-        return _disabled(func, types, args, kwargs)
+        return _disabled(func, _TYPES, args, kwargs)
     if fast is _learning_lock:
-        return _learn(func, types, args, kwargs, key)
+        return _learn(func, _TYPES, args, kwargs, key)
     session = _state["session"] or _tensor._session()
     inner = list(args)
     accesses = []
     for p, kind in fast.tensors:
         t = args[p]
         if t._st.session is not session:
-            return _disabled(func, types, args, kwargs)  # the dispatch path raises the right error
+            return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
         inner[p] = t._inner
-        if kind != NONE:
+        if kind:
             accesses.append((t, kind))
-    stream = session.current_state()
-    site = capture_site(sys._getframe(1)) if session.tracking else None
+    if _grad_enabled():
+        # Autograd must see ops on tensors that require grad: leave those to the dispatch path.
+        # (Read with subclass torch functions off: the plain getter would cost a Python round trip.)
+        with _no_subclass_functions():
+            for p, _ in fast.tensors:
+                if args[p].requires_grad:
+                    return _disabled(func, _TYPES, args, kwargs)
+    stream = session._tls.stream or session._default_stream
+    site = capture_site(sys._getframe(2)) if session.tracking else None
     kernel, result = session.launch(fast.op, func, stream, site, inner, kwargs, accesses)
     if fast.returns_self:
         out = args[0]
@@ -164,3 +186,32 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
     if fast.host_sync is not None:
         session.host_sync(stream.clock, fast.host_sync)
     return out
+
+
+_NO_KWARGS: dict = {}
+_grad_enabled = torch.is_grad_enabled
+_no_subclass_functions = torch._C.DisableTorchFunctionSubclass
+_mode_enabled = torch._C._is_torch_function_mode_enabled
+_function_enabled = torch._C._is_torch_function_enabled
+
+
+def _method(func: Any) -> Any:
+    """A Python method standing in for C method ``func`` of the fake tensor class."""
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        if _mode_enabled() or not _function_enabled():
+            return func(*args, **kwargs)
+        return fast_call(func, args, kwargs)
+
+    method.__name__ = method.__qualname__ = func.__name__
+    method.__doc__ = func.__doc__
+    return method
+
+
+def install_methods(cls: type) -> None:
+    """Override the whitelisted C methods of ``torch.Tensor`` on ``cls`` (Python-level ones, such as
+    ``__rsub__``, keep PyTorch's own wrapper: it turns a TypeError into NotImplemented)."""
+    for func in FAST_FUNCS:
+        name = getattr(func, "__name__", None)
+        if name and getattr(torch.Tensor, name, None) is func and type(func).__name__ in ("method_descriptor", "wrapper_descriptor"):
+            setattr(cls, name, _method(func))

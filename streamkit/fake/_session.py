@@ -153,12 +153,16 @@ class Session:
                         detector.read(tensor._st, lo, hi, stream, kernel, tensor)
         except RaceError:
             # The kernel never runs: it must leave no access behind (those checked before the racing one).
-            for tensor, _ in accesses:
-                state = tensor._st
-                state.reads = [r for r in state.reads if r[4] is not kernel]
-                state.writes = [r for r in state.writes if r[4] is not kernel]
+            self._forget(kernel, accesses)
             raise
         return kernel
+
+    def _forget(self, kernel: Kernel, accesses: list) -> None:
+        """Drop the records of a kernel that never ran."""
+        for tensor, _ in accesses:
+            state = tensor._st
+            state.reads = [r for r in state.reads if r[4] is not kernel]
+            state.writes = [r for r in state.writes if r[4] is not kernel]
 
     def launch(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> tuple[Kernel, Any]:
         """Issue a kernel (see :meth:`issue`) and hand it to the scheduler: ``(kernel, result)``."""
@@ -166,7 +170,15 @@ class Session:
         lock.acquire()
         try:
             kernel = self.issue(op, call, stream, site, args, kwargs, accesses)
-            return kernel, self.scheduler.submit(kernel)
+            try:
+                return kernel, self.scheduler.submit(kernel)
+            except BaseException:
+                # The op refused its arguments (dtypes, shapes): as on a device, the host raised
+                # before anything was launched, so the kernel leaves no trace.
+                self.stats.kernels -= 1
+                if self.tracking:
+                    self._forget(kernel, accesses)
+                raise
         finally:
             lock.release()
 

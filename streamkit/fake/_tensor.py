@@ -432,3 +432,4 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
 from . import _fastpath  # noqa: E402  (needs the names above)
 
 FakeDeviceTensor.__torch_function__ = classmethod(_fastpath.torch_function)  # type: ignore[assignment]
+_fastpath.install_methods(FakeDeviceTensor)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import streamkit as sk
@@ -95,3 +96,56 @@ def test_dtype_conversions_that_return_their_input_keep_its_identity(fake_sessio
             pass
         else:
             raise AssertionError("race through an alias returned by float() was missed")
+
+
+def test_an_op_that_refuses_its_arguments_leaves_no_kernel_behind():
+    with fake.session(detect="raise") as s:
+        side = sk.Stream()
+        x = torch.zeros(4, dtype=torch.long, device=s.device)
+        y = torch.ones(4, device=s.device)
+        before = s.stats.kernels
+        for _ in range(2):  # the first call learns through dispatch, the second takes the fast path
+            with pytest.raises(RuntimeError, match="can't be cast"):
+                x.add_(y)  # float into long: rejected before anything runs, as on CUDA
+        assert s.stats.kernels == before
+        # had the rejected writes been recorded, side reading x now would be reported as a race
+        with sk.switch(side):
+            x.sum()
+        assert s.races == []
+
+
+def test_method_calls_skip_torch_function_but_modes_still_see_them(fake_session):
+    from torch.overrides import TorchFunctionMode
+
+    from streamkit.fake._tensor import FakeDeviceTensor
+
+    assert FakeDeviceTensor.add_ is not torch.Tensor.add_  # the Python stand-in
+    seen = []
+
+    class Spy(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(func)
+            return func(*args, **(kwargs or {}))
+
+    x = torch.zeros(4, device=fake_session.device)
+    y = torch.ones(4, device=fake_session.device)
+    with Spy():
+        x.add_(y)
+        z = x * 2
+    assert torch.Tensor.add_ in seen and torch.Tensor.mul in seen
+    assert z.cpu().tolist() == [2.0] * 4
+    with pytest.raises(TypeError):
+        x + "a"  # unsupported operands still end in Python's TypeError
+
+
+def test_autograd_sees_ops_on_tensors_that_require_grad(fake_session):
+    w = torch.ones(4, device=fake_session.device, requires_grad=True)
+    for _ in range(2):  # learned, then cached: both must keep the graph
+        out = w * 3
+        assert out.requires_grad and out.grad_fn is not None
+        with pytest.raises(RuntimeError, match="leaf Variable that requires grad"):
+            w.add_(1)
+    with torch.no_grad():
+        w.add_(1)  # allowed without grad mode, and tracked
+        assert not (w * 3).requires_grad
+    assert w.cpu().tolist() == [2.0] * 4
