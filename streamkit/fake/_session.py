@@ -381,7 +381,10 @@ class FakeBackend(Backend):
             )
         if tensor._st.session is not None and tensor._st.session is not self._session:
             raise SessionClosedError("record_stream(tensor): the tensor belongs to another fake session")
-        tensor._st.record_streams.add(stream.idx)
+        state = tensor._st
+        if type(state.record_streams) is tuple:
+            state.record_streams = set(state.record_streams)
+        state.record_streams.add(stream.idx)
 
 
 # -- which session is active ------------------------------------------------------------------

@@ -89,6 +89,10 @@ class FakeDeviceTensor(torch.Tensor):
     Every op on it is a kernel on the current stream of the session that made it.
     """
 
+    # The CPU tensor with the values, the storage's access table, and the byte range in it.
+    # (Slots: set on every new wrapper and read on every access; instances keep a __dict__ too.)
+    __slots__ = ("_inner", "_st", "_lo", "_hi")
+
     # __torch_function__ is _fastpath.torch_function, bound at the end of this module
 
     @classmethod
@@ -128,20 +132,25 @@ class FakeDeviceTensor(torch.Tensor):
 
 
 def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
-    out = _make_wrapper(
-        FakeDeviceTensor, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
-        dtype=inner.dtype, device=DEVICE,
-    )
+    if inner.dim() == 1 and inner.stride() == (1,) and not inner.storage_offset():
+        # the common case, cheaper: passing strides and offset costs more than the rest of the call
+        out = _make_wrapper(FakeDeviceTensor, inner.shape, dtype=inner.dtype, device=DEVICE)
+        out._lo = 0
+        out._hi = inner.nbytes
+    else:
+        out = _make_wrapper(
+            FakeDeviceTensor, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
+            dtype=inner.dtype, device=DEVICE,
+        )
+        out._lo, out._hi = byte_range(inner)
     out._inner = inner
     out._st = state
-    out._lo, out._hi = byte_range(inner)
     return out
 
 
 def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
-    nbytes = inner.untyped_storage().nbytes()
-    state = StorageState(session, nbytes, stream, site, (inner.shape, inner.dtype))
+    state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (inner.shape, inner.dtype))
     out = _new_wrapper(inner, state)
     if kernel is not None and session.tracking and out._hi > out._lo:
         state.writes.append((out._lo, out._hi, stream.idx, kernel.seq, kernel))

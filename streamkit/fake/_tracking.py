@@ -145,7 +145,7 @@ class StorageState:
         self.alloc_stream = alloc_stream
         self.alloc_site = alloc_site
         self.alloc_meta = alloc_meta  # (shape, dtype) of the tensor that allocated it
-        self.record_streams: set[int] = set()
+        self.record_streams: set[int] | tuple = ()  # a set once record_stream is called
         self.session = session
 
     def __del__(self) -> None:
@@ -155,10 +155,11 @@ class StorageState:
         if session is None:
             return
         alloc = self.alloc_stream.idx
-        # The common case: only the allocation stream ever touched it; nothing to check.
+        covered = self.record_streams
+        # The common case: only the allocation stream, or streams record_stream covers, touched it.
         for records in (self.writes, self.reads):
             for r in records:
-                if r[2] != alloc:
+                if r[2] != alloc and r[2] not in covered:
                     try:
                         session._on_free(self)
                     except Exception:  # never raise from a finalizer

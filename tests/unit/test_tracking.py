@@ -48,3 +48,21 @@ def test_byte_ranges_of_views():
     assert byte_range(base[1]) == (32, 64)
     assert byte_range(base[:, 2]) == (8, 4 * (2 + 3 * 8 + 1))
     assert byte_range(base[2:2]) == (0, 0)
+
+
+def test_wrappers_report_the_layout_of_their_values(fake_session):
+    from streamkit.fake._tensor import peek
+
+    d = fake_session.device
+    base = torch.arange(24.0, device=d)
+    tensors = [
+        base, base[3:], base[::2], base.view(4, 6), base.view(4, 6).t(), base.view(4, 6)[:, 1],
+        torch.ones(1, device=d), torch.ones(4, 1, device=d).expand(4, 3), base + 1, torch.stack([base, base]),
+        torch.bincount(torch.tensor([1, 1, 3], device=d)),
+    ]
+    for t in tensors:
+        inner = peek(t)
+        assert (t.shape, t.stride(), t.storage_offset(), t.dtype) == (inner.shape, inner.stride(), inner.storage_offset(), inner.dtype)
+        size = inner.element_size()
+        assert t._lo == inner.storage_offset() * size
+        assert t._hi - t._lo >= inner.numel() * size if inner.numel() else t._hi == t._lo
