@@ -65,4 +65,5 @@ def test_wrappers_report_the_layout_of_their_values(fake_session):
         assert (t.shape, t.stride(), t.storage_offset(), t.dtype) == (inner.shape, inner.stride(), inner.storage_offset(), inner.dtype)
         size = inner.element_size()
         assert t._lo == inner.storage_offset() * size
-        assert t._hi - t._lo >= inner.numel() * size if inner.numel() else t._hi == t._lo
+        extent = 1 + sum((n - 1) * st for n, st in zip(inner.shape, inner.stride())) if inner.numel() else 0
+        assert t._hi - t._lo == extent * size  # the bounding byte range of the elements
