@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._clocks import StreamState, ordered_before
-from ._tracking import Kernel, StorageState
+from ._tracking import WRITE, Kernel, StorageState
 
 
 class Detector:
@@ -19,6 +19,17 @@ class Detector:
 
     def __init__(self, report: Any) -> None:
         self.report = report
+
+    def check(self, accesses: list, stream: StreamState, kernel: Kernel) -> None:
+        """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``."""
+        for tensor, kind in accesses:
+            lo = tensor._lo
+            hi = tensor._hi
+            if hi > lo:
+                if kind == WRITE:
+                    self.write(tensor._st, lo, hi, stream, kernel, tensor)
+                else:
+                    self.read(tensor._st, lo, hi, stream, kernel, tensor)
 
     def write(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
         clock = stream.clock

@@ -25,7 +25,6 @@ import torch
 
 from . import _tensor
 from ._report import capture_site
-from ._tracking import NONE
 
 _SCALARS = (int, float, bool)
 _T = torch.Tensor
@@ -74,7 +73,7 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
     if len(observed) != 1:
         return None
     plan, aten_args, aten_kwargs, out = observed[0]
-    if plan.is_collective or any(isinstance(v, torch.Tensor) for v in aten_kwargs.values()):
+    if plan.is_collective or any(isinstance(v, (torch.Tensor, list, tuple)) for v in aten_kwargs.values()):
         return None
     positions = []
     for p, a in enumerate(args):
@@ -109,7 +108,8 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
     finally:
         _tensor._state["learning"] = None
         _learning_lock.release()
-    _plans[key] = _analyse(args, observed)
+    safe_kwargs = not any(isinstance(v, (torch.Tensor, list, tuple)) for v in kwargs.values())
+    _plans[key] = _analyse(args, observed) if safe_kwargs else None
     return result
 
 
@@ -137,11 +137,9 @@ def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
     """Run whitelisted ``func`` through its learned plan (learning it on first use)."""
     n = len(args)
     if kwargs:
-        # keyword arguments are fine as long as they hold no tensors (minlength=..., dim=...)
-        for value in kwargs.values():
-            if isinstance(value, torch.Tensor) or type(value) in (list, tuple):
-                return _disabled(func, _TYPES, args, kwargs)
-        key = (func, *map(type, args), *kwargs)
+        # keyword names and value types are part of the pattern: plans are only learned for
+        # keywords that hold no tensors (minlength=..., dim=...)
+        key = (func, *map(type, args), *kwargs, *map(type, kwargs.values()))
     elif n == 2:
         key = (func, type(args[0]), type(args[1]))
         kwargs = _NO_KWARGS
@@ -166,31 +164,24 @@ def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
         inner[p] = t._inner
         if kind:
             accesses.append((t, kind))
-    if _grad_enabled():
+    if _grad_enabled() and _any_requires_grad(*args):
         # Autograd must see ops on tensors that require grad: leave those to the dispatch path.
-        # (Read with subclass torch functions off: the plain getter would cost a Python round trip.)
-        with _no_subclass_functions():
-            for p, _ in fast.tensors:
-                if args[p].requires_grad:
-                    return _disabled(func, _TYPES, args, kwargs)
+        # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
+        return _disabled(func, _TYPES, args, kwargs)
     stream = session._tls.stream or session._default_stream
     site = capture_site(sys._getframe(2)) if session.tracking else None
-    kernel, result = session.launch(fast.op, func, stream, site, inner, kwargs, accesses)
+    kernel, result = session.launch(fast.op, func, stream, site, inner, kwargs, accesses, fast.host_sync)
     if fast.returns_self:
-        out = args[0]
-    else:
-        for p, _ in fast.tensors:
-            if result is inner[p]:  # defensive: an op that handed back its input is no new memory
-                return args[p]
-        out = _tensor.wrap_fresh(session, result, stream, kernel, site)
-    if fast.host_sync is not None:
-        session.host_sync(stream.clock, fast.host_sync)
-    return out
+        return args[0]
+    for p, _ in fast.tensors:
+        if result is inner[p]:  # defensive: an op that handed back its input is no new memory
+            return args[p]
+    return _tensor.wrap_fresh(session, result, stream, kernel, site)
 
 
 _NO_KWARGS: dict = {}
 _grad_enabled = torch.is_grad_enabled
-_no_subclass_functions = torch._C.DisableTorchFunctionSubclass
+_any_requires_grad = torch._C._any_requires_grad
 _mode_enabled = torch._C._is_torch_function_mode_enabled
 _function_enabled = torch._C._is_torch_function_enabled
 

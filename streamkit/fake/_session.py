@@ -21,7 +21,7 @@ from ._clocks import Clocks, EventState, StreamState, merge
 from ._detector import Detector
 from ._report import Race, TensorInfo, capture_site, make_access, short_location, stream_description, suggest_fix, user_stack
 from . import _tensor
-from ._tensor import WRITE, FakeDeviceTensor, _state, ensure_registered
+from ._tensor import FakeDeviceTensor, _state, ensure_registered
 from ._tracking import EagerScheduler, Kernel, StorageState
 
 DETECT_MODES = ("raise", "record", "off")
@@ -89,6 +89,7 @@ class Session:
         self.lock = threading.RLock()
         self.clocks = Clocks()
         self.scheduler = EagerScheduler()
+        self._eager = type(self.scheduler) is EagerScheduler
         self.detector = Detector(self._report)
         self.races: list[Race] = []
         self.stats = Stats()
@@ -142,15 +143,8 @@ class Session:
         seq = clock[stream.idx] + 1
         clock[stream.idx] = seq
         kernel = Kernel(op, call, stream, seq, site, args, kwargs)
-        detector = self.detector
         try:
-            for tensor, kind in accesses:
-                lo, hi = tensor._lo, tensor._hi
-                if hi > lo:
-                    if kind == WRITE:
-                        detector.write(tensor._st, lo, hi, stream, kernel, tensor)
-                    else:
-                        detector.read(tensor._st, lo, hi, stream, kernel, tensor)
+            self.detector.check(accesses, stream, kernel)
         except RaceError:
             # The kernel never runs: it must leave no access behind (those checked before the racing one).
             self._forget(kernel, accesses)
@@ -164,14 +158,26 @@ class Session:
             state.reads = [r for r in state.reads if r[4] is not kernel]
             state.writes = [r for r in state.writes if r[4] is not kernel]
 
-    def launch(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> tuple[Kernel, Any]:
-        """Issue a kernel (see :meth:`issue`) and hand it to the scheduler: ``(kernel, result)``."""
+    def launch(
+        self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list,
+        sync: str | None = None,
+    ) -> tuple[Kernel, Any]:
+        """Issue a kernel (see :meth:`issue`) and hand it to the scheduler: ``(kernel, result)``.
+
+        ``sync`` names the host synchronization that follows the kernel (a ``Stats`` field), if any:
+        bincount and friends wait for their output size, as on CUDA.
+        """
         lock = self.lock
         lock.acquire()
         try:
             kernel = self.issue(op, call, stream, site, args, kwargs, accesses)
             try:
-                return kernel, self.scheduler.submit(kernel)
+                if self._eager:
+                    # The eager scheduler runs a kernel at issue: run it here, without the round trip.
+                    kernel.args = kernel.kwargs = None
+                    result = call(*args, **kwargs)
+                else:
+                    result = self.scheduler.submit(kernel)
             except BaseException:
                 # The op refused its arguments (dtypes, shapes): as on a device, the host raised
                 # before anything was launched, so the kernel leaves no trace.
@@ -179,6 +185,14 @@ class Session:
                 if self.tracking:
                     self._forget(kernel, accesses)
                 raise
+            if sync is not None:
+                stats = self.stats
+                setattr(stats, sync, getattr(stats, sync) + 1)
+                if self.tracking:
+                    self.clocks.host_waits_for(stream.clock)
+                if self._pending is not None:
+                    self._raise_pending()  # the host returns to find a free race reported meanwhile
+            return kernel, result
         finally:
             lock.release()
 

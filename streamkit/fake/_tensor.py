@@ -262,10 +262,8 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
     site = capture_site(sys._getframe(2)) if session.tracking else None
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
     out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
-    if plan.host_sync is not None:
-        session.host_sync(stream.clock, plan.host_sync)
     learning = _state["learning"]
     if learning is not None and learning[0] == threading.get_ident():
         learning[1].append((plan, args, kwargs, out))
@@ -358,9 +356,8 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session.current_state()
     site = capture_site(sys._getframe(2)) if session.tracking else None
-    _, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
-    if not kwargs.get("non_blocking", False):
-        session.host_sync(stream.clock, "blocking_copies")
+    sync = None if kwargs.get("non_blocking", False) else "blocking_copies"
+    _, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, sync)
     return result
 
 
@@ -385,9 +382,7 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
-    session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses)
-    if not non_blocking:
-        session.host_sync(stream.clock, "blocking_copies")
+    session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses, None if non_blocking else "blocking_copies")
     return dst
 
 

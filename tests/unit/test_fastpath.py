@@ -149,3 +149,19 @@ def test_autograd_sees_ops_on_tensors_that_require_grad(fake_session):
         w.add_(1)  # allowed without grad mode, and tracked
         assert not (w * 3).requires_grad
     assert w.cpu().tolist() == [2.0] * 4
+
+
+def test_tensor_keywords_are_never_taken_past_dispatch():
+    with fake.session(detect="record") as s:
+        side = sk.Stream()
+        x = torch.ones(4, device=s.device)
+        z = torch.zeros(4, device=s.device)
+        for _ in range(3):  # learned once, then reused
+            torch.add(x, x, out=z)  # out= is a write of z, seen by dispatch every time
+            total = z.sum(dim=[0])
+        assert total.item() == 8.0
+        z.sum(dim=[0])  # default reads z after the host sync of item()
+        with sk.switch(side):
+            torch.add(x, x, out=z)  # side writes z that default read: a race
+        assert [(r.first.kind, r.second.kind, r.second.op) for r in s.races] == [("read", "write", "aten.add.out")]
+        assert not any(k[0] is torch.add and torch.Tensor in map(type, k) for k in _fastpath._plans if _fastpath._plans[k])
