@@ -25,6 +25,7 @@ import torch
 
 from . import _tensor
 from ._report import capture_site
+from ._tracking import READ as _READ_KIND
 
 _SCALARS = (int, float, bool)
 _T = torch.Tensor
@@ -199,6 +200,26 @@ def _method(func: Any) -> Any:
     return method
 
 
+_to_copy = torch.ops.aten._to_copy.default
+_tensor_cpu = torch.Tensor.cpu
+
+
+def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
+    """``Tensor.cpu()``: a blocking D2H copy on the current stream, as the dispatch path issues it
+    (same op, same read, same host sync), minus the dispatch round trip."""
+    session = _state["session"] or _tensor._session()
+    if (
+        type(self) is not _tensor.FakeDeviceTensor or _mode_enabled() or not _function_enabled()
+        or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))
+    ):
+        return _tensor_cpu(self, memory_format=memory_format)
+    stream = session._tls.stream or session._default_stream
+    site = capture_site(sys._getframe(1)) if session.tracking else None
+    kwargs = {"device": _tensor.CPU, "memory_format": memory_format}
+    _, result = session.launch(_to_copy, _to_copy._op, stream, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
+    return result
+
+
 def install_methods(cls: type) -> None:
     """Override the whitelisted C methods of ``torch.Tensor`` on ``cls`` (Python-level ones, such as
     ``__rsub__``, keep PyTorch's own wrapper: it turns a TypeError into NotImplemented)."""
@@ -206,3 +227,5 @@ def install_methods(cls: type) -> None:
         name = getattr(func, "__name__", None)
         if name and getattr(torch.Tensor, name, None) is func and type(func).__name__ in ("method_descriptor", "wrapper_descriptor"):
             setattr(cls, name, _method(func))
+    if FAST_FUNCS:
+        cls.cpu = _cpu

@@ -197,7 +197,17 @@ def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: 
     if tp is list or tp is tuple:
         if not value:
             return value
-        return tp(_unwrap_value(plan, v, kind, accesses, session) for v in value)
+        out = []
+        for v in value:  # torch.stack / torch.cat lists: unwrap their tensors inline
+            if type(v) is FakeDeviceTensor:
+                if v._st.session is not session:
+                    _check_session(session, v)
+                if kind:
+                    accesses.append((v, kind))
+                out.append(v._inner)
+            else:
+                out.append(_unwrap_value(plan, v, kind, accesses, session))
+        return out if tp is list else tuple(out)
     if isinstance(value, torch.Tensor) and value.dim() != 0 and not plan.allows_cpu and not plan.is_collective:
         _mixed(plan, value)
     return value

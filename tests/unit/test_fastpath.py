@@ -23,6 +23,7 @@ with fake.session(detect="record") as s:
     with sk.switch(side):
         w = x.sum()                # race: side reads x without waiting
         y.mul_(3)                  # race: side writes y that default read
+        host = z.cpu()             # race: side copies z to the host without waiting for default
     side.wait_stream(sk.default_stream())
     with sk.switch(side):
         v = (z - 1).clone()
@@ -31,6 +32,8 @@ with fake.session(detect="record") as s:
         "values": [z.tolist(), w.item(), v.tolist(), y.tolist()],
         "races": [(r.first.op, r.first.kind, r.first.lineno, r.second.op, r.second.kind, r.second.lineno) for r in s.races],
         "kernels": s.stats.kernels,
+        "syncs": [s.stats.blocking_copies, s.stats.host_syncs],
+        "host": [host.device.type, host.tolist(), list(host.stride())],
     }
 print(json.dumps(out))
 """
@@ -50,6 +53,7 @@ def test_fast_and_dispatch_paths_agree():
     fast, slow = run(True), run(False)
     assert fast == slow
     assert '"aten.sum.default", "read"' in fast and '"aten.mul_.Tensor", "write"' in fast
+    assert '"aten._to_copy.default", "read"' in fast
 
 
 def test_fast_path_is_taken_for_whitelisted_ops(fake_session):
