@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-STACK_DEPTH = 5
+# User frames kept per access: the line itself and two callers. (Each one costs on every op.)
+STACK_DEPTH = 3
 _INTERNAL_DIRS = tuple(
     os.path.dirname(os.path.abspath(p)) + os.sep
     for p in (torch.__file__, os.path.join(os.path.dirname(__file__), "..", "__init__.py"))
@@ -52,16 +53,16 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
     site = []
     innermost = frame
     skipped = 0
-    codes = _internal_codes
+    get = _internal_codes.get
     while frame is not None:
         code = frame.f_code
-        filename = code.co_filename  # a str: its hash is cached, unlike a code object's
-        internal = codes.get(filename)
+        internal = get(code.co_filename)  # a str: its hash is cached, unlike a code object's
         if internal is None:
-            internal = codes[filename] = _internal(filename)
+            internal = _internal_codes[code.co_filename] = _internal(code.co_filename)
         if not internal:
             site.append((code, frame.f_lasti))
-            if len(site) >= depth:
+            depth -= 1
+            if not depth:
                 break
         elif skipped >= _MAX_SKIPPED:
             break
