@@ -7,12 +7,13 @@ default stream) accumulate into the layer's counter; after all layers, join (def
 side), stack the counters and copy them to the host.
 
 Targets: fake/raise at most 3x the untracked run; at least 100,000 tracked tiny ops/s.
-Run: python benchmarks/detector_overhead.py [--steps N]
+Run: python benchmarks/detector_overhead.py [--rounds N]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -51,26 +52,24 @@ def alloc_loop(x: torch.Tensor, y: torch.Tensor, n: int) -> None:
         x + y  # a new tensor each time, freed at once (as temporaries are)
 
 
-def best_of(fn, repeats: int) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=20, help="steps per timed run (default 20)")
-    parser.add_argument("--repeats", type=int, default=9, help="timed runs; the best is reported (default 9)")
-    parser.add_argument("--tiny-ops", type=int, default=20000, help="tiny ops per timed run (default 20000)")
+    parser.add_argument("--rounds", type=int, default=400, help="paired step measurements (default 400)")
+    parser.add_argument("--tiny-ops", type=int, default=2000, help="tiny ops per timed run (default 2000)")
+    parser.add_argument("--tiny-rounds", type=int, default=40, help="timed runs of the tiny-op loops (default 40)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
     host_ids = [torch.randint(0, EXPERTS, (TOKENS * TOPK,)) for _ in range(LAYERS)]
 
     counters = [torch.zeros(EXPERTS, dtype=torch.long) for _ in range(LAYERS)]
+    spare_counters = [torch.zeros(EXPERTS, dtype=torch.long) for _ in range(LAYERS)]
     plain_step(host_ids, counters)
     with fake.session(detect="raise") as s:
         ids = [t.to(s.device) for t in host_ids]
@@ -78,15 +77,19 @@ def main() -> None:
         fake_counters = [torch.zeros(EXPERTS, dtype=torch.long, device=s.device) for _ in range(LAYERS)]
         tracked_step(ids, fake_counters, side)
         before = s.stats.copy()
-        # Alternate the two programs so both see the same machine conditions; keep the best of each.
-        plain = tracked = float("inf")
-        for _ in range(args.repeats):
-            plain = min(plain, best_of(lambda: [plain_step(host_ids, counters) for _ in range(args.steps)], 1))
-            tracked = min(tracked, best_of(lambda: [tracked_step(ids, fake_counters, side) for _ in range(args.steps)], 1))
-        plain /= args.steps
-        tracked /= args.steps
+        # This machine's speed swings by up to 2x for fractions of a second at a time. So each
+        # tracked step is timed between two plain ones and compared with the faster of them
+        # (the same machine conditions); the median of those ratios is the figure.
+        ratios, plains, trackeds = [], [], []
+        for _ in range(args.rounds):
+            p1 = timed(lambda: plain_step(host_ids, counters))
+            t = timed(lambda: tracked_step(ids, fake_counters, side))
+            p2 = timed(lambda: plain_step(host_ids, spare_counters))
+            plains.append(min(p1, p2))
+            trackeds.append(t)
+            ratios.append(t / min(p1, p2))
         per_step = s.stats - before
-        runs = args.steps * args.repeats
+        runs = args.rounds
         assert s.races == []
         # both programs ran the same steps on the same ids: the counts must agree exactly
         assert torch.equal(torch.stack(fake_counters).cpu(), torch.stack(counters)), "fake backend computed different counts"
@@ -94,32 +97,42 @@ def main() -> None:
         x = torch.zeros(16, device=s.device)
         one = torch.ones(16, device=s.device)
         n = args.tiny_ops
-        tiny_inplace = best_of(lambda: inplace_loop(x, one, n), 5) / n
-        tiny_alloc = best_of(lambda: alloc_loop(x, one, n), 5) / n
+        tiny_raise = [timed(lambda: inplace_loop(x, one, n)) / n for _ in range(args.tiny_rounds)]
+        alloc_raise = [timed(lambda: alloc_loop(x, one, n)) / n for _ in range(args.tiny_rounds)]
         assert s.races == []
     with fake.session(detect="off") as s:
         x = torch.zeros(16, device=s.device)
         one = torch.ones(16, device=s.device)
-        tiny_off = best_of(lambda: inplace_loop(x, one, n), 5) / n
-        tiny_alloc_off = best_of(lambda: alloc_loop(x, one, n), 5) / n
+        tiny_off = [timed(lambda: inplace_loop(x, one, n)) / n for _ in range(args.tiny_rounds)]
+        alloc_off = [timed(lambda: alloc_loop(x, one, n)) / n for _ in range(args.tiny_rounds)]
     xp, onep = torch.zeros(16), torch.ones(16)
-    tiny_plain = best_of(lambda: inplace_loop(xp, onep, n), 5) / n
-    tiny_alloc_plain = best_of(lambda: alloc_loop(xp, onep, n), 5) / n
+    tiny_plain = [timed(lambda: inplace_loop(xp, onep, n)) / n for _ in range(args.tiny_rounds)]
+    alloc_plain = [timed(lambda: alloc_loop(xp, onep, n)) / n for _ in range(args.tiny_rounds)]
 
-    ratio = tracked / plain
-    print(f"EPLB-shaped step ({LAYERS} layers, {EXPERTS} experts, {TOKENS}x top-{TOPK}), best of {args.repeats} x {args.steps} steps:")
-    print(f"  plain CPU tensors          {plain * 1e3:8.3f} ms/step")
-    print(f"  fake backend, detect=raise {tracked * 1e3:8.3f} ms/step   ratio {ratio:.2f}x   (target <= 3x: {'met' if ratio <= 3 else 'MISSED'})")
+    ratio = statistics.median(ratios)
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    print(f"EPLB-shaped step ({LAYERS} layers, {EXPERTS} experts, {TOKENS}x top-{TOPK}), {runs} paired rounds:")
+    print(f"  plain CPU tensors          {statistics.median(plains) * 1e3:8.3f} ms/step (median; best {min(plains) * 1e3:.3f})")
+    print(f"  fake backend, detect=raise {statistics.median(trackeds) * 1e3:8.3f} ms/step (median; best {min(trackeds) * 1e3:.3f})")
+    print(f"  ratio, median of pairs     {ratio:8.2f}x  (quartiles {q1:.2f}x to {q3:.2f}x; best vs best {min(trackeds) / min(plains):.2f}x)"
+          f"   target <= 3x: {'met' if ratio <= 3 else 'MISSED'}")
     print(f"  per step: {per_step.kernels // runs} kernels, {per_step.event_records // runs} event records,"
           f" {per_step.host_syncs // runs} host syncs ({per_step.implicit_syncs // runs} implicit: bincount sizes its output on the host)")
-    rate = 1 / tiny_inplace
-    print("tiny ops (16-element float32):")
-    print(f"  x.add_(y) tracked (raise)  {tiny_inplace * 1e6:6.2f} us/op  = {rate:,.0f} ops/s   (target >= 100,000: {'met' if rate >= 100_000 else 'MISSED'})")
-    print(f"  x.add_(y) detect=off       {tiny_off * 1e6:6.2f} us/op  = {1 / tiny_off:,.0f} ops/s")
-    print(f"  x.add_(y) plain CPU        {tiny_plain * 1e6:6.2f} us/op  = {1 / tiny_plain:,.0f} ops/s")
-    print(f"  x + y tracked (new tensor) {tiny_alloc * 1e6:6.2f} us/op  = {1 / tiny_alloc:,.0f} ops/s")
-    print(f"  x + y detect=off           {tiny_alloc_off * 1e6:6.2f} us/op  = {1 / tiny_alloc_off:,.0f} ops/s")
-    print(f"  x + y plain CPU            {tiny_alloc_plain * 1e6:6.2f} us/op  = {1 / tiny_alloc_plain:,.0f} ops/s")
+    print(f"tiny ops (16-element float32), {args.tiny_rounds} runs of {n}: best (median)")
+
+    def line(label: str, runs_: list[float], target: bool = False) -> str:
+        best, med = min(runs_), statistics.median(runs_)
+        text = f"  {label:26s} {best * 1e6:6.2f} us/op = {1 / best:9,.0f} ops/s   ({med * 1e6:.2f} us = {1 / med:,.0f} ops/s)"
+        if target:
+            text += f"   target >= 100,000/s: {'met' if 1 / best >= 100_000 else 'MISSED'}"
+        return text
+
+    print(line("x.add_(y) tracked (raise)", tiny_raise, target=True))
+    print(line("x.add_(y) detect=off", tiny_off))
+    print(line("x.add_(y) plain CPU", tiny_plain))
+    print(line("x + y tracked (new tensor)", alloc_raise))
+    print(line("x + y detect=off", alloc_off))
+    print(line("x + y plain CPU", alloc_plain))
 
 
 if __name__ == "__main__":
