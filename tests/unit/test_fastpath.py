@@ -10,6 +10,10 @@ import streamkit as sk
 from streamkit import fake
 from streamkit.fake import _fastpath
 
+requires_fast_path = pytest.mark.skipif(
+    not _fastpath.FAST_FUNCS, reason="STREAMKIT_FAST_PATH=0 in the environment: the fast path is off"
+)
+
 PROGRAM = r"""
 import json, torch, streamkit as sk
 from streamkit import fake
@@ -56,6 +60,7 @@ def test_fast_and_dispatch_paths_agree():
     assert '"aten._to_copy.default", "read"' in fast
 
 
+@requires_fast_path
 def test_fast_path_is_taken_for_whitelisted_ops(fake_session):
     x = torch.zeros(4, device=fake_session.device)
     y = torch.ones(4, device=fake_session.device)
@@ -66,6 +71,7 @@ def test_fast_path_is_taken_for_whitelisted_ops(fake_session):
     assert plan.tensors == ((0, 2), (1, 1))  # self written, other read
 
 
+@requires_fast_path
 def test_ops_that_are_not_one_kernel_are_never_cached(fake_session):
     x = torch.zeros(4, device=fake_session.device)
     x.copy_(torch.ones(4))  # an H2D copy, not a device kernel
@@ -118,6 +124,7 @@ def test_an_op_that_refuses_its_arguments_leaves_no_kernel_behind():
         assert s.races == []
 
 
+@requires_fast_path
 def test_method_calls_skip_torch_function_but_modes_still_see_them(fake_session):
     from torch.overrides import TorchFunctionMode
 
