@@ -89,7 +89,6 @@ class Session:
         self.lock = threading.RLock()
         self.clocks = Clocks()
         self.scheduler = EagerScheduler()
-        self._eager = type(self.scheduler) is EagerScheduler
         self.detector = Detector(self._report)
         self.races: list[Race] = []
         self.stats = Stats()
@@ -172,8 +171,8 @@ class Session:
         try:
             kernel = self.issue(op, call, stream, site, args, kwargs, accesses)
             try:
-                if self._eager:
-                    # The eager scheduler runs a kernel at issue: run it here, without the round trip.
+                if self.scheduler.runs_at_issue:
+                    # The kernel would run inside submit() right away: run it here, without the round trip.
                     kernel.args = kernel.kwargs = None
                     result = call(*args, **kwargs)
                 else:

@@ -200,6 +200,7 @@ class EagerScheduler:
     """
 
     name = "eager"
+    runs_at_issue = True  # submit() runs the kernel before returning: launchers may run it inline
 
     def submit(self, kernel: Kernel) -> Any:
         return kernel.run()
