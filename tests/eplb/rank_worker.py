@@ -241,6 +241,19 @@ def scenario_mismatch(backend: str) -> None:
     os._exit(0)
 
 
+def collect_and_report(collector) -> None:
+    """Collect with a peer gone: say how wait() ended (RAISED after how long, or RETURNED), then DONE."""
+    start = time.monotonic()
+    handle = collector.collect()
+    try:
+        heat = handle.wait()
+    except CollectError as exc:
+        say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
+    else:
+        say("RETURNED", repr(heat))
+    say("DONE")
+
+
 def scenario_peer_death(backend: str) -> None:
     """Rank 1 dies after construction; rank 0's wait() raises CollectError within the PG timeout."""
     timeout_s = 5.0
@@ -254,15 +267,7 @@ def scenario_peer_death(backend: str) -> None:
             os._exit(3)
         time.sleep(0.5)
         c.record(1, torch.tensor([2, 2, 2, 2]).to(dev))
-        start = time.monotonic()
-        handle = c.collect()
-        try:
-            heat = handle.wait()
-        except CollectError as exc:
-            say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
-        else:
-            say("RETURNED", repr(heat))
-        say("DONE")
+        collect_and_report(c)
     os._exit(0)
 
 
@@ -277,15 +282,7 @@ def scenario_peer_stall(backend: str) -> None:
             time.sleep(timeout_s + 2.0)
             os._exit(0)
         c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
-        start = time.monotonic()
-        handle = c.collect()
-        try:
-            heat = handle.wait()
-        except CollectError as exc:
-            say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
-        else:
-            say("RETURNED", repr(heat))
-        say("DONE")
+        collect_and_report(c)
     os._exit(0)
 
 
