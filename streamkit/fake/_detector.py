@@ -22,14 +22,36 @@ class Detector:
 
     def check(self, accesses: list, stream: StreamState, kernel: Kernel) -> None:
         """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``."""
+        clock = stream.clock
+        n = len(clock)
+        idx = stream.idx
         for tensor, kind in accesses:
             lo = tensor._lo
             hi = tensor._hi
-            if hi > lo:
-                if kind == WRITE:
-                    self.write(tensor._st, lo, hi, stream, kernel, tensor)
+            if hi <= lo:
+                continue
+            state = tensor._st
+            if kind == WRITE:
+                self.write(state, lo, hi, stream, kernel, tensor)
+                continue
+            # a read, inline (the most frequent access; torch.stack reads one per list element)
+            for r in state.writes:
+                if r[0] < hi and lo < r[1]:
+                    i = r[2]
+                    if not (i < n and clock[i] >= r[3]):
+                        self.report(r, kernel, "read", tensor, state)
+            reads = state.reads
+            record = (lo, hi, idx, kernel.seq, kernel)
+            if not reads:
+                state.reads = [record]
+            elif len(reads) == 1:
+                r = reads[0]
+                if r[0] >= lo and r[1] <= hi and r[2] < n and clock[r[2]] >= r[3]:
+                    reads[0] = record  # the steady state: the same reader again
                 else:
-                    self.read(tensor._st, lo, hi, stream, kernel, tensor)
+                    reads.append(record)
+            else:
+                self._add_read(state, record, clock, n)
 
     def write(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
         clock = stream.clock
@@ -51,28 +73,11 @@ class Detector:
             state.reads = [r for r in state.reads if r[0] < start or r[1] > end]
         state.writes.append(record)
 
-    def read(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
-        clock = stream.clock
-        n = len(clock)
-        for r in state.writes:
-            if r[0] < end and start < r[1]:
-                i = r[2]
-                if not (i < n and clock[i] >= r[3]):
-                    self.report(r, kernel, "read", tensor, state)
-        record = (start, end, stream.idx, kernel.seq, kernel)
-        reads = state.reads
-        if not reads:
-            state.reads = [record]
-            return
-        if len(reads) == 1:
-            r = reads[0]
-            if r[0] >= start and r[1] <= end and r[2] < n and clock[r[2]] >= r[3]:
-                reads[0] = record  # the steady state: the same reader again
-            else:
-                reads.append(record)
-            return
+    @staticmethod
+    def _add_read(state: StorageState, record: tuple, clock: list[int], n: int) -> None:
         # an earlier read covered by this one and ordered before it adds nothing
-        reads = [r for r in reads if r[0] < start or r[1] > end or not (r[2] < n and clock[r[2]] >= r[3])]
+        start, end = record[0], record[1]
+        reads = [r for r in state.reads if r[0] < start or r[1] > end or not (r[2] < n and clock[r[2]] >= r[3])]
         reads.append(record)
         state.reads = reads
 

@@ -43,7 +43,7 @@ _FRESH_NAMES = (
     "index_select", "gather", "where", "eq", "ne", "lt", "le", "gt", "ge", "__eq__", "__ne__", "__lt__",
     "__le__", "__gt__", "__ge__", "sigmoid", "relu", "floor_divide", "remainder",
     "__floordiv__", "__mod__", "prod", "norm", "square", "minimum", "maximum", "logical_and", "logical_or",
-    "bincount",
+    "bincount", "stack", "cat",
 )
 # STREAMKIT_FAST_PATH=0 sends every op through __torch_dispatch__ (for debugging streamkit itself).
 FAST_FUNCS: frozenset = frozenset(
@@ -55,11 +55,12 @@ FAST_FUNCS: frozenset = frozenset(
 class FastPlan:
     """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
 
-    __slots__ = ("op", "tensors", "returns_self", "host_sync")
+    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync")
 
-    def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None) -> None:
+    def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None, lists: tuple = ()) -> None:
         self.op = op
-        self.tensors = tensors  # ((position, kind), ...)
+        self.tensors = tensors  # ((position, kind), ...): fake tensor arguments
+        self.lists = lists  # ((position, kind), ...): lists of fake tensors (torch.stack, torch.cat)
         self.returns_self = returns_self
         self.host_sync = host_sync  # the host waits after it (bincount sizes its output on the host)
 
@@ -70,20 +71,29 @@ _disabled = torch._C._disabled_torch_function_impl
 _state = _tensor._state
 
 
+def _is_fake_list(value: Any) -> bool:
+    return type(value) is list and bool(value) and all(type(v) is _tensor.FakeDeviceTensor for v in value)
+
+
 def _analyse(args: tuple, observed: list) -> FastPlan | None:
     if len(observed) != 1:
         return None
     plan, aten_args, aten_kwargs, out = observed[0]
     if plan.is_collective or any(isinstance(v, (torch.Tensor, list, tuple)) for v in aten_kwargs.values()):
         return None
-    positions = []
+    positions, list_positions = [], []
     for p, a in enumerate(args):
         if type(a) is _tensor.FakeDeviceTensor:
             positions.append(p)
+        elif _is_fake_list(a):
+            list_positions.append(p)
         elif not isinstance(a, _SCALARS):
             return None
     wrappers_in_call = [i for i, a in enumerate(aten_args) if isinstance(a, torch.Tensor)]
+    lists_in_call = [i for i, a in enumerate(aten_args) if isinstance(a, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in a)]
     if any(type(aten_args[i]) is not _tensor.FakeDeviceTensor for i in wrappers_in_call) or len(wrappers_in_call) != len(positions):
+        return None
+    if len(lists_in_call) != len(list_positions):
         return None
     tensors = []
     for p in positions:
@@ -91,11 +101,20 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
         if index is None or index >= len(plan.arg_kinds):
             return None
         tensors.append((p, plan.arg_kinds[index]))
-    if plan.returns_self and out is args[0] and positions and positions[0] == 0:
+    lists = []
+    for p in list_positions:
+        # the aten op got exactly the caller's tensors, in order (no tensor added, dropped or copied)
+        same = lambda i: len(aten_args[i]) == len(args[p]) and all(a is b for a, b in zip(aten_args[i], args[p]))  # noqa: E731
+        index = next((i for i in lists_in_call if same(i)), None)
+        if index is None or index >= len(plan.arg_kinds):
+            return None
+        lists.append((p, plan.arg_kinds[index]))
+    inputs = [args[p] for p in positions] + [t for p in list_positions for t in args[p]]
+    if plan.returns_self and out is args[0] and positions and positions[0] == 0 and not lists:
         return FastPlan(plan.op, tuple(tensors), True, plan.host_sync)
     if plan.outputs == [("fresh", None)] and type(out) is _tensor.FakeDeviceTensor:
-        if all(out._st is not args[p]._st for p in positions):
-            return FastPlan(plan.op, tuple(tensors), False, plan.host_sync)
+        if all(out._st is not t._st for t in inputs):
+            return FastPlan(plan.op, tuple(tensors), False, plan.host_sync, tuple(lists))
     return None
 
 
@@ -132,6 +151,7 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
 
 
 _TYPES = (_tensor.FakeDeviceTensor,)
+_FAKE = _tensor.FakeDeviceTensor
 
 
 def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
@@ -165,6 +185,14 @@ def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
         inner[p] = t._inner
         if kind:
             accesses.append((t, kind))
+    for p, kind in fast.lists:
+        items = args[p]
+        for t in items:
+            if type(t) is not _FAKE or t._st.session is not session:
+                return _disabled(func, _TYPES, args, kwargs)  # CPU tensors mixed in, another session...
+        inner[p] = [t._inner for t in items]
+        if kind:
+            accesses += [(t, kind) for t in items]
     if _grad_enabled() and _any_requires_grad(*args):
         # Autograd must see ops on tensors that require grad: leave those to the dispatch path.
         # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
@@ -202,6 +230,7 @@ def _method(func: Any) -> Any:
 
 _to_copy = torch.ops.aten._to_copy.default
 _tensor_cpu = torch.Tensor.cpu
+_clone = torch.Tensor.clone  # what aten._to_copy does for a same-device copy, at a third of its cost
 
 
 def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
@@ -215,8 +244,8 @@ def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) 
         return _tensor_cpu(self, memory_format=memory_format)
     stream = session._tls.stream or session._default_stream
     site = capture_site(sys._getframe(1)) if session.tracking else None
-    kwargs = {"device": _tensor.CPU, "memory_format": memory_format}
-    _, result = session.launch(_to_copy, _to_copy._op, stream, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
+    kwargs = {"memory_format": memory_format}
+    _, result = session.launch(_to_copy, _clone, stream, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
     return result
 
 

@@ -176,3 +176,51 @@ def test_tensor_keywords_are_never_taken_past_dispatch():
             torch.add(x, x, out=z)  # side writes z that default read: a race
         assert [(r.first.kind, r.second.kind, r.second.op) for r in s.races] == [("read", "write", "aten.add.out")]
         assert not any(k[0] is torch.add and torch.Tensor in map(type, k) for k in _fastpath._plans if _fastpath._plans[k])
+
+
+@requires_fast_path
+def test_tensor_lists_take_the_fast_path_and_every_element_is_read():
+    with fake.session(detect="record") as s:
+        side = sk.Stream()
+        parts = [torch.full((4,), float(i), device=s.device) for i in range(3)]
+        for _ in range(2):  # learned, then cached
+            stacked = torch.stack(parts)
+            joined = torch.cat(parts)
+        plan = _fastpath._plans[(torch.stack, list)]
+        assert plan is not None and plan.lists == ((0, 1),) and str(plan.op) == "aten.stack.default"
+        with sk.switch(side):
+            parts[2].add_(1)  # side writes the last element, which default read in stack/cat
+            torch.stack(parts)  # same stream: ordered after its own write, no race
+        torch.stack(parts)  # default reads what side wrote without waiting: a race
+        kinds = [(r.first.kind, r.second.kind, r.second.op) for r in s.races]
+        assert ("read", "write", "aten.add_.Tensor") in kinds
+        assert ("write", "read", "aten.stack.default") in kinds
+        assert stacked.cpu().tolist() == [[float(i)] * 4 for i in range(3)]
+        assert joined.cpu().tolist() == [float(i) for i in range(3) for _ in range(4)]
+
+
+@requires_fast_path
+def test_a_cpu_tensor_in_a_cached_list_still_raises_the_device_error(fake_session):
+    parts = [torch.ones(2, device=fake_session.device) for _ in range(2)]
+    torch.stack(parts)
+    torch.stack(parts)  # cached now
+    with pytest.raises(RuntimeError, match="Expected all tensors to be on the same device"):
+        torch.stack([parts[0], torch.ones(2)])
+
+
+def test_cpu_copies_keep_pytorch_strides(fake_session):
+    host = torch.arange(24.0).reshape(2, 3, 4)
+    views = {
+        "contiguous": lambda t: t,
+        "transposed": lambda t: t.transpose(0, 2),
+        "sliced": lambda t: t[:, ::2],
+        "channels_last": lambda t: t.reshape(1, 2, 3, 4).contiguous(memory_format=torch.channels_last),
+    }
+    device = host.to(fake_session.device)
+    for name, view in views.items():
+        for _ in range(2):  # first call and cached call
+            copied = view(device).cpu()
+            expected = view(host).clone()
+            assert copied.stride() == expected.stride(), name
+            assert torch.equal(copied, expected), name
+            assert copied.device.type == "cpu" and copied.data_ptr() != view(host).data_ptr()
