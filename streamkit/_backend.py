@@ -19,6 +19,9 @@ class Backend(abc.ABC):
 
     #: short name used by :func:`streamkit.get_backend` and ``STREAMKIT_BACKEND``
     name: str
+    #: True once this backend's handles may no longer be used (a closed fake session); the API then
+    #: calls :meth:`check_usable`, which raises saying why. (An attribute: it is read on every call.)
+    closed: bool = False
 
     # -- device -----------------------------------------------------------------------------
     @abc.abstractmethod

@@ -184,18 +184,24 @@ class Stream:
     def wait_stream(self, other: "Stream") -> None:
         """Order all work issued to this stream after this call behind all work issued to ``other``
         before it (``self.wait_event(other.record_event())``). The host does not block."""
-        _expect(other, Stream, "Stream.wait_stream(other)")
-        _same_backend(self, other, "Stream.wait_stream(other)")
-        self._backend.check_usable()
+        if type(other) is not Stream:  # (the checks are inlined for the common case: this is called per layer)
+            _expect(other, Stream, "Stream.wait_stream(other)")
+        if other._backend is not self._backend:
+            _same_backend(self, other, "Stream.wait_stream(other)")
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.stream_wait_stream(self._handle, other._handle)
 
     def wait_event(self, event: "Event") -> None:
         """Order all work issued to this stream after this call behind the work that ``event``
         captured when it was last recorded. Waiting on a never-recorded event does nothing
         (streamkit warns). The host does not block."""
-        _expect(event, Event, "Stream.wait_event(event)")
-        _same_backend(self, event, "Stream.wait_event(event)")
-        self._backend.check_usable()
+        if type(event) is not Event:
+            _expect(event, Event, "Stream.wait_event(event)")
+        if event._backend is not self._backend:
+            _same_backend(self, event, "Stream.wait_event(event)")
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.stream_wait_event(self._handle, event._handle)
 
     def record_event(self, event: "Event | None" = None) -> "Event":
@@ -206,19 +212,22 @@ class Stream:
         else:
             _expect(event, Event, "Stream.record_event(event)")
             _same_backend(self, event, "Stream.record_event(event)")
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.event_record(event._handle, self._handle)
         return event
 
     def synchronize(self) -> None:
         """Block the host until all work issued to this stream has completed; the host, and so all
         work it issues afterwards, is then ordered after that work."""
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.stream_synchronize(self._handle)
 
     def query(self) -> bool:
         """``True`` if all work issued to this stream has completed (the host may then rely on it)."""
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         return self._backend.stream_query(self._handle)
 
     @property
@@ -282,23 +291,27 @@ class Event:
     def record(self, stream: "Stream | None" = None) -> None:
         """Capture all work issued so far to ``stream`` (default: the current stream)."""
         handle = self._stream_or_current(stream, "Event.record(stream)")
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.event_record(self._handle, handle)
 
     def wait(self, stream: "Stream | None" = None) -> None:
         """Order all later work on ``stream`` (default: the current stream) after the captured work."""
         handle = self._stream_or_current(stream, "Event.wait(stream)")
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.stream_wait_event(handle, self._handle)
 
     def synchronize(self) -> None:
         """Block the host until the captured work has completed (returns at once if never recorded)."""
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         self._backend.event_synchronize(self._handle)
 
     def query(self) -> bool:
         """``True`` if the captured work has completed (or the event was never recorded)."""
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         return self._backend.event_query(self._handle)
 
     def elapsed_time(self, end_event: "Event") -> float:
@@ -306,7 +319,8 @@ class Event:
         ``enable_timing=True`` and must have completed."""
         _expect(end_event, Event, "Event.elapsed_time(end_event)")
         _same_backend(self, end_event, "Event.elapsed_time(end_event)")
-        self._backend.check_usable()
+        if self._backend.closed:
+            self._backend.check_usable()
         return self._backend.event_elapsed_time(self._handle, end_event._handle)
 
     @property
@@ -324,8 +338,11 @@ class Event:
 
 def current_stream() -> Stream:
     """The calling thread's current stream on the active backend."""
-    backend = get_backend()
-    return Stream._wrap(backend, backend.current_stream())
+    backend = _override[-1] if _override else get_backend()
+    stream = object.__new__(Stream)
+    stream._backend = backend
+    stream._handle = backend.current_stream()
+    return stream
 
 
 def default_stream() -> Stream:
@@ -346,7 +363,8 @@ class switch:
 
     def __init__(self, stream: Stream | None, enabled: bool = True) -> None:
         if stream is not None and enabled:
-            _expect(stream, Stream, "switch(stream)")
+            if type(stream) is not Stream:
+                _expect(stream, Stream, "switch(stream)")
             self._stream = stream
             self._context: Any = stream._backend.stream_context(stream._handle)
         else:
@@ -355,7 +373,8 @@ class switch:
 
     def __enter__(self) -> Stream | None:
         if self._context is not None:
-            self._stream._backend.check_usable()
+            if self._stream._backend.closed:
+                self._stream._backend.check_usable()
             self._context.__enter__()
         return self._stream
 
@@ -370,6 +389,8 @@ def record_stream(tensor: torch.Tensor, stream: Stream) -> None:
     the tensor is freed earlier (``Tensor.record_stream``)."""
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"record_stream(tensor): expected a torch.Tensor, got {type(tensor).__name__}")
-    _expect(stream, Stream, "record_stream(stream)")
-    stream._backend.check_usable()
+    if type(stream) is not Stream:
+        _expect(stream, Stream, "record_stream(stream)")
+    if stream._backend.closed:
+        stream._backend.check_usable()
     stream._backend.record_stream(tensor, stream._handle)

@@ -324,8 +324,10 @@ class FakeBackend(Backend):
         if s.tracking:
             with s.lock:
                 clocks = s.clocks
-                clocks._catch_up(other)
-                clocks._catch_up(stream)
+                if other.host_version != clocks.host_version:
+                    clocks._catch_up(other)
+                if stream.host_version != clocks.host_version:
+                    clocks._catch_up(stream)
                 merge(stream.clock, other.clock)
 
     def stream_synchronize(self, stream: StreamState) -> None:
@@ -441,6 +443,7 @@ def _deactivate(session: Session) -> None:
     _core._pop_backend(session.backend)
     with _lock:
         session.closed = True
+        session.backend.closed = True
         if _explicit is session:
             _explicit = None
             _state["session"] = _default
