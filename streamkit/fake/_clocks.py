@@ -17,9 +17,6 @@ def merge(into: list[int], other: Sequence[int]) -> None:
     n = len(other)
     if len(into) < n:
         into.extend([0] * (n - len(into)))
-    if len(into) == n:
-        into[:] = map(max, into, other)  # one C loop (this runs for every wait and host sync)
-        return
     for i in range(n):
         if other[i] > into[i]:
             into[i] = other[i]
