@@ -1,10 +1,12 @@
 """Vector clocks: the per-stream, per-event and host synchronization state of a fake session.
 
 Each stream ``s`` has a clock ``c_s``: ``c_s[s]`` counts the kernels issued to ``s`` and ``c_s[t]``
-is the last kernel of stream ``t`` that ``s`` is ordered after. A kernel ``(t, n)`` happens before
-whatever stream ``s`` issues next iff ``c_s[t] >= n``. Events snapshot a clock, waits merge one
-in, and host synchronizations merge into the host clock, which every later issue merges in (the
-host can only issue work after it has returned from a sync).
+is the last kernel of stream ``t`` that ``s`` is ordered after through waits. The host clock ``h``
+is what the host has seen complete (host synchronizations merge into it). Everything the host
+issues after a sync is ordered after what it saw, so a kernel ``(t, n)`` happens before whatever
+stream ``s`` issues next iff ``c_s[t] >= n`` or ``h[t] >= n``: the stream's effective clock is
+``max(c_s, h)``. (``h`` only grows, so taking it at check time is exact, and no stream clock has to
+be brought up to date at every sync.)
 """
 
 from __future__ import annotations
@@ -28,15 +30,14 @@ def ordered_before(stream_idx: int, seq: int, clock: Sequence[int]) -> bool:
 
 
 class StreamState:
-    """One fake stream: its index, its clock, and what the host clock was when it last merged."""
+    """One fake stream: its index and its clock (the ordering it got from waits)."""
 
-    __slots__ = ("idx", "clock", "priority", "host_version", "site", "__weakref__")
+    __slots__ = ("idx", "clock", "priority", "site", "__weakref__")
 
-    def __init__(self, idx: int, clock: list[int], priority: int, host_version: int, site: Any) -> None:
+    def __init__(self, idx: int, clock: list[int], priority: int, site: Any) -> None:
         self.idx = idx
         self.clock = clock
         self.priority = priority
-        self.host_version = host_version
         self.site = site  # frames where the stream was created (for naming it in reports)
 
     def __repr__(self) -> str:
@@ -65,54 +66,49 @@ class Clocks:
 
     def __init__(self) -> None:
         self.streams: list[StreamState] = []
+        # Merged in place only: the detector keeps a reference to this list.
         self.host: list[int] = []
-        self.host_version = 0
 
     def new_stream(self, priority: int, site: Any) -> StreamState:
         idx = len(self.streams)
-        # A new stream starts ordered after everything the host has synchronized with.
-        clock = list(self.host) + [0] * (idx + 1 - len(self.host))
-        state = StreamState(idx, clock, priority, self.host_version, site)
+        state = StreamState(idx, [0] * (idx + 1), priority, site)
         self.streams.append(state)
         return state
 
-    def _catch_up(self, stream: StreamState) -> None:
-        if stream.host_version != self.host_version:
-            merge(stream.clock, self.host)
-            stream.host_version = self.host_version
+    def effective(self, stream: StreamState) -> list[int]:
+        """What work issued to ``stream`` from now on is ordered after: its clock joined with the
+        host's (a new list)."""
+        clock = list(stream.clock)
+        merge(clock, self.host)
+        return clock
+
+    def ordered(self, stream_idx: int, seq: int, stream: StreamState) -> bool:
+        """Whether kernel ``seq`` of stream ``stream_idx`` happens before what ``stream`` issues next."""
+        return ordered_before(stream_idx, seq, stream.clock) or ordered_before(stream_idx, seq, self.host)
 
     def issue(self, stream: StreamState) -> int:
         """A kernel is issued to ``stream``: returns its sequence number there."""
-        if stream.host_version != self.host_version:
-            self._catch_up(stream)
         clock = stream.clock
         seq = clock[stream.idx] + 1
         clock[stream.idx] = seq
         return seq
 
     def record(self, event: EventState, stream: StreamState, now: float) -> None:
-        self._catch_up(stream)
-        event.clock = list(stream.clock)
+        event.clock = self.effective(stream)
         event.stream = stream
         event.time = now
 
     def wait(self, stream: StreamState, event: EventState) -> None:
         assert event.clock is not None
-        self._catch_up(stream)
         merge(stream.clock, event.clock)
 
     def host_waits_for(self, clock: Sequence[int]) -> None:
         """The host has observed that the work ordered by ``clock`` completed."""
         merge(self.host, clock)
-        self.host_version += 1
 
     def host_waits_for_all(self) -> None:
         for stream in self.streams:
             merge(self.host, stream.clock)
-        self.host_version += 1
 
-    def reuse_clock(self, stream: StreamState) -> list[int]:
-        """What work issued to ``stream`` from now on is ordered after (its clock joined with the host)."""
-        clock = list(stream.clock)
-        merge(clock, self.host)
-        return clock
+    # the allocator's view: memory freed now may be reused by what its stream issues from now on
+    reuse_clock = effective

@@ -12,13 +12,16 @@ class Detector:
     """Checks each access against a storage's access table, then records it.
 
     ``report(record, kernel, kind, tensor, state)`` is called for every race found; it raises in
-    ``detect="raise"`` mode before the kernel runs.
+    ``detect="raise"`` mode before the kernel runs. ``host`` is the session's host clock (the same
+    list, merged in place): an earlier access the host has seen complete is ordered before every
+    later kernel.
     """
 
-    __slots__ = ("report",)
+    __slots__ = ("report", "host")
 
-    def __init__(self, report: Any) -> None:
+    def __init__(self, report: Any, host: list[int]) -> None:
         self.report = report
+        self.host = host
 
     def check(self, accesses: list, stream: StreamState, kernel: Kernel) -> None:
         """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``."""
@@ -38,7 +41,7 @@ class Detector:
             for r in state.writes:
                 if r[0] < hi and lo < r[1]:
                     i = r[2]
-                    if not (i < n and clock[i] >= r[3]):
+                    if not (i < n and clock[i] >= r[3]) and not (i < len(self.host) and self.host[i] >= r[3]):
                         self.report(r, kernel, "read", tensor, state)
             reads = state.reads
             record = (lo, hi, idx, kernel.seq, kernel)
@@ -51,16 +54,17 @@ class Detector:
                 else:
                     reads.append(record)
             else:
-                self._add_read(state, record, clock, n)
+                self._add_read(state, record, clock, self.host)
 
     def write(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
         clock = stream.clock
         n = len(clock)
+        host = self.host
         for records in (state.writes, state.reads):
             for r in records:
                 if r[0] < end and start < r[1]:
                     i = r[2]
-                    if not (i < n and clock[i] >= r[3]):
+                    if not (i < n and clock[i] >= r[3]) and not (i < len(host) and host[i] >= r[3]):
                         self.report(r, kernel, "write", tensor, state)
         record = (start, end, stream.idx, kernel.seq, kernel)
         if start == 0 and end == state.nbytes:
@@ -74,12 +78,14 @@ class Detector:
         state.writes.append(record)
 
     @staticmethod
-    def _add_read(state: StorageState, record: tuple, clock: list[int], n: int) -> None:
+    def _add_read(state: StorageState, record: tuple, clock: list[int], host: list[int]) -> None:
         # an earlier read covered by this one and ordered before it adds nothing
         start, end = record[0], record[1]
-        reads = [r for r in state.reads if r[0] < start or r[1] > end or not (r[2] < n and clock[r[2]] >= r[3])]
-        reads.append(record)
-        state.reads = reads
+        state.reads = [
+            r for r in state.reads
+            if r[0] < start or r[1] > end or not (ordered_before(r[2], r[3], clock) or ordered_before(r[2], r[3], host))
+        ]
+        state.reads.append(record)
 
     @staticmethod
     def unordered_at_free(state: StorageState, reuse_clock: list[int]) -> list[tuple]:

@@ -89,7 +89,7 @@ class Session:
         self.lock = threading.RLock()
         self.clocks = Clocks()
         self.scheduler = EagerScheduler()
-        self.detector = Detector(self._report)
+        self.detector = Detector(self._report, self.clocks.host)
         self.races: list[Race] = []
         self.stats = Stats()
         self.closed = False
@@ -135,9 +135,6 @@ class Session:
         self.stats.kernels += 1
         if not self.tracking:
             return Kernel(op, call, stream, 0, None, args, kwargs)
-        clocks = self.clocks
-        if stream.host_version != clocks.host_version:
-            clocks._catch_up(stream)
         clock = stream.clock
         seq = clock[stream.idx] + 1
         clock[stream.idx] = seq
@@ -323,12 +320,7 @@ class FakeBackend(Backend):
         s.stats.event_waits += 1
         if s.tracking:
             with s.lock:
-                clocks = s.clocks
-                if other.host_version != clocks.host_version:
-                    clocks._catch_up(other)
-                if stream.host_version != clocks.host_version:
-                    clocks._catch_up(stream)
-                merge(stream.clock, other.clock)
+                merge(stream.clock, other.clock)  # (the host's part is in every stream's effective clock)
 
     def stream_synchronize(self, stream: StreamState) -> None:
         self._session.host_sync(stream.clock, "stream_syncs")

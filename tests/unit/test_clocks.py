@@ -45,13 +45,27 @@ def test_host_sync_orders_later_issues_and_new_streams():
     c = Clocks()
     s0, s1 = c.new_stream(0, ()), c.new_stream(0, ())
     c.issue(s0)
+    assert not c.ordered(0, 1, s1)
     c.host_waits_for(s0.clock)
     c.issue(s1)  # issued after the host returned from the sync
-    assert ordered_before(0, 1, s1.clock)
+    assert c.ordered(0, 1, s1)
+    assert not ordered_before(0, 1, s1.clock)  # through the host clock, not a wait
     s2 = c.new_stream(0, ())
-    assert ordered_before(0, 1, s2.clock)
+    assert c.ordered(0, 1, s2)
     c.issue(s0)
-    assert not ordered_before(0, 2, s2.clock)
+    assert not c.ordered(0, 2, s2)
+
+
+def test_an_event_recorded_after_a_host_sync_carries_what_the_host_saw():
+    c = Clocks()
+    s0, s1, s2 = (c.new_stream(0, ()) for _ in range(3))
+    c.issue(s0)
+    c.host_waits_for(s0.clock)
+    e = EventState(False)
+    c.record(e, s1, 0.0)  # s1 never waited for s0, but the host did before recording
+    c.wait(s2, e)
+    assert ordered_before(0, 1, e.clock)
+    assert c.ordered(0, 1, s2)
 
 
 def test_device_sync_covers_every_stream():
