@@ -338,11 +338,8 @@ class Event:
 
 def current_stream() -> Stream:
     """The calling thread's current stream on the active backend."""
-    backend = _override[-1] if _override else get_backend()
-    stream = object.__new__(Stream)
-    stream._backend = backend
-    stream._handle = backend.current_stream()
-    return stream
+    backend = get_backend()
+    return Stream._wrap(backend, backend.current_stream())
 
 
 def default_stream() -> Stream:

@@ -69,10 +69,12 @@ _plans: dict[tuple, FastPlan | None] = {}
 _learning_lock = threading.Lock()
 _disabled = torch._C._disabled_torch_function_impl
 _state = _tensor._state
+_FAKE = _tensor.FakeDeviceTensor
+_TYPES = (_FAKE,)
 
 
 def _is_fake_list(value: Any) -> bool:
-    return type(value) is list and bool(value) and all(type(v) is _tensor.FakeDeviceTensor for v in value)
+    return type(value) is list and bool(value) and all(type(v) is _FAKE for v in value)
 
 
 def _analyse(args: tuple, observed: list) -> FastPlan | None:
@@ -83,7 +85,7 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
         return None
     positions, list_positions = [], []
     for p, a in enumerate(args):
-        if type(a) is _tensor.FakeDeviceTensor:
+        if type(a) is _FAKE:
             positions.append(p)
         elif _is_fake_list(a):
             list_positions.append(p)
@@ -91,7 +93,7 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
             return None
     wrappers_in_call = [i for i, a in enumerate(aten_args) if isinstance(a, torch.Tensor)]
     lists_in_call = [i for i, a in enumerate(aten_args) if isinstance(a, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in a)]
-    if any(type(aten_args[i]) is not _tensor.FakeDeviceTensor for i in wrappers_in_call) or len(wrappers_in_call) != len(positions):
+    if any(type(aten_args[i]) is not _FAKE for i in wrappers_in_call) or len(wrappers_in_call) != len(positions):
         return None
     if len(lists_in_call) != len(list_positions):
         return None
@@ -112,7 +114,7 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
     inputs = [args[p] for p in positions] + [t for p in list_positions for t in args[p]]
     if plan.returns_self and out is args[0] and positions and positions[0] == 0 and not lists:
         return FastPlan(plan.op, tuple(tensors), True, plan.host_sync)
-    if plan.outputs == [("fresh", None)] and type(out) is _tensor.FakeDeviceTensor:
+    if plan.outputs == [("fresh", None)] and type(out) is _FAKE:
         if all(out._st is not t._st for t in inputs):
             return FastPlan(plan.op, tuple(tensors), False, plan.host_sync, tuple(lists))
     return None
@@ -150,8 +152,6 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
     return fast_call(func, args, kwargs)
 
 
-_TYPES = (_tensor.FakeDeviceTensor,)
-_FAKE = _tensor.FakeDeviceTensor
 
 
 def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
@@ -238,7 +238,7 @@ def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) 
     (same op, same read, same host sync), minus the dispatch round trip."""
     session = _state["session"] or _tensor._session()
     if (
-        type(self) is not _tensor.FakeDeviceTensor or _mode_enabled() or not _function_enabled()
+        type(self) is not _FAKE or _mode_enabled() or not _function_enabled()
         or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))
     ):
         return _tensor_cpu(self, memory_format=memory_format)

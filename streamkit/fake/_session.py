@@ -135,10 +135,7 @@ class Session:
         self.stats.kernels += 1
         if not self.tracking:
             return Kernel(op, call, stream, 0, None, args, kwargs)
-        clock = stream.clock
-        seq = clock[stream.idx] + 1
-        clock[stream.idx] = seq
-        kernel = Kernel(op, call, stream, seq, site, args, kwargs)
+        kernel = Kernel(op, call, stream, self.clocks.issue(stream), site, args, kwargs)
         try:
             self.detector.check(accesses, stream, kernel)
         except RaceError:
@@ -182,17 +179,14 @@ class Session:
                     self._forget(kernel, accesses)
                 raise
             if sync is not None:
-                stats = self.stats
-                setattr(stats, sync, getattr(stats, sync) + 1)
-                if self.tracking:
-                    self.clocks.host_waits_for(stream.clock)
-                if self._pending is not None:
-                    self._raise_pending()  # the host returns to find a free race reported meanwhile
+                self.host_sync(stream.clock, sync)
             return kernel, result
         finally:
             lock.release()
 
     def host_sync(self, clock: Any, kind: str) -> None:
+        """The host waited for the work ordered by ``clock`` (``kind``: the ``Stats`` field to count
+        it under); a free race reported meanwhile is raised now."""
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
         if self.tracking:
             with self.lock:

@@ -197,16 +197,7 @@ def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: 
     if tp is list or tp is tuple:
         if not value:
             return value
-        out = []
-        for v in value:  # torch.stack / torch.cat lists: unwrap their tensors inline
-            if type(v) is FakeDeviceTensor:
-                if v._st.session is not session:
-                    _check_session(session, v)
-                if kind:
-                    accesses.append((v, kind))
-                out.append(v._inner)
-            else:
-                out.append(_unwrap_value(plan, v, kind, accesses, session))
+        out = [_unwrap_value(plan, v, kind, accesses, session) for v in value]
         return out if tp is list else tuple(out)
     if isinstance(value, torch.Tensor) and value.dim() != 0 and not plan.allows_cpu and not plan.is_collective:
         _mixed(plan, value)
@@ -440,7 +431,6 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         return _wrap_outputs(plan, op._op(*args, **kwargs), args, kwargs, session, stream, None, site)
     kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
-
 
 
 from . import _fastpath  # noqa: E402  (needs the names above)
