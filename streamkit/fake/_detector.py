@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
+from ._accel import native
 from ._clocks import StreamState, ordered_before
 from ._tracking import WRITE, Kernel, StorageState
 
@@ -15,15 +17,20 @@ class Detector:
     ``detect="raise"`` mode before the kernel runs. ``host`` is the session's host clock (the same
     list, merged in place): an earlier access the host has seen complete is ordered before every
     later kernel.
+
+    ``check(accesses, stream, kernel)`` runs on every kernel: it is the C port in ``_native`` (bound
+    to this detector's ``report`` and ``host``), or with ``STREAMKIT_NATIVE=0`` :meth:`check_python`,
+    the reference implementation it was ported from.
     """
 
-    __slots__ = ("report", "host")
+    __slots__ = ("report", "host", "check")
 
     def __init__(self, report: Any, host: list[int]) -> None:
         self.report = report
         self.host = host
+        self.check = partial(native.check, report, host) if native is not None else self.check_python
 
-    def check(self, accesses: list, stream: StreamState, kernel: Kernel) -> None:
+    def check_python(self, accesses: list, stream: StreamState, kernel: Kernel) -> None:
         """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``."""
         clock = stream.clock
         n = len(clock)

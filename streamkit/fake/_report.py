@@ -18,6 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
+from ._accel import native
+
 # User frames kept per access: the line itself and two callers. (Each one costs on every op.)
 STACK_DEPTH = 3
 _INTERNAL_DIRS = tuple(
@@ -43,7 +45,7 @@ _internal_codes: dict[str, bool] = {}  # filename -> torch/streamkit internal?
 _MAX_SKIPPED = 64
 
 
-def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
+def capture_site_python(frame: Any, depth: int = STACK_DEPTH) -> list:
     """Capture up to ``depth`` user frames from ``frame`` outwards as (code, instruction offset) pairs.
 
     torch/streamkit frames are skipped (classified once per code object), so a kernel issued many
@@ -72,6 +74,14 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
     if not site and innermost is not None:
         site.append((innermost.f_code, innermost.f_lasti))
     return site
+
+
+# Runs on every op: the C port of capture_site_python (the reference), unless STREAMKIT_NATIVE=0.
+if native is not None:
+    native.configure(_internal_codes, _internal, _MAX_SKIPPED)
+    capture_site = native.capture_site
+else:
+    capture_site = capture_site_python
 
 
 def line_of(code: Any, offset: int) -> int:
