@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from . import _tensor
+from ._accel import native
 from ._report import capture_site
 from ._tracking import READ as _READ_KIND
 
@@ -138,8 +139,15 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
 _BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
 
 
-def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+def torch_function_python(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
     """``FakeDeviceTensor.__torch_function__``: the fast path when it applies, else plain dispatch."""
+    if func not in FAST_FUNCS:
+        return not_fast(func, types, args, kwargs)
+    return fast_call_python(func, args, kwargs)
+
+
+def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
+    """A torch function off the fast path: plain dispatch (backward refused)."""
     if func in _BACKWARD:
         # PyTorch runs backward for a non-CPU device on a device thread that needs a C++ device
         # guard; with the Python one the process aborts. Refuse instead of taking it down.
@@ -147,14 +155,10 @@ def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: An
             "autograd backward is not supported on the fake device (PyTorch's autograd engine needs a"
             " native device guard for it); forward passes are tracked, run backward checks on a real device"
         )
-    if func not in FAST_FUNCS:
-        return _disabled(func, types, args, kwargs or {})
-    return fast_call(func, args, kwargs)
+    return _disabled(func, types, args, kwargs or {})
 
 
-
-
-def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
+def fast_call_python(func: Any, args: tuple, kwargs: Any) -> Any:
     """Run whitelisted ``func`` through its learned plan (learning it on first use)."""
     n = len(args)
     if kwargs:
@@ -215,18 +219,31 @@ _mode_enabled = torch._C._is_torch_function_mode_enabled
 _function_enabled = torch._C._is_torch_function_enabled
 
 
-def _method(func: Any) -> Any:
+def _method_python(func: Any) -> Any:
     """A Python method standing in for C method ``func`` of the fake tensor class."""
 
     def method(*args: Any, **kwargs: Any) -> Any:
         if _mode_enabled() or not _function_enabled():
             return func(*args, **kwargs)
-        return fast_call(func, args, kwargs)
+        return fast_call_python(func, args, kwargs)
 
     method.__name__ = method.__qualname__ = func.__name__
     method.__doc__ = func.__doc__
     return method
 
+
+# Run on every op: the C ports in _native (fast_call_python, _method_python, torch_function_python
+# are the reference implementations), unless STREAMKIT_NATIVE=0.
+if native is not None:
+    native.configure_fast_path(
+        plans=_plans, disabled=_disabled, learn=_learn, types=_TYPES, state=_state,
+        get_session=_tensor._session, fake_type=_FAKE, grad_enabled=_grad_enabled,
+        any_requires_grad=_any_requires_grad, wrap_fresh=_tensor.wrap_fresh, no_kwargs=_NO_KWARGS,
+        mode_enabled=_mode_enabled, function_enabled=_function_enabled, fast_funcs=FAST_FUNCS, refuse=not_fast,
+    )
+    fast_call, torch_function, _method = native.fast_call, native.torch_function, native.FastMethod
+else:
+    fast_call, torch_function, _method = fast_call_python, torch_function_python, _method_python
 
 _to_copy = torch.ops.aten._to_copy.default
 _tensor_cpu = torch.Tensor.cpu
@@ -256,5 +273,6 @@ def install_methods(cls: type) -> None:
         name = getattr(func, "__name__", None)
         if name and getattr(torch.Tensor, name, None) is func and type(func).__name__ in ("method_descriptor", "wrapper_descriptor"):
             setattr(cls, name, _method(func))
+    cls.__torch_function__ = classmethod(torch_function)
     if FAST_FUNCS:
         cls.cpu = _cpu

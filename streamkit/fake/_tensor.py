@@ -93,7 +93,7 @@ class FakeDeviceTensor(torch.Tensor):
     # (Slots: set on every new wrapper and read on every access; instances keep a __dict__ too.)
     __slots__ = ("_inner", "_st", "_lo", "_hi")
 
-    # __torch_function__ is _fastpath.torch_function, bound at the end of this module
+    # __torch_function__ is _fastpath.torch_function, installed at the end of this module
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -435,5 +435,4 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
 
 from . import _fastpath  # noqa: E402  (needs the names above)
 
-FakeDeviceTensor.__torch_function__ = classmethod(_fastpath.torch_function)  # type: ignore[assignment]
-_fastpath.install_methods(FakeDeviceTensor)
+_fastpath.install_methods(FakeDeviceTensor)  # __torch_function__ and the method stand-ins

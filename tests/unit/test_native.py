@@ -150,3 +150,60 @@ def test_check_rejects_malformed_accesses():
     detector = Detector(lambda *_: None, clocks.host)
     with pytest.raises(TypeError, match="pairs"):
         detector.check([("not a pair",)], a, Kernel("w", None, a, clocks.issue(a), None, None, None))
+
+
+def test_method_stand_ins_bind_and_describe_the_c_method(fake_session):
+    import torch
+
+    from streamkit.fake._tensor import FakeDeviceTensor
+
+    stand_in = FakeDeviceTensor.__dict__["add_"]
+    assert type(stand_in) is native.FastMethod
+    assert stand_in.__wrapped__ is torch.Tensor.add_
+    assert stand_in.__name__ == "add_" and stand_in.__doc__ == torch.Tensor.add_.__doc__
+    x = torch.zeros(4, device=fake_session.device)
+    bound = x.add_  # a bound method, as for a Python method
+    assert bound(1).cpu().tolist() == [1.0] * 4
+    assert FakeDeviceTensor.add_(x, torch.ones(4, device=fake_session.device), alpha=2) is x
+    assert x.cpu().tolist() == [3.0] * 4
+    before = fake_session.stats.kernels
+    x.mul_(2)
+    assert fake_session.stats.kernels == before + 1
+
+
+def test_fast_path_in_c_names_the_users_line(fake_session):
+    import torch
+
+    import streamkit as sk
+    from streamkit import RaceError
+
+    x = torch.zeros(8, device=fake_session.device)
+    side = sk.Stream()
+    x.add_(1)
+    with pytest.raises(RaceError) as err, sk.switch(side):
+        torch.sum(x)  # a torch function (not a method): __torch_function__ in C
+    assert err.value.race.second.op.startswith("aten.sum")
+    assert f"{__name__.split('.')[-1]}.py:" in err.value.race.second.location
+    side.synchronize()
+    sk.current_stream().wait_stream(side)
+
+
+def test_configure_fast_path_checks_its_arguments():
+    with pytest.raises(TypeError):
+        native.configure_fast_path(plans=[])
+
+
+def test_the_reference_implementation_passes_the_fast_path_and_detector_tests():
+    """STREAMKIT_NATIVE=0 runs the Python reference the C code was ported from: keep it green too."""
+    import os
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "STREAMKIT_NATIVE": "0"}
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:xdist", "-p", "no:cacheprovider",
+         "tests/unit/test_fastpath.py", "tests/unit/test_report.py", "tests/detector/test_scenarios.py"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    assert " passed" in run.stdout and " failed" not in run.stdout
