@@ -156,14 +156,17 @@ static int is_record(PyObject *r) {
     return 0;
 }
 
-/* Report every record of `records` overlapping [lo, hi) that nothing orders before this access. */
-static int report_conflicts(const Clocks *c, PyObject *records, Py_ssize_t lo, Py_ssize_t hi, PyObject *report,
-                            PyObject *kernel, PyObject *kind, PyObject *tensor, PyObject *state) {
+/* Report every record of table `name` ("reads", "writes") of `state` overlapping [lo, hi) that
+ * nothing orders before this access. */
+static int report_conflicts(const Clocks *c, PyObject *state, PyObject *name, Py_ssize_t lo, Py_ssize_t hi,
+                            PyObject *report, PyObject *kernel, PyObject *kind, PyObject *tensor) {
+    PyObject *records = PyObject_GetAttr(state, name);
+    if (records == NULL) return -1;
     if (!PyList_CheckExact(records)) {
+        Py_DECREF(records);
         PyErr_SetString(PyExc_TypeError, "streamkit: corrupt access table (expected lists)");
         return -1;
     }
-    Py_INCREF(records);
     for (Py_ssize_t j = 0; j < PyList_GET_SIZE(records); j++) {
         PyObject *r = PyList_GET_ITEM(records, j);
         if (!is_record(r)) goto error;
@@ -232,16 +235,10 @@ static int append_to(PyObject *state, PyObject *name, PyObject *record) {
 static int check_write(const Clocks *c, PyObject *state, PyObject *lo_obj, PyObject *hi_obj, Py_ssize_t lo,
                        Py_ssize_t hi, PyObject *idx, PyObject *seq, PyObject *report, PyObject *kernel,
                        PyObject *tensor) {
-    PyObject *writes = PyObject_GetAttr(state, s_writes);
-    if (writes == NULL) return -1;
-    int rc = report_conflicts(c, writes, lo, hi, report, kernel, s_write_kind, tensor, state);
-    Py_DECREF(writes);
-    if (rc < 0) return -1;
-    PyObject *reads = PyObject_GetAttr(state, s_reads);
-    if (reads == NULL) return -1;
-    rc = report_conflicts(c, reads, lo, hi, report, kernel, s_write_kind, tensor, state);
-    Py_DECREF(reads);
-    if (rc < 0) return -1;
+    if (report_conflicts(c, state, s_writes, lo, hi, report, kernel, s_write_kind, tensor) < 0 ||
+        report_conflicts(c, state, s_reads, lo, hi, report, kernel, s_write_kind, tensor) < 0)
+        return -1;
+    int rc;
 
     PyObject *record = PyTuple_Pack(5, lo_obj, hi_obj, idx, seq, kernel);
     if (record == NULL) return -1;
@@ -278,11 +275,8 @@ error:
 static int check_read(const Clocks *c, PyObject *state, PyObject *lo_obj, PyObject *hi_obj, Py_ssize_t lo,
                       Py_ssize_t hi, PyObject *idx, PyObject *seq, PyObject *report, PyObject *kernel,
                       PyObject *tensor) {
-    PyObject *writes = PyObject_GetAttr(state, s_writes);
-    if (writes == NULL) return -1;
-    int rc = report_conflicts(c, writes, lo, hi, report, kernel, s_read_kind, tensor, state);
-    Py_DECREF(writes);
-    if (rc < 0) return -1;
+    if (report_conflicts(c, state, s_writes, lo, hi, report, kernel, s_read_kind, tensor) < 0) return -1;
+    int rc;
 
     PyObject *record = PyTuple_Pack(5, lo_obj, hi_obj, idx, seq, kernel);
     if (record == NULL) return -1;
