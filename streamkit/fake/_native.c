@@ -156,17 +156,23 @@ static int is_record(PyObject *r) {
     return 0;
 }
 
+/* state.reads or state.writes (a new reference), or NULL with an exception set */
+static PyObject *get_table(PyObject *state, PyObject *name) {
+    PyObject *records = PyObject_GetAttr(state, name);
+    if (records != NULL && !PyList_CheckExact(records)) {
+        Py_DECREF(records);
+        PyErr_SetString(PyExc_TypeError, "streamkit: corrupt access table (expected lists)");
+        return NULL;
+    }
+    return records;
+}
+
 /* Report every record of table `name` ("reads", "writes") of `state` overlapping [lo, hi) that
  * nothing orders before this access. */
 static int report_conflicts(const Clocks *c, PyObject *state, PyObject *name, Py_ssize_t lo, Py_ssize_t hi,
                             PyObject *report, PyObject *kernel, PyObject *kind, PyObject *tensor) {
-    PyObject *records = PyObject_GetAttr(state, name);
+    PyObject *records = get_table(state, name);
     if (records == NULL) return -1;
-    if (!PyList_CheckExact(records)) {
-        Py_DECREF(records);
-        PyErr_SetString(PyExc_TypeError, "streamkit: corrupt access table (expected lists)");
-        return -1;
-    }
     for (Py_ssize_t j = 0; j < PyList_GET_SIZE(records); j++) {
         PyObject *r = PyList_GET_ITEM(records, j);
         if (!is_record(r)) goto error;
@@ -205,13 +211,8 @@ error:
 }
 
 static int set_filtered(PyObject *state, PyObject *name, Py_ssize_t start, Py_ssize_t end, const Clocks *c) {
-    PyObject *records = PyObject_GetAttr(state, name);
+    PyObject *records = get_table(state, name);
     if (records == NULL) return -1;
-    if (!PyList_CheckExact(records)) {
-        Py_DECREF(records);
-        PyErr_SetString(PyExc_TypeError, "streamkit: corrupt access table (expected lists)");
-        return -1;
-    }
     if (PyList_GET_SIZE(records) == 0 && c == NULL) {
         Py_DECREF(records);
         return 0;
@@ -280,13 +281,8 @@ static int check_read(const Clocks *c, PyObject *state, PyObject *lo_obj, PyObje
 
     PyObject *record = PyTuple_Pack(5, lo_obj, hi_obj, idx, seq, kernel);
     if (record == NULL) return -1;
-    PyObject *reads = PyObject_GetAttr(state, s_reads);
+    PyObject *reads = get_table(state, s_reads);
     if (reads == NULL) goto error;
-    if (!PyList_CheckExact(reads)) {
-        Py_DECREF(reads);
-        PyErr_SetString(PyExc_TypeError, "streamkit: corrupt access table (expected lists)");
-        goto error;
-    }
     Py_ssize_t n = PyList_GET_SIZE(reads);
     if (n == 0) {
         rc = PyList_Append(reads, record);
