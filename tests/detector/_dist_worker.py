@@ -1,6 +1,6 @@
 """One rank of a 2-rank gloo job on the fake backend (run by tests/detector/test_collectives.py).
 
-Usage: python _dist_worker.py RANK WORLD_SIZE   (MASTER_ADDR / MASTER_PORT in the environment)
+Usage: python _dist_worker.py   (MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE in the environment)
 
 Runs each scenario in its own ``fake.session(detect="record")`` and prints one line
 ``RESULT <json>``: per scenario, the values the collective produced and the races reported (op,
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import sys
 import traceback
 import warnings
@@ -101,7 +102,7 @@ SCENARIOS = {
 
 
 def main() -> int:
-    rank, world = int(sys.argv[1]), int(sys.argv[2])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     warnings.simplefilter("ignore", FutureWarning)  # all_gather_into_tensor is deprecated in new torch
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=30))
     result = {"rank": rank}

@@ -8,70 +8,32 @@ fixed program (``side.wait_stream(default)``) is clean and numerically right on 
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
+from _support import marker_line, run_ranks
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-REPO = Path(__file__).resolve().parents[2]
 WORLD = 2
 N = 4  # _dist_worker.N
 TIMEOUT_S = 90
 
 
 def worker_line(marker: str) -> int:
-    tag = "# <" + marker + ">"
-    hits = [i for i, text in enumerate(WORKER.read_text().splitlines(), 1) if text.rstrip().endswith(tag)]
-    assert len(hits) == 1, f"marker {tag!r} in {WORKER.name}: lines {hits}"
-    return hits[0]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return marker_line(WORKER, marker)
 
 
 @pytest.fixture(scope="module")
 def results():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    env = dict(os.environ)
-    env["MASTER_ADDR"] = "127.0.0.1"
-    env["MASTER_PORT"] = str(_free_port())
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    env.pop("STREAMKIT_BACKEND", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(rank), str(WORLD)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for rank in range(WORLD)
-    ]
-    outputs = []
-    try:
-        for proc in procs:
-            out, err = proc.communicate(timeout=TIMEOUT_S)
-            outputs.append((proc.returncode, out, err))
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
     parsed = []
-    for rank, (rc, out, err) in enumerate(outputs):
-        lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
-        assert rc == 0 and len(lines) == 1, f"rank {rank} exited {rc}\nstdout:\n{out}\nstderr:\n{err[-4000:]}"
-        data = json.loads(lines[0][len("RESULT "):])
-        assert data["rank"] == rank
+    for r in run_ranks([WORKER], world=WORLD, timeout=TIMEOUT_S):
+        lines = r.lines("RESULT ")
+        assert r.returncode == 0 and len(lines) == 1, r.describe()
+        data = json.loads(lines[0])
+        assert data["rank"] == r.rank
         parsed.append(data)
     return parsed
 

@@ -14,25 +14,21 @@ import os
 import sys
 import threading
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
 import streamkit as sk
+from _support import marker_line
 from streamkit import fake
 
 HERE = os.path.realpath(__file__)
 BASENAME = os.path.basename(__file__)
-_SOURCE = Path(__file__).read_text().splitlines()
 
 
 def line_of(marker: str) -> int:
     """The line number of the unique line of this file that ends with the comment ``# <marker>``."""
-    tag = "# <" + marker + ">"
-    hits = [i for i, text in enumerate(_SOURCE, start=1) if text.rstrip().endswith(tag)]
-    assert len(hits) == 1, f"marker {tag!r} found on lines {hits}, expected exactly one"
-    return hits[0]
+    return marker_line(__file__, marker)
 
 
 def check_access(access, *, kind, stream, marker, op=None):
