@@ -9,19 +9,17 @@ detects stream races.
 
 from __future__ import annotations
 
-from ._backend import Backend
-from ._core import (
-    Event,
-    Stream,
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from ._api import Event, Stream, current_stream, default_stream, device, record_stream, switch, synchronize
+from ._backend import (
+    Backend,
     available_backends,
-    current_stream,
-    default_stream,
-    device,
+    backend_names,
     get_backend,
-    record_stream,
+    register_backend,
     set_backend,
-    switch,
-    synchronize,
     unavailable_reason,
     use_backend,
 )
@@ -29,12 +27,31 @@ from ._errors import (
     BackendMismatchError,
     BackendUnavailableError,
     EventTimingError,
-    RaceError,
     SessionClosedError,
     StreamkitError,
     StreamkitWarning,
     UnrecordedEventWarning,
 )
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ._backends.fake import Race, RaceError
+
+# The fake backend's report types, imported on first use so that `import streamkit` loads no backend.
+_LAZY = {"RaceError": "streamkit._backends.fake", "Race": "streamkit._backends.fake"}
+
+
+def __getattr__(name: str) -> Any:
+    home = _LAZY.get(name)
+    if home is None:
+        raise AttributeError(f"module 'streamkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(home), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
 
 __version__ = "0.1.0"
 
@@ -44,6 +61,7 @@ __all__ = [
     "BackendUnavailableError",
     "Event",
     "EventTimingError",
+    "Race",
     "RaceError",
     "SessionClosedError",
     "Stream",
@@ -51,11 +69,13 @@ __all__ = [
     "StreamkitWarning",
     "UnrecordedEventWarning",
     "available_backends",
+    "backend_names",
     "current_stream",
     "default_stream",
     "device",
     "get_backend",
     "record_stream",
+    "register_backend",
     "set_backend",
     "switch",
     "synchronize",

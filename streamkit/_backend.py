@@ -1,27 +1,50 @@
-"""The contract every backend implements (the ``abc`` of streamkit).
+"""The contract every backend implements (the ``abc`` of streamkit), and the registry that loads
+backends by name and knows which one is active.
 
 A backend hands out opaque *handles* for streams and events; the public :class:`~streamkit.Stream`
 and :class:`~streamkit.Event` wrap a handle together with the backend that made it, so every call is
-checked to stay within one backend.
+checked to stay within one backend. A backend whose handles can expire (a closed fake session)
+raises :class:`~streamkit.SessionClosedError` from its own methods.
+
+A module that provides a backend exports its class as ``backend_class``; the registry
+(:func:`streamkit.register_backend`) imports the module by name when the backend is first asked for.
 """
 
 from __future__ import annotations
 
 import abc
-from contextlib import AbstractContextManager
-from typing import Any
+import importlib
+import os
+import threading
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Iterator
 
 import torch
 
+from ._errors import BackendUnavailableError
+
 
 class Backend(abc.ABC):
-    """One device runtime: ``cuda``, ``npu`` or ``fake``."""
+    """One device runtime: ``cuda``, ``npu``, ``fake``, or a registered third-party one."""
 
     #: short name used by :func:`streamkit.get_backend` and ``STREAMKIT_BACKEND``
     name: str
-    #: True once this backend's handles may no longer be used (a closed fake session); the API then
-    #: calls :meth:`check_usable`, which raises saying why. (An attribute: it is read on every call.)
-    closed: bool = False
+
+    # -- loading ----------------------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def load(cls) -> "Backend":
+        """The instance to use now, or raise :class:`~streamkit.BackendUnavailableError` saying why
+        this machine can't run the backend. Called on every lookup: cache what is costly."""
+
+    @classmethod
+    @contextmanager
+    def test_context(cls) -> Iterator["Backend"]:
+        """Make this backend the active one for one test (the pytest plugin's ``streamkit_backend``
+        fixture); yields it, and waits for the device when the test is done."""
+        with use_backend(cls.load().name) as backend:
+            yield backend
+            backend.synchronize()
 
     # -- device -----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -31,10 +54,6 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def synchronize(self) -> None:
         """Block the host until all work on all streams of the device has completed."""
-
-    @abc.abstractmethod
-    def check_usable(self) -> None:
-        """Raise if handles of this backend may no longer be used (a closed fake session)."""
 
     # -- streams ----------------------------------------------------------------------------
     @abc.abstractmethod
@@ -104,3 +123,153 @@ class Backend(abc.ABC):
 
     def __repr__(self) -> str:
         return f"<streamkit backend {self.name!r}>"
+
+
+# -- the registry ---------------------------------------------------------------------------------
+# name -> module exporting ``backend_class``, in preference order (used when no backend is named).
+_MODULES: dict[str, str] = {
+    "npu": "streamkit._backends.npu",
+    "cuda": "streamkit._backends.cuda",
+    "fake": "streamkit._backends.fake",
+}
+_lock = threading.RLock()
+_classes: dict[str, type[Backend]] = {}
+_import_errors: dict[str, str] = {}
+_active: list[Backend] = []  # process-wide stack: use_backend() blocks and fake sessions push here
+_selected: str | None = None  # set_backend()
+
+
+def register_backend(name: str, target: "str | type[Backend]", *, preferred: bool = False) -> None:
+    """Make a backend available as ``name``: ``target`` is a Backend subclass, or the dotted name of
+    a module exporting one as ``backend_class`` (imported when the backend is first asked for).
+
+    New names are tried last when no backend is named (first with ``preferred=True``). Registering
+    an existing name replaces it.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"register_backend(name): expected a backend name such as 'mydev', got {name!r}")
+    if isinstance(target, str):
+        if not target:
+            raise ValueError("register_backend(target): expected a module name such as 'mypkg.streamkit_backend'")
+    elif not (isinstance(target, type) and issubclass(target, Backend)):
+        raise TypeError(
+            f"register_backend(target): expected a streamkit.Backend subclass or a module name, got {target!r}"
+        )
+    entry = target if isinstance(target, str) else ""
+    with _lock:
+        _classes.pop(name, None)
+        _import_errors.pop(name, None)
+        if not isinstance(target, str):
+            _classes[name] = target
+        others = [(k, v) for k, v in _MODULES.items() if k != name]
+        items = [(name, entry), *others] if preferred else [*others, (name, entry)]
+        _MODULES.clear()
+        _MODULES.update(items)
+
+
+def backend_names() -> tuple[str, ...]:
+    """Every registered backend name, in preference order."""
+    return tuple(_MODULES)
+
+
+def backend_class(name: str) -> type[Backend]:
+    """The class registered as ``name`` (importing its module on first use), or raise
+    :class:`BackendUnavailableError` if the module can't be imported."""
+    cls = _classes.get(name)
+    if cls is not None:
+        return cls
+    with _lock:
+        if name not in _MODULES:
+            raise ValueError(f"unknown streamkit backend {name!r}: choose one of {', '.join(map(repr, _MODULES))}")
+        if name in _import_errors:
+            raise BackendUnavailableError(_import_errors[name])
+        try:
+            module = importlib.import_module(_MODULES[name])
+            cls = module.backend_class
+        except Exception as exc:  # an import that fails is a reason, reported, never a silent fallback
+            _import_errors[name] = f"{name} backend unavailable: importing {_MODULES[name]} failed: {type(exc).__name__}: {exc}"
+            raise BackendUnavailableError(_import_errors[name]) from exc
+        _classes[name] = cls
+        return cls
+
+
+def load_backend(name: str) -> Backend:
+    """The backend called ``name`` (``cls.load()``), or raise :class:`BackendUnavailableError` saying why."""
+    return backend_class(name).load()
+
+
+def unavailable_reason(name: str) -> str | None:
+    """Why backend ``name`` cannot be used here, or ``None`` when it can."""
+    try:
+        load_backend(name)
+    except BackendUnavailableError as exc:
+        return str(exc)
+    return None
+
+
+def available_backends() -> list[str]:
+    """Names of the backends usable in this process, in preference order (``npu``, ``cuda``, ``fake``,
+    then registered ones)."""
+    return [name for name in _MODULES if unavailable_reason(name) is None]
+
+
+def get_backend(name: str | None = None) -> Backend:
+    """The backend called ``name``; with ``None``, the active one.
+
+    The active backend is the innermost :func:`use_backend` / open fake session, else the one given
+    to :func:`set_backend`, else the ``STREAMKIT_BACKEND`` environment variable, else the first
+    available of ``npu``, ``cuda``, ``fake`` (then registered backends).
+    """
+    if name is not None:
+        if not isinstance(name, str):
+            raise TypeError(f"get_backend(name): expected a backend name (str) or None, got {type(name).__name__}")
+        return load_backend(name)
+    if _active:
+        return _active[-1]
+    chosen = _selected or os.environ.get("STREAMKIT_BACKEND") or None
+    if chosen:
+        return load_backend(chosen)
+    reasons = []
+    for candidate in _MODULES:
+        try:
+            return load_backend(candidate)
+        except BackendUnavailableError as exc:
+            reasons.append(str(exc))
+    raise BackendUnavailableError("no streamkit backend is available:\n  " + "\n  ".join(reasons))
+
+
+def set_backend(name: str | None) -> None:
+    """Select the backend used when no :func:`use_backend` block or fake session is active
+    (``None`` restores the default choice). The selection is process-wide."""
+    global _selected
+    if name is not None:
+        load_backend(name)  # fail now, not at first use
+    _selected = name
+
+
+def activate(backend: Backend) -> None:
+    """Make ``backend`` the active one (process-wide) until :func:`deactivate`: for backends whose
+    activity is scoped, such as a fake session. Most code wants :func:`use_backend`."""
+    with _lock:
+        _active.append(backend)
+
+
+def deactivate(backend: Backend) -> None:
+    """Undo the innermost :func:`activate` of ``backend`` (scopes may end out of strict order when
+    used from several threads)."""
+    with _lock:
+        for i in range(len(_active) - 1, -1, -1):
+            if _active[i] is backend:
+                del _active[i]
+                return
+
+
+@contextmanager
+def use_backend(name: str) -> Iterator[Backend]:
+    """Make backend ``name`` the active backend (process-wide) inside the block; yields it."""
+    backend = load_backend(name)
+    activate(backend)
+    try:
+        yield backend
+    finally:
+        deactivate(backend)

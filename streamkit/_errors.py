@@ -2,11 +2,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .fake._report import Race
-
 
 class StreamkitError(RuntimeError):
     """Base class of streamkit's own errors."""
@@ -22,15 +17,6 @@ class BackendMismatchError(StreamkitError):
 
 class SessionClosedError(BackendMismatchError):
     """A stream, event or tensor of a fake session that has ended was used."""
-
-
-class RaceError(StreamkitError):
-    """Two accesses to overlapping device memory, at least one a write, with no happens-before
-    between them. ``str(err)`` is the full report; ``err.race`` is the :class:`~streamkit.fake.Race`."""
-
-    def __init__(self, race: "Race") -> None:
-        super().__init__(str(race))
-        self.race = race
 
 
 class EventTimingError(StreamkitError, ValueError):

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from . import _core
+from . import _backend
 
 
 def pytest_configure(config: Any) -> None:
@@ -28,7 +28,7 @@ def pytest_configure(config: Any) -> None:
 def pytest_generate_tests(metafunc: Any) -> None:
     if "streamkit_backend" not in metafunc.fixturenames:
         return
-    names = list(_core.BACKEND_NAMES)
+    names = list(_backend.backend_names())
     marker = metafunc.definition.get_closest_marker("streamkit_backends")
     if marker is not None:
         unknown = [n for n in marker.args if n not in names]
@@ -41,26 +41,17 @@ def pytest_generate_tests(metafunc: Any) -> None:
 @pytest.fixture
 def streamkit_backend(request: Any) -> Iterator[Any]:
     name = request.param
-    reason = _core.unavailable_reason(name)
+    reason = _backend.unavailable_reason(name)
     if reason is not None:
         pytest.skip(reason)
-    if name == "fake":
-        from . import fake
-
-        with fake.session(detect="raise") as session:
-            yield session.backend
-        return
-    with _core.use_backend(name) as backend:
+    with _backend.backend_class(name).test_context() as backend:
         yield backend
-        backend.synchronize()
 
 
 @pytest.fixture
 def fake_session() -> Iterator[Any]:
-    from . import fake
-
-    reason = _core.unavailable_reason("fake")
+    reason = _backend.unavailable_reason("fake")
     if reason is not None:
         pytest.skip(reason)
-    with fake.session(detect="raise") as session:
-        yield session
+    with _backend.backend_class("fake").test_context() as backend:
+        yield backend.session

@@ -305,12 +305,11 @@ class HeatCollector:
         the counters, all on the side stream. The host does not wait. If the collective fails, the
         error is raised by ``HeatHandle.wait()`` and the counters are kept.
         """
-        self._backend.check_usable()
+        self._ready.record(sk.current_stream())  # (first: a closed session's stream raises here)
         window = self._window
         self._window += 1
         host = self._host_buffer()
         side = self._stream
-        self._ready.record(sk.current_stream())
         side.wait_event(self._ready)
         with sk.switch(side):
             source = self._acc

@@ -12,21 +12,42 @@ from typing import Any
 import torch
 
 from .._backend import Backend
+from .._errors import BackendUnavailableError
 
 
 class TorchDeviceBackend(Backend):
-    def __init__(self, name: str, module: Any) -> None:
-        self.name = name
+    """Shared by ``cuda`` and ``npu``: a subclass names the backend and says how to find its module
+    (``_find_module`` raises :class:`BackendUnavailableError` saying why it can't)."""
+
+    _instance: "TorchDeviceBackend | None" = None
+    _unavailable: str | None = None  # why not, found once per process
+
+    def __init__(self, module: Any) -> None:
         self._mod = module
+
+    @classmethod
+    def _find_module(cls) -> Any:
+        raise NotImplementedError
+
+    @classmethod
+    def load(cls) -> "TorchDeviceBackend":
+        instance = cls.__dict__.get("_instance")
+        if instance is None:
+            if cls.__dict__.get("_unavailable") is not None:
+                raise BackendUnavailableError(cls._unavailable)
+            try:
+                instance = cls(cls._find_module())
+            except BackendUnavailableError as exc:
+                cls._unavailable = str(exc)
+                raise
+            cls._instance = instance
+        return instance
 
     def device(self) -> torch.device:
         return torch.device(self.name, self._mod.current_device())
 
     def synchronize(self) -> None:
         self._mod.synchronize()
-
-    def check_usable(self) -> None:
-        return None
 
     # streams
     def new_stream(self, priority: int) -> Any:

@@ -2,7 +2,7 @@
 
 import torch
 
-from streamkit.fake._tracking import NONE, READ, WRITE, OpPlan, byte_range
+from streamkit._backends.fake._tracking import NONE, READ, WRITE, OpPlan, byte_range
 
 aten = torch.ops.aten
 
@@ -51,7 +51,7 @@ def test_byte_ranges_of_views():
 
 
 def test_wrappers_report_the_layout_of_their_values(fake_session):
-    from streamkit.fake._tensor import peek
+    from streamkit.fake import peek
 
     d = fake_session.device
     base = torch.arange(24.0, device=d)

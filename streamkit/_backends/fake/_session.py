@@ -14,15 +14,16 @@ from typing import Any, Iterator
 
 import torch
 
-from .. import _core
-from .._backend import Backend
-from .._errors import EventTimingError, RaceError, SessionClosedError, StreamkitError, UnrecordedEventWarning
+from ..._api import Stream
+from ..._backend import Backend, activate, deactivate
+from ..._errors import EventTimingError, SessionClosedError, UnrecordedEventWarning
+from . import _active, _fastpath, _tensor  # noqa: F401  (_fastpath: installs the fast path on FakeDeviceTensor)
 from ._clocks import Clocks, EventState, StreamState, merge
 from ._detector import Detector
-from ._report import Race, TensorInfo, capture_site, make_access, short_location, stream_description, suggest_fix, user_stack
-from . import _tensor
-from ._tensor import FakeDeviceTensor, _state, ensure_registered
-from ._tracking import EagerScheduler, Kernel, StorageState
+from ._report import Race, RaceError, Reporter
+from ._sites import capture_site
+from ._tensor import FakeDeviceTensor, ensure_registered
+from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState
 
 DETECT_MODES = ("raise", "record", "off")
 # CUDA maps priorities outside the device's range to the nearest valid one; fake uses [-5, 0].
@@ -77,7 +78,8 @@ class Session:
     """A fake device: streams with CUDA semantics, an eager scheduler and a race detector.
 
     Use it through :func:`session`. While open it is the active backend of every ``sk.*`` call and
-    the home of every tensor created on :attr:`device`.
+    the home of every tensor created on :attr:`device`. Public: :attr:`detect`, :attr:`races`,
+    :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`; the rest is the engine.
     """
 
     def __init__(self, detect: str = "raise") -> None:
@@ -85,19 +87,19 @@ class Session:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         ensure_registered()
         self.detect = detect
-        self.tracking = detect != "off"
-        self.lock = threading.RLock()
-        self.clocks = Clocks()
-        self.scheduler = EagerScheduler()
-        self.detector = Detector(self._report, self.clocks.host)
         self.races: list[Race] = []
         self.stats = Stats()
         self.closed = False
         self.backend = FakeBackend(self)
+        self._tracked = detect != "off"
+        self._lock = threading.RLock()
+        self._clocks = Clocks()
+        self._scheduler = EagerScheduler()
+        self._reporter = Reporter(self.races, self._wrap_stream)
+        self._detector = Detector(self._on_race, self._clocks.host)
         self._tls = _ThreadState()
-        self._seen: set[tuple] = set()
         self._pending: RaceError | None = None
-        self._default_stream = self.clocks.new_stream(0, ())
+        self._default_stream = self._clocks.new_stream(0, ())
 
     # -- the public surface -------------------------------------------------------------------
     @property
@@ -106,16 +108,19 @@ class Session:
         return _tensor.DEVICE
 
     def __enter__(self) -> "Session":
-        _activate(self)
+        _active.enter(self)
+        activate(self.backend)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self.tracking and exc_type is None:
+        if self._tracked and exc_type is None:
             # Tensors kept alive only by reference cycles (a caught exception's traceback, say) would
             # otherwise be freed at some later collection: free them now, inside the session, so
             # their free checks are deterministic.
             gc.collect()
-        _deactivate(self)
+        deactivate(self.backend)
+        self.closed = True
+        _active.leave(self)
         pending, self._pending = self._pending, None
         if pending is not None and exc_type is None:
             raise pending
@@ -123,21 +128,25 @@ class Session:
     def __repr__(self) -> str:
         return f"<fake session detect={self.detect!r} {'closed' if self.closed else 'open'}>"
 
-    # -- used by the dispatch handlers -------------------------------------------------------
-    def current_state(self) -> StreamState:
+    # -- the engine, used by the dispatch handlers and the fast path --------------------------
+    def _current_stream(self) -> StreamState:
+        """The calling thread's current stream."""
         return self._tls.stream or self._default_stream
 
-    def issue(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> Kernel:
+    def _stream_context(self, stream: StreamState) -> "_StreamContext":
+        return _StreamContext(self._tls, stream)
+
+    def _issue(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> Kernel:
         """Issue one kernel on ``stream``: check and record its accesses (raising on a race in
         ``raise`` mode, before it runs)."""
         if self._pending is not None:
             self._raise_pending()
         self.stats.kernels += 1
-        if not self.tracking:
+        if not self._tracked:
             return Kernel(op, call, stream, 0, None, args, kwargs)
-        kernel = Kernel(op, call, stream, self.clocks.issue(stream), site, args, kwargs)
+        kernel = Kernel(op, call, stream, self._clocks.issue(stream), site, args, kwargs)
         try:
-            self.detector.check(accesses, stream, kernel)
+            self._detector.check(accesses, stream, kernel)
         except RaceError:
             # The kernel never runs: it must leave no access behind (those checked before the racing one).
             self._forget(kernel, accesses)
@@ -148,49 +157,57 @@ class Session:
         """Drop the records of a kernel that never ran."""
         for tensor, _ in accesses:
             state = tensor._st
-            state.reads = [r for r in state.reads if r[4] is not kernel]
-            state.writes = [r for r in state.writes if r[4] is not kernel]
+            state.reads = [r for r in state.reads if r.kernel is not kernel]
+            state.writes = [r for r in state.writes if r.kernel is not kernel]
 
-    def launch(
+    def _launch(
         self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list,
         sync: str | None = None,
     ) -> tuple[Kernel, Any]:
-        """Issue a kernel (see :meth:`issue`) and hand it to the scheduler: ``(kernel, result)``.
+        """Issue a kernel (see :meth:`_issue`) and hand it to the scheduler: ``(kernel, result)``.
 
         ``sync`` names the host synchronization that follows the kernel (a ``Stats`` field), if any:
         bincount and friends wait for their output size, as on CUDA.
         """
-        lock = self.lock
+        lock = self._lock
         lock.acquire()
         try:
-            kernel = self.issue(op, call, stream, site, args, kwargs, accesses)
+            kernel = self._issue(op, call, stream, site, args, kwargs, accesses)
             try:
-                if self.scheduler.runs_at_issue:
+                if self._scheduler.runs_at_issue:
                     # The kernel would run inside submit() right away: run it here, without the round trip.
                     kernel.args = kernel.kwargs = None
                     result = call(*args, **kwargs)
                 else:
-                    result = self.scheduler.submit(kernel)
+                    result = self._scheduler.submit(kernel)
             except BaseException:
                 # The op refused its arguments (dtypes, shapes): as on a device, the host raised
                 # before anything was launched, so the kernel leaves no trace.
                 self.stats.kernels -= 1
-                if self.tracking:
+                if self._tracked:
                     self._forget(kernel, accesses)
                 raise
             if sync is not None:
-                self.host_sync(stream.clock, sync)
+                self._host_sync(stream.clock, sync)
             return kernel, result
         finally:
             lock.release()
 
-    def host_sync(self, clock: Any, kind: str) -> None:
+    def _host_sync(self, clock: Any, kind: str) -> None:
         """The host waited for the work ordered by ``clock`` (``kind``: the ``Stats`` field to count
         it under); a free race reported meanwhile is raised now."""
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
-        if self.tracking:
-            with self.lock:
-                self.clocks.host_waits_for(clock)
+        if self._tracked:
+            with self._lock:
+                self._clocks.host_waits_for(clock)
+        if self._pending is not None:
+            self._raise_pending()
+
+    def _host_sync_all(self) -> None:
+        self.stats.device_syncs += 1
+        if self._tracked:
+            with self._lock:
+                self._clocks.host_waits_for_all()
         if self._pending is not None:
             self._raise_pending()
 
@@ -198,63 +215,56 @@ class Session:
         pending, self._pending = self._pending, None
         raise pending
 
-    def _stream(self, state: StreamState) -> Any:
-        return _core.Stream._wrap(self.backend, state)
+    def _wrap_stream(self, state: StreamState) -> Stream:
+        return Stream.from_handle(self.backend, state)
 
-    def _tensor_info(self, tensor: Any, state: StorageState) -> TensorInfo:
-        alloc = user_stack(state.alloc_site) if state.alloc_site else []
-        label, _ = stream_description(self._stream(state.alloc_stream))
-        return TensorInfo(tuple(tensor.shape), tensor.dtype, short_location(alloc[-1] if alloc else None), label)
-
-    def _add_race(self, race: Race) -> bool:
-        key = (race.first.op, race.first.location, race.first.kind, race.second.op, race.second.location, race.second.kind)
-        if key in self._seen:
-            return False
-        self._seen.add(key)
-        self.races.append(race)
-        return True
-
-    def _report(self, record: tuple, kernel: Kernel, kind: str, tensor: Any, state: StorageState) -> None:
-        earlier: Kernel = record[4]
-        earlier_kind = "write" if record in state.writes else "read"
-        first = make_access(earlier.op, self._stream(earlier.stream), earlier_kind, earlier.site)
-        second = make_access(kernel.op, self._stream(kernel.stream), kind, kernel.site)
-        race = Race(first, second, self._tensor_info(tensor, state), suggest_fix(first, second))
-        self._add_race(race)
+    def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
+        race, _ = self._reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
         if self.detect == "raise":
             raise RaceError(race)
 
     def _on_free(self, state: StorageState) -> None:
-        if self.closed or not self.tracking:
+        if self.closed or not self._tracked:
             return
-        with self.lock:
-            pending = Detector.unordered_at_free(state, self.clocks.reuse_clock(state.alloc_stream))
+        with self._lock:
+            pending = Detector.unordered_at_free(state, self._clocks.reuse_clock(state.alloc_stream))
             if not pending:
                 return
-            record = max(pending, key=lambda r: r[3])
-            earlier: Kernel = record[4]
-            earlier_kind = "write" if record in state.writes else "read"
-            first = make_access(earlier.op, self._stream(earlier.stream), earlier_kind, earlier.site)
-            second = make_access(
-                "the caching allocator (last reference dropped)", self._stream(state.alloc_stream), "free",
-                capture_site(sys._getframe(2)),
-            )
-            shape, dtype = state.alloc_meta or ((state.nbytes,), torch.uint8)
-            alloc = user_stack(state.alloc_site) if state.alloc_site else []
-            label, _ = stream_description(self._stream(state.alloc_stream))
-            info = TensorInfo(shape, dtype, short_location(alloc[-1] if alloc else None), label)
-            race = Race(first, second, info, suggest_fix(first, second))
-            if self._add_race(race) and self.detect == "raise" and self._pending is None:
+            earlier, kind = max(pending, key=lambda found: found[0].seq)
+            race, new = self._reporter.free_race(earlier, kind, state, capture_site(sys._getframe(2)))
+            if new and self.detect == "raise" and self._pending is None:
                 self._pending = RaceError(race)
 
 
+def _closed(session: Session) -> None:
+    raise SessionClosedError(f"this stream or event belongs to a fake session that has ended ({session!r})")
+
+
 class FakeBackend(Backend):
-    """The ``fake`` backend of one session."""
+    """The ``fake`` backend of one session. Every call on a closed session's streams and events
+    raises :class:`~streamkit.SessionClosedError`."""
 
     name = "fake"
 
     def __init__(self, session: Session) -> None:
         self._session = session
+
+    @property
+    def session(self) -> Session:
+        """The fake session this backend belongs to."""
+        return self._session
+
+    @classmethod
+    def load(cls) -> "FakeBackend":
+        """The active session's backend: the open ``fake.session()``, else the default session."""
+        return (_active.current or _active.get()).backend
+
+    @classmethod
+    @contextmanager
+    def test_context(cls) -> Iterator["FakeBackend"]:
+        """A ``fake.session(detect="raise")`` for the test: a race fails it."""
+        with session(detect="raise") as s:
+            yield s.backend
 
     def __repr__(self) -> str:
         return f"<streamkit backend 'fake' of {self._session!r}>"
@@ -262,38 +272,37 @@ class FakeBackend(Backend):
     def device(self) -> torch.device:
         return _tensor.DEVICE
 
-    def check_usable(self) -> None:
-        if self._session.closed:
-            raise SessionClosedError(f"this stream or event belongs to a fake session that has ended ({self._session!r})")
-
     def synchronize(self) -> None:
         s = self._session
-        s.stats.device_syncs += 1
-        if s.tracking:
-            with s.lock:
-                s.clocks.host_waits_for_all()
-        if s._pending is not None:
-            s._raise_pending()
+        if s.closed:
+            _closed(s)
+        s._host_sync_all()
 
     # streams
     def new_stream(self, priority: int) -> StreamState:
-        self.check_usable()
-        low, high = PRIORITY_RANGE
         s = self._session
-        with s.lock:
-            return s.clocks.new_stream(min(max(priority, low), high), capture_site(sys._getframe(2)))
+        if s.closed:
+            _closed(s)
+        low, high = PRIORITY_RANGE
+        with s._lock:
+            return s._clocks.new_stream(min(max(priority, low), high), capture_site(sys._getframe(2)))
 
     def current_stream(self) -> StreamState:
-        return self._session.current_state()
+        return self._session._current_stream()
 
     def default_stream(self) -> StreamState:
-        return self._session.clocks.streams[0]
+        return self._session._default_stream
 
-    def stream_context(self, stream: StreamState) -> _StreamContext:
-        return _StreamContext(self._session._tls, stream)
+    def stream_context(self, stream: StreamState) -> "_StreamContext":
+        s = self._session
+        if s.closed:
+            _closed(s)
+        return s._stream_context(stream)
 
     def stream_wait_event(self, stream: StreamState, event: EventState) -> None:
         s = self._session
+        if s.closed:
+            _closed(s)
         if event.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
@@ -304,27 +313,34 @@ class FakeBackend(Backend):
             )
             return
         s.stats.event_waits += 1
-        if s.tracking:
-            with s.lock:
-                s.clocks.wait(stream, event)
+        if s._tracked:
+            with s._lock:
+                s._clocks.wait(stream, event)
 
     def stream_wait_stream(self, stream: StreamState, other: StreamState) -> None:
         s = self._session
+        if s.closed:
+            _closed(s)
         s.stats.event_records += 1  # as on CUDA: an event recorded on `other`, then waited on
         s.stats.event_waits += 1
-        if s.tracking:
-            with s.lock:
+        if s._tracked:
+            with s._lock:
                 merge(stream.clock, other.clock)  # (the host's part is in every stream's effective clock)
 
     def stream_synchronize(self, stream: StreamState) -> None:
-        self._session.host_sync(stream.clock, "stream_syncs")
+        s = self._session
+        if s.closed:
+            _closed(s)
+        s._host_sync(stream.clock, "stream_syncs")
 
     def stream_query(self, stream: StreamState) -> bool:
         # Eager: all issued work has run. A True answer lets the host rely on that work.
         s = self._session
-        if s.tracking:
-            with s.lock:
-                s.clocks.host_waits_for(stream.clock)
+        if s.closed:
+            _closed(s)
+        if s._tracked:
+            with s._lock:
+                s._clocks.host_waits_for(stream.clock)
         return True
 
     def stream_priority(self, stream: StreamState) -> int:
@@ -338,16 +354,23 @@ class FakeBackend(Backend):
 
     # events
     def new_event(self, enable_timing: bool) -> EventState:
-        self.check_usable()
+        s = self._session
+        if s.closed:
+            _closed(s)
         return EventState(enable_timing)
 
     def event_record(self, event: EventState, stream: StreamState) -> None:
         s = self._session
+        if s.closed:
+            _closed(s)
         s.stats.event_records += 1
-        with s.lock:
-            s.clocks.record(event, stream, time.perf_counter())
+        with s._lock:
+            s._clocks.record(event, stream, time.perf_counter())
 
     def event_synchronize(self, event: EventState) -> None:
+        s = self._session
+        if s.closed:
+            _closed(s)
         if event.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
@@ -357,16 +380,20 @@ class FakeBackend(Backend):
                 stacklevel=3,
             )
             return
-        self._session.host_sync(event.clock, "event_syncs")
+        s._host_sync(event.clock, "event_syncs")
 
     def event_query(self, event: EventState) -> bool:
         s = self._session
-        if event.clock is not None and s.tracking:
-            with s.lock:
-                s.clocks.host_waits_for(event.clock)
+        if s.closed:
+            _closed(s)
+        if event.clock is not None and s._tracked:
+            with s._lock:
+                s._clocks.host_waits_for(event.clock)
         return True
 
     def event_elapsed_time(self, start: EventState, end: EventState) -> float:
+        if self._session.closed:
+            _closed(self._session)
         if not (start.enable_timing and end.enable_timing):
             raise EventTimingError("Both events must be created with argument 'enable_timing=True'.")
         if start.clock is None or end.clock is None:
@@ -375,12 +402,15 @@ class FakeBackend(Backend):
 
     # memory
     def record_stream(self, tensor: torch.Tensor, stream: StreamState) -> None:
+        s = self._session
+        if s.closed:
+            _closed(s)
         if type(tensor) is not FakeDeviceTensor:
             raise ValueError(
                 f"record_stream(tensor): tensor is on {tensor.device}, not on the fake device;"
                 " only device memory is managed by the stream-ordered allocator"
             )
-        if tensor._st.session is not None and tensor._st.session is not self._session:
+        if tensor._st.session is not None and tensor._st.session is not s:
             raise SessionClosedError("record_stream(tensor): the tensor belongs to another fake session")
         state = tensor._st
         if type(state.record_streams) is tuple:
@@ -388,51 +418,7 @@ class FakeBackend(Backend):
         state.record_streams.add(stream.idx)
 
 
-# -- which session is active ------------------------------------------------------------------
-_explicit: Session | None = None
-_default: Session | None = None
-_lock = threading.Lock()
-
-
-def active_session() -> Session:
-    """The open explicit session, else the process-wide default session (``detect="raise"``)."""
-    global _default
-    if _explicit is not None:
-        return _explicit
-    with _lock:
-        if _default is None:
-            _default = Session("raise")
-        _state["session"] = _default
-        return _default
-
-
-def active_backend() -> FakeBackend:
-    return active_session().backend
-
-
-def _activate(session: Session) -> None:
-    global _explicit
-    with _lock:
-        if session.closed:
-            raise SessionClosedError(f"{session!r} has ended; open a new fake.session()")
-        if _explicit is not None:
-            raise StreamkitError(
-                f"a fake session is already open ({_explicit!r}); fake sessions don't nest: close it first"
-            )
-        _explicit = session
-        _state["session"] = session
-    _core._push_backend(session.backend)
-
-
-def _deactivate(session: Session) -> None:
-    global _explicit
-    _core._pop_backend(session.backend)
-    with _lock:
-        session.closed = True
-        session.backend.closed = True
-        if _explicit is session:
-            _explicit = None
-            _state["session"] = _default
+_active.set_default_factory(lambda: Session("raise"))
 
 
 @contextmanager

@@ -82,10 +82,6 @@ class Clocks:
         merge(clock, self.host)
         return clock
 
-    def ordered(self, stream_idx: int, seq: int, stream: StreamState) -> bool:
-        """Whether kernel ``seq`` of stream ``stream_idx`` happens before what ``stream`` issues next."""
-        return ordered_before(stream_idx, seq, stream.clock) or ordered_before(stream_idx, seq, self.host)
-
     def issue(self, stream: StreamState) -> int:
         """A kernel is issued to ``stream``: returns its sequence number there."""
         clock = stream.clock

@@ -8,13 +8,46 @@ strided views such as ``x[::2]`` and ``x[1::2]`` are treated as overlapping).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from enum import IntEnum
+from functools import partial
+from typing import Any, Callable, NamedTuple
 
 import torch
 
 from ._clocks import StreamState
 
-NONE, READ, WRITE = 0, 1, 2
+
+class AccessKind(IntEnum):
+    """How an op touches a tensor argument (from its schema), and the kinds a race report names."""
+
+    NONE = 0  # not at all: a view output aliases it
+    READ = 1
+    WRITE = 2
+    FREE = 3  # the allocator taking the memory back (the last reference was dropped)
+
+    @property
+    def label(self) -> str:
+        """The word race reports use: ``"read"``, ``"write"``, ``"free"``."""
+        return self.name.lower()
+
+
+NONE, READ, WRITE = AccessKind.NONE, AccessKind.READ, AccessKind.WRITE
+
+
+class AccessRecord(NamedTuple):
+    """One access not yet superseded in a storage's access table: bytes ``[start, end)`` touched by
+    ``kernel``, the ``seq``-th kernel of stream ``stream`` (an index)."""
+
+    start: int
+    end: int
+    stream: int
+    seq: int
+    kernel: "Kernel"
+
+
+#: ``new_record((start, end, stream, seq, kernel))``: an AccessRecord without NamedTuple's Python
+#: ``__new__`` (half the cost; one is made per access)
+new_record = partial(tuple.__new__, AccessRecord)
 
 # In-place ops that change a tensor's shape/strides: a wrapper tensor's metadata can't follow them.
 METADATA_MUTATORS = frozenset(
@@ -131,16 +164,16 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
 class StorageState:
     """The access table of one storage: accesses not yet superseded, and allocator facts.
 
-    Records are ``(start, end, stream_idx, seq, kernel)``. A write drops the records it covers (any
-    later access that conflicts with them conflicts with the write too); a read drops earlier
-    reads it covers that happen before it.
+    Records are :class:`AccessRecord`. A write drops the records it covers (any later access that
+    conflicts with them conflicts with the write too); a read drops earlier reads it covers that
+    happen before it.
     """
 
     __slots__ = ("reads", "writes", "nbytes", "alloc_stream", "alloc_site", "alloc_meta", "record_streams", "session", "__weakref__")
 
     def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
-        self.reads: list[tuple] = []
-        self.writes: list[tuple] = []
+        self.reads: list[AccessRecord] = []
+        self.writes: list[AccessRecord] = []
         self.nbytes = nbytes
         self.alloc_stream = alloc_stream
         self.alloc_site = alloc_site
@@ -159,7 +192,7 @@ class StorageState:
         # The common case: only the allocation stream, or streams record_stream covers, touched it.
         for records in (self.writes, self.reads):
             for r in records:
-                if r[2] != alloc and r[2] not in covered:
+                if r.stream != alloc and r.stream not in covered:
                     try:
                         session._on_free(self)
                     except Exception:  # never raise from a finalizer
@@ -196,10 +229,9 @@ class Kernel:
 class EagerScheduler:
     """Runs every kernel when it is issued: values are those of a fully synchronous device.
 
-    Deferred schedules (adversarial, random, exhaustive) implement the same ``submit``.
+    Deferred schedules implement the same ``submit``.
     """
 
-    name = "eager"
     runs_at_issue = True  # submit() runs the kernel before returning: launchers may run it inline
 
     def submit(self, kernel: Kernel) -> Any:

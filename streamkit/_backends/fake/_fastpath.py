@@ -16,16 +16,15 @@ disabled: then the C method runs, exactly as it would without the override).
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
-from . import _tensor
-from ._accel import native
-from ._report import capture_site
+from . import _active, _tensor
+from ._sites import capture_site
 from ._tracking import READ as _READ_KIND
 
 _SCALARS = (int, float, bool)
@@ -46,11 +45,10 @@ _FRESH_NAMES = (
     "__floordiv__", "__mod__", "prod", "norm", "square", "minimum", "maximum", "logical_and", "logical_or",
     "bincount", "stack", "cat",
 )
-# STREAMKIT_FAST_PATH=0 sends every op through __torch_dispatch__ (for debugging streamkit itself).
 FAST_FUNCS: frozenset = frozenset(
     [getattr(_T, n) for n in _INPLACE_NAMES + _FRESH_NAMES if hasattr(_T, n)]
     + [getattr(torch, n) for n in _FRESH_NAMES if hasattr(torch, n) and not n.startswith("__")]
-) if os.environ.get("STREAMKIT_FAST_PATH", "1") != "0" else frozenset()
+)
 
 
 class FastPlan:
@@ -69,7 +67,6 @@ class FastPlan:
 _plans: dict[tuple, FastPlan | None] = {}
 _learning_lock = threading.Lock()
 _disabled = torch._C._disabled_torch_function_impl
-_state = _tensor._state
 _FAKE = _tensor.FakeDeviceTensor
 _TYPES = (_FAKE,)
 
@@ -126,10 +123,9 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
         return _disabled(func, types, args, kwargs)
     observed: list = []
     try:
-        _tensor._state["learning"] = (threading.get_ident(), observed)
-        result = _disabled(func, types, args, kwargs)
+        with _tensor.observing(observed):
+            result = _disabled(func, types, args, kwargs)
     finally:
-        _tensor._state["learning"] = None
         _learning_lock.release()
     safe_kwargs = not any(isinstance(v, (torch.Tensor, list, tuple)) for v in kwargs.values())
     _plans[key] = _analyse(args, observed) if safe_kwargs else None
@@ -139,11 +135,11 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
 _BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
 
 
-def torch_function_python(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
     """``FakeDeviceTensor.__torch_function__``: the fast path when it applies, else plain dispatch."""
     if func not in FAST_FUNCS:
         return not_fast(func, types, args, kwargs)
-    return fast_call_python(func, args, kwargs)
+    return fast_call(func, args, kwargs)
 
 
 def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
@@ -158,7 +154,7 @@ def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
     return _disabled(func, types, args, kwargs or {})
 
 
-def fast_call_python(func: Any, args: tuple, kwargs: Any) -> Any:
+def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
     """Run whitelisted ``func`` through its learned plan (learning it on first use)."""
     n = len(args)
     if kwargs:
@@ -179,7 +175,7 @@ def fast_call_python(func: Any, args: tuple, kwargs: Any) -> Any:
         return _disabled(func, _TYPES, args, kwargs)
     if fast is _learning_lock:
         return _learn(func, _TYPES, args, kwargs, key)
-    session = _state["session"] or _tensor._session()
+    session = _active.current or _active.get()
     inner = list(args)
     accesses = []
     for p, kind in fast.tensors:
@@ -201,9 +197,9 @@ def fast_call_python(func: Any, args: tuple, kwargs: Any) -> Any:
         # Autograd must see ops on tensors that require grad: leave those to the dispatch path.
         # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
         return _disabled(func, _TYPES, args, kwargs)
-    stream = session._tls.stream or session._default_stream
-    site = capture_site(sys._getframe(2)) if session.tracking else None
-    kernel, result = session.launch(fast.op, func, stream, site, inner, kwargs, accesses, fast.host_sync)
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(2)) if session._tracked else None
+    kernel, result = session._launch(fast.op, func, stream, site, inner, kwargs, accesses, fast.host_sync)
     if fast.returns_self:
         return args[0]
     for p, _ in fast.tensors:
@@ -219,31 +215,18 @@ _mode_enabled = torch._C._is_torch_function_mode_enabled
 _function_enabled = torch._C._is_torch_function_enabled
 
 
-def _method_python(func: Any) -> Any:
+def _method(func: Any) -> Any:
     """A Python method standing in for C method ``func`` of the fake tensor class."""
 
     def method(*args: Any, **kwargs: Any) -> Any:
         if _mode_enabled() or not _function_enabled():
             return func(*args, **kwargs)
-        return fast_call_python(func, args, kwargs)
+        return fast_call(func, args, kwargs)
 
     method.__name__ = method.__qualname__ = func.__name__
     method.__doc__ = func.__doc__
     return method
 
-
-# Run on every op: the C ports in _native (fast_call_python, _method_python, torch_function_python
-# are the reference implementations), unless STREAMKIT_NATIVE=0.
-if native is not None:
-    native.configure_fast_path(
-        plans=_plans, disabled=_disabled, learn=_learn, types=_TYPES, state=_state,
-        get_session=_tensor._session, fake_type=_FAKE, grad_enabled=_grad_enabled,
-        any_requires_grad=_any_requires_grad, wrap_fresh=_tensor.wrap_fresh, no_kwargs=_NO_KWARGS,
-        mode_enabled=_mode_enabled, function_enabled=_function_enabled, fast_funcs=FAST_FUNCS, refuse=not_fast,
-    )
-    fast_call, torch_function, _method = native.fast_call, native.torch_function, native.FastMethod
-else:
-    fast_call, torch_function, _method = fast_call_python, torch_function_python, _method_python
 
 _to_copy = torch.ops.aten._to_copy.default
 _tensor_cpu = torch.Tensor.cpu
@@ -253,26 +236,54 @@ _clone = torch.Tensor.clone  # what aten._to_copy does for a same-device copy, a
 def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
     """``Tensor.cpu()``: a blocking D2H copy on the current stream, as the dispatch path issues it
     (same op, same read, same host sync), minus the dispatch round trip."""
-    session = _state["session"] or _tensor._session()
+    session = _active.current or _active.get()
     if (
         type(self) is not _FAKE or _mode_enabled() or not _function_enabled()
         or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))
     ):
         return _tensor_cpu(self, memory_format=memory_format)
-    stream = session._tls.stream or session._default_stream
-    site = capture_site(sys._getframe(1)) if session.tracking else None
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(1)) if session._tracked else None
     kwargs = {"memory_format": memory_format}
-    _, result = session.launch(_to_copy, _clone, stream, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
+    _, result = session._launch(_to_copy, _clone, stream, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
     return result
+
+
+_installed: list[str] = []
 
 
 def install_methods(cls: type) -> None:
     """Override the whitelisted C methods of ``torch.Tensor`` on ``cls`` (Python-level ones, such as
-    ``__rsub__``, keep PyTorch's own wrapper: it turns a TypeError into NotImplemented)."""
+    ``__rsub__``, keep PyTorch's own wrapper: it turns a TypeError into NotImplemented), and route
+    ``__torch_function__`` through the fast path."""
     for func in FAST_FUNCS:
         name = getattr(func, "__name__", None)
         if name and getattr(torch.Tensor, name, None) is func and type(func).__name__ in ("method_descriptor", "wrapper_descriptor"):
             setattr(cls, name, _method(func))
+            _installed.append(name)
     cls.__torch_function__ = classmethod(torch_function)
-    if FAST_FUNCS:
-        cls.cpu = _cpu
+    cls.cpu = _cpu
+    _installed.append("cpu")
+
+
+def _dispatch_only_torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+    return not_fast(func, types, args, kwargs)
+
+
+@contextmanager
+def _dispatch_only(cls: type = _FAKE) -> Iterator[None]:
+    """Test hook: inside the block every op on ``cls`` goes through ``__torch_dispatch__`` (the
+    reference path the fast path must agree with). Not thread-safe; for tests only."""
+    saved = {name: cls.__dict__[name] for name in _installed}
+    saved["__torch_function__"] = cls.__dict__["__torch_function__"]
+    for name in _installed:
+        delattr(cls, name)
+    cls.__torch_function__ = classmethod(_dispatch_only_torch_function)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(cls, name, value)
+
+
+install_methods(_FAKE)

@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 
-from .._errors import BackendUnavailableError, SessionClosedError
-from ._report import capture_site
-from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, plan_for
+from ..._errors import BackendUnavailableError, SessionClosedError
+from . import _active
+from ._sites import capture_site
+from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
 
 DEVICE_TYPE = "fake"
 DEVICE: torch.device = torch.device("cpu")  # torch.device("fake", 0) once ensure_registered() ran
@@ -42,8 +43,8 @@ _METADATA_QUERIES = frozenset(
 # Allocation-only factories: they write nothing (the memory holds garbage, as on a device).
 _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"})
 
-# The session whose dispatch handles fake tensors now; set by _session.
-_state: dict[str, Any] = {"session": None, "learning": None}
+# (thread id, list): the fast path is watching what one call of that thread dispatches (see observing())
+_observer: tuple[int, list] | None = None
 
 
 def ensure_registered() -> None:
@@ -75,12 +76,23 @@ def ensure_registered() -> None:
 
 
 def _session() -> Any:
-    session = _state["session"]
-    if session is None:
-        from ._session import active_session
+    return _active.current or _active.get()
 
-        session = active_session()
-    return session
+
+class observing:
+    """Inside the block, every kernel the calling thread issues through dispatch is appended to
+    ``observed`` as ``(plan, args, kwargs, out)`` (how the fast path learns what a call does)."""
+
+    def __init__(self, observed: list) -> None:
+        self._observed = observed
+
+    def __enter__(self) -> None:
+        global _observer
+        _observer = (threading.get_ident(), self._observed)
+
+    def __exit__(self, *exc: Any) -> None:
+        global _observer
+        _observer = None
 
 
 class FakeDeviceTensor(torch.Tensor):
@@ -93,7 +105,7 @@ class FakeDeviceTensor(torch.Tensor):
     # (Slots: set on every new wrapper and read on every access; instances keep a __dict__ too.)
     __slots__ = ("_inner", "_st", "_lo", "_hi")
 
-    # __torch_function__ is _fastpath.torch_function, installed at the end of this module
+    # __torch_function__ and the fast method stand-ins are installed by _fastpath (install_methods)
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -152,8 +164,8 @@ def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
     state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (inner.shape, inner.dtype))
     out = _new_wrapper(inner, state)
-    if kernel is not None and session.tracking and out._hi > out._lo:
-        state.writes.append((out._lo, out._hi, stream.idx, kernel.seq, kernel))
+    if kernel is not None and session._tracked and out._hi > out._lo:
+        state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
     return out
 
 
@@ -259,15 +271,15 @@ def _choose_handler(plan: OpPlan) -> Any:
 
 def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
-    session = _state["session"] or _session()
+    session = _active.current or _active.get()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(2)) if session._tracked else None
+    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
     out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
-    learning = _state["learning"]
-    if learning is not None and learning[0] == threading.get_ident():
-        learning[1].append((plan, args, kwargs, out))
+    observer = _observer
+    if observer is not None and observer[0] == threading.get_ident():
+        observer[1].append((plan, args, kwargs, out))
     return out
 
 
@@ -289,8 +301,8 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
         if type(original) is FakeDeviceTensor and original._inner.shape != original.shape:
             # an out= argument the op resized (factories such as arange fill an empty one)
             _refresh(original)
-            if kernel is not None and session.tracking and original._hi > original._lo:
-                original._st.writes.append((original._lo, original._hi, stream.idx, kernel.seq, kernel))
+            if kernel is not None and session._tracked and original._hi > original._lo:
+                original._st.writes.append(new_record((original._lo, original._hi, stream.idx, kernel.seq, kernel)))
         return original
     if type(value) is torch.Tensor:
         if kind == "view":
@@ -324,8 +336,8 @@ def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     if new_kwargs.get("device") is not None:
         new_kwargs["device"] = CPU
-    stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(2)) if session._tracked else None
     result = plan.call(*new_args, **new_kwargs)
     return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
 
@@ -355,10 +367,10 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
         return _kernel(plan, args, kwargs)
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(2)) if session._tracked else None
     sync = None if kwargs.get("non_blocking", False) else "blocking_copies"
-    _, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, sync)
+    _, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, sync)
     return result
 
 
@@ -372,8 +384,8 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     if dst_fake and src_fake:
         return _kernel(plan, args, kwargs)
     session = _session()
-    stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(2)) if session._tracked else None
     device_side = dst if dst_fake else src
     if device_side._st.session is not session:
         _check_session(session, device_side)
@@ -383,7 +395,7 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
-    session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses, None if non_blocking else "blocking_copies")
+    session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, None if non_blocking else "blocking_copies")
     return dst
 
 
@@ -400,12 +412,12 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_state()
-    site = capture_site(sys._getframe(2)) if session.tracking else None
-    with session.lock:
-        kernel = session.issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(2)) if session._tracked else None
+    with session._lock:
+        kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
-    result = session.scheduler.submit(kernel)
+    result = session._scheduler.submit(kernel)
     works = [r for r in (result if isinstance(result, tuple) else (result,)) if hasattr(r, "wait") and not isinstance(r, torch.Tensor)]
     for work in works:
         work.wait()
@@ -425,14 +437,9 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(a, torch.Tensor) and a.device.type != "cpu":
             raise RuntimeError(f"{op}: unexpected argument on {a.device} for the fake device")
     plan = plan_for(op)
-    stream = session.current_state()
-    site = capture_site(sys._getframe(1)) if session.tracking else None
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(1)) if session._tracked else None
     if plan.name in _ALLOCATIONS:
         return _wrap_outputs(plan, op._op(*args, **kwargs), args, kwargs, session, stream, None, site)
-    kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
+    kernel, result = session._launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
-
-
-from . import _fastpath  # noqa: E402  (needs the names above)
-
-_fastpath.install_methods(FakeDeviceTensor)  # __torch_function__ and the method stand-ins

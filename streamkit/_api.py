@@ -1,4 +1,4 @@
-"""Backend-neutral public API: backend selection, :class:`Stream`, :class:`Event`, :func:`switch`.
+"""Backend-neutral public API: :class:`Stream`, :class:`Event`, :func:`switch` and friends.
 
 Everything here is a thin wrapper over the active :class:`~streamkit._backend.Backend`; the
 semantics stated in the docstrings are those of CUDA streams, which every backend follows.
@@ -6,128 +6,12 @@ semantics stated in the docstrings are those of CUDA streams, which every backen
 
 from __future__ import annotations
 
-import os
-import threading
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from ._backend import Backend
-from ._errors import BackendMismatchError, BackendUnavailableError
-
-#: preference order used when no backend is named
-BACKEND_NAMES: tuple[str, ...] = ("npu", "cuda", "fake")
-
-_lock = threading.RLock()
-_loaded: dict[str, Backend] = {}
-_reasons: dict[str, str] = {}
-_override: list[Backend] = []  # process-wide stack: use_backend() and fake sessions push here
-_selected: str | None = None  # set_backend()
-
-
-def _load(name: str) -> Backend:
-    """Return the backend called ``name``, or raise :class:`BackendUnavailableError` saying why."""
-    if name == "fake":
-        from .fake import _session
-
-        return _session.active_backend()
-    if name not in BACKEND_NAMES:
-        raise ValueError(
-            f"unknown streamkit backend {name!r}: choose one of {', '.join(map(repr, BACKEND_NAMES))}"
-        )
-    with _lock:
-        if name in _loaded:
-            return _loaded[name]
-        if name in _reasons:
-            raise BackendUnavailableError(_reasons[name])
-        try:
-            if name == "cuda":
-                from ._backends.cuda import load_cuda
-
-                backend = load_cuda()
-            else:
-                from ._backends.npu import load_npu
-
-                backend = load_npu()
-        except BackendUnavailableError as exc:
-            _reasons[name] = str(exc)
-            raise
-        _loaded[name] = backend
-        return backend
-
-
-def unavailable_reason(name: str) -> str | None:
-    """Why backend ``name`` cannot be used here, or ``None`` when it can."""
-    try:
-        _load(name)
-    except BackendUnavailableError as exc:
-        return str(exc)
-    return None
-
-
-def available_backends() -> list[str]:
-    """Names of the backends usable in this process, in preference order (``npu``, ``cuda``, ``fake``)."""
-    return [name for name in BACKEND_NAMES if unavailable_reason(name) is None]
-
-
-def get_backend(name: str | None = None) -> Backend:
-    """The backend called ``name``; with ``None``, the active one.
-
-    The active backend is the innermost :func:`use_backend` / open fake session, else the one given
-    to :func:`set_backend`, else the ``STREAMKIT_BACKEND`` environment variable, else the first
-    available of ``npu``, ``cuda``, ``fake``.
-    """
-    if name is not None:
-        if not isinstance(name, str):
-            raise TypeError(f"get_backend(name): expected a backend name (str) or None, got {type(name).__name__}")
-        return _load(name)
-    if _override:
-        return _override[-1]
-    chosen = _selected or os.environ.get("STREAMKIT_BACKEND") or None
-    if chosen:
-        return _load(chosen)
-    for candidate in BACKEND_NAMES:
-        try:
-            return _load(candidate)
-        except BackendUnavailableError:
-            continue
-    raise BackendUnavailableError("no streamkit backend is available")  # pragma: no cover (fake always is)
-
-
-def set_backend(name: str | None) -> None:
-    """Select the backend used when no :func:`use_backend` block or fake session is active
-    (``None`` restores the default choice). The selection is process-wide."""
-    global _selected
-    if name is not None:
-        _load(name)  # fail now, not at first use
-    _selected = name
-
-
-def _push_backend(backend: Backend) -> None:
-    with _lock:
-        _override.append(backend)
-
-
-def _pop_backend(backend: Backend) -> None:
-    with _lock:
-        # Remove the innermost entry for this backend (sessions may end out of strict order
-        # when used from several threads).
-        for i in range(len(_override) - 1, -1, -1):
-            if _override[i] is backend:
-                del _override[i]
-                return
-
-
-@contextmanager
-def use_backend(name: str) -> Iterator[Backend]:
-    """Make backend ``name`` the active backend (process-wide) inside the block; yields it."""
-    backend = _load(name)
-    _push_backend(backend)
-    try:
-        yield backend
-    finally:
-        _pop_backend(backend)
+from ._backend import Backend, get_backend
+from ._errors import BackendMismatchError
 
 
 def device() -> torch.device:
@@ -172,10 +56,11 @@ class Stream:
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"Stream(priority): expected an int, got {type(priority).__name__}")
         backend = get_backend()
-        return cls._wrap(backend, backend.new_stream(priority))
+        return cls.from_handle(backend, backend.new_stream(priority))
 
     @classmethod
-    def _wrap(cls, backend: Backend, handle: Any) -> "Stream":
+    def from_handle(cls, backend: Backend, handle: Any) -> "Stream":
+        """The stream for ``handle``, a stream handle of ``backend`` (for backend implementations)."""
         self = object.__new__(cls)
         self._backend = backend
         self._handle = handle
@@ -188,8 +73,6 @@ class Stream:
             _expect(other, Stream, "Stream.wait_stream(other)")
         if other._backend is not self._backend:
             _same_backend(self, other, "Stream.wait_stream(other)")
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.stream_wait_stream(self._handle, other._handle)
 
     def wait_event(self, event: "Event") -> None:
@@ -200,34 +83,26 @@ class Stream:
             _expect(event, Event, "Stream.wait_event(event)")
         if event._backend is not self._backend:
             _same_backend(self, event, "Stream.wait_event(event)")
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.stream_wait_event(self._handle, event._handle)
 
     def record_event(self, event: "Event | None" = None) -> "Event":
         """Record ``event`` (a new one if ``None``) on this stream: it captures all work issued to
         this stream so far. Returns the event."""
         if event is None:
-            event = Event._wrap(self._backend, self._backend.new_event(False))
+            event = Event.from_handle(self._backend, self._backend.new_event(False))
         else:
             _expect(event, Event, "Stream.record_event(event)")
             _same_backend(self, event, "Stream.record_event(event)")
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.event_record(event._handle, self._handle)
         return event
 
     def synchronize(self) -> None:
         """Block the host until all work issued to this stream has completed; the host, and so all
         work it issues afterwards, is then ordered after that work."""
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.stream_synchronize(self._handle)
 
     def query(self) -> bool:
         """``True`` if all work issued to this stream has completed (the host may then rely on it)."""
-        if self._backend.closed:
-            self._backend.check_usable()
         return self._backend.stream_query(self._handle)
 
     @property
@@ -272,10 +147,11 @@ class Event:
         if not isinstance(enable_timing, bool):
             raise TypeError(f"Event(enable_timing): expected a bool, got {type(enable_timing).__name__}")
         backend = get_backend()
-        return cls._wrap(backend, backend.new_event(enable_timing))
+        return cls.from_handle(backend, backend.new_event(enable_timing))
 
     @classmethod
-    def _wrap(cls, backend: Backend, handle: Any) -> "Event":
+    def from_handle(cls, backend: Backend, handle: Any) -> "Event":
+        """The event for ``handle``, an event handle of ``backend`` (for backend implementations)."""
         self = object.__new__(cls)
         self._backend = backend
         self._handle = handle
@@ -291,27 +167,19 @@ class Event:
     def record(self, stream: "Stream | None" = None) -> None:
         """Capture all work issued so far to ``stream`` (default: the current stream)."""
         handle = self._stream_or_current(stream, "Event.record(stream)")
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.event_record(self._handle, handle)
 
     def wait(self, stream: "Stream | None" = None) -> None:
         """Order all later work on ``stream`` (default: the current stream) after the captured work."""
         handle = self._stream_or_current(stream, "Event.wait(stream)")
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.stream_wait_event(handle, self._handle)
 
     def synchronize(self) -> None:
         """Block the host until the captured work has completed (returns at once if never recorded)."""
-        if self._backend.closed:
-            self._backend.check_usable()
         self._backend.event_synchronize(self._handle)
 
     def query(self) -> bool:
         """``True`` if the captured work has completed (or the event was never recorded)."""
-        if self._backend.closed:
-            self._backend.check_usable()
         return self._backend.event_query(self._handle)
 
     def elapsed_time(self, end_event: "Event") -> float:
@@ -319,8 +187,6 @@ class Event:
         ``enable_timing=True`` and must have completed."""
         _expect(end_event, Event, "Event.elapsed_time(end_event)")
         _same_backend(self, end_event, "Event.elapsed_time(end_event)")
-        if self._backend.closed:
-            self._backend.check_usable()
         return self._backend.event_elapsed_time(self._handle, end_event._handle)
 
     @property
@@ -339,13 +205,13 @@ class Event:
 def current_stream() -> Stream:
     """The calling thread's current stream on the active backend."""
     backend = get_backend()
-    return Stream._wrap(backend, backend.current_stream())
+    return Stream.from_handle(backend, backend.current_stream())
 
 
 def default_stream() -> Stream:
     """The active device's default stream."""
     backend = get_backend()
-    return Stream._wrap(backend, backend.default_stream())
+    return Stream.from_handle(backend, backend.default_stream())
 
 
 class switch:
@@ -370,8 +236,6 @@ class switch:
 
     def __enter__(self) -> Stream | None:
         if self._context is not None:
-            if self._stream._backend.closed:
-                self._stream._backend.check_usable()
             self._context.__enter__()
         return self._stream
 
@@ -388,6 +252,4 @@ def record_stream(tensor: torch.Tensor, stream: Stream) -> None:
         raise TypeError(f"record_stream(tensor): expected a torch.Tensor, got {type(tensor).__name__}")
     if type(stream) is not Stream:
         _expect(stream, Stream, "record_stream(stream)")
-    if stream._backend.closed:
-        stream._backend.check_usable()
     stream._backend.record_stream(tensor, stream._handle)

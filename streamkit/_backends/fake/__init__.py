@@ -1,0 +1,19 @@
+"""The fake backend: a CPU device with CUDA stream semantics and happens-before race detection.
+
+>>> from streamkit import fake
+>>> with fake.session(detect="raise") as s:
+...     x = torch.ones(4, device=s.device)
+"""
+
+from __future__ import annotations
+
+from ._report import Access, Race, RaceError, TensorInfo
+from ._session import FakeBackend, Session, Stats, session
+from ._tensor import FakeDeviceTensor, peek
+
+#: what the registry loads (``streamkit._backend``)
+backend_class = FakeBackend
+
+__all__ = [
+    "Access", "FakeBackend", "FakeDeviceTensor", "Race", "RaceError", "Session", "Stats", "TensorInfo", "peek", "session",
+]

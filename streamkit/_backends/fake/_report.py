@@ -1,0 +1,181 @@
+"""Race reports: the two accesses, the tensor, and the wait that fixes it; and the reporter that
+builds each race once, for the access check and the allocator's free check alike."""
+
+from __future__ import annotations
+
+import re
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+
+from ..._errors import StreamkitError
+from ._clocks import StreamState
+from ._sites import short_location, user_stack
+from ._tracking import AccessKind, AccessRecord, Kernel, StorageState
+
+_ASSIGN = re.compile(r"^\s*(?:self\.)?([A-Za-z_]\w*)\s*(?::[^=]+)?=\s*[\w.]*Stream\(")
+
+
+def stream_description(state: StreamState) -> tuple[str, str]:
+    """``(label, code_name)`` for a fake stream: e.g. ``("stream #1 'side' (created at a.py:8)", "side")``."""
+    if state.idx == 0:
+        return "the default stream", "sk.default_stream()"
+    frames = user_stack(state.site)
+    where = frames[-1] if frames else None
+    name = None
+    if where is not None and where.line:
+        match = _ASSIGN.match(where.line)
+        if match:
+            name = match.group(1)
+    label = f"stream #{state.idx}" + (f" {name!r}" if name else "") + f" (created at {short_location(where)})"
+    return label, name or f"<stream #{state.idx}>"
+
+
+@dataclass(frozen=True)
+class Access:
+    """One access to device memory by a kernel (or the allocator, for kind ``"free"``)."""
+
+    op: str
+    stream: Any  # streamkit.Stream
+    kind: str  # "read" | "write" | "free"
+    stack: list[traceback.FrameSummary] = field(repr=False)
+    stream_state: StreamState = field(repr=False, compare=False)
+
+    @property
+    def frame(self) -> traceback.FrameSummary | None:
+        return self.stack[-1] if self.stack else None
+
+    @property
+    def filename(self) -> str | None:
+        return self.frame.filename if self.frame else None
+
+    @property
+    def lineno(self) -> int | None:
+        return self.frame.lineno if self.frame else None
+
+    @property
+    def location(self) -> str:
+        """The user's ``file.py:line`` of this access."""
+        return short_location(self.frame)
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """The memory both accesses touched."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    allocated_at: str
+    allocated_on: str
+
+
+def _format_stack(stack: list[traceback.FrameSummary], indent: str) -> str:
+    lines = []
+    for frame in stack[-4:]:
+        lines.append(f"{indent}{frame.filename}:{frame.lineno} in {frame.name}")
+        if frame.line:
+            lines.append(f"{indent}    {frame.line}")
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Race:
+    """Two accesses to overlapping bytes, at least one a write, with no happens-before between them.
+
+    ``first`` was issued before ``second``; ``fix`` names the wait that orders them.
+    """
+
+    first: Access
+    second: Access
+    tensor: TensorInfo
+    fix: str
+
+    def __str__(self) -> str:
+        first_label, _ = stream_description(self.first.stream_state)
+        second_label, _ = stream_description(self.second.stream_state)
+        shape = tuple(self.tensor.shape)
+        lines = [
+            f"stream race on a tensor of shape {shape}, dtype {self.tensor.dtype}"
+            f" (allocated at {self.tensor.allocated_at} on {self.tensor.allocated_on}):",
+            f"  first:  {self.first.kind} by {self.first.op} on {first_label} at {self.first.location}",
+            _format_stack(self.first.stack, "            "),
+            f"  second: {self.second.kind} by {self.second.op} on {second_label} at {self.second.location}",
+            _format_stack(self.second.stack, "            "),
+            "  nothing orders the second after the first (no wait, event or host sync in between).",
+            f"  fix: {self.fix}",
+        ]
+        return "\n".join(line for line in lines if line)
+
+
+class RaceError(StreamkitError):
+    """Two accesses to overlapping device memory, at least one a write, with no happens-before
+    between them. ``str(err)`` is the full report; ``err.race`` is the :class:`Race`."""
+
+    def __init__(self, race: Race) -> None:
+        super().__init__(str(race))
+        self.race = race
+
+
+def suggest_fix(first: Access, second: Access) -> str:
+    _, first_name = stream_description(first.stream_state)
+    _, second_name = stream_description(second.stream_state)
+    if second.kind == "free":
+        return (
+            f"call sk.record_stream(tensor, {first_name}) after {first.location} (the allocator then keeps the"
+            f" memory until {first_name}'s work is done), or {second_name}.wait_stream({first_name}) before the"
+            f" last reference is dropped at {second.location}"
+        )
+    return (
+        f"{second_name}.wait_stream({first_name}) after {first.location} and before {second.location}"
+        f" (or record an event on {first_name} after {first.location} and {second_name}.wait_event(it)"
+        f" before {second.location})"
+    )
+
+
+class Reporter:
+    """Turns detector findings into :class:`Race` reports, each distinct race once (by both ops,
+    locations and kinds), appended to ``races``.
+
+    ``wrap_stream(state)`` gives the public ``streamkit.Stream`` of a fake stream.
+    """
+
+    def __init__(self, races: list[Race], wrap_stream: Callable[[StreamState], Any]) -> None:
+        self.races = races
+        self._wrap_stream = wrap_stream
+        self._seen: set[tuple] = set()
+
+    def _access(self, op: Any, stream: StreamState, kind: AccessKind, site: Sequence[tuple]) -> Access:
+        return Access(str(op), self._wrap_stream(stream), kind.label, user_stack(site), stream)
+
+    def _tensor_info(self, shape: tuple, dtype: torch.dtype, state: StorageState) -> TensorInfo:
+        alloc = user_stack(state.alloc_site) if state.alloc_site else []
+        label, _ = stream_description(state.alloc_stream)
+        return TensorInfo(tuple(shape), dtype, short_location(alloc[-1] if alloc else None), label)
+
+    def _add(self, first: Access, second: Access, info: TensorInfo) -> tuple[Race, bool]:
+        race = Race(first, second, info, suggest_fix(first, second))
+        key = (first.op, first.location, first.kind, second.op, second.location, second.kind)
+        if key in self._seen:
+            return race, False
+        self._seen.add(key)
+        self.races.append(race)
+        return race, True
+
+    def access_race(
+        self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState
+    ) -> tuple[Race, bool]:
+        """``kernel``'s access of ``kind`` to ``tensor`` is unordered with ``earlier``: the race, and
+        whether it is new (a race already reported is not appended again)."""
+        first = self._access(earlier.kernel.op, earlier.kernel.stream, earlier_kind, earlier.kernel.site)
+        second = self._access(kernel.op, kernel.stream, kind, kernel.site)
+        return self._add(first, second, self._tensor_info(tensor.shape, tensor.dtype, state))
+
+    def free_race(self, earlier: AccessRecord, earlier_kind: AccessKind, state: StorageState, site: Sequence[tuple]) -> tuple[Race, bool]:
+        """The last reference to ``state``'s memory was dropped (at ``site``) while ``earlier`` may
+        still run on another stream: the allocator could hand the memory out again."""
+        first = self._access(earlier.kernel.op, earlier.kernel.stream, earlier_kind, earlier.kernel.site)
+        second = self._access("the caching allocator (last reference dropped)", state.alloc_stream, AccessKind.FREE, site)
+        shape, dtype = state.alloc_meta or ((state.nbytes,), torch.uint8)
+        return self._add(first, second, self._tensor_info(shape, dtype, state))

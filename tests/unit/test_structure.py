@@ -1,0 +1,247 @@
+"""The package's shape: no import cycles, neutral modules that import no backend, backends as
+plugins (a third-party one registers by name), and every backend's reason when none loads."""
+
+from __future__ import annotations
+
+import ast
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import streamkit as sk
+from streamkit import _backend
+
+REPO = Path(__file__).resolve().parents[2]
+PACKAGES = ("streamkit", "streamkit_eplb")
+NEUTRAL = ("streamkit", "streamkit._api", "streamkit._backend", "streamkit._errors", "streamkit.pytest_plugin")
+BACKENDS = "streamkit._backends."
+
+
+def _modules() -> dict[str, Path]:
+    found = {}
+    for package in PACKAGES:
+        for path in sorted((REPO / package).rglob("*.py")):
+            parts = list(path.relative_to(REPO).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
+    return found
+
+
+def _is_type_checking(node: ast.If) -> bool:
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
+    """Every project module ``name`` imports, at module level or inside functions (not under
+    ``if TYPE_CHECKING:``): ``from X import Y`` counts as X.Y when that is a module, else X."""
+    is_package = path.name == "__init__.py"
+    here = name.split(".") if is_package else name.split(".")[:-1]
+    targets: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.If) and _is_type_checking(child):
+                for extra in child.orelse:
+                    visit(extra)
+                continue
+            if isinstance(child, ast.Import):
+                targets.update(alias.name for alias in child.names)
+            elif isinstance(child, ast.ImportFrom):
+                base = here[: len(here) - child.level + 1] if child.level else []
+                module = ".".join(base + (child.module.split(".") if child.module else []))
+                for alias in child.names:
+                    full = f"{module}.{alias.name}"
+                    targets.add(full if full in modules else module)
+            visit(child)
+
+    visit(ast.parse(path.read_text(), str(path)))
+    return {t for t in targets if t in modules and t != name}
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    modules = _modules()
+    return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def test_the_import_walk_sees_function_level_and_relative_imports(graph):
+    # guards the walker itself: these edges exist (one relative, one at function level)
+    assert "streamkit._backend" in graph["streamkit._api"]
+    assert "streamkit._backends.fake._tensor" in graph["streamkit._backends.fake._fastpath"]
+    assert "streamkit.fake" in graph["streamkit.check"]
+
+
+def test_no_module_imports_another_in_a_cycle(graph):
+    cycles = []
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def dfs(node: str) -> None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(path[path.index(nxt):] + [nxt])
+            elif nxt not in state:
+                dfs(nxt)
+        path.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            dfs(node)
+    assert cycles == [], "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def test_neutral_modules_import_no_backend(graph):
+    for name in NEUTRAL:
+        backends = sorted(t for t in graph[name] if t.startswith(BACKENDS) or t == "streamkit.fake")
+        assert backends == [], f"{name} imports backend modules {backends}"
+
+
+class HostBackend(sk.Backend):
+    """A trivial third-party backend: host "streams" on which every op has already completed."""
+
+    name = "host"
+
+    @classmethod
+    def load(cls) -> "HostBackend":
+        return cls()
+
+    def device(self):
+        return torch.device("cpu")
+
+    def synchronize(self):
+        pass
+
+    def new_stream(self, priority):
+        return ("stream", priority, object())
+
+    def current_stream(self):
+        return _DEFAULT
+
+    def default_stream(self):
+        return _DEFAULT
+
+    def stream_context(self, stream):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def stream_wait_event(self, stream, event):
+        pass
+
+    def stream_synchronize(self, stream):
+        pass
+
+    def stream_query(self, stream):
+        return True
+
+    def stream_priority(self, stream):
+        return stream[1]
+
+    def stream_key(self, stream):
+        return id(stream[2])
+
+    def new_event(self, enable_timing):
+        return {"recorded": False}
+
+    def event_record(self, event, stream):
+        event["recorded"] = True
+
+    def event_synchronize(self, event):
+        pass
+
+    def event_query(self, event):
+        return True
+
+    def event_elapsed_time(self, start, end):
+        return 0.0
+
+    def record_stream(self, tensor, stream):
+        pass
+
+
+_DEFAULT = ("stream", 0, object())
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """The registry's tables, restored after the test."""
+    monkeypatch.setattr(_backend, "_MODULES", dict(_backend._MODULES))
+    monkeypatch.setattr(_backend, "_classes", dict(_backend._classes))
+    monkeypatch.setattr(_backend, "_import_errors", {})
+    return _backend
+
+
+def test_a_third_party_backend_registers_by_class_and_runs_the_api(registry):
+    sk.register_backend("host", HostBackend)
+    assert sk.backend_names()[-1] == "host" and "host" in sk.available_backends()
+    with sk.use_backend("host") as backend:
+        assert isinstance(backend, HostBackend) and sk.get_backend() is backend
+        side = sk.Stream(priority=-1)
+        assert side.backend == "host" and side.priority == -1
+        side.wait_stream(sk.current_stream())
+        with sk.switch(side) as s:
+            assert s is side
+        event = side.record_event()
+        event.synchronize()
+        assert event.query() and side.query()
+    # and its test hook is the default one: the backend is active for the test, then synchronized
+    with HostBackend.test_context() as backend:
+        assert sk.get_backend() is backend
+
+
+def test_a_third_party_backend_registers_by_module_name(registry, tmp_path, monkeypatch):
+    (tmp_path / "sk_host_backend.py").write_text(
+        textwrap.dedent(
+            """
+            import streamkit as sk
+            from streamkit._backends.fake import FakeBackend
+            class Mine(FakeBackend):
+                name = "mine"
+            backend_class = Mine
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sk.register_backend("mine", "sk_host_backend", preferred=True)
+    assert sk.backend_names()[0] == "mine"
+    assert _backend.backend_class("mine").__module__ == "sk_host_backend"
+    sys.modules.pop("sk_host_backend", None)
+
+
+def test_registration_refuses_bad_arguments(registry):
+    with pytest.raises(ValueError, match="register_backend\\(name\\)"):
+        sk.register_backend("not a name", HostBackend)
+    with pytest.raises(TypeError, match="Backend subclass"):
+        sk.register_backend("host", object)
+    with pytest.raises(ValueError, match="unknown streamkit backend 'nope'"):
+        sk.get_backend("nope")
+
+
+def test_when_no_backend_loads_the_error_lists_every_reason(registry, monkeypatch):
+    class Unplugged(HostBackend):
+        @classmethod
+        def load(cls):
+            raise sk.BackendUnavailableError("unplugged backend unavailable: the device is unplugged")
+
+    registry._MODULES.clear()
+    registry._MODULES.update({"broken": "no_such_module_for_streamkit"})
+    sk.register_backend("unplugged", Unplugged)
+    monkeypatch.setattr(registry, "_active", [])
+    monkeypatch.setattr(registry, "_selected", None)
+    monkeypatch.delenv("STREAMKIT_BACKEND", raising=False)
+    with pytest.raises(sk.BackendUnavailableError) as info:
+        sk.Stream()
+    text = str(info.value)
+    assert "no streamkit backend is available" in text
+    assert "unplugged backend unavailable: the device is unplugged" in text
+    assert "broken backend unavailable: importing no_such_module_for_streamkit failed: ModuleNotFoundError" in text
