@@ -26,59 +26,60 @@ class Detector:
         self.host = host
 
     def check(self, accesses: list, stream: StreamState, kernel: Kernel) -> None:
-        """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``."""
+        """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``.
+
+        An earlier access ``r`` is ordered before this kernel if it is on the same stream (FIFO),
+        or the stream's clock or the host's clock covers it. (Everything is inline: this runs for
+        every tensor argument of every kernel.)
+        """
         clock = stream.clock
         n = len(clock)
         host = self.host
         idx = stream.idx
+        seq = kernel.seq
         for tensor, kind in accesses:
             lo = tensor._lo
             hi = tensor._hi
             if hi <= lo:
                 continue
             state = tensor._st
-            if kind == WRITE:
-                self._write(state, lo, hi, stream, kernel, tensor)
-                continue
-            # a read, inline (the most frequent access; torch.stack reads one per list element)
-            for r in state.writes:
+            writes = state.writes
+            for r in writes:
                 if r.start < hi and lo < r.end:
                     i = r.stream
-                    if not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
-                        self.report(r, WRITE, kernel, READ, tensor, state)
+                    if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                        self.report(r, WRITE, kernel, kind, tensor, state)
             reads = state.reads
-            record = new_record((lo, hi, idx, kernel.seq, kernel))
-            if not reads:
+            record = new_record((lo, hi, idx, seq, kernel))
+            if kind is WRITE:
+                for r in reads:
+                    if r.start < hi and lo < r.end:
+                        i = r.stream
+                        if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                            self.report(r, READ, kernel, WRITE, tensor, state)
+                if lo == 0 and hi == state.nbytes:  # the whole storage: every earlier access is covered
+                    if len(writes) == 1:
+                        writes[0] = record
+                    else:
+                        state.writes = [record]
+                    if reads:
+                        state.reads = []
+                    continue
+                if writes:
+                    writes = state.writes = [r for r in writes if r.start < lo or r.end > hi]
+                if reads:
+                    state.reads = [r for r in reads if r.start < lo or r.end > hi]
+                writes.append(record)
+            elif not reads:
                 state.reads = [record]
             elif len(reads) == 1:
                 r = reads[0]
-                if r.start >= lo and r.end <= hi and r.stream < n and clock[r.stream] >= r.seq:
+                if r.start >= lo and r.end <= hi and (r.stream == idx or (r.stream < n and clock[r.stream] >= r.seq)):
                     reads[0] = record  # the steady state: the same reader again
                 else:
                     reads.append(record)
             else:
                 self._add_read(state, record, clock)
-
-    def _write(self, state: StorageState, start: int, end: int, stream: StreamState, kernel: Kernel, tensor: Any) -> None:
-        clock = stream.clock
-        n = len(clock)
-        host = self.host
-        for records, earlier_kind in ((state.writes, WRITE), (state.reads, READ)):
-            for r in records:
-                if r.start < end and start < r.end:
-                    i = r.stream
-                    if not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
-                        self.report(r, earlier_kind, kernel, WRITE, tensor, state)
-        record = new_record((start, end, stream.idx, kernel.seq, kernel))
-        if start == 0 and end == state.nbytes:
-            state.writes = [record]
-            state.reads = []
-            return
-        if state.writes:
-            state.writes = [r for r in state.writes if r.start < start or r.end > end]
-        if state.reads:
-            state.reads = [r for r in state.reads if r.start < start or r.end > end]
-        state.writes.append(record)
 
     def _add_read(self, state: StorageState, record: AccessRecord, clock: list[int]) -> None:
         # an earlier read covered by this one and ordered before it adds nothing

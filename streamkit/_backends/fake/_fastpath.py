@@ -54,10 +54,14 @@ FAST_FUNCS: frozenset = frozenset(
 class FastPlan:
     """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
 
-    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync")
+    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair")
 
     def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None, lists: tuple = ()) -> None:
         self.op = op
+        # the commonest shape, x.add_(y) or x + y: two fake tensors, both accessed (kinds), no lists
+        self.pair = (tensors[0][1], tensors[1][1]) if (
+            len(tensors) == 2 and not lists and tensors[0][0] == 0 and tensors[1][0] == 1 and all(k for _, k in tensors)
+        ) else None
         self.tensors = tensors  # ((position, kind), ...): fake tensor arguments
         self.lists = lists  # ((position, kind), ...): lists of fake tensors (torch.stack, torch.cat)
         self.returns_self = returns_self
@@ -156,32 +160,76 @@ def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
 
 def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
     """Run whitelisted ``func`` through its learned plan (learning it on first use)."""
-    n = len(args)
-    if kwargs:
-        # keyword names and value types are part of the pattern: plans are only learned for
-        # keywords that hold no tensors (minlength=..., dim=...)
-        key = (func, *map(type, args), *kwargs, *map(type, kwargs.values()))
-    elif n == 2:
-        key = (func, type(args[0]), type(args[1]))
-        kwargs = _NO_KWARGS
-    elif n == 1:
-        key = (func, type(args[0]))
-        kwargs = _NO_KWARGS
-    else:
-        key = (func, *map(type, args))
-        kwargs = _NO_KWARGS
-    fast = _plans.get(key, _learning_lock)
-    if fast is None:
-        return _disabled(func, _TYPES, args, kwargs)
-    if fast is _learning_lock:
-        return _learn(func, _TYPES, args, kwargs, key)
-    session = _active.current or _active.get()
+    return _fast_methods[func](*args, **(kwargs or _NO_KWARGS))
+
+
+def _method(func: Any) -> Any:
+    """The fast path for whitelisted ``func``, as a Python method standing in for the C method on
+    the fake tensor class (and called by ``__torch_function__`` for the rest). One function per
+    ``func``: a method call costs one Python frame, not two."""
+
+    def method(*args: Any, **kwargs: Any) -> Any:
+        if _mode_enabled() or not _function_enabled():
+            return func(*args, **kwargs)  # as without the override: modes and disabled torch functions see the C method
+        n = len(args)
+        if kwargs:
+            # keyword names and value types are part of the pattern: plans are only learned for
+            # keywords that hold no tensors (minlength=..., dim=...)
+            key = (func, *map(type, args), *kwargs, *map(type, kwargs.values()))
+        elif n == 2:
+            key = (func, type(args[0]), type(args[1]))
+            kwargs = _NO_KWARGS
+        elif n == 1:
+            key = (func, type(args[0]))
+            kwargs = _NO_KWARGS
+        else:
+            key = (func, *map(type, args))
+            kwargs = _NO_KWARGS
+        fast = _plans.get(key, _learning_lock)
+        if fast is None:
+            return _disabled(func, _TYPES, args, kwargs)
+        if fast is _learning_lock:
+            return _learn(func, _TYPES, args, kwargs, key)
+        session = _active.current or _active.get()
+        pair = fast.pair
+        if pair is not None and n == 2:
+            a, b = args
+            if a._st.session is not session or b._st.session is not session:
+                return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
+            inner = [a._inner, b._inner]
+            accesses = [(a, pair[0]), (b, pair[1])]
+        else:
+            inner, accesses = _unwrap_general(fast, args, session)
+            if inner is None:
+                return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
+        if _grad_enabled() and _any_requires_grad(*args):
+            # Autograd must see ops on tensors that require grad: leave those to the dispatch path.
+            # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
+            return _disabled(func, _TYPES, args, kwargs)
+        # (from __torch_function__, frame 1 is streamkit's: the walk skips it)
+        site = capture_site(sys._getframe(1)) if session._tracked else None
+        kernel, result = session._launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync)
+        if fast.returns_self:
+            return args[0]
+        for p, _ in fast.tensors:
+            if result is inner[p]:  # defensive: an op that handed back its input is no new memory
+                return args[p]
+        return _tensor.wrap_fresh(session, result, kernel.stream, kernel, site)
+
+    method.__name__ = method.__qualname__ = func.__name__
+    method.__doc__ = func.__doc__
+    return method
+
+
+def _unwrap_general(fast: FastPlan, args: tuple, session: Any) -> tuple[Any, Any]:
+    """``(inner arguments, accesses)`` for any learned plan; ``(None, None)`` when an argument
+    belongs elsewhere (another session, a CPU tensor in a list) and dispatch must handle the call."""
     inner = list(args)
     accesses = []
     for p, kind in fast.tensors:
         t = args[p]
         if t._st.session is not session:
-            return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
+            return None, None
         inner[p] = t._inner
         if kind:
             accesses.append((t, kind))
@@ -189,23 +237,11 @@ def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
         items = args[p]
         for t in items:
             if type(t) is not _FAKE or t._st.session is not session:
-                return _disabled(func, _TYPES, args, kwargs)  # CPU tensors mixed in, another session...
+                return None, None
         inner[p] = [t._inner for t in items]
         if kind:
             accesses += [(t, kind) for t in items]
-    if _grad_enabled() and _any_requires_grad(*args):
-        # Autograd must see ops on tensors that require grad: leave those to the dispatch path.
-        # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
-        return _disabled(func, _TYPES, args, kwargs)
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
-    kernel, result = session._launch(fast.op, func, stream, site, inner, kwargs, accesses, fast.host_sync)
-    if fast.returns_self:
-        return args[0]
-    for p, _ in fast.tensors:
-        if result is inner[p]:  # defensive: an op that handed back its input is no new memory
-            return args[p]
-    return _tensor.wrap_fresh(session, result, stream, kernel, site)
+    return inner, accesses
 
 
 _NO_KWARGS: dict = {}
@@ -213,19 +249,6 @@ _grad_enabled = torch.is_grad_enabled
 _any_requires_grad = torch._C._any_requires_grad
 _mode_enabled = torch._C._is_torch_function_mode_enabled
 _function_enabled = torch._C._is_torch_function_enabled
-
-
-def _method(func: Any) -> Any:
-    """A Python method standing in for C method ``func`` of the fake tensor class."""
-
-    def method(*args: Any, **kwargs: Any) -> Any:
-        if _mode_enabled() or not _function_enabled():
-            return func(*args, **kwargs)
-        return fast_call(func, args, kwargs)
-
-    method.__name__ = method.__qualname__ = func.__name__
-    method.__doc__ = func.__doc__
-    return method
 
 
 _to_copy = torch.ops.aten._to_copy.default
@@ -242,14 +265,14 @@ def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) 
         or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))
     ):
         return _tensor_cpu(self, memory_format=memory_format)
-    stream = session._current_stream()
     site = capture_site(sys._getframe(1)) if session._tracked else None
     kwargs = {"memory_format": memory_format}
-    _, result = session._launch(_to_copy, _clone, stream, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
+    _, result = session._launch(_to_copy, _clone, None, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
     return result
 
 
 _installed: list[str] = []
+_fast_methods: dict[Any, Any] = {func: _method(func) for func in FAST_FUNCS}
 
 
 def install_methods(cls: type) -> None:
@@ -259,7 +282,7 @@ def install_methods(cls: type) -> None:
     for func in FAST_FUNCS:
         name = getattr(func, "__name__", None)
         if name and getattr(torch.Tensor, name, None) is func and type(func).__name__ in ("method_descriptor", "wrapper_descriptor"):
-            setattr(cls, name, _method(func))
+            setattr(cls, name, _fast_methods[func])
             _installed.append(name)
     cls.__torch_function__ = classmethod(torch_function)
     cls.cpu = _cpu

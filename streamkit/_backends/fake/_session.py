@@ -17,7 +17,7 @@ import torch
 from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
 from ..._errors import EventTimingError, SessionClosedError, UnrecordedEventWarning
-from . import _active, _fastpath, _tensor  # noqa: F401  (_fastpath: installs the fast path on FakeDeviceTensor)
+from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
 from ._clocks import Clocks, EventState, StreamState, merge
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
@@ -95,6 +95,7 @@ class Session:
         self._lock = threading.RLock()
         self._clocks = Clocks()
         self._scheduler = EagerScheduler()
+        self._eager = self._scheduler.runs_at_issue
         self._reporter = Reporter(self.races, self._wrap_stream)
         self._detector = Detector(self._on_race, self._clocks.host)
         self._tls = _ThreadState()
@@ -143,8 +144,8 @@ class Session:
             self._raise_pending()
         self.stats.kernels += 1
         if not self._tracked:
-            return Kernel(op, call, stream, 0, None, args, kwargs)
-        kernel = Kernel(op, call, stream, self._clocks.issue(stream), site, args, kwargs)
+            return Kernel(op, stream, 0, None).bind(call, args, kwargs)
+        kernel = Kernel(op, stream, self._clocks.issue(stream), site).bind(call, args, kwargs)
         try:
             self._detector.check(accesses, stream, kernel)
         except RaceError:
@@ -161,25 +162,41 @@ class Session:
             state.writes = [r for r in state.writes if r.kernel is not kernel]
 
     def _launch(
-        self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list,
+        self, op: Any, call: Any, stream: StreamState | None, site: Any, args: Any, kwargs: Any, accesses: list,
         sync: str | None = None,
     ) -> tuple[Kernel, Any]:
-        """Issue a kernel (see :meth:`_issue`) and hand it to the scheduler: ``(kernel, result)``.
+        """Issue a kernel on ``stream`` (``None``: the current stream; it is ``kernel.stream``) and
+        hand it to the scheduler: ``(kernel, result)``. See :meth:`_issue`.
 
         ``sync`` names the host synchronization that follows the kernel (a ``Stats`` field), if any:
         bincount and friends wait for their output size, as on CUDA.
         """
+        if stream is None:
+            stream = self._tls.stream or self._default_stream
         lock = self._lock
         lock.acquire()
         try:
-            kernel = self._issue(op, call, stream, site, args, kwargs, accesses)
+            # _issue, inline (this runs on every op)
+            if self._pending is not None:
+                self._raise_pending()
+            self.stats.kernels += 1
+            eager = self._eager  # then the kernel runs right here and keeps no arguments
+            if self._tracked:
+                clock = stream.clock  # Clocks.issue, inline
+                seq = clock[stream.idx] = clock[stream.idx] + 1
+                kernel = Kernel(op, stream, seq, site)
+                try:
+                    self._detector.check(accesses, stream, kernel)
+                except RaceError:
+                    self._forget(kernel, accesses)
+                    raise
+            else:
+                kernel = Kernel(op, stream, 0, None)
             try:
-                if self._scheduler.runs_at_issue:
-                    # The kernel would run inside submit() right away: run it here, without the round trip.
-                    kernel.args = kernel.kwargs = None
-                    result = call(*args, **kwargs)
+                if eager:
+                    result = call(*args, **kwargs) if kwargs else call(*args)
                 else:
-                    result = self._scheduler.submit(kernel)
+                    result = self._scheduler.submit(kernel.bind(call, args, kwargs))
             except BaseException:
                 # The op refused its arguments (dtypes, shapes): as on a device, the host raised
                 # before anything was launched, so the kernel leaves no trace.

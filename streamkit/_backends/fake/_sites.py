@@ -40,19 +40,55 @@ _internal_codes: dict[str, bool] = {}  # filename -> torch/streamkit internal?
 _MAX_SKIPPED = 64
 
 
-def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
+# (id(code), lasti, depth) of a starting frame -> (its code, the frames the walk passed beyond it
+# as (code, lasti) pairs, the site). A hit is checked against the live frames, so it is exact.
+_site_cache: dict[tuple, tuple] = {}
+_SITE_CACHE_SIZE = 4096
+
+
+def capture_site(frame: Any, depth: int = STACK_DEPTH) -> tuple:
     """Capture up to ``depth`` user frames from ``frame`` outwards as (code, instruction offset) pairs.
 
-    torch/streamkit frames are skipped (classified once per code object), so a kernel issued many
-    frames below the user's line (``nn.Module`` call chains, c10d wrappers) still names that line.
-    If no user frame is found, the innermost frame is kept.
+    torch/streamkit frames are skipped (classified once per file), so a kernel issued many frames
+    below the user's line (``nn.Module`` call chains, c10d wrappers) still names that line. If no
+    user frame is found, the innermost frame is kept.
+
+    A site is a function of the walked frames' (code, offset) pairs alone, so the last walk from
+    the same starting point is reused when every frame it passed still matches (the common case:
+    an op in a loop). Checking costs a third of walking.
     """
+    code = frame.f_code
+    lasti = frame.f_lasti
+    key = (id(code), lasti, depth)
+    entry = _site_cache.get(key)
+    if entry is not None and entry[0] is code:
+        f = frame
+        for c, offset in entry[1]:
+            f = f.f_back
+            if f is None or f.f_code is not c or f.f_lasti != offset:
+                break
+        else:
+            if not entry[3] or f.f_back is None:
+                return entry[2]
+    site, passed, reached_top = _walk(frame, depth)
+    if len(_site_cache) >= _SITE_CACHE_SIZE:
+        _site_cache.clear()
+    _site_cache[key] = (code, passed, site, reached_top)
+    return site
+
+
+def _walk(frame: Any, depth: int) -> tuple[tuple, tuple, bool]:
+    """``(site, passed, reached_top)``: the user frames found, every frame walked after the first,
+    and whether the walk ran out of frames (then a hit must end there too)."""
     site = []
+    passed = []
     innermost = frame
     skipped = 0
     get = _internal_codes.get
     while frame is not None:
         code = frame.f_code
+        if frame is not innermost:
+            passed.append((code, frame.f_lasti))
         internal = get(code.co_filename)  # a str: its hash is cached, unlike a code object's
         if internal is None:
             internal = _internal_codes[code.co_filename] = _internal(code.co_filename)
@@ -68,7 +104,7 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> list:
         frame = frame.f_back
     if not site and innermost is not None:
         site.append((innermost.f_code, innermost.f_lasti))
-    return site
+    return tuple(site), tuple(passed), frame is None
 
 
 def line_of(code: Any, offset: int) -> int:

@@ -162,8 +162,18 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
 
 def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
-    state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (inner.shape, inner.dtype))
-    out = _new_wrapper(inner, state)
+    shape = inner.shape
+    dtype = inner.dtype
+    state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (shape, dtype))
+    if not inner.storage_offset() and inner.dim() == 1 and inner.stride() == (1,):
+        # _new_wrapper's common case, inline (a fresh output of a hot op)
+        out = _make_wrapper(FakeDeviceTensor, shape, dtype=dtype, device=DEVICE)
+        out._lo = 0
+        out._hi = inner.nbytes
+        out._inner = inner
+        out._st = state
+    else:
+        out = _new_wrapper(inner, state)
     if kernel is not None and session._tracked and out._hi > out._lo:
         state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
     return out

@@ -201,21 +201,26 @@ class StorageState:
 
 
 class Kernel:
-    """One unit of device work: the op, its (unwrapped) arguments, the stream, the issue site.
+    """One unit of device work: the op, the stream and its sequence number there, the issue site;
+    and, for a scheduler that runs it later, ``call`` with its (unwrapped) arguments (:meth:`bind`).
 
-    ``op`` names the work (an aten overload); ``call`` runs it on the unwrapped arguments.
+    ``op`` names the work (an aten overload); ``call`` runs it on the unwrapped arguments. A kernel
+    run at issue is never bound (it keeps no arguments alive).
     """
 
-    __slots__ = ("op", "call", "stream", "seq", "site", "args", "kwargs")
+    __slots__ = ("op", "stream", "seq", "site", "call", "args", "kwargs")
 
-    def __init__(self, op: Any, call: Any, stream: StreamState, seq: int, site: Any, args: Any, kwargs: Any) -> None:
+    def __init__(self, op: Any, stream: StreamState, seq: int, site: Any) -> None:
         self.op = op
-        self.call = call
         self.stream = stream
         self.seq = seq
         self.site = site
+
+    def bind(self, call: Any, args: Any, kwargs: Any) -> "Kernel":
+        self.call = call
         self.args = args
         self.kwargs = kwargs
+        return self
 
     def run(self) -> Any:
         args, kwargs = self.args, self.kwargs
