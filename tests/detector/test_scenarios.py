@@ -87,32 +87,33 @@ def setup(session, *shape):
 # the two tables: programs that race, programs that are ordered
 # =================================================================================================
 
-RACES = []  # pytest.param(program, first, second, shape, tensor)
-ORDERED = []  # pytest.param(program, shape, expect)
+RACES = []  # pytest.param(program, first, second, x_shape, detect, checks)
+ORDERED = []  # pytest.param(program, x_shape, detect, expect)
 
 
-def races(first, second, *, shape=(16,), **tensor):
-    """Register ``program(t)`` for :func:`test_race_is_reported`: run on ``t`` (``t.s`` the
-    session, ``t.default``, ``t.side``, ``t.x`` as :func:`setup` makes them, ``x`` of ``shape``) in
-    raise mode, its last access must raise the one race whose ``first`` and ``second`` accesses are
-    ``(kind, stream, marker)`` or ``(kind, stream, marker, op)``; ``stream`` names an attribute of
-    ``t`` (a program stores the streams it makes there). ``tensor``: the raced tensor's ``shape``
-    and ``dtype``, where checked."""
+def races(first, second, *, x_shape=(16,), detect="raise", **checks):
+    """Register ``program(t)`` for :func:`test_race_is_reported`. It runs on ``t`` (``t.s`` a fake
+    session in ``detect`` mode; ``t.default``, ``t.side`` and ``t.x``, of ``x_shape``, as
+    :func:`setup` makes them) and makes exactly one race, whose ``first`` and ``second`` accesses
+    are ``(kind, stream, marker)`` or ``(kind, stream, marker, op)``, ``stream`` the name of an
+    attribute of ``t`` (a program stores there the streams it makes). In raise mode the program's
+    last access raises it. ``checks``: the raced tensor's ``shape``/``dtype``; ``fix``, a text the
+    suggested fix contains; ``returns``, what the program returns (record mode)."""
 
     def register(program):
-        RACES.append(pytest.param(program, first, second, shape, tensor, id=program.__name__))
+        RACES.append(pytest.param(program, first, second, x_shape, detect, checks, id=program.__name__))
         return program
 
     return register
 
 
-def ordered(expect, *, shape=(16,)):
+def ordered(expect, *, x_shape=(16,), detect="raise"):
     """Register ``program(t)`` for :func:`test_ordered_program_has_no_race`: run on ``t`` as for
-    :func:`races`, it returns ``expect`` (the values plain CPU torch computes) and no race is
-    reported, now or when the session ends."""
+    :func:`races`, it returns ``expect`` (what plain CPU torch computes; ``None``: nothing to
+    compare) and no race is reported, neither while it runs nor when it is done."""
 
     def register(program):
-        ORDERED.append(pytest.param(program, shape, expect, id=program.__name__))
+        ORDERED.append(pytest.param(program, x_shape, detect, expect, id=program.__name__))
         return program
 
     return register
@@ -126,7 +127,7 @@ def ordered(expect, *, shape=(16,)):
 @races(
     ("write", "default", "nowait-write", "aten.add_.Tensor"),
     ("read", "side", "nowait-read", "aten.sum.default"),
-    shape=(16,),
+    shape=(16,),  # the raced tensor's
     dtype=torch.float32,
 )
 def side_reads_default_write_without_wait(t):
@@ -327,7 +328,7 @@ def synchronizing_the_wrong_stream_does_not_order(t):
         t.x.sum()  # <wrongsync-read>
 
 
-@ordered([6.0] * 8, shape=(8,))
+@ordered([6.0] * 8, x_shape=(8,))
 def stream_created_after_host_sync_is_ordered_after_it(t):
     t.x.add_(1)
     sk.synchronize()
@@ -338,7 +339,7 @@ def stream_created_after_host_sync_is_ordered_after_it(t):
     return t.x.tolist()
 
 
-@races(("write", "default", "newstream-write"), ("read", "late", "newstream-read"), shape=(8,))
+@races(("write", "default", "newstream-write"), ("read", "late", "newstream-read"), x_shape=(8,))
 def stream_created_after_the_write_without_sync_is_not_ordered(t):
     t.x.add_(1)  # <newstream-write>
     t.late = sk.Stream()  # creating a stream synchronizes nothing
@@ -478,7 +479,7 @@ def disjoint_slices_do_not_race(t):
     return t.x.tolist()
 
 
-@ordered(5.0 * 16, shape=(4, 8))
+@ordered(5.0 * 16, x_shape=(4, 8))
 def disjoint_rows_do_not_race(t):
     t.x[0:2].zero_()
     with sk.switch(t.side):
@@ -504,7 +505,7 @@ def view_and_base_race(t):
         t.x.sum()  # <viewbase-read>
 
 
-@races(("write", "default", "reshape-write"), ("read", "side", "reshape-read"), shape=(4, 4))
+@races(("write", "default", "reshape-write"), ("read", "side", "reshape-read"), x_shape=(4, 4))
 def base_and_reshaped_view_race(t):
     flat = t.x.view(16)
     t.x.mul_(2)  # <reshape-write>
@@ -594,14 +595,14 @@ def test_host_to_device_copy(fake_session):
     no_races(fake_session)
 
 
-@ordered(15.0, shape=(6,))
+@ordered(15.0, x_shape=(6,))
 def blocking_host_to_device_copy_on_side_orders_the_host(t):
     with sk.switch(t.side):
         t.x.copy_(torch.arange(6, dtype=torch.float32))  # blocking H2D on side: host waits for it
     return t.x.sum().item()  # default stream, after the host sync
 
 
-@races(("write", "side", "h2d-nb-write"), ("read", "default", "h2d-nb-read"), shape=(6,))
+@races(("write", "side", "h2d-nb-write"), ("read", "default", "h2d-nb-read"), x_shape=(6,))
 def non_blocking_host_to_device_copy_on_side_races(t):
     before = t.s.stats.copy()
     with sk.switch(t.side):
@@ -1013,122 +1014,79 @@ def test_raise_mode_in_a_thread(fake_session):
 # =================================================================================================
 
 
-def test_free_while_side_stream_still_reads():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x * 2  # <free-use>
-        del x  # <free-free>
-        races = list(s.races)
-        del y
-    assert len(races) == 1, "\n\n".join(map(str, races))
-    race = races[0]
-    check_access(race.first, kind="read", stream=side, marker="free-use", op="aten.mul.Tensor")
-    check_access(race.second, kind="free", stream=default, marker="free-free")
-    assert "record_stream" in race.fix
+@races(
+    ("read", "side", "free-use", "aten.mul.Tensor"),
+    ("free", "default", "free-free"),
+    x_shape=(64,),
+    detect="record",
+    fix="record_stream",
+)
+def free_while_side_stream_still_reads(t):
+    with sk.switch(t.side):
+        t.y = t.x * 2  # <free-use>
+    del t.x  # <free-free>
 
 
-def test_a_live_view_keeps_the_memory():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        v = x[8:]
-        side.wait_stream(default)
-        with sk.switch(side):
-            v.sum()  # <view-use>
-        del x  # the view still holds the memory: no free yet
-        assert s.races == []
-        del v  # <view-free>
-        races = list(s.races)
-    assert len(races) == 1
-    check_access(races[0].first, kind="read", stream=side, marker="view-use")
-    check_access(races[0].second, kind="free", stream=default, marker="view-free")
+@races(("read", "side", "view-use"), ("free", "default", "view-free"), x_shape=(64,), detect="record")
+def a_live_view_keeps_the_memory(t):
+    v = t.x[8:]
+    with sk.switch(t.side):
+        v.sum()  # <view-use>
+    del t.x  # the view still holds the memory: no free yet
+    assert t.s.races == []
+    del v  # <view-free>
 
 
-def test_free_at_function_return_points_at_the_call():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
+@races(("read", "side", "ret-use"), ("free", "default", "ret-call"), detect="record")
+def free_at_function_return_points_at_the_call(t):
+    def work():
+        x = torch.ones(8, device=t.s.device)
+        t.side.wait_stream(t.default)
+        with sk.switch(t.side):
+            x.sum()  # <ret-use>
+        # x is freed when work() returns
 
-        def work():
-            x = torch.ones(8, device=s.device)
-            side.wait_stream(default)
-            with sk.switch(side):
-                x.sum()  # <ret-use>
-            # x is freed when work() returns
-
-        work()  # <ret-call>
-        races = list(s.races)
-    assert len(races) == 1
-    check_access(races[0].first, kind="read", stream=side, marker="ret-use")
-    check_access(races[0].second, kind="free", stream=default, marker="ret-call")
+    work()  # <ret-call>
 
 
-def test_free_with_record_stream_is_ok():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x * 2
-        sk.record_stream(x, side)
-        del x
-        del y
-        no_races(s)
+@ordered(None, x_shape=(64,), detect="record")
+def free_with_record_stream_is_ok(t):
+    with sk.switch(t.side):
+        y = t.x * 2
+    sk.record_stream(t.x, t.side)
+    del t.x
+    del y
 
 
-def test_free_after_waiting_for_the_user_is_ok():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x * 2
-        default.wait_stream(side)
-        del x
-        del y
-        no_races(s)
+@ordered(None, x_shape=(64,), detect="record")
+def free_after_waiting_for_the_user_is_ok(t):
+    with sk.switch(t.side):
+        y = t.x * 2
+    t.default.wait_stream(t.side)
+    del t.x
+    del y
 
 
-def test_free_of_side_allocated_tensor_used_on_default():
+@races(("read", "default", "free2-use"), ("free", "side", "free2-free"), x_shape=(64,), detect="record", returns=128.0)
+def free_of_side_allocated_tensor_used_on_default(t):
     """The classic: allocated on side, consumed on default, freed without record_stream."""
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x + 1  # allocated on side
-        default.wait_stream(side)
-        total = y.sum()  # <free2-use>
-        del y  # <free2-free>
-        races = list(s.races)
-        assert total.item() == 128.0
-    assert len(races) == 1, "\n\n".join(map(str, races))
-    check_access(races[0].first, kind="read", stream=default, marker="free2-use")
-    check_access(races[0].second, kind="free", stream=side, marker="free2-free")
+    with sk.switch(t.side):
+        y = t.x + 1  # allocated on side
+    t.default.wait_stream(t.side)
+    total = y.sum()  # <free2-use>
+    del y  # <free2-free>
+    return total.item()
 
 
-def test_free_of_side_allocated_tensor_with_record_stream_is_ok():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x + 1
-        default.wait_stream(side)
-        total = y.sum()
-        sk.record_stream(y, default)
-        del y
-        assert total.item() == 128.0
-        no_races(s)
+@ordered(128.0, x_shape=(64,), detect="record")
+def free_of_side_allocated_tensor_with_record_stream_is_ok(t):
+    with sk.switch(t.side):
+        y = t.x + 1
+    t.default.wait_stream(t.side)
+    total = y.sum()
+    sk.record_stream(y, t.default)
+    del y
+    return total.item()
 
 
 def test_free_race_in_raise_mode_is_raised():
@@ -1420,8 +1378,8 @@ def test_elapsed_time_is_ordered(fake_session):
 # =================================================================================================
 
 
-def _scene(session, shape):
-    default, side, x = setup(session, *shape)
+def _scene(session, x_shape):
+    default, side, x = setup(session, *x_shape)
     return SimpleNamespace(s=session, default=default, side=side, x=x)
 
 
@@ -1429,24 +1387,36 @@ def _expected_access(t, kind, stream, marker, op=None):
     return dict(kind=kind, stream=getattr(t, stream), marker=marker, op=op)
 
 
-@pytest.mark.parametrize("program, first, second, shape, tensor", RACES)
-def test_race_is_reported(fake_session, program, first, second, shape, tensor):
-    t = _scene(fake_session, shape)
-    with pytest.raises(sk.RaceError) as info:
-        program(t)
-    first, second = _expected_access(t, *first), _expected_access(t, *second)
-    if first["stream"] != t.default:
-        # the first access did run: x may only be freed (on default, at the end) once default is after it
-        t.default.wait_stream(first["stream"])
-    check_race(info.value.race, first=first, second=second, **tensor)
-    assert fake_session.races == [info.value.race]
+@pytest.mark.parametrize("program, first, second, x_shape, detect, checks", RACES)
+def test_race_is_reported(program, first, second, x_shape, detect, checks):
+    checks = dict(checks)
+    fix, returns = checks.pop("fix", None), checks.pop("returns", None)
+    with fake.session(detect=detect) as s:
+        t = _scene(s, x_shape)
+        if detect == "raise":
+            with pytest.raises(sk.RaceError) as info:
+                program(t)
+            assert s.races == [info.value.race]
+        else:
+            assert program(t) == returns
+        race = one_race(s)
+        first, second = _expected_access(t, *first), _expected_access(t, *second)
+        check_race(race, first=first, second=second, **checks)
+        if fix is not None:
+            assert fix in race.fix
+        if detect == "raise" and first["stream"] != t.default:
+            # the first access did run: x may only be freed (on default, at the end) once default is after it
+            t.default.wait_stream(first["stream"])
+        del t
 
 
-@pytest.mark.parametrize("program, shape, expect", ORDERED)
-def test_ordered_program_has_no_race(fake_session, program, shape, expect):
-    t = _scene(fake_session, shape)
-    assert program(t) == expect
-    no_races(fake_session)
+@pytest.mark.parametrize("program, x_shape, detect, expect", ORDERED)
+def test_ordered_program_has_no_race(program, x_shape, detect, expect):
+    with fake.session(detect=detect) as s:
+        t = _scene(s, x_shape)
+        assert program(t) == expect
+        no_races(s)
+    no_races(s)
 
 
 def test_every_program_is_in_one_table():
