@@ -352,10 +352,7 @@ def stream_created_after_the_write_without_sync_is_not_ordered(t):
 # =================================================================================================
 
 
-@races(
-    ("write", "default", "ww-first", "aten.fill_.Scalar"),
-    ("write", "side", "ww-second", "aten.fill_.Scalar"),
-)
+@races(("write", "default", "ww-first", "aten.fill_.Scalar"), ("write", "side", "ww-second", "aten.fill_.Scalar"))
 def write_write_race(t):
     t.x.fill_(1.0)  # <ww-first>
     with sk.switch(t.side):
@@ -374,10 +371,7 @@ def read_read_is_never_a_race(t):
     return a.item(), b.item(), d.item()
 
 
-@races(
-    ("read", "default", "inplace-read", "aten.sum.default"),
-    ("write", "side", "inplace-write", "aten.mul_.Tensor"),
-)
+@races(("read", "default", "inplace-read", "aten.sum.default"), ("write", "side", "inplace-write", "aten.mul_.Tensor"))
 def in_place_op_is_a_write(t):
     t.x.sum()  # <inplace-read>
     with sk.switch(t.side):
@@ -418,10 +412,7 @@ def out_of_place_op_reads_its_inputs(t):
         _ = t.x + 1  # <oop-read>
 
 
-@races(
-    ("write", "default", "cat-write", "aten.mul_.Tensor"),
-    ("read", "side", "cat-read", "aten.cat.default"),
-)
+@races(("write", "default", "cat-write", "aten.mul_.Tensor"), ("read", "side", "cat-read", "aten.cat.default"))
 def tensor_list_arguments_are_read(t):
     b = torch.ones(16, device=t.s.device)
     t.side.wait_stream(t.default)
@@ -444,10 +435,7 @@ def clone_on_side_reads_the_source(t):
         t.x.clone()  # <clone-read>
 
 
-@races(
-    ("write", "side", "output-write", "aten.mul.Tensor"),
-    ("read", "default", "output-read", "aten.sum.default"),
-)
+@races(("write", "side", "output-write", "aten.mul.Tensor"), ("read", "default", "output-read", "aten.sum.default"))
 def output_is_written_on_the_stream_that_computed_it(t):
     with sk.switch(t.side):
         y = t.x * 2  # <output-write>
@@ -488,10 +476,7 @@ def disjoint_rows_do_not_race(t):
     return t.x.sum().item()
 
 
-@races(
-    ("write", "default", "overlap-write", "aten.add_.Tensor"),
-    ("read", "side", "overlap-read", "aten.sum.default"),
-)
+@races(("write", "default", "overlap-write", "aten.add_.Tensor"), ("read", "side", "overlap-read", "aten.sum.default"))
 def overlapping_views_race(t):
     t.x[:10].add_(1)  # <overlap-write>
     with sk.switch(t.side):
@@ -552,21 +537,19 @@ def test_host_read_on_stream_that_did_not_wait(fake_session, how, capsys):
     )
 
 
-def test_blocking_cpu_counts_a_host_sync_and_orders_the_host(fake_session):
-    default, side, x = setup(fake_session)
-    before = fake_session.stats.copy()
-    with sk.switch(side):
-        x.add_(1)
-        host = x.cpu()
-    delta = fake_session.stats - before
+@ordered(([2.0] * 16, 64.0))
+def blocking_cpu_counts_a_host_sync_and_orders_the_host(t):
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        t.x.add_(1)
+        host = t.x.cpu()
+    delta = t.s.stats - before
     assert delta.blocking_copies == 1
     assert delta.host_syncs == 1
-    assert host.tolist() == [2.0] * 16
     assert host.device.type == "cpu"
     # the host waited for side: work it issues now on any stream is ordered after side's add_
-    x.mul_(2)
-    assert x.sum().item() == 64.0
-    no_races(fake_session)
+    t.x.mul_(2)
+    return host.tolist(), t.x.sum().item()
 
 
 @races(("read", "side", "nb-read"), ("write", "default", "nb-write", "aten.add_.Tensor"))
@@ -621,38 +604,28 @@ def to_device_on_side_stream_blocking_orders_the_host(t):
     return total
 
 
-def test_to_device_non_blocking_on_side_stream_races():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        before = s.stats.copy()
-        with sk.switch(side):
-            y = torch.arange(4, dtype=torch.float32).to(s.device, non_blocking=True)  # <tonb-write>
-        assert (s.stats - before).host_syncs == 0
-        y.sum()  # <tonb-read>
-        sk.synchronize()
-        del y
-        race = one_race(s)
-    check_race(
-        race,
-        first=dict(kind="write", stream=side, marker="tonb-write"),
-        second=dict(kind="read", stream=default, marker="tonb-read"),
-    )
-
-
-def test_data_dependent_output_size_is_a_host_sync(fake_session):
-    """nonzero() must learn its output size on the host: on CUDA it synchronizes."""
-    default, side, x = setup(fake_session)
-    with sk.switch(side):
-        x.add_(1)
-        before = fake_session.stats.copy()
-        idx = torch.nonzero(x)
-        assert (fake_session.stats - before).host_syncs == 1
-    x.mul_(2)  # the host waited for side: ordered
-    assert idx.shape == (16, 1)
+@races(("write", "side", "tonb-write"), ("read", "default", "tonb-read"), detect="record")
+def to_device_non_blocking_on_side_stream_races(t):
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        y = torch.arange(4, dtype=torch.float32).to(t.s.device, non_blocking=True)  # <tonb-write>
+    assert (t.s.stats - before).host_syncs == 0
+    y.sum()  # <tonb-read>
     sk.synchronize()
-    del idx
-    no_races(fake_session)
+    del y
+
+
+@ordered((16, 1))
+def data_dependent_output_size_is_a_host_sync(t):
+    """nonzero() must learn its output size on the host: on CUDA it synchronizes."""
+    with sk.switch(t.side):
+        t.x.add_(1)
+        before = t.s.stats.copy()
+        idx = torch.nonzero(t.x)
+        assert (t.s.stats - before).host_syncs == 1
+    t.x.mul_(2)  # the host waited for side: ordered
+    sk.synchronize()
+    return tuple(idx.shape)
 
 
 def test_fake_tensor_with_non_scalar_cpu_tensor_raises(fake_session):
@@ -674,17 +647,16 @@ def test_numpy_raises_type_error(fake_session):
     assert x.cpu().numpy().tolist() == [1.0] * 4
 
 
-def test_peek_is_untracked(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)
-    before = fake_session.stats.copy()
-    with sk.switch(side):
-        values = fake.peek(x)  # no access, no race, no sync
+@ordered([2.0] * 16)
+def peek_is_untracked(t):
+    t.x.add_(1)
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        values = fake.peek(t.x)  # no access, no race, no sync
     assert values.device.type == "cpu"
-    assert values.tolist() == [2.0] * 16
-    delta = fake_session.stats - before
+    delta = t.s.stats - before
     assert delta.kernels == 0 and delta.host_syncs == 0
-    no_races(fake_session)
+    return values.tolist()
 
 
 # =================================================================================================
@@ -892,108 +864,84 @@ def _run_thread(fn):
     return errors
 
 
-def test_threads_with_own_streams_race():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        sa, sb = sk.Stream(), sk.Stream()
-        x = torch.ones(32, device=s.device)
-        sa.wait_stream(default)
-        sb.wait_stream(default)
+@races(("write", "sa", "thr-write"), ("read", "sb", "thr-read"), x_shape=(32,), detect="record")
+def threads_with_own_streams_race(t):
+    t.sa, t.sb = sk.Stream(), sk.Stream()
+    t.sa.wait_stream(t.default)
+    t.sb.wait_stream(t.default)
 
-        def writer():
-            with sk.switch(sa):
-                x.add_(1)  # <thr-write>
+    def writer():
+        with sk.switch(t.sa):
+            t.x.add_(1)  # <thr-write>
 
-        def reader():
-            assert sk.current_stream() == default  # a new thread starts on the default stream
-            with sk.switch(sb):
-                x.sum()  # <thr-read>
+    def reader():
+        assert sk.current_stream() == t.default  # a new thread starts on the default stream
+        with sk.switch(t.sb):
+            t.x.sum()  # <thr-read>
 
-        assert _run_thread(writer) == []
-        assert _run_thread(reader) == []  # thread join orders the host threads, not the streams
-        sk.synchronize()
-        race = one_race(s)
-    check_race(
-        race,
-        first=dict(kind="write", stream=sa, marker="thr-write"),
-        second=dict(kind="read", stream=sb, marker="thr-read"),
-    )
+    assert _run_thread(writer) == []
+    assert _run_thread(reader) == []  # thread join orders the host threads, not the streams
+    sk.synchronize()
 
 
-def test_threads_with_own_streams_and_an_event_do_not_race():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        sa, sb = sk.Stream(), sk.Stream()
-        x = torch.ones(32, device=s.device)
-        sa.wait_stream(default)
-        box = {}
+@ordered(64.0, x_shape=(32,), detect="record")
+def threads_with_own_streams_and_an_event_do_not_race(t):
+    sa, sb = t.side, sk.Stream()  # sa waited for x's initialization, sb did not
+    box = {}
 
-        def writer():
-            with sk.switch(sa):
-                x.add_(1)
-                box["done"] = sk.current_stream().record_event()
+    def writer():
+        with sk.switch(sa):
+            t.x.add_(1)
+            box["done"] = sk.current_stream().record_event()
 
-        def reader():
-            with sk.switch(sb):
-                sb.wait_event(box["done"])
-                box["sum"] = x.sum()
+    def reader():
+        with sk.switch(sb):
+            sb.wait_event(box["done"])
+            box["sum"] = t.x.sum()
 
-        assert _run_thread(writer) == []
-        assert _run_thread(reader) == []
-        sk.synchronize()
-        assert box.pop("sum").item() == 64.0
-        no_races(s)
+    assert _run_thread(writer) == []
+    assert _run_thread(reader) == []
+    sk.synchronize()
+    return box.pop("sum").item()
 
 
-def test_thread_without_switch_runs_on_the_default_stream():
+@races(("write", "side", "thrdef-write"), ("read", "default", "thrdef-read"), x_shape=(8,), detect="record")
+def thread_without_switch_runs_on_the_default_stream(t):
     """Main thread writes inside switch(side); a new thread's op runs on the default stream."""
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(8, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            x.add_(1)  # <thrdef-write>
+    with sk.switch(t.side):
+        t.x.add_(1)  # <thrdef-write>
 
-            def reader():
-                x.sum()  # <thrdef-read>
+        def reader():
+            t.x.sum()  # <thrdef-read>
 
-            assert _run_thread(reader) == []
-        sk.synchronize()
-        race = one_race(s)
-    check_race(
-        race,
-        first=dict(kind="write", stream=side, marker="thrdef-write"),
-        second=dict(kind="read", stream=default, marker="thrdef-read"),
-    )
+        assert _run_thread(reader) == []
+    sk.synchronize()
 
 
-def test_concurrent_threads_on_their_own_streams_and_tensors():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        shared = torch.full((8,), 2.0, device=s.device)
-        streams = [sk.Stream() for _ in range(4)]
-        for st in streams:
-            st.wait_stream(default)
-        barrier = threading.Barrier(len(streams))
-        results = {}
+@ordered({i: 800.0 for i in range(4)}, detect="record")
+def concurrent_threads_on_their_own_streams_and_tensors(t):
+    shared = torch.full((8,), 2.0, device=t.s.device)
+    streams = [sk.Stream() for _ in range(4)]
+    for st in streams:
+        st.wait_stream(t.default)
+    barrier = threading.Barrier(len(streams))
+    results = {}
 
-        def worker(i):
-            with sk.switch(streams[i]):
-                own = torch.zeros(8, device=s.device)
-                barrier.wait(timeout=30)
-                for _ in range(50):
-                    own.add_(shared)  # everyone reads `shared`: read-read, never a race
-                results[i] = own.sum().item()  # a blocking copy on this thread's stream
+    def worker(i):
+        with sk.switch(streams[i]):
+            own = torch.zeros(8, device=t.s.device)
+            barrier.wait(timeout=30)
+            for _ in range(50):
+                own.add_(shared)  # everyone reads `shared`: read-read, never a race
+            results[i] = own.sum().item()  # a blocking copy on this thread's stream
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(streams))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        sk.synchronize()
-        assert results == {i: 800.0 for i in range(len(streams))}
-        no_races(s)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(streams))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    sk.synchronize()
+    return results
 
 
 def test_raise_mode_in_a_thread(fake_session):
