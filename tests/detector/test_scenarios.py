@@ -1347,14 +1347,14 @@ def test_race_is_reported(program, first, second, x_shape, detect, checks):
             assert s.races == [info.value.race]
         else:
             assert program(t) == returns
-        race = one_race(s)
         first, second = _expected_access(t, *first), _expected_access(t, *second)
-        check_race(race, first=first, second=second, **checks)
-        if fix is not None:
-            assert fix in race.fix
         if detect == "raise" and first["stream"] != t.default:
             # the first access did run: x may only be freed (on default, at the end) once default is after it
             t.default.wait_stream(first["stream"])
+        race = one_race(s)
+        check_race(race, first=first, second=second, **checks)
+        if fix is not None:
+            assert fix in race.fix
         del t
 
 

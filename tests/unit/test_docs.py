@@ -16,7 +16,6 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from _support import REPO, child_env
 
