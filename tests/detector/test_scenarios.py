@@ -556,11 +556,10 @@ def blocking_cpu_counts_a_host_sync_and_orders_the_host(t):
 def non_blocking_copy_to_host_does_not_sync(t):
     before = t.s.stats.copy()
     with sk.switch(t.side):
-        staged = t.x.to("cpu", non_blocking=True)  # <nb-read>
+        t.staged = t.x.to("cpu", non_blocking=True)  # <nb-read>
     delta = t.s.stats - before
     assert delta.blocking_copies == 0
     assert delta.host_syncs == 0
-    del staged
     t.x.add_(1)  # <nb-write>
 
 
