@@ -1,8 +1,15 @@
 """Race-detector scenarios on the fake backend.
 
-Each test is a small stream program: it asserts either that no race is reported, or exactly which
-race is (both accesses' op, kind, stream and source line). Expected lines come from marker comments
-(``# <name>``) found in this file by :func:`line_of`, never from hard-coded numbers.
+Each scenario is a small stream program: it asserts either that no race is reported, or exactly
+which race is (both accesses' op, kind, stream and source line). Expected lines come from marker
+comments (``# <name>``) found in this file by :func:`line_of`, never from hard-coded numbers.
+
+Most scenarios share one of two shapes and are written as tables: a program function registered
+with ``@races(first, second)`` (run in raise mode: the second access raises, and the race names
+both accesses) or with ``@ordered(expect)`` (no race; the program's result equals what plain CPU
+torch computes). The runners, ``test_race_is_reported`` and ``test_ordered_program_has_no_race``,
+are at the end of the file; the test ids are the program names. Scenarios of any other shape are
+ordinary tests.
 
 Tensors that cross streams are freed only once nothing unordered touches them any more (or the
 test is about exactly that), so that the allocator's free check stays quiet where it should.
@@ -10,10 +17,12 @@ test is about exactly that), so that the allocator's free check stays quiet wher
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 import threading
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -75,116 +84,127 @@ def setup(session, *shape):
 
 
 # =================================================================================================
+# the two tables: programs that race, programs that are ordered
+# =================================================================================================
+
+RACES = []  # pytest.param(program, first, second, x_shape, detect, checks)
+ORDERED = []  # pytest.param(program, x_shape, detect, expect)
+
+
+def races(first, second, *, x_shape=(16,), detect="raise", **checks):
+    """Register ``program(t)`` for :func:`test_race_is_reported`. It runs on ``t`` (``t.s`` a fake
+    session in ``detect`` mode; ``t.default``, ``t.side`` and ``t.x``, of ``x_shape``, as
+    :func:`setup` makes them) and makes exactly one race, whose ``first`` and ``second`` accesses
+    are ``(kind, stream, marker)`` or ``(kind, stream, marker, op)``, ``stream`` the name of an
+    attribute of ``t`` (a program stores there the streams it makes). In raise mode the program's
+    last access raises it. ``checks``: the raced tensor's ``shape``/``dtype``; ``fix``, a text the
+    suggested fix contains; ``returns``, what the program returns (record mode)."""
+
+    def register(program):
+        RACES.append(pytest.param(program, first, second, x_shape, detect, checks, id=program.__name__))
+        return program
+
+    return register
+
+
+def ordered(expect, *, x_shape=(16,), detect="raise"):
+    """Register ``program(t)`` for :func:`test_ordered_program_has_no_race`: run on ``t`` as for
+    :func:`races`, it returns ``expect`` (what plain CPU torch computes; ``None``: nothing to
+    compare) and no race is reported, neither while it runs nor when it is done."""
+
+    def register(program):
+        ORDERED.append(pytest.param(program, x_shape, detect, expect, id=program.__name__))
+        return program
+
+    return register
+
+
+# =================================================================================================
 # basic orderings between the default stream and a side stream
 # =================================================================================================
 
 
-def test_side_reads_default_write_without_wait(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)  # <nowait-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <nowait-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="nowait-write", op="aten.add_.Tensor"),
-        second=dict(kind="read", stream=side, marker="nowait-read", op="aten.sum.default"),
-        shape=(16,),
-        dtype=torch.float32,
-    )
-    assert fake_session.races == [info.value.race]
+@races(
+    ("write", "default", "nowait-write", "aten.add_.Tensor"),
+    ("read", "side", "nowait-read", "aten.sum.default"),
+    shape=(16,),  # the raced tensor's
+    dtype=torch.float32,
+)
+def side_reads_default_write_without_wait(t):
+    t.x.add_(1)  # <nowait-write>
+    with sk.switch(t.side):
+        t.x.sum()  # <nowait-read>
 
 
-def test_side_reads_default_write_with_wait_stream(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)
-    side.wait_stream(default)
-    with sk.switch(side):
-        total = x.sum()
-    default.wait_stream(side)
-    assert total.item() == 32.0
-    no_races(fake_session)
+@ordered(32.0)
+def side_reads_default_write_with_wait_stream(t):
+    t.x.add_(1)
+    t.side.wait_stream(t.default)
+    with sk.switch(t.side):
+        total = t.x.sum()
+    t.default.wait_stream(t.side)
+    return total.item()
 
 
-def test_side_reads_default_write_with_wait_event(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)
+@ordered(32.0)
+def side_reads_default_write_with_wait_event(t):
+    t.x.add_(1)
     ready = sk.Event()
     ready.record()
-    side.wait_event(ready)
-    with sk.switch(side):
-        x.sum()
-    default.wait_stream(side)  # before x is freed on default at the end (else: a "free" race)
-    no_races(fake_session)
+    t.side.wait_event(ready)
+    with sk.switch(t.side):
+        total = t.x.sum()
+    t.default.wait_stream(t.side)  # before x is freed on default at the end (else: a "free" race)
+    return total.item()
 
 
-def test_side_reads_with_event_wait_method(fake_session):
-    default, side, x = setup(fake_session)
-    x.mul_(3)
-    ev = default.record_event()
-    ev.wait(side)
-    with sk.switch(side):
-        x.sum()
-    default.wait_stream(side)
-    no_races(fake_session)
+@ordered(48.0)
+def side_reads_with_event_wait_method(t):
+    t.x.mul_(3)
+    ev = t.default.record_event()
+    ev.wait(t.side)
+    with sk.switch(t.side):
+        total = t.x.sum()
+    t.default.wait_stream(t.side)
+    return total.item()
 
 
-def test_wait_in_wrong_direction(fake_session):
+@races(("write", "default", "wrongdir-write"), ("read", "side", "wrongdir-read"))
+def wait_in_wrong_direction(t):
     """default.wait_stream(side) orders default after side, not side after default."""
-    default, side, x = setup(fake_session)
-    x.add_(1)  # <wrongdir-write>
-    default.wait_stream(side)
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <wrongdir-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="wrongdir-write"),
-        second=dict(kind="read", stream=side, marker="wrongdir-read"),
-    )
+    t.x.add_(1)  # <wrongdir-write>
+    t.default.wait_stream(t.side)
+    with sk.switch(t.side):
+        t.x.sum()  # <wrongdir-read>
 
 
-def test_wait_stream_only_covers_work_issued_before_it(fake_session):
-    default, side, x = setup(fake_session)
-    side.wait_stream(default)
-    x.add_(1)  # <late-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <late-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="late-write", op="aten.add_.Tensor"),
-        second=dict(kind="read", stream=side, marker="late-read"),
-    )
+@races(("write", "default", "late-write", "aten.add_.Tensor"), ("read", "side", "late-read"))
+def wait_stream_only_covers_work_issued_before_it(t):
+    t.side.wait_stream(t.default)
+    t.x.add_(1)  # <late-write>
+    with sk.switch(t.side):
+        t.x.sum()  # <late-read>
 
 
-def test_ordering_is_transitive(fake_session):
-    default, s1, x = setup(fake_session)
-    s2 = sk.Stream()
-    x.add_(1)
-    s1.wait_stream(default)
+@ordered([3.0] * 16)
+def ordering_is_transitive(t):
+    s1, s2 = t.side, sk.Stream()
+    t.x.add_(1)
+    s1.wait_stream(t.default)
     with sk.switch(s1):
-        x.mul_(2)
+        t.x.mul_(2)
     s2.wait_stream(s1)  # s2 after s1 after default
     with sk.switch(s2):
-        x.sub_(1)
-    default.wait_stream(s2)
-    assert x.tolist() == [3.0] * 16
-    no_races(fake_session)
+        t.x.sub_(1)
+    t.default.wait_stream(s2)
+    return t.x.tolist()
 
 
-def test_default_reads_side_write_without_wait(fake_session):
-    default, side, x = setup(fake_session)
-    with sk.switch(side):
-        x.add_(5)  # <rev-write>
-    with pytest.raises(sk.RaceError) as info:
-        x.sum()  # <rev-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=side, marker="rev-write"),
-        second=dict(kind="read", stream=default, marker="rev-read"),
-    )
-    default.wait_stream(side)  # side's add_ did run: x may only be freed once default is after it
+@races(("write", "side", "rev-write"), ("read", "default", "rev-read"))
+def default_reads_side_write_without_wait(t):
+    with sk.switch(t.side):
+        t.x.add_(5)  # <rev-write>
+    t.x.sum()  # <rev-read>
 
 
 # =================================================================================================
@@ -192,85 +212,61 @@ def test_default_reads_side_write_without_wait(fake_session):
 # =================================================================================================
 
 
-def test_event_recorded_before_the_write(fake_session):
-    default, side, x = setup(fake_session)
+@races(("write", "default", "early-write"), ("read", "side", "early-read"))
+def event_recorded_before_the_write(t):
     ev = sk.Event()
     ev.record()  # captures the work *before* the write below
-    x.add_(1)  # <early-write>
-    side.wait_event(ev)
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <early-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="early-write"),
-        second=dict(kind="read", stream=side, marker="early-read"),
-    )
+    t.x.add_(1)  # <early-write>
+    t.side.wait_event(ev)
+    with sk.switch(t.side):
+        t.x.sum()  # <early-read>
 
 
-def test_rerecord_after_wait_does_not_order_retroactively(fake_session):
-    default, side, x = setup(fake_session)
+@races(("write", "default", "rerec-write"), ("read", "side", "rerec-read"))
+def rerecord_after_wait_does_not_order_retroactively(t):
     ev = sk.Event()
     ev.record()
-    side.wait_event(ev)
-    x.add_(1)  # <rerec-write>
+    t.side.wait_event(ev)
+    t.x.add_(1)  # <rerec-write>
     ev.record()  # too late: the wait above already took the old capture
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <rerec-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="rerec-write"),
-        second=dict(kind="read", stream=side, marker="rerec-read"),
-    )
+    with sk.switch(t.side):
+        t.x.sum()  # <rerec-read>
 
 
-def test_rerecord_before_a_new_wait_orders(fake_session):
-    default, side, x = setup(fake_session)
+@ordered(32.0)
+def rerecord_before_a_new_wait_orders(t):
     ev = sk.Event()
     ev.record()
-    side.wait_event(ev)
-    x.add_(1)
+    t.side.wait_event(ev)
+    t.x.add_(1)
     ev.record()
-    side.wait_event(ev)  # a new wait sees the new capture
-    with sk.switch(side):
-        x.sum()
-    default.wait_stream(side)
-    no_races(fake_session)
+    t.side.wait_event(ev)  # a new wait sees the new capture
+    with sk.switch(t.side):
+        total = t.x.sum()
+    t.default.wait_stream(t.side)
+    return total.item()
 
 
-def test_event_recorded_on_another_stream_does_not_order(fake_session):
-    default, side, x = setup(fake_session)
+@races(("write", "default", "otherev-write"), ("read", "side", "otherev-read"))
+def event_recorded_on_another_stream_does_not_order(t):
     other = sk.Stream()
-    x.add_(1)  # <otherev-write>
+    t.x.add_(1)  # <otherev-write>
     ev = other.record_event()  # captures `other`, which never saw the write
-    side.wait_event(ev)
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <otherev-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="otherev-write"),
-        second=dict(kind="read", stream=side, marker="otherev-read"),
-    )
+    t.side.wait_event(ev)
+    with sk.switch(t.side):
+        t.x.sum()  # <otherev-read>
 
 
-def test_wait_on_never_recorded_event_warns_and_orders_nothing(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)  # <unrec-write>
+@races(("write", "default", "unrec-write"), ("read", "side", "unrec-read"))
+def wait_on_never_recorded_event_warns_and_orders_nothing(t):
+    t.x.add_(1)  # <unrec-write>
     never = sk.Event()
     with pytest.warns(sk.UnrecordedEventWarning):
-        side.wait_event(never)
+        t.side.wait_event(never)
     with pytest.warns(sk.UnrecordedEventWarning):
-        never.wait(side)
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <unrec-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="unrec-write"),
-        second=dict(kind="read", stream=side, marker="unrec-read"),
-    )
+        never.wait(t.side)
+    with sk.switch(t.side):
+        t.x.sum()  # <unrec-read>
 
 
 def test_unrecorded_event_warning_points_at_the_caller(fake_session):
@@ -299,21 +295,23 @@ def test_host_sync_on_never_recorded_event_warns(fake_session):
 # host synchronization
 # =================================================================================================
 
+# How the host waits for the default stream's work; what each returns ("query": True, the host may
+# rely on the work having completed).
+HOST_SYNCS = {
+    "stream": (lambda default: default.synchronize(), None),
+    "event": (lambda default: default.record_event().synchronize(), None),
+    "device": (lambda default: sk.synchronize(), None),
+    "query_stream": (lambda default: default.query(), True),
+    "query_event": (lambda default: default.record_event().query(), True),
+}
 
-@pytest.mark.parametrize("how", ["stream", "event", "device", "query_stream", "query_event"])
+
+@pytest.mark.parametrize("how", list(HOST_SYNCS))
 def test_host_sync_orders_later_work_on_other_streams(fake_session, how):
     default, side, x = setup(fake_session)
     x.add_(1)
-    if how == "stream":
-        default.synchronize()
-    elif how == "event":
-        default.record_event().synchronize()
-    elif how == "device":
-        sk.synchronize()
-    elif how == "query_stream":
-        assert default.query() is True  # True: the host may rely on the work having completed
-    else:
-        assert default.record_event().query() is True
+    sync, returns = HOST_SYNCS[how]
+    assert sync(default) is returns
     with sk.switch(side):
         x.mul_(2)
     sk.synchronize()
@@ -321,46 +319,32 @@ def test_host_sync_orders_later_work_on_other_streams(fake_session, how):
     no_races(fake_session)
 
 
-def test_synchronizing_the_wrong_stream_does_not_order(fake_session):
-    default, side, x = setup(fake_session)
+@races(("write", "default", "wrongsync-write"), ("read", "side", "wrongsync-read"))
+def synchronizing_the_wrong_stream_does_not_order(t):
     other = sk.Stream()
-    x.add_(1)  # <wrongsync-write>
+    t.x.add_(1)  # <wrongsync-write>
     other.synchronize()
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <wrongsync-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="wrongsync-write"),
-        second=dict(kind="read", stream=side, marker="wrongsync-read"),
-    )
+    with sk.switch(t.side):
+        t.x.sum()  # <wrongsync-read>
 
 
-def test_stream_created_after_host_sync_is_ordered_after_it(fake_session):
-    x = torch.ones(8, device=fake_session.device)
-    x.add_(1)
+@ordered([6.0] * 8, x_shape=(8,))
+def stream_created_after_host_sync_is_ordered_after_it(t):
+    t.x.add_(1)
     sk.synchronize()
     late = sk.Stream()
     with sk.switch(late):
-        x.mul_(3)
+        t.x.mul_(3)
     sk.synchronize()
-    assert x.tolist() == [6.0] * 8
-    no_races(fake_session)
+    return t.x.tolist()
 
 
-def test_stream_created_after_the_write_without_sync_is_not_ordered(fake_session):
-    default = sk.current_stream()
-    x = torch.ones(8, device=fake_session.device)
-    x.add_(1)  # <newstream-write>
-    late = sk.Stream()  # creating a stream synchronizes nothing
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(late):
-            x.sum()  # <newstream-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="newstream-write"),
-        second=dict(kind="read", stream=late, marker="newstream-read"),
-    )
+@races(("write", "default", "newstream-write"), ("read", "late", "newstream-read"), x_shape=(8,))
+def stream_created_after_the_write_without_sync_is_not_ordered(t):
+    t.x.add_(1)  # <newstream-write>
+    t.late = sk.Stream()  # creating a stream synchronizes nothing
+    with sk.switch(t.late):
+        t.x.sum()  # <newstream-read>
 
 
 # =================================================================================================
@@ -368,168 +352,105 @@ def test_stream_created_after_the_write_without_sync_is_not_ordered(fake_session
 # =================================================================================================
 
 
-def test_write_write_race(fake_session):
-    default, side, x = setup(fake_session)
-    x.fill_(1.0)  # <ww-first>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.fill_(2.0)  # <ww-second>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="ww-first", op="aten.fill_.Scalar"),
-        second=dict(kind="write", stream=side, marker="ww-second", op="aten.fill_.Scalar"),
-    )
+@races(("write", "default", "ww-first", "aten.fill_.Scalar"), ("write", "side", "ww-second", "aten.fill_.Scalar"))
+def write_write_race(t):
+    t.x.fill_(1.0)  # <ww-first>
+    with sk.switch(t.side):
+        t.x.fill_(2.0)  # <ww-second>
 
 
-def test_read_read_is_never_a_race(fake_session):
-    default, side, x = setup(fake_session)
-    a = x.sum()
-    with sk.switch(side):
-        b = x.sum()
-        c = x * 2
-    d = x.max()
-    default.wait_stream(side)
-    assert a.item() == b.item() == 16.0
-    assert d.item() == 1.0
+@ordered((16.0, 16.0, 1.0))
+def read_read_is_never_a_race(t):
+    a = t.x.sum()
+    with sk.switch(t.side):
+        b = t.x.sum()
+        c = t.x * 2
+    d = t.x.max()
+    t.default.wait_stream(t.side)
     del c
-    no_races(fake_session)
+    return a.item(), b.item(), d.item()
 
 
-def test_in_place_op_is_a_write(fake_session):
-    default, side, x = setup(fake_session)
-    x.sum()  # <inplace-read>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.mul_(2)  # <inplace-write>
-    check_race(
-        info.value.race,
-        first=dict(kind="read", stream=default, marker="inplace-read", op="aten.sum.default"),
-        second=dict(kind="write", stream=side, marker="inplace-write", op="aten.mul_.Tensor"),
-    )
+@races(("read", "default", "inplace-read", "aten.sum.default"), ("write", "side", "inplace-write", "aten.mul_.Tensor"))
+def in_place_op_is_a_write(t):
+    t.x.sum()  # <inplace-read>
+    with sk.switch(t.side):
+        t.x.mul_(2)  # <inplace-write>
 
 
-def test_out_argument_is_a_write(fake_session):
-    default, side, x = setup(fake_session)
-    a = torch.ones(16, device=fake_session.device)
-    side.wait_stream(default)
-    x.sum()  # <out-read>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            torch.add(a, a, out=x)  # <out-write>
-    check_race(
-        info.value.race,
-        first=dict(kind="read", stream=default, marker="out-read"),
-        second=dict(kind="write", stream=side, marker="out-write", op="aten.add.out"),
-    )
+@races(("read", "default", "out-read"), ("write", "side", "out-write", "aten.add.out"))
+def out_argument_is_a_write(t):
+    a = torch.ones(16, device=t.s.device)
+    t.side.wait_stream(t.default)
+    t.x.sum()  # <out-read>
+    with sk.switch(t.side):
+        torch.add(a, a, out=t.x)  # <out-write>
 
 
-def test_copy_source_is_a_read(fake_session):
-    default, side, x = setup(fake_session)
-    src = torch.zeros(16, device=fake_session.device)
-    side.wait_stream(default)
+@races(("write", "default", "copy-src-write"), ("read", "side", "copy-read", "aten.copy_.default"))
+def copy_source_is_a_read(t):
+    src = torch.zeros(16, device=t.s.device)
+    t.side.wait_stream(t.default)
     src.add_(2)  # <copy-src-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.copy_(src)  # <copy-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="copy-src-write"),
-        second=dict(kind="read", stream=side, marker="copy-read", op="aten.copy_.default"),
-    )
+    with sk.switch(t.side):
+        t.x.copy_(src)  # <copy-read>
 
 
-def test_copy_destination_is_a_write(fake_session):
-    default, side, x = setup(fake_session)
-    src = torch.zeros(16, device=fake_session.device)
-    side.wait_stream(default)
-    x.sum()  # <copy-dst-read>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.copy_(src)  # <copy-write>
-    check_race(
-        info.value.race,
-        first=dict(kind="read", stream=default, marker="copy-dst-read"),
-        second=dict(kind="write", stream=side, marker="copy-write", op="aten.copy_.default"),
-    )
+@races(("read", "default", "copy-dst-read"), ("write", "side", "copy-write", "aten.copy_.default"))
+def copy_destination_is_a_write(t):
+    src = torch.zeros(16, device=t.s.device)
+    t.side.wait_stream(t.default)
+    t.x.sum()  # <copy-dst-read>
+    with sk.switch(t.side):
+        t.x.copy_(src)  # <copy-write>
 
 
-def test_out_of_place_op_reads_its_inputs(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)  # <oop-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            _ = x + 1  # <oop-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="oop-write"),
-        second=dict(kind="read", stream=side, marker="oop-read", op="aten.add.Tensor"),
-    )
+@races(("write", "default", "oop-write"), ("read", "side", "oop-read", "aten.add.Tensor"))
+def out_of_place_op_reads_its_inputs(t):
+    t.x.add_(1)  # <oop-write>
+    with sk.switch(t.side):
+        _ = t.x + 1  # <oop-read>
 
 
-def test_tensor_list_arguments_are_read(fake_session):
-    default, side, a = setup(fake_session)
-    b = torch.ones(16, device=fake_session.device)
-    side.wait_stream(default)
+@races(("write", "default", "cat-write", "aten.mul_.Tensor"), ("read", "side", "cat-read", "aten.cat.default"))
+def tensor_list_arguments_are_read(t):
+    b = torch.ones(16, device=t.s.device)
+    t.side.wait_stream(t.default)
     b.mul_(3)  # <cat-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            torch.cat([a, b])  # <cat-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="cat-write", op="aten.mul_.Tensor"),
-        second=dict(kind="read", stream=side, marker="cat-read", op="aten.cat.default"),
-    )
+    with sk.switch(t.side):
+        torch.cat([t.x, b])  # <cat-read>
 
 
-def test_setitem_is_a_write(fake_session):
-    default, side, x = setup(fake_session)
-    x.sum()  # <setitem-read>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x[0] = 5.0  # <setitem-write>
-    check_race(
-        info.value.race,
-        first=dict(kind="read", stream=default, marker="setitem-read"),
-        second=dict(kind="write", stream=side, marker="setitem-write"),
-    )
+@races(("read", "default", "setitem-read"), ("write", "side", "setitem-write"))
+def setitem_is_a_write(t):
+    t.x.sum()  # <setitem-read>
+    with sk.switch(t.side):
+        t.x[0] = 5.0  # <setitem-write>
 
 
-def test_clone_on_side_reads_the_source(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)  # <clone-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.clone()  # <clone-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="clone-write"),
-        second=dict(kind="read", stream=side, marker="clone-read", op="aten.clone.default"),
-    )
+@races(("write", "default", "clone-write"), ("read", "side", "clone-read", "aten.clone.default"))
+def clone_on_side_reads_the_source(t):
+    t.x.add_(1)  # <clone-write>
+    with sk.switch(t.side):
+        t.x.clone()  # <clone-read>
 
 
-def test_output_is_written_on_the_stream_that_computed_it(fake_session):
-    default, side, x = setup(fake_session)
-    with sk.switch(side):
-        y = x * 2  # <output-write>
-    with pytest.raises(sk.RaceError) as info:
-        y.sum()  # <output-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=side, marker="output-write", op="aten.mul.Tensor"),
-        second=dict(kind="read", stream=default, marker="output-read", op="aten.sum.default"),
-    )
-    default.wait_stream(side)
+@races(("write", "side", "output-write", "aten.mul.Tensor"), ("read", "default", "output-read", "aten.sum.default"))
+def output_is_written_on_the_stream_that_computed_it(t):
+    with sk.switch(t.side):
+        y = t.x * 2  # <output-write>
+    y.sum()  # <output-read>
 
 
-def test_different_tensors_do_not_race(fake_session):
-    default, side, x = setup(fake_session)
-    y = torch.ones(16, device=fake_session.device)
-    side.wait_stream(default)
-    x.add_(1)
-    with sk.switch(side):
+@ordered(([2.0] * 16, [2.0] * 16))
+def different_tensors_do_not_race(t):
+    y = torch.ones(16, device=t.s.device)
+    t.side.wait_stream(t.default)
+    t.x.add_(1)
+    with sk.switch(t.side):
         y.add_(1)
     sk.synchronize()
-    no_races(fake_session)
+    return t.x.tolist(), y.tolist()
 
 
 # =================================================================================================
@@ -537,108 +458,78 @@ def test_different_tensors_do_not_race(fake_session):
 # =================================================================================================
 
 
-def test_disjoint_slices_do_not_race(fake_session):
-    default, side, x = setup(fake_session)
-    x[:8].add_(1)
-    with sk.switch(side):
-        x[8:].add_(2)
+@ordered([2.0] * 8 + [3.0] * 8)
+def disjoint_slices_do_not_race(t):
+    t.x[:8].add_(1)
+    with sk.switch(t.side):
+        t.x[8:].add_(2)
     sk.synchronize()
-    assert x.tolist() == [2.0] * 8 + [3.0] * 8
-    no_races(fake_session)
+    return t.x.tolist()
 
 
-def test_disjoint_rows_do_not_race(fake_session):
-    default, side, x = setup(fake_session, 4, 8)
-    x[0:2].zero_()
-    with sk.switch(side):
-        x[2:4].fill_(5.0)
+@ordered(5.0 * 16, x_shape=(4, 8))
+def disjoint_rows_do_not_race(t):
+    t.x[0:2].zero_()
+    with sk.switch(t.side):
+        t.x[2:4].fill_(5.0)
     sk.synchronize()
-    assert x.sum().item() == 5.0 * 16
-    no_races(fake_session)
+    return t.x.sum().item()
 
 
-def test_overlapping_views_race(fake_session):
-    default, side, x = setup(fake_session)
-    x[:10].add_(1)  # <overlap-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x[6:].sum()  # <overlap-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="overlap-write", op="aten.add_.Tensor"),
-        second=dict(kind="read", stream=side, marker="overlap-read", op="aten.sum.default"),
-    )
+@races(("write", "default", "overlap-write", "aten.add_.Tensor"), ("read", "side", "overlap-read", "aten.sum.default"))
+def overlapping_views_race(t):
+    t.x[:10].add_(1)  # <overlap-write>
+    with sk.switch(t.side):
+        t.x[6:].sum()  # <overlap-read>
 
 
-def test_view_and_base_race(fake_session):
-    default, side, x = setup(fake_session)
-    x[3:5].zero_()  # <viewbase-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x.sum()  # <viewbase-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="viewbase-write"),
-        second=dict(kind="read", stream=side, marker="viewbase-read"),
-    )
+@races(("write", "default", "viewbase-write"), ("read", "side", "viewbase-read"))
+def view_and_base_race(t):
+    t.x[3:5].zero_()  # <viewbase-write>
+    with sk.switch(t.side):
+        t.x.sum()  # <viewbase-read>
 
 
-def test_base_and_reshaped_view_race(fake_session):
-    default, side, x = setup(fake_session, 4, 4)
-    flat = x.view(16)
-    x.mul_(2)  # <reshape-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            flat[5].item()  # <reshape-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="reshape-write"),
-        second=dict(kind="read", stream=side, marker="reshape-read"),
-    )
+@races(("write", "default", "reshape-write"), ("read", "side", "reshape-read"), x_shape=(4, 4))
+def base_and_reshaped_view_race(t):
+    flat = t.x.view(16)
+    t.x.mul_(2)  # <reshape-write>
+    with sk.switch(t.side):
+        flat[5].item()  # <reshape-read>
 
 
-def test_interleaved_strided_views_are_treated_as_overlapping(fake_session):
+@races(("write", "default", "stride-write"), ("write", "side", "stride-write2"))
+def interleaved_strided_views_are_treated_as_overlapping(t):
     """Documented conservative behaviour: a strided view is tracked by its bounding byte range."""
-    default, side, x = setup(fake_session)
-    x[::2].add_(1)  # <stride-write>
-    with pytest.raises(sk.RaceError) as info:
-        with sk.switch(side):
-            x[1::2].add_(1)  # <stride-write2>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=default, marker="stride-write"),
-        second=dict(kind="write", stream=side, marker="stride-write2"),
-    )
+    t.x[::2].add_(1)  # <stride-write>
+    with sk.switch(t.side):
+        t.x[1::2].add_(1)  # <stride-write2>
 
 
 # =================================================================================================
 # host reads and copies
 # =================================================================================================
 
+# Host reads of a tensor of 4: each is a device read on the current stream.
+HOST_READS = {
+    "cpu": lambda x: x.cpu(),  # <hostread-cpu>
+    "item": lambda x: x[0].item(),  # <hostread-item>
+    "tolist": lambda x: x.tolist(),  # <hostread-tolist>
+    "print": lambda x: print(x),  # <hostread-print>
+    "repr": lambda x: repr(x),  # <hostread-repr>
+    "to_cpu": lambda x: x.to("cpu"),  # <hostread-to_cpu>
+    "float": lambda x: float(x[1]),  # <hostread-float>
+    "bool": lambda x: bool(x.any()),  # <hostread-bool>
+}
 
-@pytest.mark.parametrize("how", ["cpu", "item", "tolist", "print", "repr", "to_cpu", "float", "bool"])
+
+@pytest.mark.parametrize("how", list(HOST_READS))
 def test_host_read_on_stream_that_did_not_wait(fake_session, how, capsys):
     default, side, x = setup(fake_session, 4)
     x.add_(1)  # <hostread-write>
     with pytest.raises(sk.RaceError) as info:
         with sk.switch(side):
-            if how == "cpu":
-                x.cpu()  # <hostread-cpu>
-            elif how == "item":
-                x[0].item()  # <hostread-item>
-            elif how == "tolist":
-                x.tolist()  # <hostread-tolist>
-            elif how == "print":
-                print(x)  # <hostread-print>
-            elif how == "repr":
-                repr(x)  # <hostread-repr>
-            elif how == "to_cpu":
-                x.to("cpu")  # <hostread-to_cpu>
-            elif how == "float":
-                float(x[1])  # <hostread-float>
-            else:
-                if x.any():  # <hostread-bool>
-                    pass
+            HOST_READS[how](x)
     check_race(
         info.value.race,
         first=dict(kind="write", stream=default, marker="hostread-write"),
@@ -646,40 +537,30 @@ def test_host_read_on_stream_that_did_not_wait(fake_session, how, capsys):
     )
 
 
-def test_blocking_cpu_counts_a_host_sync_and_orders_the_host(fake_session):
-    default, side, x = setup(fake_session)
-    before = fake_session.stats.copy()
-    with sk.switch(side):
-        x.add_(1)
-        host = x.cpu()
-    delta = fake_session.stats - before
+@ordered(([2.0] * 16, 64.0))
+def blocking_cpu_counts_a_host_sync_and_orders_the_host(t):
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        t.x.add_(1)
+        host = t.x.cpu()
+    delta = t.s.stats - before
     assert delta.blocking_copies == 1
     assert delta.host_syncs == 1
-    assert host.tolist() == [2.0] * 16
     assert host.device.type == "cpu"
     # the host waited for side: work it issues now on any stream is ordered after side's add_
-    x.mul_(2)
-    assert x.sum().item() == 64.0
-    no_races(fake_session)
+    t.x.mul_(2)
+    return host.tolist(), t.x.sum().item()
 
 
-def test_non_blocking_copy_to_host_does_not_sync(fake_session):
-    default, side, x = setup(fake_session)
-    before = fake_session.stats.copy()
-    with sk.switch(side):
-        staged = x.to("cpu", non_blocking=True)  # <nb-read>
-    delta = fake_session.stats - before
+@races(("read", "side", "nb-read"), ("write", "default", "nb-write", "aten.add_.Tensor"))
+def non_blocking_copy_to_host_does_not_sync(t):
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        t.staged = t.x.to("cpu", non_blocking=True)  # <nb-read>
+    delta = t.s.stats - before
     assert delta.blocking_copies == 0
     assert delta.host_syncs == 0
-    with pytest.raises(sk.RaceError) as info:
-        x.add_(1)  # <nb-write>
-    check_race(
-        info.value.race,
-        first=dict(kind="read", stream=side, marker="nb-read"),
-        second=dict(kind="write", stream=default, marker="nb-write", op="aten.add_.Tensor"),
-    )
-    del staged
-    default.wait_stream(side)  # side's copy did run: x may only be freed once default is after it
+    t.x.add_(1)  # <nb-write>
 
 
 def test_host_to_device_copy(fake_session):
@@ -696,78 +577,54 @@ def test_host_to_device_copy(fake_session):
     no_races(fake_session)
 
 
-def test_blocking_host_to_device_copy_on_side_orders_the_host(fake_session):
-    default = sk.current_stream()
-    side = sk.Stream()
-    x = torch.zeros(6, device=fake_session.device)
-    side.wait_stream(default)
-    with sk.switch(side):
-        x.copy_(torch.arange(6, dtype=torch.float32))  # blocking H2D on side: host waits for it
-    assert x.sum().item() == 15.0  # default stream, after the host sync
-    no_races(fake_session)
+@ordered(15.0, x_shape=(6,))
+def blocking_host_to_device_copy_on_side_orders_the_host(t):
+    with sk.switch(t.side):
+        t.x.copy_(torch.arange(6, dtype=torch.float32))  # blocking H2D on side: host waits for it
+    return t.x.sum().item()  # default stream, after the host sync
 
 
-def test_non_blocking_host_to_device_copy_on_side_races(fake_session):
-    default = sk.current_stream()
-    side = sk.Stream()
-    x = torch.zeros(6, device=fake_session.device)
-    side.wait_stream(default)
-    before = fake_session.stats.copy()
-    with sk.switch(side):
-        x.copy_(torch.ones(6), non_blocking=True)  # <h2d-nb-write>
-    assert (fake_session.stats - before).host_syncs == 0
-    with pytest.raises(sk.RaceError) as info:
-        x.sum()  # <h2d-nb-read>
-    check_race(
-        info.value.race,
-        first=dict(kind="write", stream=side, marker="h2d-nb-write"),
-        second=dict(kind="read", stream=default, marker="h2d-nb-read"),
-    )
-    default.wait_stream(side)  # side's copy did run: x may only be freed once default is after it
+@races(("write", "side", "h2d-nb-write"), ("read", "default", "h2d-nb-read"), x_shape=(6,))
+def non_blocking_host_to_device_copy_on_side_races(t):
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        t.x.copy_(torch.ones(6), non_blocking=True)  # <h2d-nb-write>
+    assert (t.s.stats - before).host_syncs == 0
+    t.x.sum()  # <h2d-nb-read>
 
 
-def test_to_device_on_side_stream_blocking_orders_the_host(fake_session):
-    side = sk.Stream()
-    with sk.switch(side):
-        y = torch.arange(4, dtype=torch.float32).to(fake_session.device)  # blocking H2D on side
-    assert y.sum().item() == 6.0  # default stream: ordered by the host sync
+@ordered(6.0)
+def to_device_on_side_stream_blocking_orders_the_host(t):
+    with sk.switch(t.side):
+        y = torch.arange(4, dtype=torch.float32).to(t.s.device)  # blocking H2D on side
+    total = y.sum().item()  # default stream: ordered by the host sync
     sk.synchronize()  # y was allocated on side and used on default: sync before it is freed
     del y
-    no_races(fake_session)
+    return total
 
 
-def test_to_device_non_blocking_on_side_stream_races():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        before = s.stats.copy()
-        with sk.switch(side):
-            y = torch.arange(4, dtype=torch.float32).to(s.device, non_blocking=True)  # <tonb-write>
-        assert (s.stats - before).host_syncs == 0
-        y.sum()  # <tonb-read>
-        sk.synchronize()
-        del y
-        race = one_race(s)
-    check_race(
-        race,
-        first=dict(kind="write", stream=side, marker="tonb-write"),
-        second=dict(kind="read", stream=default, marker="tonb-read"),
-    )
-
-
-def test_data_dependent_output_size_is_a_host_sync(fake_session):
-    """nonzero() must learn its output size on the host: on CUDA it synchronizes."""
-    default, side, x = setup(fake_session)
-    with sk.switch(side):
-        x.add_(1)
-        before = fake_session.stats.copy()
-        idx = torch.nonzero(x)
-        assert (fake_session.stats - before).host_syncs == 1
-    x.mul_(2)  # the host waited for side: ordered
-    assert idx.shape == (16, 1)
+@races(("write", "side", "tonb-write"), ("read", "default", "tonb-read"), detect="record")
+def to_device_non_blocking_on_side_stream_races(t):
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        y = torch.arange(4, dtype=torch.float32).to(t.s.device, non_blocking=True)  # <tonb-write>
+    assert (t.s.stats - before).host_syncs == 0
+    y.sum()  # <tonb-read>
     sk.synchronize()
-    del idx
-    no_races(fake_session)
+    del y
+
+
+@ordered((16, 1))
+def data_dependent_output_size_is_a_host_sync(t):
+    """nonzero() must learn its output size on the host: on CUDA it synchronizes."""
+    with sk.switch(t.side):
+        t.x.add_(1)
+        before = t.s.stats.copy()
+        idx = torch.nonzero(t.x)
+        assert (t.s.stats - before).host_syncs == 1
+    t.x.mul_(2)  # the host waited for side: ordered
+    sk.synchronize()
+    return tuple(idx.shape)
 
 
 def test_fake_tensor_with_non_scalar_cpu_tensor_raises(fake_session):
@@ -789,17 +646,16 @@ def test_numpy_raises_type_error(fake_session):
     assert x.cpu().numpy().tolist() == [1.0] * 4
 
 
-def test_peek_is_untracked(fake_session):
-    default, side, x = setup(fake_session)
-    x.add_(1)
-    before = fake_session.stats.copy()
-    with sk.switch(side):
-        values = fake.peek(x)  # no access, no race, no sync
+@ordered([2.0] * 16)
+def peek_is_untracked(t):
+    t.x.add_(1)
+    before = t.s.stats.copy()
+    with sk.switch(t.side):
+        values = fake.peek(t.x)  # no access, no race, no sync
     assert values.device.type == "cpu"
-    assert values.tolist() == [2.0] * 16
-    delta = fake_session.stats - before
+    delta = t.s.stats - before
     assert delta.kernels == 0 and delta.host_syncs == 0
-    no_races(fake_session)
+    return values.tolist()
 
 
 # =================================================================================================
@@ -1007,108 +863,84 @@ def _run_thread(fn):
     return errors
 
 
-def test_threads_with_own_streams_race():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        sa, sb = sk.Stream(), sk.Stream()
-        x = torch.ones(32, device=s.device)
-        sa.wait_stream(default)
-        sb.wait_stream(default)
+@races(("write", "sa", "thr-write"), ("read", "sb", "thr-read"), x_shape=(32,), detect="record")
+def threads_with_own_streams_race(t):
+    t.sa, t.sb = sk.Stream(), sk.Stream()
+    t.sa.wait_stream(t.default)
+    t.sb.wait_stream(t.default)
 
-        def writer():
-            with sk.switch(sa):
-                x.add_(1)  # <thr-write>
+    def writer():
+        with sk.switch(t.sa):
+            t.x.add_(1)  # <thr-write>
 
-        def reader():
-            assert sk.current_stream() == default  # a new thread starts on the default stream
-            with sk.switch(sb):
-                x.sum()  # <thr-read>
+    def reader():
+        assert sk.current_stream() == t.default  # a new thread starts on the default stream
+        with sk.switch(t.sb):
+            t.x.sum()  # <thr-read>
 
-        assert _run_thread(writer) == []
-        assert _run_thread(reader) == []  # thread join orders the host threads, not the streams
-        sk.synchronize()
-        race = one_race(s)
-    check_race(
-        race,
-        first=dict(kind="write", stream=sa, marker="thr-write"),
-        second=dict(kind="read", stream=sb, marker="thr-read"),
-    )
+    assert _run_thread(writer) == []
+    assert _run_thread(reader) == []  # thread join orders the host threads, not the streams
+    sk.synchronize()
 
 
-def test_threads_with_own_streams_and_an_event_do_not_race():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        sa, sb = sk.Stream(), sk.Stream()
-        x = torch.ones(32, device=s.device)
-        sa.wait_stream(default)
-        box = {}
+@ordered(64.0, x_shape=(32,), detect="record")
+def threads_with_own_streams_and_an_event_do_not_race(t):
+    sa, sb = t.side, sk.Stream()  # sa waited for x's initialization, sb did not
+    box = {}
 
-        def writer():
-            with sk.switch(sa):
-                x.add_(1)
-                box["done"] = sk.current_stream().record_event()
+    def writer():
+        with sk.switch(sa):
+            t.x.add_(1)
+            box["done"] = sk.current_stream().record_event()
 
-        def reader():
-            with sk.switch(sb):
-                sb.wait_event(box["done"])
-                box["sum"] = x.sum()
+    def reader():
+        with sk.switch(sb):
+            sb.wait_event(box["done"])
+            box["sum"] = t.x.sum()
 
-        assert _run_thread(writer) == []
-        assert _run_thread(reader) == []
-        sk.synchronize()
-        assert box.pop("sum").item() == 64.0
-        no_races(s)
+    assert _run_thread(writer) == []
+    assert _run_thread(reader) == []
+    sk.synchronize()
+    return box.pop("sum").item()
 
 
-def test_thread_without_switch_runs_on_the_default_stream():
+@races(("write", "side", "thrdef-write"), ("read", "default", "thrdef-read"), x_shape=(8,), detect="record")
+def thread_without_switch_runs_on_the_default_stream(t):
     """Main thread writes inside switch(side); a new thread's op runs on the default stream."""
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(8, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            x.add_(1)  # <thrdef-write>
+    with sk.switch(t.side):
+        t.x.add_(1)  # <thrdef-write>
 
-            def reader():
-                x.sum()  # <thrdef-read>
+        def reader():
+            t.x.sum()  # <thrdef-read>
 
-            assert _run_thread(reader) == []
-        sk.synchronize()
-        race = one_race(s)
-    check_race(
-        race,
-        first=dict(kind="write", stream=side, marker="thrdef-write"),
-        second=dict(kind="read", stream=default, marker="thrdef-read"),
-    )
+        assert _run_thread(reader) == []
+    sk.synchronize()
 
 
-def test_concurrent_threads_on_their_own_streams_and_tensors():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        shared = torch.full((8,), 2.0, device=s.device)
-        streams = [sk.Stream() for _ in range(4)]
-        for st in streams:
-            st.wait_stream(default)
-        barrier = threading.Barrier(len(streams))
-        results = {}
+@ordered({i: 800.0 for i in range(4)}, detect="record")
+def concurrent_threads_on_their_own_streams_and_tensors(t):
+    shared = torch.full((8,), 2.0, device=t.s.device)
+    streams = [sk.Stream() for _ in range(4)]
+    for st in streams:
+        st.wait_stream(t.default)
+    barrier = threading.Barrier(len(streams))
+    results = {}
 
-        def worker(i):
-            with sk.switch(streams[i]):
-                own = torch.zeros(8, device=s.device)
-                barrier.wait(timeout=30)
-                for _ in range(50):
-                    own.add_(shared)  # everyone reads `shared`: read-read, never a race
-                results[i] = own.sum().item()  # a blocking copy on this thread's stream
+    def worker(i):
+        with sk.switch(streams[i]):
+            own = torch.zeros(8, device=t.s.device)
+            barrier.wait(timeout=30)
+            for _ in range(50):
+                own.add_(shared)  # everyone reads `shared`: read-read, never a race
+            results[i] = own.sum().item()  # a blocking copy on this thread's stream
 
-        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(streams))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        sk.synchronize()
-        assert results == {i: 800.0 for i in range(len(streams))}
-        no_races(s)
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(streams))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=30)
+    sk.synchronize()
+    return results
 
 
 def test_raise_mode_in_a_thread(fake_session):
@@ -1129,122 +961,79 @@ def test_raise_mode_in_a_thread(fake_session):
 # =================================================================================================
 
 
-def test_free_while_side_stream_still_reads():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x * 2  # <free-use>
-        del x  # <free-free>
-        races = list(s.races)
-        del y
-    assert len(races) == 1, "\n\n".join(map(str, races))
-    race = races[0]
-    check_access(race.first, kind="read", stream=side, marker="free-use", op="aten.mul.Tensor")
-    check_access(race.second, kind="free", stream=default, marker="free-free")
-    assert "record_stream" in race.fix
+@races(
+    ("read", "side", "free-use", "aten.mul.Tensor"),
+    ("free", "default", "free-free"),
+    x_shape=(64,),
+    detect="record",
+    fix="record_stream",
+)
+def free_while_side_stream_still_reads(t):
+    with sk.switch(t.side):
+        t.y = t.x * 2  # <free-use>
+    del t.x  # <free-free>
 
 
-def test_a_live_view_keeps_the_memory():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        v = x[8:]
-        side.wait_stream(default)
-        with sk.switch(side):
-            v.sum()  # <view-use>
-        del x  # the view still holds the memory: no free yet
-        assert s.races == []
-        del v  # <view-free>
-        races = list(s.races)
-    assert len(races) == 1
-    check_access(races[0].first, kind="read", stream=side, marker="view-use")
-    check_access(races[0].second, kind="free", stream=default, marker="view-free")
+@races(("read", "side", "view-use"), ("free", "default", "view-free"), x_shape=(64,), detect="record")
+def a_live_view_keeps_the_memory(t):
+    v = t.x[8:]
+    with sk.switch(t.side):
+        v.sum()  # <view-use>
+    del t.x  # the view still holds the memory: no free yet
+    assert t.s.races == []
+    del v  # <view-free>
 
 
-def test_free_at_function_return_points_at_the_call():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
+@races(("read", "side", "ret-use"), ("free", "default", "ret-call"), detect="record")
+def free_at_function_return_points_at_the_call(t):
+    def work():
+        x = torch.ones(8, device=t.s.device)
+        t.side.wait_stream(t.default)
+        with sk.switch(t.side):
+            x.sum()  # <ret-use>
+        # x is freed when work() returns
 
-        def work():
-            x = torch.ones(8, device=s.device)
-            side.wait_stream(default)
-            with sk.switch(side):
-                x.sum()  # <ret-use>
-            # x is freed when work() returns
-
-        work()  # <ret-call>
-        races = list(s.races)
-    assert len(races) == 1
-    check_access(races[0].first, kind="read", stream=side, marker="ret-use")
-    check_access(races[0].second, kind="free", stream=default, marker="ret-call")
+    work()  # <ret-call>
 
 
-def test_free_with_record_stream_is_ok():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x * 2
-        sk.record_stream(x, side)
-        del x
-        del y
-        no_races(s)
+@ordered(None, x_shape=(64,), detect="record")
+def free_with_record_stream_is_ok(t):
+    with sk.switch(t.side):
+        y = t.x * 2
+    sk.record_stream(t.x, t.side)
+    del t.x
+    del y
 
 
-def test_free_after_waiting_for_the_user_is_ok():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x * 2
-        default.wait_stream(side)
-        del x
-        del y
-        no_races(s)
+@ordered(None, x_shape=(64,), detect="record")
+def free_after_waiting_for_the_user_is_ok(t):
+    with sk.switch(t.side):
+        y = t.x * 2
+    t.default.wait_stream(t.side)
+    del t.x
+    del y
 
 
-def test_free_of_side_allocated_tensor_used_on_default():
+@races(("read", "default", "free2-use"), ("free", "side", "free2-free"), x_shape=(64,), detect="record", returns=128.0)
+def free_of_side_allocated_tensor_used_on_default(t):
     """The classic: allocated on side, consumed on default, freed without record_stream."""
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x + 1  # allocated on side
-        default.wait_stream(side)
-        total = y.sum()  # <free2-use>
-        del y  # <free2-free>
-        races = list(s.races)
-        assert total.item() == 128.0
-    assert len(races) == 1, "\n\n".join(map(str, races))
-    check_access(races[0].first, kind="read", stream=default, marker="free2-use")
-    check_access(races[0].second, kind="free", stream=side, marker="free2-free")
+    with sk.switch(t.side):
+        y = t.x + 1  # allocated on side
+    t.default.wait_stream(t.side)
+    total = y.sum()  # <free2-use>
+    del y  # <free2-free>
+    return total.item()
 
 
-def test_free_of_side_allocated_tensor_with_record_stream_is_ok():
-    with fake.session(detect="record") as s:
-        default = sk.current_stream()
-        side = sk.Stream()
-        x = torch.ones(64, device=s.device)
-        side.wait_stream(default)
-        with sk.switch(side):
-            y = x + 1
-        default.wait_stream(side)
-        total = y.sum()
-        sk.record_stream(y, default)
-        del y
-        assert total.item() == 128.0
-        no_races(s)
+@ordered(128.0, x_shape=(64,), detect="record")
+def free_of_side_allocated_tensor_with_record_stream_is_ok(t):
+    with sk.switch(t.side):
+        y = t.x + 1
+    t.default.wait_stream(t.side)
+    total = y.sum()
+    sk.record_stream(y, t.default)
+    del y
+    return total.item()
 
 
 def test_free_race_in_raise_mode_is_raised():
@@ -1529,6 +1318,60 @@ def test_elapsed_time_is_ordered(fake_session):
     c.synchronize()
     ab, bc, ac = a.elapsed_time(b), b.elapsed_time(c), a.elapsed_time(c)
     assert 0.0 <= ab <= ac and 0.0 <= bc <= ac
+
+
+# =================================================================================================
+# the tables' runners
+# =================================================================================================
+
+
+def _scene(session, x_shape):
+    default, side, x = setup(session, *x_shape)
+    return SimpleNamespace(s=session, default=default, side=side, x=x)
+
+
+def _expected_access(t, kind, stream, marker, op=None):
+    return dict(kind=kind, stream=getattr(t, stream), marker=marker, op=op)
+
+
+@pytest.mark.parametrize("program, first, second, x_shape, detect, checks", RACES)
+def test_race_is_reported(program, first, second, x_shape, detect, checks):
+    checks = dict(checks)
+    fix, returns = checks.pop("fix", None), checks.pop("returns", None)
+    with fake.session(detect=detect) as s:
+        t = _scene(s, x_shape)
+        if detect == "raise":
+            with pytest.raises(sk.RaceError) as info:
+                program(t)
+            assert s.races == [info.value.race]
+        else:
+            assert program(t) == returns
+        first, second = _expected_access(t, *first), _expected_access(t, *second)
+        if detect == "raise" and first["stream"] != t.default:
+            # the first access did run: x may only be freed (on default, at the end) once default is after it
+            t.default.wait_stream(first["stream"])
+        race = one_race(s)
+        check_race(race, first=first, second=second, **checks)
+        if fix is not None:
+            assert fix in race.fix
+        del t
+
+
+@pytest.mark.parametrize("program, x_shape, detect, expect", ORDERED)
+def test_ordered_program_has_no_race(program, x_shape, detect, expect):
+    with fake.session(detect=detect) as s:
+        t = _scene(s, x_shape)
+        assert program(t) == expect
+        no_races(s)
+    no_races(s)
+
+
+def test_every_program_is_in_one_table():
+    """A program function (one parameter, ``t``) that no decorator registered would never run."""
+    tabled = [p.values[0] for p in RACES + ORDERED]
+    programs = [f for f in globals().values() if inspect.isfunction(f) and list(inspect.signature(f).parameters) == ["t"]]
+    assert sorted(f.__name__ for f in tabled) == sorted(f.__name__ for f in programs)
+    assert len(set(tabled)) == len(tabled)
 
 
 if __name__ == "__main__":  # pragma: no cover

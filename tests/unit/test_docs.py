@@ -1,0 +1,124 @@
+"""The Python code blocks of README.md and docs/api.md run as written.
+
+Every fenced block whose language is Python (```python, ```py, ```python3) runs as its own script
+in a fresh subprocess on the fake backend (``STREAMKIT_BACKEND=fake``; the README example opens its
+own ``fake.session``), in a temporary directory. A block that can't run here is marked in the doc
+itself, on the last non-blank line before its fence::
+
+    <!-- not-run: why it can't run -->
+
+Nothing else is skipped: the test counts the blocks it ran and checks the count.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+
+from _support import REPO, child_env
+
+DOCS = ("README.md", "docs/api.md")
+# The Python blocks each doc has that must run (at least); raise when adding examples.
+MIN_RUN = {"README.md": 1, "docs/api.md": 2}
+PYTHON_LANGS = {"python", "py", "python3"}
+NOT_RUN = re.compile(r"^<!--\s*not-run:(.*?)-->$")
+FENCE = re.compile(r"^(```+|~~~+)\s*([\w+-]*)")
+
+
+@dataclass
+class Block:
+    doc: str
+    line: int  # of the opening fence, 1-based
+    lang: str
+    code: str
+    not_run: str | None  # the reason, when marked
+
+    @property
+    def where(self) -> str:
+        return f"{self.doc}:{self.line}"
+
+
+def blocks(doc: str) -> list[Block]:
+    """The fenced blocks of ``doc``; raises AssertionError for an unclosed fence or a not-run
+    marker that doesn't stand right before a fence."""
+    lines = (REPO / doc).read_text(encoding="utf-8").splitlines()
+    found, marker, i = [], None, 0  # marker: (line, reason) of a not-run comment waiting for its fence
+    while i < len(lines):
+        text = lines[i].strip()
+        fence = FENCE.match(text)
+        if fence:
+            end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence.group(1)), None)
+            assert end is not None, f"{doc}:{i + 1}: unclosed code fence"
+            reason = marker[1] if marker else None
+            found.append(Block(doc, i + 1, fence.group(2).lower(), "\n".join(lines[i + 1 : end]) + "\n", reason))
+            marker, i = None, end + 1
+            continue
+        if text:
+            assert marker is None, f"{doc}:{marker[0]}: a not-run marker must be the last line before a code fence"
+            m = NOT_RUN.match(text)
+            if m:
+                marker = (i + 1, m.group(1).strip())
+        i += 1
+    assert marker is None, f"{doc}:{marker[0]}: a not-run marker must be the last line before a code fence"
+    return found
+
+
+def python_blocks() -> list[Block]:
+    return [b for doc in DOCS for b in blocks(doc) if b.lang in PYTHON_LANGS]
+
+
+def test_not_run_markers_are_well_formed():
+    for doc in DOCS:
+        for b in blocks(doc):  # raises for a stray marker
+            if b.not_run is not None:
+                assert b.lang in PYTHON_LANGS, f"{b.where}: not-run marks a {b.lang or 'plain'} block"
+                assert b.not_run, f"{b.where}: a not-run marker needs a reason"
+
+
+def test_doc_python_blocks_run(tmp_path):
+    to_run = [b for b in python_blocks() if b.not_run is None]
+    procs = []
+    for n, b in enumerate(to_run):
+        script = tmp_path / f"{n}_{b.doc.replace('/', '_').replace('.', '_')}_L{b.line}.py"
+        script.write_text(b.code, encoding="utf-8")
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(script)], cwd=str(tmp_path), env=child_env({"STREAMKIT_BACKEND": "fake"}),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+        )
+    failures, ran = [], {doc: 0 for doc in DOCS}
+    try:
+        for b, proc in zip(to_run, procs):
+            out, err = proc.communicate(timeout=120)
+            ran[b.doc] += 1
+            if proc.returncode != 0:
+                failures.append(
+                    f"--- {b.where} exited {proc.returncode}:\n{b.code}--- stdout:\n{out}--- stderr:\n{err[-4000:]}"
+                )
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert not failures, "doc code blocks failed:\n" + "\n".join(failures)
+    assert sum(ran.values()) == len(to_run)
+    for doc, least in MIN_RUN.items():
+        assert ran[doc] >= least, f"{doc}: ran {ran[doc]} Python blocks, expected at least {least}: {ran}"
+
+
+def test_a_failing_block_fails_the_check(tmp_path, monkeypatch):
+    """The checker itself: a block that raises is reported with its text and the error."""
+    broken = Block("README.md", 1, "python", "import streamkit as sk\nraise SystemExit(sk.no_such_name)\n", None)
+    monkeypatch.setattr(sys.modules[__name__], "python_blocks", lambda: [broken])
+    try:
+        test_doc_python_blocks_run(tmp_path)
+    except AssertionError as exc:
+        text = str(exc)
+    else:
+        raise AssertionError("a failing doc block passed the check")
+    assert "README.md:1 exited 1" in text
+    assert "raise SystemExit(sk.no_such_name)" in text
+    assert "AttributeError" in text and "no_such_name" in text
