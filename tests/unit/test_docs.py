@@ -1,8 +1,9 @@
 """The Python code blocks of README.md and docs/api.md run as written.
 
 Every fenced block whose language is Python (```python, ```py, ```python3) runs as its own script
-in a fresh subprocess on the fake backend (``STREAMKIT_BACKEND=fake``; the README example opens its
-own ``fake.session``), in a temporary directory. A block that can't run here is marked in the doc
+(a fresh ``__main__`` namespace, in this process: a subprocess per block cost seconds of torch
+start-up each) on the fake backend (``STREAMKIT_BACKEND=fake``; the README example opens its own
+``fake.session``), in a temporary directory. A block that can't run here is marked in the doc
 itself, on the last non-blank line before its fence::
 
     <!-- not-run: why it can't run -->
@@ -13,11 +14,11 @@ Nothing else is skipped: the test counts the blocks it ran and checks the count.
 from __future__ import annotations
 
 import re
-import subprocess
 import sys
+import traceback
 from dataclasses import dataclass
 
-from _support import REPO, child_env
+from _support import REPO
 
 DOCS = ("README.md", "docs/api.md")
 # The Python blocks each doc has that must run (at least); raise when adding examples.
@@ -77,32 +78,29 @@ def test_not_run_markers_are_well_formed():
                 assert b.not_run, f"{b.where}: a not-run marker needs a reason"
 
 
-def test_doc_python_blocks_run(tmp_path):
-    to_run = [b for b in python_blocks() if b.not_run is None]
-    procs = []
-    for n, b in enumerate(to_run):
-        script = tmp_path / f"{n}_{b.doc.replace('/', '_').replace('.', '_')}_L{b.line}.py"
-        script.write_text(b.code, encoding="utf-8")
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(script)], cwd=str(tmp_path), env=child_env({"STREAMKIT_BACKEND": "fake"}),
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            )
-        )
-    failures, ran = [], {doc: 0 for doc in DOCS}
+def _run_block(block: Block) -> str | None:
+    """Run ``block`` as a script; the failure (traceback) or ``None``."""
+    code = compile(block.code, block.where, "exec")
     try:
-        for b, proc in zip(to_run, procs):
-            out, err = proc.communicate(timeout=120)
-            ran[b.doc] += 1
-            if proc.returncode != 0:
-                failures.append(
-                    f"--- {b.where} exited {proc.returncode}:\n{b.code}--- stdout:\n{out}--- stderr:\n{err[-4000:]}"
-                )
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+        exec(code, {"__name__": "__main__", "__file__": block.where})
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            return f"SystemExit({exc.code!r})\n" + traceback.format_exc()
+    except BaseException:
+        return traceback.format_exc()
+    return None
+
+
+def test_doc_python_blocks_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("STREAMKIT_BACKEND", "fake")
+    to_run = [b for b in python_blocks() if b.not_run is None]
+    failures, ran = [], {doc: 0 for doc in DOCS}
+    for b in to_run:
+        error = _run_block(b)
+        ran[b.doc] += 1
+        if error is not None:
+            failures.append(f"--- {b.where} failed:\n{b.code}--- error:\n{error[-4000:]}")
     assert not failures, "doc code blocks failed:\n" + "\n".join(failures)
     assert sum(ran.values()) == len(to_run)
     for doc, least in MIN_RUN.items():
@@ -114,11 +112,11 @@ def test_a_failing_block_fails_the_check(tmp_path, monkeypatch):
     broken = Block("README.md", 1, "python", "import streamkit as sk\nraise SystemExit(sk.no_such_name)\n", None)
     monkeypatch.setattr(sys.modules[__name__], "python_blocks", lambda: [broken])
     try:
-        test_doc_python_blocks_run(tmp_path)
+        test_doc_python_blocks_run(tmp_path, monkeypatch)
     except AssertionError as exc:
         text = str(exc)
     else:
         raise AssertionError("a failing doc block passed the check")
-    assert "README.md:1 exited 1" in text
+    assert "README.md:1 failed" in text
     assert "raise SystemExit(sk.no_such_name)" in text
     assert "AttributeError" in text and "no_such_name" in text
