@@ -143,6 +143,51 @@ SCENARIOS = {
 }
 
 
+# -- single scenarios (all_reduce) ----------------------------------------------------------
+
+
+def two_groups(rank, world, group):
+    """Each process group has its own stream: waiting for one group's work orders nothing of the
+    other's."""
+    with fake.session(detect="record") as s:
+        x = torch.full((N,), float(rank + 1), device=s.device)
+        y = torch.full((N,), float(rank + 1), device=s.device)
+        wx = dist.all_reduce(x, async_op=True)  # <two-groups-x>
+        wy = dist.all_reduce(y, async_op=True, group=group)  # <two-groups-y>
+        wy.wait()
+        vy = y.cpu().tolist()
+        vx = x.cpu().tolist()  # <two-groups-read-x>
+        wx.wait()
+        races = [{"first": _describe(r.first, {}), "second": _describe(r.second, {})} for r in s.races]
+        del x, y
+    return {"values": vx + vy, "races": races}
+
+
+def raise_mode(rank, world):
+    """detect="raise": the touch before wait() raises RaceError before its kernel runs."""
+    with fake.session(detect="raise") as s:
+        x = torch.full((N,), float(rank + 1), device=s.device)
+        work = dist.all_reduce(x, async_op=True)
+        try:
+            x.add_(1.0)  # <raise-touch>
+            error = None
+        except sk.RaceError as e:
+            error = {"first": _describe(e.race.first, {}), "second": _describe(e.race.second, {})}
+        work.wait()
+        values = x.cpu().tolist()
+        del x
+    return {"values": values, "error_race": error}
+
+
+def host_work(rank, world):
+    """A collective on CPU tensors (no fake tensor): its Work passes straight through the patched
+    Work.wait."""
+    t = torch.full((N,), float(rank + 1))
+    work = dist.all_reduce(t, async_op=True)
+    work.wait()
+    return {"values": t.tolist(), "patched": hasattr(type(work).wait, "__streamkit_original__")}
+
+
 def _describe(access, names):
     name = next((label for label, stream in names.items() if stream == access.stream), None)
     if name is None:
@@ -175,6 +220,14 @@ def main() -> int:
                 except Exception:  # report it; the other rank is in the same scenario
                     result[key] = {"error": traceback.format_exc()}
                 dist.barrier()
+        group = dist.new_group(list(range(world)))
+        for key, fn in (("two_groups", lambda: two_groups(rank, world, group)), ("raise_mode", lambda: raise_mode(rank, world)),
+                        ("host_work", lambda: host_work(rank, world))):
+            try:
+                result[key] = fn()
+            except Exception:
+                result[key] = {"error": traceback.format_exc()}
+            dist.barrier()
     finally:
         print("RESULT " + json.dumps(result), flush=True)
         dist.destroy_process_group()

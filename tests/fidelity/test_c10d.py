@@ -123,3 +123,37 @@ def test_async_issue_on_side_then_wait_on_compute_stream_is_clean(results, kind)
     # the common fix pattern, with the input dropped before wait() (the collective holds it)
     for entry in _entries(results, kind, "async_clean"):
         assert entry["races"] == [], _texts(entry["races"])
+
+
+def _single(results, key):
+    out = []
+    for data in results:
+        entry = data[key]
+        assert "error" not in entry, f"rank {data['rank']} {key} failed:\n{entry['error']}"
+        out.append(entry)
+    return out
+
+
+def test_each_process_group_has_its_own_stream(results):
+    # waiting for the second group's all_reduce orders nothing of the default group's
+    for entry in _single(results, "two_groups"):
+        assert entry["values"] == [3.0] * 8
+        races = entry["races"]
+        assert len(races) == 1, races
+        assert races[0]["first"]["stream"].startswith(PG_STREAM)
+        assert races[0]["first"]["lineno"] == marker_line(WORKER, "two-groups-x")
+        assert races[0]["second"]["lineno"] == marker_line(WORKER, "two-groups-read-x")
+
+
+def test_raise_mode_raises_at_the_touch_before_it_runs(results):
+    for entry in _single(results, "raise_mode"):
+        race = entry["error_race"]
+        assert race is not None
+        assert race["first"]["op"].startswith("c10d.allreduce_.") and race["first"]["stream"].startswith(PG_STREAM)
+        assert race["second"]["lineno"] == marker_line(WORKER, "raise-touch")
+        assert entry["values"] == [3.0] * 4  # the racing add_ never ran
+
+
+def test_works_streamkit_did_not_issue_pass_through(results):
+    for entry in _single(results, "host_work"):
+        assert entry["patched"] and entry["values"] == [3.0] * 4
