@@ -163,6 +163,24 @@ def two_groups(rank, world, group):
     return {"values": vx + vy, "races": races}
 
 
+def input_from_other_stream(rank, world):
+    """The process group's stream waits only for the issuing stream: an input written on side,
+    which the issuing default stream never waited for, races with the collective."""
+    with fake.session(detect="record") as s:
+        side = sk.Stream()
+        x = torch.empty(N, device=s.device)
+        side.wait_stream(sk.current_stream())
+        with sk.switch(side):
+            x.fill_(float(rank + 1))  # <other-stream-produce>
+        work = dist.all_reduce(x, async_op=True)  # <other-stream-collective>
+        work.wait()
+        sk.current_stream().wait_stream(side)
+        values = x.cpu().tolist()
+        races = [{"first": _describe(r.first, {"side": side}), "second": _describe(r.second, {}), "fix": r.fix} for r in s.races]
+        del x
+    return {"values": values, "races": races}
+
+
 def raise_mode(rank, world):
     """detect="raise": the touch before wait() raises RaceError before its kernel runs."""
     with fake.session(detect="raise") as s:
@@ -222,6 +240,7 @@ def main() -> int:
                 dist.barrier()
         group = dist.new_group(list(range(world)))
         for key, fn in (("two_groups", lambda: two_groups(rank, world, group)), ("raise_mode", lambda: raise_mode(rank, world)),
+                        ("input_from_other_stream", lambda: input_from_other_stream(rank, world)),
                         ("host_work", lambda: host_work(rank, world))):
             try:
                 result[key] = fn()

@@ -157,3 +157,15 @@ def test_raise_mode_raises_at_the_touch_before_it_runs(results):
 def test_works_streamkit_did_not_issue_pass_through(results):
     for entry in _single(results, "host_work"):
         assert entry["patched"] and entry["values"] == [3.0] * 4
+
+
+def test_process_group_stream_waits_only_for_the_issuing_stream(results):
+    for entry in _single(results, "input_from_other_stream"):
+        assert entry["values"] == [3.0] * 4
+        races = entry["races"]
+        assert len(races) == 1, races
+        first, second = races[0]["first"], races[0]["second"]
+        assert first["stream"] == "side" and first["lineno"] == marker_line(WORKER, "other-stream-produce")
+        assert second["op"].startswith("c10d.allreduce_.") and second["stream"].startswith(PG_STREAM)
+        assert second["lineno"] == marker_line(WORKER, "other-stream-collective")
+        assert "make the stream that issues the collective" in races[0]["fix"]

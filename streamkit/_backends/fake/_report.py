@@ -135,6 +135,11 @@ def suggest_fix(first: Access, second: Access) -> str:
     _, first_name = stream_description(first.stream_state)
     _, second_name = stream_description(second.stream_state)
     if _LABELS.get(first.stream_state, ("", "", ""))[2] == "collective":
+        if second.kind == "free":
+            return (
+                f"call .wait() on the Work that the collective at {first.location} returned with {second_name} (the"
+                f" allocation stream) current before the last reference is dropped at {second.location}"
+            )
         return (
             f"call .wait() on the Work that the collective at {first.location} returned (async_op=True) before"
             f" {second.location}, with the stream of {second.location} current (wait() makes the current stream"
