@@ -1,6 +1,7 @@
 """Collectives on the fake backend: 2 gloo ranks in subprocesses (``_dist_worker.py``).
 
-A collective is a kernel on the current stream that reads its input and writes its output, so
+A collective with async_op=False (the default; async_op=True is in tests/fidelity/test_c10d.py)
+is a kernel on the current stream that reads its input and writes its output, so
 issuing it on a side stream that didn't wait for the default-stream producer is a race, and the
 fixed program (``side.wait_stream(default)``) is clean and numerically right on both ranks.
 """

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import traceback
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -18,8 +19,20 @@ from ._tracking import AccessKind, AccessRecord, Kernel, StorageState
 _ASSIGN = re.compile(r"^\s*(?:self\.)?([A-Za-z_]\w*)\s*(?::[^=]+)?=\s*[\w.]*Stream\(")
 
 
+# Streams the backend made itself (a process group's stream): (label, code name, role)
+_LABELS: "weakref.WeakKeyDictionary[StreamState, tuple[str, str, str]]" = weakref.WeakKeyDictionary()
+
+
+def label_stream(state: StreamState, label: str, code_name: str, role: str) -> None:
+    """Name a stream that no user code created (``role``: ``"collective"`` for a process group's)."""
+    _LABELS[state] = (label, code_name, role)
+
+
 def stream_description(state: StreamState) -> tuple[str, str]:
     """``(label, code_name)`` for a fake stream: e.g. ``("stream #1 'side' (created at a.py:8)", "side")``."""
+    named = _LABELS.get(state)
+    if named is not None:
+        return named[0], named[1]
     if state.idx == 0:
         return "the default stream", "sk.default_stream()"
     frames = user_stack(state.site)
@@ -121,6 +134,23 @@ class RaceError(StreamkitError):
 def suggest_fix(first: Access, second: Access) -> str:
     _, first_name = stream_description(first.stream_state)
     _, second_name = stream_description(second.stream_state)
+    if _LABELS.get(first.stream_state, ("", "", ""))[2] == "collective":
+        if second.kind == "free":
+            return (
+                f"call .wait() on the Work that the collective at {first.location} returned with {second_name} (the"
+                f" allocation stream) current before the last reference is dropped at {second.location}"
+            )
+        return (
+            f"call .wait() on the Work that the collective at {first.location} returned (async_op=True) before"
+            f" {second.location}, with the stream of {second.location} current (wait() makes the current stream"
+            f" wait for the collective)"
+        )
+    if _LABELS.get(second.stream_state, ("", "", ""))[2] == "collective":
+        return (
+            f"make the stream that issues the collective at {second.location} wait for {first_name} (wait_stream or"
+            f" an event) after {first.location} and before the collective: {second_name} waits only for the"
+            f" issuing stream"
+        )
     if second.kind == "free":
         return (
             f"call sk.record_stream(tensor, {first_name}) after {first.location} (the allocator then keeps the"

@@ -415,22 +415,18 @@ def _copy_kernel(dst: Any, src: Any, non_blocking: bool = False) -> Any:
 
 
 def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
-    """A c10d collective: a kernel on the current stream reading its inputs and writing its output.
+    """A c10d collective: a kernel reading its inputs and writing its output, on the current stream
+    (``async_op=False``) or on its process group's stream (``async_op=True``; see _collectives).
 
     Under the eager scheduler it completes at issue (its work is waited for), so a failing peer
     raises here.
     """
+    from . import _collectives  # (imported on first use: only collectives need it)
+
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session._current_stream()
     site = capture_site(sys._getframe(2)) if session._tracked else None
-    with session._lock:
-        kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
-    # Run outside the lock: it blocks on peers, and other threads must keep issuing.
-    result = session._scheduler.submit(kernel)
-    works = [r for r in (result if isinstance(result, tuple) else (result,)) if hasattr(r, "wait") and not isinstance(r, torch.Tensor)]
-    for work in works:
-        work.wait()
+    result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
     if isinstance(result, tuple) and result and plan.arg_kinds and plan.arg_kinds[0] == WRITE:
         # The first result is the output argument itself: hand back the caller's fake tensors.
         return (args[0] if args else kwargs[plan.op._schema.arguments[0].name],) + tuple(result[1:])

@@ -1,0 +1,205 @@
+"""c10d collectives on the fake backend, ordered as ProcessGroupNCCL / ProcessGroupHCCL order them.
+
+- ``async_op=False`` (the default): the collective is a kernel on the issuing (current) stream,
+  as NCCL runs it (torch >= 2.7: "in asyncOp=false mode, we use currentStream as ncclStream");
+  the same happens-before as an internal stream plus ``work.wait()`` right after.
+- ``async_op=True``: the collective is a kernel on its process group's own stream, which first
+  waits for the issuing stream (``syncStream``). The returned ``Work``'s ``wait()`` (or
+  ``synchronize()``) makes the stream current *at wait time* wait for the collective
+  (``WorkNCCL::synchronizeStream``). The collective's tensors are held until then (NCCL's
+  ``TensorShelf`` stash; before it, ``recordStream`` on the NCCL stream), so dropping them before
+  ``wait()`` is not a free race.
+
+The eager scheduler still runs the collective at issue, outside the session lock (it blocks on
+peers), and waits for gloo's own work there: values are those of a synchronous device, only the
+ordering differs.
+
+The ``Work`` that ``dist.*`` hands back is the Python object pybind keeps for the C++ work: while
+this module holds it (from issue to the first ``wait()``), pybind returns that same object, so a
+registry keyed on it finds it again. ``Work.wait``/``Work.synchronize`` are replaced at the class
+level the first time an ``async_op=True`` collective runs on the fake device (process-wide, for
+good); a work this module doesn't know is passed straight through.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any
+
+import torch
+
+from . import _report
+from ._clocks import StreamState, merge
+
+_Work = None  # torch._C._distributed_c10d.Work, once dist is in use
+_original: dict[str, Any] = {}  # "wait"/"synchronize" -> the unpatched method
+_install_lock = threading.Lock()
+
+# id(Work) -> _Pending, for async works not yet collected
+_pending: dict[int, "_Pending"] = {}
+# session -> {process group name: its stream}
+_pg_streams: "weakref.WeakKeyDictionary[Any, dict[str, StreamState]]" = weakref.WeakKeyDictionary()
+
+
+class _Pending:
+    """An async collective's completion, as a clock, until its Work is waited for."""
+
+    __slots__ = ("work", "session", "clock", "stash")
+
+    def __init__(self, work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
+        self.work = work  # the Work itself until the first wait(), then a weak reference
+        self.session = session
+        self.clock = clock  # the process-group stream's clock after the collective (None: untracked)
+        self.stash = stash  # the collective's fake tensors (the allocator can't reuse them yet)
+
+
+def _arguments(op: Any) -> tuple:
+    """``(async_op index, its default, process_group index)`` in a c10d op's schema (``None``: absent)."""
+    found = _ARGUMENTS.get(op)
+    if found is None:
+        async_index = async_default = group_index = None
+        for i, arg in enumerate(op._schema.arguments):
+            if arg.name == "async_op":
+                async_index = i
+                async_default = bool(arg.default_value) if arg.has_default_value() else False
+            elif group_index is None and "ProcessGroup" in str(arg.type):
+                group_index = i
+        found = _ARGUMENTS[op] = (async_index, async_default, group_index)
+    return found
+
+
+_ARGUMENTS: dict[Any, tuple] = {}
+
+
+def _value(op: Any, args: Any, kwargs: dict, index: int | None, default: Any = None) -> Any:
+    if index is None:
+        return default
+    if index < len(args):
+        return args[index]
+    return kwargs.get(op._schema.arguments[index].name, default)
+
+
+def _group_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamState:
+    """The stream of the op's process group in ``session`` (made on first use). Call with the
+    session lock held."""
+    group = _value(plan.op, args, kwargs, _arguments(plan.op)[2])
+    name = desc = "?"
+    if group is not None:
+        try:
+            pg = torch._C._distributed_c10d.ProcessGroup.unbox(group) if isinstance(group, torch.ScriptObject) else group
+            name = pg.group_name
+            desc = getattr(pg, "group_desc", "") or ""
+        except Exception:  # an unusual process group: one stream for all of them
+            pass
+    streams = _pg_streams.get(session)
+    if streams is None:
+        streams = _pg_streams[session] = {}
+    stream = streams.get(name)
+    if stream is None:
+        stream = streams[name] = session._clocks.new_stream(0, ())
+        shown = desc if desc and desc != "undefined" else name
+        _report.label_stream(
+            stream,
+            f"process group {shown!r} stream #{stream.idx} (its collectives with async_op=True)",
+            f"the process group {shown!r} stream",
+            "collective",
+        )
+    return stream
+
+
+def _works(result: Any) -> list:
+    items = result if isinstance(result, (tuple, list)) else (result,)
+    return [r for r in items if hasattr(r, "wait") and not isinstance(r, (torch.Tensor, list, tuple))]
+
+
+def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
+    """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
+    Work follow the rules above."""
+    stream = session._current_stream()
+    async_index, async_default, _ = _arguments(plan.op)
+    is_async = bool(_value(plan.op, args, kwargs, async_index, async_default))
+    with session._lock:
+        if is_async:
+            issuing = stream
+            stream = _group_stream(session, plan, args, kwargs)
+            if session._tracked:
+                merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
+        kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+        end = list(stream.clock) if is_async and session._tracked else None
+    # Run outside the lock: it blocks on peers, and other threads must keep issuing.
+    result = session._scheduler.submit(kernel)
+    works = _works(result)
+    for work in works:
+        work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
+    if is_async:
+        stash = [tensor for tensor, _ in accesses]
+        for work in works:
+            _register(work, session, end, stash)
+    return result
+
+
+def _register(work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
+    _install()
+    if isinstance(work, torch.ScriptObject):
+        work = _Work.unbox(work)  # the Python object dist.* will return (while this one lives)
+    if len(_pending) >= _PURGE_AT:
+        _purge()
+    _pending[id(work)] = _Pending(work, session, clock, stash)
+
+
+_PURGE_AT = 256
+
+
+def _purge() -> None:
+    """Forget works of sessions that have ended (never waited for: nothing can order on them now)."""
+    global _PURGE_AT
+    for key, entry in list(_pending.items()):
+        if entry.session.closed:
+            _pending.pop(key, None)
+    _PURGE_AT = max(256, 2 * len(_pending))
+
+
+def _install() -> None:
+    global _Work
+    if _Work is not None:
+        return
+    with _install_lock:
+        if _Work is not None:
+            return
+        work_class = torch._C._distributed_c10d.Work
+        for name in ("wait", "synchronize"):
+            original = _original[name] = getattr(work_class, name)
+            setattr(work_class, name, _make_waiter(original))
+        _Work = work_class
+
+
+def _make_waiter(original: Any) -> Any:
+    def wait(self: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(self, *args, **kwargs)
+        entry = _pending.get(id(self))
+        if entry is not None:
+            _waited(self, entry)
+        return out
+
+    wait.__name__ = original.__name__
+    wait.__doc__ = original.__doc__
+    wait.__streamkit_original__ = original  # type: ignore[attr-defined]
+    return wait
+
+
+def _waited(work: Any, entry: _Pending) -> None:
+    """``work.wait()``: the current stream waits for the collective (every call), and the
+    collective's tensors are released (the first call)."""
+    current = entry.work
+    if current is not work and not (type(current) is weakref.ref and current() is work):
+        return  # another object at a reused address
+    session = entry.session
+    if not session.closed and entry.clock is not None:
+        with session._lock:
+            merge(session._current_stream().clock, entry.clock)
+    if current is work:
+        key = id(work)
+        entry.work = weakref.ref(work, lambda _, key=key, entry=entry: _pending.get(key) is entry and _pending.pop(key))
+        stash, entry.stash = entry.stash, []
+        del stash  # as NCCL unstashes in synchronizeStream: the allocator may take them back now
