@@ -26,6 +26,7 @@ from ._backend import (
 from ._errors import (
     BackendMismatchError,
     BackendUnavailableError,
+    DeviceIndexError,
     EventTimingError,
     SessionClosedError,
     StreamkitError,
@@ -59,6 +60,7 @@ __all__ = [
     "Backend",
     "BackendMismatchError",
     "BackendUnavailableError",
+    "DeviceIndexError",
     "Event",
     "EventTimingError",
     "Race",

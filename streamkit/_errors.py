@@ -19,6 +19,11 @@ class SessionClosedError(BackendMismatchError):
     """A stream, event or tensor of a fake session that has ended was used."""
 
 
+class DeviceIndexError(StreamkitError, ValueError):
+    """A device index the backend doesn't have (the fake backend has one device, ``fake:0``), as
+    CUDA's "invalid device ordinal"."""
+
+
 class EventTimingError(StreamkitError, ValueError):
     """``elapsed_time`` on events without ``enable_timing=True`` or not recorded.
 

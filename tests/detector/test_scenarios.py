@@ -1066,7 +1066,7 @@ def closed(request):
         ev = sk.Event()
         ev.record(st)
         x = torch.ones(2, device=s.device)
-    assert s.backend is not sk.get_backend()
+    assert sk.get_backend().session is not s
     return st, ev, x
 
 
@@ -1095,8 +1095,9 @@ _CLOSED_USES = {
     "tensor.cpu": lambda st, ev, x: x.cpu(),
     "tensor.sum in a new session": lambda st, ev, x: _in_new_session(x.sum),
     "tensor + 1 in a new session": lambda st, ev, x: _in_new_session(lambda: x + 1),
-    "switch in a new session": lambda st, ev, x: _in_new_session(lambda: sk.switch(st).__enter__()),
 }
+# (A stream or event of an ended session used inside a new session works there as its own:
+# tests/fidelity/test_handles.py.)
 
 
 @pytest.mark.parametrize("use", list(_CLOSED_USES))
@@ -1126,31 +1127,17 @@ def test_session_cannot_be_reopened_or_nested():
             pass
 
 
-def test_streams_of_two_fake_sessions_do_not_mix():
-    with fake.session():
-        old = sk.Stream()
-        old_ev = sk.Event()
-    with fake.session():
-        new = sk.Stream()
-        with pytest.raises(sk.BackendMismatchError):
-            new.wait_stream(old)
-        with pytest.raises(sk.BackendMismatchError):
-            new.wait_event(old_ev)
-        with pytest.raises(sk.BackendMismatchError):
-            new.record_event(old_ev)
-        assert new != old
-
-
-def test_explicit_session_and_default_session_do_not_mix():
+def test_explicit_session_and_default_session_share_one_fake_backend():
+    """Streams are handles: one made in the default session binds to an explicit session on use
+    (tests/fidelity/test_handles.py has the races)."""
     with sk.use_backend("fake") as default_session_backend:
         outside = sk.Stream()
     with fake.session() as s:
-        assert s.backend is not default_session_backend
+        assert s.backend is default_session_backend
         inside = sk.Stream()
-        with pytest.raises(sk.BackendMismatchError):
-            inside.wait_stream(outside)
-        with pytest.raises(sk.BackendMismatchError):
-            outside.wait_stream(inside)
+        inside.wait_stream(outside)
+        outside.wait_stream(inside)
+        assert outside != inside
 
 
 def test_default_session_detects_with_raise():

@@ -30,15 +30,20 @@ def ordered_before(stream_idx: int, seq: int, clock: Sequence[int]) -> bool:
 
 
 class StreamState:
-    """One fake stream: its index and its clock (the ordering it got from waits)."""
+    """One fake stream of one session: its index and its clock (the ordering it got from waits).
 
-    __slots__ = ("idx", "clock", "priority", "site", "__weakref__")
+    ``handle`` is the session-independent :class:`~._handles.FakeStream` it is the state of (what
+    ``sk.Stream`` holds), ``None`` for streams made without one.
+    """
 
-    def __init__(self, idx: int, clock: list[int], priority: int, site: Any) -> None:
+    __slots__ = ("idx", "clock", "priority", "site", "handle", "__weakref__")
+
+    def __init__(self, idx: int, clock: list[int], priority: int, site: Any, handle: Any = None) -> None:
         self.idx = idx
         self.clock = clock
         self.priority = priority
         self.site = site  # frames where the stream was created (for naming it in reports)
+        self.handle = handle
 
     def __repr__(self) -> str:
         return "default" if self.idx == 0 else f"#{self.idx}"
@@ -69,9 +74,9 @@ class Clocks:
         # Merged in place only: the detector keeps a reference to this list.
         self.host: list[int] = []
 
-    def new_stream(self, priority: int, site: Any) -> StreamState:
+    def new_stream(self, priority: int, site: Any, handle: Any = None) -> StreamState:
         idx = len(self.streams)
-        state = StreamState(idx, [0] * (idx + 1), priority, site)
+        state = StreamState(idx, [0] * (idx + 1), priority, site, handle)
         self.streams.append(state)
         return state
 

@@ -16,9 +16,11 @@ import torch
 
 from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
-from ..._errors import EventTimingError, SessionClosedError, UnrecordedEventWarning
+from ..._errors import EventTimingError, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
-from ._clocks import Clocks, EventState, StreamState, merge
+from . import _handles
+from ._clocks import Clocks, StreamState, merge
+from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, _bind, resolve
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
@@ -90,7 +92,7 @@ class Session:
         self.races: list[Race] = []
         self.stats = Stats()
         self.closed = False
-        self.backend = FakeBackend(self)
+        self.backend = BACKEND
         self._tracked = detect != "off"
         self._lock = threading.RLock()
         self._clocks = Clocks()
@@ -100,7 +102,7 @@ class Session:
         self._detector = Detector(self._on_race, self._clocks.host)
         self._tls = _ThreadState()
         self._pending: RaceError | None = None
-        self._default_stream = self._clocks.new_stream(0, ())
+        self._default_stream = self._clocks.new_stream(0, (), DEFAULT_STREAM)
 
     # -- the public surface -------------------------------------------------------------------
     @property
@@ -243,7 +245,7 @@ class Session:
         raise pending
 
     def _wrap_stream(self, state: StreamState) -> Stream:
-        return Stream.from_handle(self.backend, state)
+        return Stream.from_handle(self.backend, state.handle)
 
     def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
         race, _ = self._reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
@@ -263,28 +265,24 @@ class Session:
                 self._pending = RaceError(race)
 
 
-def _closed(session: Session) -> None:
-    raise SessionClosedError(f"this stream or event belongs to a fake session that has ended ({session!r})")
-
-
 class FakeBackend(Backend):
-    """The ``fake`` backend of one session. Every call on a closed session's streams and events
-    raises :class:`~streamkit.SessionClosedError`."""
+    """The ``fake`` backend: one object for the process. Each call works in the fake session active
+    when it is made (the open ``fake.session()``, else the process-wide default session), on the
+    state its stream and event handles have there (see :mod:`._handles`: a handle made outside that
+    session is bound to it on first use; one of an ended session, used when no session is open,
+    raises :class:`~streamkit.SessionClosedError`)."""
 
     name = "fake"
 
-    def __init__(self, session: Session) -> None:
-        self._session = session
-
     @property
-    def session(self) -> Session:
-        """The fake session this backend belongs to."""
-        return self._session
+    def session(self) -> "Session":
+        """The fake session calls work in now."""
+        return _active.current or _active.get()
 
     @classmethod
     def load(cls) -> "FakeBackend":
-        """The active session's backend: the open ``fake.session()``, else the default session."""
-        return (_active.current or _active.get()).backend
+        """The fake backend (it works in the open ``fake.session()``, else the default session)."""
+        return BACKEND
 
     @classmethod
     @contextmanager
@@ -294,47 +292,40 @@ class FakeBackend(Backend):
             yield s.backend
 
     def __repr__(self) -> str:
-        return f"<streamkit backend 'fake' of {self._session!r}>"
+        return "<streamkit backend 'fake'>"
 
     def device(self) -> torch.device:
         return _tensor.DEVICE
 
     def synchronize(self) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
-        s._host_sync_all()
+        (_active.current or _active.get())._host_sync_all()
 
     # streams
-    def new_stream(self, priority: int) -> StreamState:
-        s = self._session
-        if s.closed:
-            _closed(s)
+    def new_stream(self, priority: int) -> FakeStream:
         low, high = PRIORITY_RANGE
-        with s._lock:
-            return s._clocks.new_stream(min(max(priority, low), high), capture_site(sys._getframe(2)))
+        s = _active.current or _active.get()
+        return _handles.new_stream(s, min(max(priority, low), high), capture_site(sys._getframe(2)))
 
-    def current_stream(self) -> StreamState:
-        return self._session._current_stream()
+    def current_stream(self) -> FakeStream:
+        return (_active.current or _active.get())._current_stream().handle
 
-    def default_stream(self) -> StreamState:
-        return self._session._default_stream
+    def default_stream(self) -> FakeStream:
+        return DEFAULT_STREAM
 
-    def stream_context(self, stream: StreamState) -> "_StreamContext":
-        s = self._session
-        if s.closed:
-            _closed(s)
-        return s._stream_context(stream)
+    def stream_context(self, stream: FakeStream) -> "_StreamContext":
+        s = _active.current or _active.get()
+        return s._stream_context(stream.state if stream.session is s else _bind(stream, s))
 
-    def stream_wait_event(self, stream: StreamState, event: EventState) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
-        if event.clock is None:
+    def stream_wait_event(self, stream: FakeStream, event: FakeEvent) -> None:
+        s = _active.current or _active.get()
+        state = event.state if event.session is s else _bind(event, s)
+        target = stream.state if stream.session is s else _bind(stream, s)
+        if state.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
                     "waiting on an event that was never recorded orders nothing (a silent no-op on CUDA);"
-                    " record it on the producing stream first"
+                    + (" it was recorded only in an earlier fake session, which orders nothing in this one;" if event.recorded else "")
+                    + " record it on the producing stream first"
                 ),
                 stacklevel=3,
             )
@@ -342,63 +333,57 @@ class FakeBackend(Backend):
         s.stats.event_waits += 1
         if s._tracked:
             with s._lock:
-                s._clocks.wait(stream, event)
+                s._clocks.wait(target, state)
 
-    def stream_wait_stream(self, stream: StreamState, other: StreamState) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
+    def stream_wait_stream(self, stream: FakeStream, other: FakeStream) -> None:
+        s = _active.current or _active.get()
+        target = stream.state if stream.session is s else _bind(stream, s)
+        source = other.state if other.session is s else _bind(other, s)
         s.stats.event_records += 1  # as on CUDA: an event recorded on `other`, then waited on
         s.stats.event_waits += 1
         if s._tracked:
             with s._lock:
-                merge(stream.clock, other.clock)  # (the host's part is in every stream's effective clock)
+                merge(target.clock, source.clock)  # (the host's part is in every stream's effective clock)
 
-    def stream_synchronize(self, stream: StreamState) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
-        s._host_sync(stream.clock, "stream_syncs")
+    def stream_synchronize(self, stream: FakeStream) -> None:
+        s = _active.current or _active.get()
+        s._host_sync(resolve(stream, s).clock, "stream_syncs")
 
-    def stream_query(self, stream: StreamState) -> bool:
+    def stream_query(self, stream: FakeStream) -> bool:
         # Eager: all issued work has run. A True answer lets the host rely on that work.
-        s = self._session
-        if s.closed:
-            _closed(s)
+        s = _active.current or _active.get()
+        state = resolve(stream, s)
         if s._tracked:
             with s._lock:
-                s._clocks.host_waits_for(stream.clock)
+                s._clocks.host_waits_for(state.clock)
         return True
 
-    def stream_priority(self, stream: StreamState) -> int:
+    def stream_priority(self, stream: FakeStream) -> int:
         return stream.priority
 
-    def stream_key(self, stream: StreamState) -> Any:
-        return stream.idx
+    def stream_key(self, stream: FakeStream) -> Any:
+        return stream
 
-    def stream_label(self, stream: StreamState) -> str:
-        return "default" if stream.idx == 0 else f"#{stream.idx}"
+    def stream_label(self, stream: FakeStream) -> str:
+        return repr(stream)
 
     # events
-    def new_event(self, enable_timing: bool) -> EventState:
-        s = self._session
-        if s.closed:
-            _closed(s)
-        return EventState(enable_timing)
+    def new_event(self, enable_timing: bool) -> FakeEvent:
+        return _handles.new_event(_active.current or _active.get(), enable_timing)
 
-    def event_record(self, event: EventState, stream: StreamState) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
+    def event_record(self, event: FakeEvent, stream: FakeStream) -> None:
+        s = _active.current or _active.get()
+        state = event.state if event.session is s else _bind(event, s)
+        target = stream.state if stream.session is s else _bind(stream, s)
         s.stats.event_records += 1
+        event.recorded = True
         with s._lock:
-            s._clocks.record(event, stream, time.perf_counter())
+            s._clocks.record(state, target, time.perf_counter())
 
-    def event_synchronize(self, event: EventState) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
-        if event.clock is None:
+    def event_synchronize(self, event: FakeEvent) -> None:
+        s = _active.current or _active.get()
+        state = resolve(event, s)
+        if state.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
                     "synchronizing with an event that was never recorded waits for nothing (a silent no-op"
@@ -407,43 +392,45 @@ class FakeBackend(Backend):
                 stacklevel=3,
             )
             return
-        s._host_sync(event.clock, "event_syncs")
+        s._host_sync(state.clock, "event_syncs")
 
-    def event_query(self, event: EventState) -> bool:
-        s = self._session
-        if s.closed:
-            _closed(s)
-        if event.clock is not None and s._tracked:
+    def event_query(self, event: FakeEvent) -> bool:
+        s = _active.current or _active.get()
+        state = resolve(event, s)
+        if state.clock is not None and s._tracked:
             with s._lock:
-                s._clocks.host_waits_for(event.clock)
+                s._clocks.host_waits_for(state.clock)
         return True
 
-    def event_elapsed_time(self, start: EventState, end: EventState) -> float:
-        if self._session.closed:
-            _closed(self._session)
-        if not (start.enable_timing and end.enable_timing):
+    def event_elapsed_time(self, start: FakeEvent, end: FakeEvent) -> float:
+        s = _active.current or _active.get()
+        first, last = resolve(start, s), resolve(end, s)
+        if not (first.enable_timing and last.enable_timing):
             raise EventTimingError("Both events must be created with argument 'enable_timing=True'.")
-        if start.clock is None or end.clock is None:
+        if first.clock is None or last.clock is None:
             raise EventTimingError("Both events must be recorded before calculating elapsed time.")
-        return (end.time - start.time) * 1000.0
+        return (last.time - first.time) * 1000.0
 
     # memory
-    def record_stream(self, tensor: torch.Tensor, stream: StreamState) -> None:
-        s = self._session
-        if s.closed:
-            _closed(s)
+    def record_stream(self, tensor: torch.Tensor, stream: FakeStream) -> None:
+        s = _active.current or _active.get()
         if type(tensor) is not FakeDeviceTensor:
             raise ValueError(
                 f"record_stream(tensor): tensor is on {tensor.device}, not on the fake device;"
                 " only device memory is managed by the stream-ordered allocator"
             )
-        if tensor._st.session is not None and tensor._st.session is not s:
-            raise SessionClosedError("record_stream(tensor): the tensor belongs to another fake session")
-        state = tensor._st
-        if type(state.record_streams) is tuple:
-            state.record_streams = set(state.record_streams)
-        state.record_streams.add(stream.idx)
+        owner = tensor._st.session
+        if owner is not None and owner is not s:
+            _tensor._check_session(s, tensor)
+        state = resolve(stream, s)
+        st = tensor._st
+        if type(st.record_streams) is tuple:
+            st.record_streams = set(st.record_streams)
+        st.record_streams.add(state.idx)
 
+
+#: the fake backend (``sk.get_backend("fake")``, ``session.backend``)
+BACKEND = FakeBackend()
 
 _active.set_default_factory(lambda: Session("raise"))
 

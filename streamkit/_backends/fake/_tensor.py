@@ -7,13 +7,14 @@ factory calls (``torch.zeros(n, device="fake")``) from any thread.
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 from typing import Any
 
 import torch
 
-from ..._errors import BackendUnavailableError, SessionClosedError
+from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
 from . import _active
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
@@ -141,6 +142,74 @@ class FakeDeviceTensor(torch.Tensor):
 
     def __reduce_ex__(self, protocol: int) -> Any:
         raise TypeError("fake-device tensors can't be pickled; call .cpu() first")
+
+    def __deepcopy__(self, memo: dict) -> "FakeDeviceTensor":
+        """``copy.deepcopy``: as on CUDA, a copy of the whole storage (memoized per storage, so views
+        copied together share the copy) made by one device copy kernel on the current stream that
+        reads the source; ``requires_grad``, ``.grad`` and ``__dict__`` are copied."""
+        if not self.is_leaf:
+            raise RuntimeError(
+                "Only Tensors created explicitly by the user (graph leaves) support the deepcopy protocol at the moment."
+            )
+        if id(self) in memo:
+            return memo[id(self)]
+        with torch.no_grad():
+            storages = memo.setdefault("streamkit.fake", {})
+            copied = storages.get(id(self._st))
+            if copied is None:
+                copied = storages[id(self._st)] = _copy_storage(self)
+                memo.setdefault("streamkit.fake.keep", []).append(self._st)  # (ids stay unique while memo lives)
+            inner = self._inner
+            view = torch.empty(0, dtype=inner.dtype).set_(
+                copied._inner.untyped_storage(), inner.storage_offset(), inner.size(), inner.stride()
+            )
+            new = _new_wrapper(view, copied._st)
+            if self.requires_grad:
+                new.requires_grad_()
+            if self.grad is not None:
+                new.grad = copy.deepcopy(self.grad, memo)
+            new.__dict__ = copy.deepcopy(self.__dict__, memo)
+        memo[id(self)] = new
+        return new
+
+    def data_ptr(self) -> int:
+        """The address of this tensor's first element: distinct per live storage, stable, offset by
+        the view's storage offset (as on CUDA); 0 when empty. (It is the CPU memory holding the values.)"""
+        return self._inner.data_ptr()
+
+    def record_stream(self, stream: Any) -> None:
+        """``Tensor.record_stream``: the same as ``streamkit.record_stream(self, stream)``."""
+        from ..._api import Stream, record_stream
+
+        if not isinstance(stream, Stream):
+            raise TypeError(
+                f"Tensor.record_stream(stream): a fake-device tensor takes a streamkit.Stream, got"
+                f" {type(stream).__module__}.{type(stream).__qualname__} (use sk.Stream() / sk.current_stream())"
+            )
+        record_stream(self, stream)
+
+
+def _copy_storage(tensor: FakeDeviceTensor) -> FakeDeviceTensor:
+    """A copy of ``tensor``'s whole storage (as bytes): one clone kernel on the current stream."""
+    inner = tensor._inner
+    nbytes = inner.untyped_storage().nbytes()
+    whole = _new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor._st)
+    return whole.clone()
+
+
+def _check_index(device: Any, where: Any) -> None:
+    """Refuse a fake device index other than 0 (CUDA: "invalid device ordinal")."""
+    if type(device) is not torch.device:
+        if isinstance(device, int) and not isinstance(device, bool):
+            device = torch.device(DEVICE_TYPE, device)
+        else:
+            device = torch.device(device)
+    if device.type == DEVICE_TYPE and device.index not in (None, 0):
+        raise DeviceIndexError(
+            f"{where}: device={str(device)!r}: the fake backend has one device, fake:0 (CUDA would raise"
+            " 'invalid device ordinal'); use device='fake' or sk.device(), and one process per rank for"
+            " multi-device tests"
+        )
 
 
 def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
@@ -328,7 +397,24 @@ def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     session = _session()
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     result = plan.op._op(*new_args, **new_kwargs)
+    if _inference_enabled() and _normal_tensors(result):
+        # A view of a normal tensor is a normal tensor even in inference mode (autograd gives it
+        # the base's version counter): its wrapper must not be made as an inference tensor.
+        with _InferenceMode(False):
+            return _wrap_outputs(plan, result, args, kwargs, session, None, None, None)
     return _wrap_outputs(plan, result, args, kwargs, session, None, None, None)
+
+
+_inference_enabled = torch.is_inference_mode_enabled
+_InferenceMode = torch._C._InferenceMode
+
+
+def _normal_tensors(result: Any) -> bool:
+    if isinstance(result, torch.Tensor):
+        return not result.is_inference()
+    if type(result) is list or type(result) is tuple:
+        return bool(result) and all(isinstance(r, torch.Tensor) and not r.is_inference() for r in result)
+    return False
 
 
 def _refresh(tensor: FakeDeviceTensor) -> None:
@@ -345,6 +431,7 @@ def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     session = _session()
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     if new_kwargs.get("device") is not None:
+        _check_index(new_kwargs["device"], plan.op)
         new_kwargs["device"] = CPU
     stream = session._current_stream()
     site = capture_site(sys._getframe(2)) if session._tracked else None
@@ -373,6 +460,8 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """``.to(...)``/``.cpu()``: to the host it is a D2H copy on the current stream (blocking unless
     ``non_blocking=True``); otherwise an ordinary kernel."""
     device = kwargs.get("device")
+    if device is not None:
+        _check_index(device, plan.op)
     if device is None or torch.device(device).type != "cpu":
         return _kernel(plan, args, kwargs)
     session = _session()
@@ -438,6 +527,7 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
     device="fake")``). An allocation on the current stream, plus a kernel if it fills memory."""
     session = _session()
     if kwargs.get("device") is not None:
+        _check_index(kwargs["device"], op)
         kwargs["device"] = CPU
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type != "cpu":

@@ -181,10 +181,17 @@ class StorageState:
         self.record_streams: set[int] | tuple = ()  # a set once record_stream is called
         self.session = session
 
+    def __reduce_ex__(self, protocol: int) -> Any:
+        raise TypeError("a fake storage's access table can't be copied or pickled (deepcopy the tensor instead)")
+
     def __del__(self) -> None:
         # The last tensor on this storage is gone: the caching allocator may hand the memory to a
-        # new allocation on the allocation stream right away.
-        session = self.session
+        # new allocation on the allocation stream right away. (Never raises nor prints: a state
+        # half-made by copy/pickle, as torch.compile's tracing may make, has no session.)
+        try:
+            session = self.session
+        except AttributeError:
+            return
         if session is None:
             return
         alloc = self.alloc_stream.idx
