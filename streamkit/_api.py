@@ -41,7 +41,21 @@ def _same_backend(a: Any, b: Any, where: str) -> None:
         )
 
 
-class Stream:
+class _Wrapper:
+    """A backend's handle together with the backend that made it."""
+
+    __slots__ = ("_backend", "_handle", "__weakref__")
+
+    @classmethod
+    def from_handle(cls, backend: Backend, handle: Any) -> Any:
+        """The stream or event for ``handle``, a handle of ``backend`` (for backend implementations)."""
+        self = object.__new__(cls)
+        self._backend = backend
+        self._handle = handle
+        return self
+
+
+class Stream(_Wrapper):
     """A device stream: work issued to it runs in issue order (FIFO).
 
     ``Stream(priority=0)`` creates a new stream on the active backend. Like ``torch.cuda.Stream`` it is
@@ -50,21 +64,13 @@ class Stream:
     Lower numbers are higher priorities, as on CUDA.
     """
 
-    __slots__ = ("_backend", "_handle", "__weakref__")
+    __slots__ = ()
 
     def __new__(cls, priority: int = 0) -> "Stream":
         if not isinstance(priority, int) or isinstance(priority, bool):
             raise TypeError(f"Stream(priority): expected an int, got {type(priority).__name__}")
         backend = get_backend()
         return cls.from_handle(backend, backend.new_stream(priority))
-
-    @classmethod
-    def from_handle(cls, backend: Backend, handle: Any) -> "Stream":
-        """The stream for ``handle``, a stream handle of ``backend`` (for backend implementations)."""
-        self = object.__new__(cls)
-        self._backend = backend
-        self._handle = handle
-        return self
 
     def wait_stream(self, other: "Stream") -> None:
         """Order all work issued to this stream after this call behind all work issued to ``other``
@@ -133,7 +139,7 @@ class Stream:
         return f"<streamkit.Stream {self._backend.stream_label(self._handle)} backend={self._backend.name}>"
 
 
-class Event:
+class Event(_Wrapper):
     """A marker in a stream's work. ``Event(enable_timing=False)`` creates one on the active backend.
 
     :meth:`record` captures the work issued to a stream so far; a later :meth:`wait` or
@@ -141,21 +147,13 @@ class Event:
     what *later* waits see, never what earlier waits already ordered.
     """
 
-    __slots__ = ("_backend", "_handle", "__weakref__")
+    __slots__ = ()
 
     def __new__(cls, enable_timing: bool = False) -> "Event":
         if not isinstance(enable_timing, bool):
             raise TypeError(f"Event(enable_timing): expected a bool, got {type(enable_timing).__name__}")
         backend = get_backend()
         return cls.from_handle(backend, backend.new_event(enable_timing))
-
-    @classmethod
-    def from_handle(cls, backend: Backend, handle: Any) -> "Event":
-        """The event for ``handle``, an event handle of ``backend`` (for backend implementations)."""
-        self = object.__new__(cls)
-        self._backend = backend
-        self._handle = handle
-        return self
 
     def _stream_or_current(self, stream: "Stream | None", where: str) -> Any:
         if stream is None:

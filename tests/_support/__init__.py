@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -93,3 +94,16 @@ def run_ranks(argv: Sequence[str], world: int = 2, timeout: float = 120.0, env: 
     if timed_out:
         raise RanksTimedOut(f"{argv} did not finish within {timeout} s:\n" + "\n".join(r.describe() for r in results))
     return results
+
+
+def rank_results(worker: str | os.PathLike, world: int = 2, timeout: float = 120.0) -> list[dict]:
+    """Run ``worker`` on ``world`` gloo ranks; each must exit 0 and print one ``RESULT <json>``
+    line whose ``rank`` is its own. Returns the parsed results, in rank order."""
+    parsed = []
+    for r in run_ranks([worker], world=world, timeout=timeout):
+        lines = r.lines("RESULT ")
+        assert r.returncode == 0 and len(lines) == 1, r.describe()
+        data = json.loads(lines[0])
+        assert data["rank"] == r.rank, r.describe()
+        parsed.append(data)
+    return parsed

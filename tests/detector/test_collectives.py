@@ -8,12 +8,11 @@ fixed program (``side.wait_stream(default)``) is clean and numerically right on 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from _support import marker_line, run_ranks
+from _support import marker_line, rank_results
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 WORLD = 2
@@ -29,14 +28,7 @@ def worker_line(marker: str) -> int:
 def results():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    parsed = []
-    for r in run_ranks([WORKER], world=WORLD, timeout=TIMEOUT_S):
-        lines = r.lines("RESULT ")
-        assert r.returncode == 0 and len(lines) == 1, r.describe()
-        data = json.loads(lines[0])
-        assert data["rank"] == r.rank
-        parsed.append(data)
-    return parsed
+    return rank_results(WORKER, world=WORLD, timeout=TIMEOUT_S)
 
 
 def _scenario(results, key):

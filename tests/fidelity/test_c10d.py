@@ -12,12 +12,11 @@ forms, racy and correctly ordered.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from _support import marker_line, run_ranks
+from _support import marker_line, rank_results
 
 WORKER = Path(__file__).with_name("_c10d_worker.py")
 WORLD = 2
@@ -36,14 +35,7 @@ PG_STREAM = "process group 'default_pg' stream"
 def results():
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    parsed = []
-    for r in run_ranks([WORKER], world=WORLD, timeout=TIMEOUT_S):
-        lines = r.lines("RESULT ")
-        assert r.returncode == 0 and len(lines) == 1, r.describe()
-        data = json.loads(lines[0])
-        assert data["rank"] == r.rank
-        parsed.append(data)
-    return parsed
+    return rank_results(WORKER, world=WORLD, timeout=TIMEOUT_S)
 
 
 def _entries(results, kind, scenario):
