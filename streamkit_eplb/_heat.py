@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections import deque
 from typing import Any, Iterator, Sequence
 
@@ -410,7 +411,9 @@ class Heat:
             return ValueError(f"not a valid Heat file: {where}: {why}")
 
         try:
-            data = torch.load(where, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's own hints about the pickle don't apply here
+                warnings.simplefilter("ignore")
+                data = torch.load(where, map_location="cpu", weights_only=True)
         except OSError:
             raise
         except Exception as exc:  # noqa: BLE001 - every reader error means the same: not a Heat file
