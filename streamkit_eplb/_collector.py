@@ -523,7 +523,7 @@ class HeatCollector:
         torch.ops.streamkit_eplb.take(self._acc, self._ctrl, self._staging, passes)
         self._ready.record(current)
         side.wait_event(self._ready)
-        meta = (self._shape(rows, world_rows), passes, self._version, self._placement, self.reduce)
+        meta = (self._shape(rows, world_rows), passes, self._version, self._placement, self.reduce, self._world)
         with sk.switch(side):
             payload = self._staging[:n]
             source = payload
@@ -599,7 +599,7 @@ class HeatHandle:
                         raise TimeoutError(f"HeatHandle.wait(): window {self._window} not done after {timeout} s")
                     time.sleep(0.0005)
                 self._event.synchronize()  # completes at once; orders the host after the copy
-            (world_rows, rows, layers, cols), passes, version, placement, reduce = self._meta
+            (world_rows, rows, layers, cols), passes, version, placement, reduce, world = self._meta
             raw = self._host.view(world_rows, rows, layers, cols).to(torch.int64).permute(1, 2, 0, 3)  # (W, L, R, C)
             experts = cols - 1
             series = raw[..., :experts].contiguous()
@@ -611,6 +611,7 @@ class HeatHandle:
                 placement_version=version,
                 phy2log=None if placement is None else placement.phy2log,
                 reduce=reduce,
+                num_ranks=world,
             )
             self._host = None
         return self._heat
