@@ -202,7 +202,9 @@ class HeatCollector:
         self._flag = self._ctrl[0:1]
         self._no_limit = torch.tensor(_NO_LIMIT, dtype=torch.int64).to(dev)
         if self._maps:
-            self._log2phy = self._placement.log2phy.to(dev)
+            # as wide as any placement of these slots can need (vLLM pads the same way), so that
+            # set_placement() updates fixed-shape buffers in place
+            self._log2phy = self._padded_log2phy(self._placement).to(dev)
             self._logcnt = self._placement.logcnt.to(dev)
         else:
             self._log2phy = torch.zeros((1, 1, 1), dtype=torch.int64, device=dev)
@@ -444,8 +446,8 @@ class HeatCollector:
 
         ``phy2log``: a :class:`Placement` or a physical-to-logical map ``(P,)`` / ``(L, P)``. With
         ``log2phy`` given at construction, ``P`` must be ``num_experts`` and record's mapping is
-        updated in place (device buffers of fixed shape, so graphs stay valid; the new placement may
-        not need more replicas per expert than the first one). Without it the map is metadata:
+        updated in place (device buffers of fixed shape, sized for any placement of the slots, so
+        captured graphs stay valid). Without it the map is metadata:
         ``P`` is ``num_experts`` (global slots) or ``world_size * num_experts`` (rank-local slots,
         rank-major). The counters are cleared (:meth:`reset`): counts of the old placement never
         reach a Heat of the new one. ``collect()`` first to keep them.
@@ -473,21 +475,19 @@ class HeatCollector:
                     f"HeatCollector.set_placement(phy2log): {placement.num_logical} logical experts, the"
                     f" collector maps {self._placement.num_logical}"
                 )
-            width = self._log2phy.shape[2]
-            if placement.log2phy.shape[2] > width:
-                raise ValueError(
-                    f"HeatCollector.set_placement(phy2log): an expert has {placement.log2phy.shape[2]} replicas,"
-                    f" more than the {width} the collector was built for (pass a placement with that many at"
-                    " construction)"
-                )
-            padded = torch.full((self.num_layers, placement.num_logical, width), -1, dtype=torch.int64)
-            padded[:, :, : placement.log2phy.shape[2]] = placement.log2phy
+            padded = self._padded_log2phy(placement)
             self._log2phy.copy_(padded.to(self._device))
             self._logcnt.copy_(placement.logcnt.to(self._device))
         self._placement = placement
         self._version += 1
         self.reset()
         return self._version
+
+    def _padded_log2phy(self, placement: Placement) -> torch.Tensor:
+        width = self.num_experts - placement.num_logical + 1  # the most replicas one expert can have
+        padded = torch.full((self.num_layers, placement.num_logical, width), -1, dtype=torch.int64)
+        padded[:, :, : placement.log2phy.shape[2]] = placement.log2phy
+        return padded
 
     # -- collect ----------------------------------------------------------------------------
     def _host_buffer(self, numel: int) -> torch.Tensor:

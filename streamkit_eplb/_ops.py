@@ -2,6 +2,9 @@
 
 One op is one dispatcher call, so on streamkit's fake backend it is one kernel whose reads and
 writes the race detector takes from the schema (``Tensor(a!)`` is written, the others are read).
+They are defined with ``torch.library.Library`` and a ``CompositeExplicitAutograd`` kernel (every
+device) plus an empty ``Meta`` kernel (for tracing), not with ``torch.library.custom_op``, whose
+first call imports torch._dynamo and sympy (about 0.8 s of a demo rank's start-up here).
 The implementations are composed of aten ops that never synchronize the host and never read a
 device value on the host, so they run unchanged on CPU, CUDA and PrivateUse1 (NPU) and can be
 captured in a CUDA/ACL graph. On a real device each op still launches several aten kernels and
@@ -19,12 +22,17 @@ from __future__ import annotations
 
 import torch
 
-_LIB = "streamkit_eplb"
+_LIB = torch.library.Library("streamkit_eplb", "DEF")
+_LIB.define(
+    "record(Tensor(a!) acc, Tensor ctrl, Tensor values, Tensor num_tokens, Tensor log2phy, Tensor logcnt,"
+    " int layer, int mode) -> ()"
+)
+_LIB.define("take(Tensor acc, Tensor ctrl, Tensor(a!) staging, bool passes) -> ()")
+_LIB.define("step(Tensor(a!) acc, Tensor(b!) ctrl) -> ()")
 
 MODE_COUNTS, MODE_CUMULATIVE, MODE_IDS, MODE_IDS_MAPPED = 0, 1, 2, 3
 
 
-@torch.library.custom_op(f"{_LIB}::record", mutates_args=("acc",))
 def record_op(
     acc: torch.Tensor,
     ctrl: torch.Tensor,
@@ -69,12 +77,6 @@ def record_op(
     flat_acc.index_add_(0, base + column, keep.to(acc.dtype) * enabled)
 
 
-@record_op.register_fake
-def _(acc, ctrl, values, num_tokens, log2phy, logcnt, layer, mode) -> None:  # noqa: ANN001
-    return None
-
-
-@torch.library.custom_op(f"{_LIB}::take", mutates_args=("staging",))
 def take_op(acc: torch.Tensor, ctrl: torch.Tensor, staging: torch.Tensor, passes: bool) -> None:
     """Copy the counters into ``staging``: the whole ring, oldest pass first (``passes=True``), or
     the sum over the ring (``passes=False``)."""
@@ -86,12 +88,6 @@ def take_op(acc: torch.Tensor, ctrl: torch.Tensor, staging: torch.Tensor, passes
         staging[: acc[0].numel()].view(acc.shape[1:]).copy_(acc.sum(0))
 
 
-@take_op.register_fake
-def _(acc, ctrl, staging, passes) -> None:  # noqa: ANN001
-    return None
-
-
-@torch.library.custom_op(f"{_LIB}::step", mutates_args=("acc", "ctrl"))
 def step_op(acc: torch.Tensor, ctrl: torch.Tensor) -> None:
     """Advance the pass index modulo the window and clear the pass it now points at."""
     window = acc.shape[0]
@@ -100,6 +96,11 @@ def step_op(acc: torch.Tensor, ctrl: torch.Tensor) -> None:
     acc.index_fill_(0, index, 0)
 
 
-@step_op.register_fake
-def _(acc, ctrl) -> None:  # noqa: ANN001
+
+def _no_op(*args: object) -> None:
     return None
+
+
+for _name, _fn in (("record", record_op), ("take", take_op), ("step", step_op)):
+    _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
+    _LIB.impl(_name, _no_op, "Meta")  # shapes never change: tracing (torch.compile, meta tensors) needs no work

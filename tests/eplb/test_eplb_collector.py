@@ -461,8 +461,11 @@ def test_set_placement_bumps_the_version_clears_and_remaps(streamkit_backend):
     assert rank0(old) == [[1, 0, 1, 0]]
     assert rank0(new) == [[1, 1, 1, 1]]  # logical 0 now lives in slots 2 and 3
     assert new.phy2log.tolist() == [[1, 1, 0, 0]]
-    with pytest.raises(ValueError, match="more than the 2"):
-        c.set_placement([0, 0, 0, 1])
+    c.set_placement([0, 0, 0, 1])  # 3 replicas of logical 0: the buffers hold any placement of 4 slots
+    c.record(0, topk_ids=dev_tensor([[0, 0, 0, 1]]))
+    assert rank0(c.collect().wait()) == [[1, 1, 1, 1]]
+    with pytest.raises(ValueError, match="2 logical experts, the collector maps 3|logical experts"):
+        c.set_placement(Placement.from_phy2log([0, 1, 2, 2], 3))
     with pytest.raises(ValueError, match="physical slots"):
         c.set_placement([0, 1, 0])
     plain = HeatCollector(1, 2)
