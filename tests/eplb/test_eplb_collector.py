@@ -503,3 +503,33 @@ def test_out_of_range_logical_ids_raise_on_fake(streamkit_backend):
         c.record(0, topk_ids=dev_tensor([[2]]))
     c.record(0, topk_ids=dev_tensor([[0], [9]]), num_tokens=dev_tensor(1))  # the bad row is padding
     assert rank0(c.collect().wait()) == [[1, 0, 0]]
+
+
+@pytest.mark.streamkit_backends("cuda")
+def test_record_and_step_replay_in_a_cuda_graph_with_the_flag_toggled(streamkit_backend):
+    """Graph capture needs torch.cuda.CUDAGraph (there is no fake graph capture yet): skipped without CUDA."""
+    c = HeatCollector(2, 4, window=2)
+    ids = dev_tensor([[0, 1], [3, 3], [2, -1]])
+    n = dev_tensor(2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs advises
+        c.record(1, topk_ids=ids, num_tokens=n)
+    torch.cuda.current_stream().wait_stream(side)
+    c.reset()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        c.record(1, topk_ids=ids, num_tokens=n)
+        c.step()
+    c.reset()
+    for replay in range(4):
+        c.enabled = replay != 3  # changed between replays: the captured kernel reads the device flag
+        graph.replay()
+    heat = c.collect().wait()
+    # the ring of 2: replay 3's pass (disabled: nothing counted), then the empty pass its step opened
+    assert heat.passes[:, 1, 0].tolist() == [[0, 0, 0, 0], [0, 0, 0, 0]]
+    c.enabled = True
+    graph.replay()
+    graph.replay()
+    heat = c.collect().wait()
+    assert heat.passes[:, 1, 0].tolist() == [[1, 1, 0, 2], [0, 0, 0, 0]]  # the last replay's pass, then the new one
