@@ -13,7 +13,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-import streamkit as sk
 from streamkit_eplb import HeatCollector
 
 
