@@ -7,13 +7,14 @@ Stream protocol (every step is a rule streamkit's fake backend checks):
   tensors: no side stream, no event, no ``record_stream``, no host sync, no host read of a device
   value. So they can be captured in a CUDA/ACL graph, and the enable flag and the pass index,
   being device tensors, can change between replays.
-* ``collect``: on the current stream, the current stream first waits for the previous collect's
-  event (its gather has long finished: it was issued a window ago), then one kernel copies the
-  counters into a staging buffer and (``reset=True``) one more clears them; the side stream then
-  waits for the current stream, reduces or gathers the staging buffer across the group, starts a
-  non-blocking copy into a fresh (pinned) host tensor, records an event, and hands the buffers it
-  read to ``sk.record_stream`` (so freeing the collector is safe). A record issued before
-  ``collect()`` lands in that window and one issued after it in the next.
+* ``collect``: the current stream first waits for the previous collect's event (its gather has
+  long finished: it was issued a window ago), then one kernel copies the counters into a staging
+  buffer; the side stream waits for the current stream, reduces or gathers the staging buffer
+  across the group, starts a non-blocking copy into a fresh (pinned) host tensor, records an event,
+  and hands the buffers it read to ``sk.record_stream`` (so freeing the collector is safe); once
+  the collective was issued, one more kernel on the current stream clears the counters
+  (``reset=True``). A record issued before ``collect()`` lands in that window and one issued after
+  it in the next.
 * ``HeatHandle.wait``: synchronizes the host with that event only, then builds the :class:`Heat`.
 
 Every collector call must be ordered with the others (issue them on one stream, or order the
