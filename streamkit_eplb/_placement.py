@@ -15,7 +15,10 @@ groups onto nodes so that the nodes' loads are balanced, (2) inside every node, 
 logical experts one at a time, each time to the expert with the highest load per replica, (3) pack
 the node's physical experts onto its ranks, balanced. Otherwise it is *global*: the same with one
 node and one group. Every packing is the greedy "heaviest item first onto the lightest pack that
-still has room" with an equal number of items per pack.
+still has room" with an equal number of items per pack. One addition: per layer, the initial layout
+(slot ``i`` holds expert ``i % num_logical``) is kept instead when it balances better (the greedy
+packing occasionally does worse; with several nodes only without redundant slots, where that layout
+keeps every group on one node).
 """
 
 from __future__ import annotations
@@ -226,5 +229,30 @@ def rebalance(weight: Any, num_replicas: int, num_groups: int, num_nodes: int, n
     if hierarchical and num_logical // num_nodes > num_replicas // num_nodes:
         raise ValueError(f"{where}: a node's {num_logical // num_nodes} experts need more than its {num_replicas // num_nodes} slots")
     groups, nodes = (num_groups, num_nodes) if hierarchical else (1, 1)
-    rows = [_place_layer(load[layer].tolist(), num_replicas, groups, nodes, num_ranks) for layer in range(num_layers)]
+    # The greedy packing occasionally balances worse than the initial layout (slot i holds expert
+    # i % num_logical, vLLM's start), e.g. 0.926 vs 0.947 on 8 Zipf-loaded experts over 2 ranks.
+    # Per layer, keep whichever balances better; with several nodes only when that layout keeps
+    # every group on one node (no redundant slots), so the hierarchical guarantee holds.
+    guard = nodes == 1 or num_replicas == num_logical
+    rows = []
+    for layer in range(num_layers):
+        weights = load[layer].tolist()
+        packed = _place_layer(weights, num_replicas, groups, nodes, num_ranks)
+        if guard:
+            initial = [slot % num_logical for slot in range(num_replicas)]
+            if _peak(weights, initial, num_ranks) < _peak(weights, packed, num_ranks):
+                packed = initial
+        rows.append(packed)
     return Placement.from_phy2log(torch.tensor(rows, dtype=torch.int64), num_logical)
+
+
+def _peak(weight: list[float], phy2log: list[int], num_ranks: int) -> float:
+    """The largest rank load of one layer's placement, each expert's load split over its replicas."""
+    count = [0] * len(weight)
+    for expert in phy2log:
+        count[expert] += 1
+    per_rank = len(phy2log) // num_ranks
+    loads = [0.0] * num_ranks
+    for slot, expert in enumerate(phy2log):
+        loads[slot // per_rank] += weight[expert] / count[expert]
+    return max(loads)
