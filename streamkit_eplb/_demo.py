@@ -298,8 +298,8 @@ def run_demo(cfg: DemoConfig) -> int:
         if p.is_alive():
             timed_out = True
             break
-        if p.exitcode != 0:
-            break
+        if p.exitcode not in (0, RACE_FOUND):
+            break  # a real failure: don't wait for the others
     codes = [p.exitcode for p in procs]
     if cfg.buggy and codes and all(code == RACE_FOUND for code in codes):
         print(f"demo --buggy: the fake backend found the race on every rank (exit 1); {time.perf_counter() - start:.1f} s")
