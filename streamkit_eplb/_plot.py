@@ -17,6 +17,8 @@ def slot_matrix(heat: "Heat", ep_size: int | None) -> tuple[torch.Tensor, int, s
     if ep_size is None and heat.reduce == "gather" and heat.world_size > 1:
         # every rank recorded its local slots: rank r's slots are columns [r*E, (r+1)*E)
         return heat.load.reshape(heat.num_layers, -1), heat.world_size, "slot (rank-local slots, rank-major)"
+    if ep_size is None and heat.reduce == "sum" and heat.num_experts % heat.num_ranks == 0:
+        ep_size = heat.num_ranks  # global slots, summed over the group: split them over its ranks
     ranks = ep_size if ep_size is not None else 1
     if heat.num_experts % ranks:
         raise ValueError(f"heatmap(ep_size): num_experts={heat.num_experts} is not divisible by ep_size={ranks}")

@@ -253,6 +253,9 @@ def test_heatmap_stays_readable_at_256_and_1024_ranks(tmp_path):
     small = Heat(torch.randint(0, 50, (3, 2, 4)))
     from streamkit_eplb._plot import aggregate, slot_matrix
 
+    summed = Heat(torch.randint(0, 50, (3, 1, 8)), reduce="sum", num_ranks=4)
+    assert slot_matrix(summed, None)[1] == 4  # global slots of a sum heat: split over the group's ranks
+
     matrix, ranks, _ = slot_matrix(small, None)
     assert matrix.shape == (3, 8) and ranks == 2
     assert aggregate(matrix, 2, 256)[1] == [4]  # the EP split between rank 0's and rank 1's slots
