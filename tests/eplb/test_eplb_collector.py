@@ -533,3 +533,46 @@ def test_record_and_step_replay_in_a_cuda_graph_with_the_flag_toggled(streamkit_
     graph.replay()
     heat = c.collect().wait()
     assert heat.passes[:, 1, 0].tolist() == [[1, 1, 0, 2], [0, 0, 0, 0]]  # the last replay's pass, then the new one
+
+
+_HOST_READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.masked_select.default",
+               "aten.bincount.default", "aten._unique2.default", "aten.unique_dim.default", "aten.item.default"}
+
+
+def test_the_op_implementations_never_read_device_values_on_the_host():
+    """The fake backend sees each op as one kernel and cannot look inside it; this runs the
+    implementations on CPU tensors under a dispatch mode: no .item(), no data-dependent shapes (what
+    would be a host sync on CUDA/NPU and break graph capture)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from streamkit_eplb import _ops
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.add(str(func))
+            return func(*args, **(kwargs or {}))
+
+    placement = Placement.from_phy2log([0, 1, 2, 0, 1, 0], 3)
+    acc = torch.zeros(2, 1, 7, dtype=torch.int32)
+    ctrl = torch.tensor([1, 0])
+    with Seen() as seen:
+        for mode, values in ((_ops.MODE_COUNTS, torch.arange(6)), (_ops.MODE_CUMULATIVE, torch.arange(6).cumsum(0)),
+                             (_ops.MODE_IDS, torch.tensor([[0, 5], [-1, 9]])), (_ops.MODE_IDS_MAPPED, torch.tensor([[0, 2], [1, -1]]))):
+            log2phy = placement.log2phy if mode == _ops.MODE_IDS_MAPPED else torch.zeros(1, 1, 1, dtype=torch.int64)
+            logcnt = placement.logcnt if mode == _ops.MODE_IDS_MAPPED else torch.zeros(1, 1, dtype=torch.int64)
+            _ops.record_op(acc, ctrl, values, torch.tensor(1), log2phy, logcnt, 0, mode)
+        _ops.step_op(acc, ctrl)
+        _ops.take_op(acc, ctrl, torch.zeros(acc.numel(), dtype=torch.int32), True)
+        _ops.take_op(acc, ctrl, torch.zeros(acc.numel(), dtype=torch.int32), False)
+    assert seen.ops and not (seen.ops & _HOST_READS), seen.ops & _HOST_READS
+    # counts + diffed running sum + ids row 0 (num_tokens=1: ids 0, 5) + mapped row 0 (logical 0 -> slot 0, 2 -> slot 2)
+    assert acc[0, 0].tolist() == [0 + 0 + 1 + 1, 1 + 1, 2 + 2 + 1, 3 + 3, 4 + 4, 5 + 5 + 1, 0]
+    # the ops also run on meta tensors (tracing): shapes never depend on values
+    meta = torch.zeros(2, 1, 7, dtype=torch.int32, device="meta")
+    torch.ops.streamkit_eplb.record(meta, ctrl.to("meta"), torch.zeros(3, 2, dtype=torch.int64, device="meta"),
+                                    torch.zeros((), dtype=torch.int64, device="meta"), log2phy.to("meta"),
+                                    logcnt.to("meta"), 0, _ops.MODE_IDS)
