@@ -286,8 +286,10 @@ class Heat:
         return {"moe_load": self.load.clone(), "per_step": None if self.passes is None else self.passes.clone()}
 
     def to_sglang(self) -> dict[str, Any]:
-        """An SGLang-style dump: ``{"logical_count": (L, num_logical) int64, ...}`` (``logical_count``
-        is the key SGLang's ``--init-expert-location`` file reads), plus this Heat's metadata."""
+        """An SGLang dump: ``{"logical_count": (L, num_logical) int64, "window": int,
+        "placement_version": int}``. SGLang's ``--init-expert-location FILE`` (``.pt`` read with
+        ``weights_only=True``, or ``.json``) takes ``logical_count`` from it and rebalances with it
+        (``ExpertLocationMetadata.init_by_eplb``); the other keys are ignored there."""
         return {
             "logical_count": self.logical(),
             "window": self.window,
