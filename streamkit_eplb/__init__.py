@@ -5,7 +5,7 @@ engines, tested race-free on streamkit's fake backend. See docs/eplb.md.
 
 >>> from streamkit_eplb import HeatCollector, HeatHistory
 >>> c = HeatCollector(num_layers, num_experts, group=ep_group)       # doctest: +SKIP
->>> c.record(layer, expert_tokens)                                   # doctest: +SKIP
+>>> c.record(layer, expert_tokens)        # one kernel, current stream   # doctest: +SKIP
 >>> heat = c.collect().wait()                                        # doctest: +SKIP
 >>> heat.load.shape  # (num_layers, world_size, num_experts), int64 on the CPU   # doctest: +SKIP
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["CollectError", "Heat", "HeatCollector", "HeatHandle", "HeatHistory"]
+__all__ = ["CollectError", "Heat", "HeatCollector", "HeatHandle", "HeatHistory", "Placement", "balancedness_of", "rebalance"]
 
 # Imported lazily, so `python -m streamkit_eplb demo` starts its ranks without importing torch first.
 _HOMES = {
@@ -23,11 +23,15 @@ _HOMES = {
     "HeatHandle": "._collector",
     "Heat": "._heat",
     "HeatHistory": "._heat",
+    "balancedness_of": "._heat",
+    "Placement": "._placement",
+    "rebalance": "._placement",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from ._collector import CollectError, HeatCollector, HeatHandle
-    from ._heat import Heat, HeatHistory
+    from ._heat import Heat, HeatHistory, balancedness_of
+    from ._placement import Placement, rebalance
 
 
 def __getattr__(name: str) -> Any:

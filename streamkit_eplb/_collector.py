@@ -1,23 +1,24 @@
-"""The expert-heat collector: per-layer counters updated on a side stream, gathered without a host sync.
+"""The expert-heat collector: graph-safe counters on the current stream, collected on a side stream.
 
-Stream protocol (every step is a rule the fake backend checks):
+Stream protocol (every step is a rule streamkit's fake backend checks):
 
-* ``record``: the side stream waits for the current stream (the counts were made there), then one
-  in-place kernel adds them into the layer's row of the counter buffer; the input is handed to
-  ``sk.record_stream`` so its memory is not reused before the side stream has read it. Nothing
-  joins back to the current stream and the host never waits.
-* ``collect``: the side stream waits for the current stream, gathers the counter buffer into a
-  gather buffer allocated once, starts a non-blocking copy into a fresh host tensor, clears the
-  counters and records an event, all on the side stream, in that order. So a record issued before
-  ``collect`` lands in this window and one issued after it in the next, and every token in exactly one.
+* ``record``, ``step``, ``reset`` and the ``enabled`` setter each issue **one** kernel on the
+  *current* stream (a ``torch.library`` custom op, or ``zero_``/``fill_``), reading only device
+  tensors: no side stream, no event, no ``record_stream``, no host sync, no host read of a device
+  value. So they can be captured in a CUDA/ACL graph, and the enable flag and the pass index,
+  being device tensors, can change between replays.
+* ``collect``: the current stream first waits for the previous collect's event (its gather has
+  long finished: it was issued a window ago), then one kernel copies the counters into a staging
+  buffer; the side stream waits for the current stream, reduces or gathers the staging buffer
+  across the group, starts a non-blocking copy into a fresh (pinned) host tensor, records an event,
+  and hands the buffers it read to ``sk.record_stream`` (so freeing the collector is safe); once
+  the collective was issued, one more kernel on the current stream clears the counters
+  (``reset=True``). A record issued before ``collect()`` lands in that window and one issued after
+  it in the next.
 * ``HeatHandle.wait``: synchronizes the host with that event only, then builds the :class:`Heat`.
 
-Buffer layout: one ``(num_layers, num_experts + 3)`` int64 device buffer. Column 0 counts ``topk_ids``
-below ``-1`` (invalid), column 1 padding (``-1``), columns ``[2, E + 2)`` the experts and column
-``E + 2`` ids ``>= E`` (invalid). ``topk_ids`` are mapped to those columns by one ``searchsorted``
-over the boundaries ``[-1, 0, ..., E]`` and added with one ``scatter_add_``: no host sync, no data-
-dependent shapes (``bincount`` synchronizes on CUDA, and so does ``index_put_(accumulate=True)`` in
-older torch releases, for its range check).
+Every collector call must be ordered with the others (issue them on one stream, or order the
+streams yourself): they all touch the same counters, as an engine's own counters would.
 """
 
 from __future__ import annotations
@@ -31,12 +32,16 @@ import torch.distributed as dist
 
 import streamkit as sk
 
+from . import _ops
 from ._heat import Heat
+from ._placement import Placement
 
 __all__ = ["CollectError", "HeatCollector", "HeatHandle"]
 
 # torch >= 2.10 renamed all_gather_into_tensor (now deprecated) to all_gather_single; same c10d op.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+_NO_LIMIT = 2**62  # num_tokens when the caller gives none: every row counts
 
 
 class CollectError(RuntimeError):
@@ -60,22 +65,102 @@ def _positive_int(value: Any, name: str) -> int:
 
 
 _ID_DTYPES = (torch.int32, torch.int64)
-_FIRST_EXPERT = 2  # column of expert 0 in the counter buffer (see the module docstring)
+_REDUCES = ("gather", "sum")
+
+
+def _as_log2phy(log2phy: Any, num_layers: int, num_experts: int) -> Placement:
+    """A Placement from the constructor's ``log2phy`` argument (a Placement or an int tensor
+    ``(N, R)`` / ``(L, N, R)`` padded with -1), checked against the collector's shape."""
+    if isinstance(log2phy, Placement):
+        placement = log2phy
+        if placement.num_layers == 1 and num_layers > 1:
+            placement = Placement.from_phy2log(placement.phy2log[0], placement.num_logical, num_layers=num_layers)
+    else:
+        table = torch.as_tensor(log2phy)
+        if table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool:
+            raise TypeError(f"HeatCollector(log2phy): expected integer slot ids (-1 pads), got {table.dtype}")
+        table = table.to("cpu", torch.int64)
+        if table.dim() == 2:
+            table = table.unsqueeze(0).expand(num_layers, -1, -1)
+        if table.dim() != 3 or table.shape[0] != num_layers:
+            raise ValueError(
+                "HeatCollector(log2phy): expected shape (num_logical, max_replicas) or (num_layers,"
+                f" num_logical, max_replicas) with num_layers={num_layers}, got {tuple(torch.as_tensor(log2phy).shape)}"
+            )
+        phy2log = torch.full((num_layers, num_experts), -1, dtype=torch.int64)
+        for layer in range(num_layers):
+            slots = table[layer]
+            used = slots[slots >= 0]
+            if used.numel() and int(used.max()) >= num_experts:
+                raise ValueError(
+                    f"HeatCollector(log2phy): layer {layer} maps to slot {int(used.max())}, but num_experts"
+                    f" (physical slots) is {num_experts}"
+                )
+            if used.numel() != used.unique().numel():
+                raise ValueError(f"HeatCollector(log2phy): layer {layer} names a physical slot twice")
+            logical = torch.arange(slots.shape[0]).unsqueeze(1).expand_as(slots)
+            phy2log[layer, slots[slots >= 0]] = logical[slots >= 0]
+        if bool((phy2log < 0).any()):
+            layer, slot = (phy2log < 0).nonzero()[0].tolist()
+            raise ValueError(
+                f"HeatCollector(log2phy): physical slot {slot} of layer {layer} holds no logical expert;"
+                f" every slot in [0, num_experts={num_experts}) must appear exactly once"
+            )
+        placement = Placement.from_phy2log(phy2log, table.shape[1])
+    if placement.num_physical != num_experts or placement.num_layers != num_layers:
+        raise ValueError(
+            f"HeatCollector(log2phy): the placement has {placement.num_layers} layers x {placement.num_physical}"
+            f" slots, the collector {num_layers} x {num_experts} (num_experts counts physical slots)"
+        )
+    return placement
 
 
 class HeatCollector:
-    """Collects per-layer MoE expert load on a side stream; see the module docstring for the protocol.
+    """Counts the tokens routed to every MoE expert, per layer, graph-safe; see the module docstring.
 
-    ``HeatCollector(num_layers, num_experts, *, group=None, stream=None)`` allocates its buffers on
-    the active streamkit backend's current device. ``group`` is a ``torch.distributed`` process
-    group: every rank of it must build a collector with the same ``(num_layers, num_experts)``
-    (checked at construction with one small collective). Without a group the world size is 1 and no
-    collective ever runs. ``stream`` is the side stream to use (default: a new ``sk.Stream()``).
+    ``HeatCollector(num_layers, num_experts, *, group=None, stream=None, window=1, reduce="gather",
+    log2phy=None, dtype=torch.int32)`` allocates every buffer once, on the active streamkit
+    backend's current device.
+
+    * ``num_experts``: the counter columns: the experts ids ``record`` receives (rank-local slots,
+      global physical slots or, without ``log2phy``, logical ids).
+    * ``group``: a ``torch.distributed`` process group; every rank must construct its collector with
+      the same arguments (checked at construction with one small collective). ``None``: one rank.
+    * ``stream``: the side stream ``collect()`` uses (default: a new ``sk.Stream()``).
+    * ``window``: the device keeps the last ``window`` passes; :meth:`step` starts a new pass.
+      ``window=1`` without ``step()`` is a running sum (v1's behaviour).
+    * ``reduce``: ``"gather"``: every rank's rows (``Heat.load`` is ``(L, world, E)``; for ids that
+      are rank-local slots, vllm-ascend); ``"sum"``: one all_reduce (``Heat.load`` is ``(L, 1, E)``;
+      for global physical ids, vLLM).
+    * ``log2phy``: a :class:`Placement` or vLLM's ``logical_to_physical_map`` (``(N, R)`` or
+      ``(L, N, R)``, ``-1`` pads): ``record(topk_ids=...)`` then receives *logical* ids and counts
+      the physical slot each token goes to, replica chosen as vLLM does (the id's flat position in
+      ``topk_ids`` modulo the expert's replica count). The placement also becomes the collector's
+      current placement (version 0).
+    * ``dtype``: the device counters, ``torch.int32`` (default; they hold up to 2**31-1 tokens per
+      pass, layer and slot between collects) or ``torch.int64``. Heats are always int64.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, *, group: Any = None, stream: sk.Stream | None = None) -> None:
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        *,
+        group: Any = None,
+        stream: sk.Stream | None = None,
+        window: int = 1,
+        reduce: str = "gather",
+        log2phy: Any = None,
+        dtype: torch.dtype = torch.int32,
+    ) -> None:
         self.num_layers = _positive_int(num_layers, "num_layers")
         self.num_experts = _positive_int(num_experts, "num_experts")
+        self.window = _positive_int(window, "window")
+        if reduce not in _REDUCES:
+            raise ValueError(f"HeatCollector(reduce): expected 'gather' or 'sum', got {reduce!r}")
+        self.reduce = reduce
+        if dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"HeatCollector(dtype): expected torch.int32 or torch.int64, got {dtype}")
         backend = sk.get_backend()
         if stream is None:
             eplb_side = sk.Stream()  # named so in race reports: stream #n 'eplb_side'
@@ -89,6 +174,9 @@ class HeatCollector:
                 f"HeatCollector(stream): the stream belongs to backend {stream.backend!r}, but the active"
                 f" backend is {backend.name!r}"
             )
+        self._placement = _as_log2phy(log2phy, self.num_layers, self.num_experts) if log2phy is not None else None
+        self._maps = self._placement is not None
+        self._version = 0
         self._backend = backend
         self._is_fake = backend.name == "fake"
         self._stream = stream
@@ -104,31 +192,37 @@ class HeatCollector:
                 )
             self._world = dist.get_world_size(group)
             self._rank = dist.get_rank(group)
-        self._window = 0
-        self._ready = sk.Event()  # re-recorded on the current stream by every record/collect
-        L, E, F = self.num_layers, self.num_experts, _FIRST_EXPERT
-        # Everything the collector owns is allocated and used on the side stream only.
-        with sk.switch(stream):
-            self._acc = torch.zeros((L, E + 3), dtype=torch.int64, device=self._device)
-            self._gather = (
-                torch.empty((self._world * L, E + 3), dtype=torch.int64, device=self._device)
-                if self._world > 1
-                else None
-            )
-            # per-layer views, made once: record() then issues only the arithmetic kernel(s)
-            self._rows = [self._acc[layer] for layer in range(L)]  # (E + 3,)
-            self._expert_rows = [row[F : F + E] for row in self._rows]  # (E,)
-            self._expert_tails = [row[F + 1 : F + E] for row in self._rows]  # (E - 1,): cumulative counts
-            self._one = torch.ones((1,), dtype=torch.int64, device=self._device)
-            bounds = torch.arange(-1, E + 1, dtype=torch.int64, device=self._device)  # -1, 0, ..., E
-            self._bounds = {torch.int64: bounds, torch.int32: bounds.to(torch.int32)}
-            if self._world > 1:
-                self._check_peers()
+        self._next_window = 0
+        self._enabled = True
+        self._last_done: sk.Event | None = None  # the previous collect's event (staging free again)
+        self._ready = sk.Event()
+        W, L, C = self.window, self.num_layers, self.num_experts + 1
+        dev = self._device
+        self._acc = torch.zeros((W, L, C), dtype=dtype, device=dev)
+        self._ctrl = torch.tensor([1, 0], dtype=torch.int64).to(dev)  # [enabled, pass index]
+        self._flag = self._ctrl[0:1]
+        self._no_limit = torch.tensor(_NO_LIMIT, dtype=torch.int64).to(dev)
+        if self._maps:
+            # as wide as any placement of these slots can need (vLLM pads the same way), so that
+            # set_placement() updates fixed-shape buffers in place
+            self._log2phy = self._padded_log2phy(self._placement).to(dev)
+            self._logcnt = self._placement.logcnt.to(dev)
+        else:
+            self._log2phy = torch.zeros((1, 1, 1), dtype=torch.int64, device=dev)
+            self._logcnt = torch.zeros((1, 1), dtype=torch.int64, device=dev)
+        self._staging = torch.zeros((W * L * C,), dtype=dtype, device=dev)
+        self._gather = (
+            torch.empty((self._world * W * L * C,), dtype=dtype, device=dev)
+            if self._world > 1 and reduce == "gather"
+            else None
+        )
+        if self._world > 1:
+            self._check_peers(dtype)
 
     # -- properties -------------------------------------------------------------------------
     @property
     def stream(self) -> sk.Stream:
-        """The side stream all of the collector's work runs on."""
+        """The side stream ``collect()`` gathers and copies on."""
         return self._stream
 
     @property
@@ -143,24 +237,64 @@ class HeatCollector:
     def device(self) -> torch.device:
         return self._device
 
+    @property
+    def placement(self) -> Placement | None:
+        """The current placement (``None`` if none was given), see :meth:`set_placement`."""
+        return self._placement
+
+    @property
+    def placement_version(self) -> int:
+        """0 at construction, +1 at every :meth:`set_placement`."""
+        return self._version
+
+    @property
+    def enabled(self) -> bool:
+        """Whether ``record`` counts. Setting it issues one kernel (``fill_`` of a device flag the
+        record kernel reads) on the current stream: no host sync, and a captured graph sees the
+        value at replay time. The getter returns the last value set from the host."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"HeatCollector.enabled: expected a bool, got {type(value).__name__}")
+        self._flag.fill_(1 if value else 0)
+        self._enabled = value
+
     def __repr__(self) -> str:
         return (
-            f"HeatCollector(num_layers={self.num_layers}, num_experts={self.num_experts},"
-            f" world_size={self._world}, rank={self._rank}, device={self._device}, next_window={self._window})"
+            f"HeatCollector(num_layers={self.num_layers}, num_experts={self.num_experts}, window={self.window},"
+            f" reduce={self.reduce!r}, world_size={self._world}, rank={self._rank}, device={self._device},"
+            f" placement_version={self._version}, next_window={self._next_window})"
         )
 
+    def payload_bytes(self, *, passes: bool = True) -> int:
+        """Bytes one rank contributes to a ``collect(passes=passes)`` collective (the staging payload)."""
+        rows = self.window if passes else 1
+        return rows * self.num_layers * (self.num_experts + 1) * self._acc.element_size()
+
     # -- construction check -----------------------------------------------------------------
-    def _check_peers(self) -> None:
-        """One small all_gather of (num_layers, num_experts): disagreeing ranks fail here, all of them."""
-        mine = torch.tensor([self.num_layers, self.num_experts], dtype=torch.int64).to(self._device)
-        everyone = torch.empty((2 * self._world,), dtype=torch.int64, device=self._device)
+    def _check_peers(self, dtype: torch.dtype) -> None:
+        """One small all_gather of the shape and options: disagreeing ranks fail here, all of them."""
+        fields = [self.num_layers, self.num_experts, self.window, _REDUCES.index(self.reduce),
+                  0 if dtype == torch.int32 else 1, int(self._maps)]
+        mine = torch.tensor(fields, dtype=torch.int64).to(self._device)
+        n = len(fields)
+        everyone = torch.empty((n * self._world,), dtype=torch.int64, device=self._device)
         _all_gather(everyone, mine, group=self._group)
-        shapes = [tuple(pair) for pair in everyone.cpu().view(self._world, 2).tolist()]
+        rows = [tuple(row) for row in everyone.cpu().view(self._world, n).tolist()]
+        shapes = [row[:2] for row in rows]
         if any(shape != shapes[self._rank] for shape in shapes):
             listing = ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
             raise ValueError(
                 "HeatCollector: the ranks of the group disagree on (num_layers, num_experts) -"
                 f" {listing}; every rank must construct its collector with the same shape"
+            )
+        if any(row != rows[self._rank] for row in rows):
+            listing = ", ".join(f"rank {r}: {row[2:]}" for r, row in enumerate(rows))
+            raise ValueError(
+                "HeatCollector: the ranks of the group disagree on (window, reduce, dtype, log2phy given) -"
+                f" {listing}; every rank must construct its collector with the same options"
             )
 
     # -- record -----------------------------------------------------------------------------
@@ -185,22 +319,25 @@ class HeatCollector:
         *,
         topk_ids: torch.Tensor | None = None,
         cumulative: bool = False,
+        num_tokens: torch.Tensor | None = None,
     ) -> None:
-        """Add one step's expert load of ``layer`` to the current window (on the side stream).
+        """Add one layer's load to the current pass: **one kernel on the current stream**.
 
         Exactly one of:
 
-        * ``counts``: integer tensor ``(num_experts,)``, tokens per expert (vllm-ascend's
+        * ``counts``: integer tensor ``(num_experts,)``, tokens per expert slot (vllm-ascend's
           ``expert_tokens``); with ``cumulative=True`` it is a running sum (group list type 0) and is
-          diffed back to per-expert counts.
-        * ``topk_ids``: integer tensor of any shape (typically ``(num_tokens, top_k)``), the expert
-          id each token was routed to; ``-1`` is padding and is excluded. Ids outside
-          ``[-1, num_experts)`` raise ``ValueError`` on the fake backend; on real devices (where the
-          check would cost a host sync) they are excluded and counted in ``Heat.invalid``.
+          diffed back to per-slot counts.
+        * ``topk_ids``: integer tensor, ``(num_tokens, top_k)`` (or ``(num_tokens,)``): the expert id
+          each token was routed to; ``-1`` is padding and not counted. Without ``log2phy`` the ids
+          are counter columns ``[0, num_experts)``; with it they are logical ids ``[0, num_logical)``
+          mapped to physical slots. ``num_tokens``: optional 0-dim integer device tensor; rows of
+          ``topk_ids`` at or beyond it are padding (graph-padded batches) and not counted.
 
-        Never blocks the host and never makes the current stream wait. The tensor must not be
-        written again before the side stream has read it (make a new one per step, as engines do, or
-        order the writer after ``collector.stream``).
+        Out-of-range ids raise ``ValueError`` on the fake backend; on real devices (where the check
+        would cost a host sync) they are excluded and counted in ``Heat.invalid``. Nothing is counted
+        while :attr:`enabled` is False. Never blocks the host and never allocates a collector buffer;
+        the input is read on the current stream, where it was made.
         """
         if isinstance(layer, bool):
             raise TypeError("HeatCollector.record(layer): expected an int, got bool")
@@ -220,7 +357,10 @@ class HeatCollector:
         if not isinstance(cumulative, bool):
             raise TypeError(f"HeatCollector.record(cumulative): expected a bool, got {type(cumulative).__name__}")
         E = self.num_experts
+        limit = self._no_limit
         if counts is not None:
+            if num_tokens is not None:
+                raise TypeError("HeatCollector.record(num_tokens): only applies to topk_ids, not to counts")
             self._check_tensor("counts", counts)
             if tuple(counts.shape) != (E,):
                 raise ValueError(
@@ -229,7 +369,7 @@ class HeatCollector:
                 )
             if self._is_fake:
                 self._validate_counts_fake(layer, counts, cumulative)
-            tensor = counts
+            values, mode = counts, (_ops.MODE_CUMULATIVE if cumulative else _ops.MODE_COUNTS)
         else:
             if cumulative:
                 raise TypeError("HeatCollector.record(cumulative): only applies to counts, not to topk_ids")
@@ -239,23 +379,20 @@ class HeatCollector:
                     f"HeatCollector.record(topk_ids): expected an int32 or int64 tensor (-1 is padding),"
                     f" got {topk_ids.dtype}"
                 )
+            if topk_ids.dim() == 0:
+                raise ValueError("HeatCollector.record(topk_ids): expected shape (num_tokens, top_k) or (num_tokens,), got a 0-dim tensor")
+            if num_tokens is not None:
+                self._check_tensor("num_tokens", num_tokens)
+                if num_tokens.dim() != 0:
+                    raise ValueError(
+                        f"HeatCollector.record(num_tokens): expected a 0-dim device tensor (the unpadded row"
+                        f" count), got shape {tuple(num_tokens.shape)}"
+                    )
+                limit = num_tokens
             if self._is_fake:
-                self._validate_topk_fake(layer, topk_ids)
-            tensor = topk_ids
-
-        side = self._stream
-        self._ready.record(sk.current_stream())
-        side.wait_event(self._ready)
-        with sk.switch(side):
-            if counts is not None:
-                self._expert_rows[layer].add_(counts)
-                if cumulative and E > 1:
-                    self._expert_tails[layer].sub_(counts[:-1])
-            else:
-                # id -> column: < -1 -> 0 (invalid), -1 -> 1 (padding), e -> e + 2, >= E -> E + 2 (invalid)
-                column = torch.searchsorted(self._bounds[topk_ids.dtype], topk_ids.reshape(-1), right=True)
-                self._rows[layer].scatter_add_(0, column, self._one.expand(column.numel()))
-        sk.record_stream(tensor, side)
+                self._validate_topk_fake(layer, topk_ids, num_tokens)
+            values, mode = topk_ids, (_ops.MODE_IDS_MAPPED if self._maps else _ops.MODE_IDS)
+        torch.ops.streamkit_eplb.record(self._acc, self._ctrl, values, limit, self._log2phy, self._logcnt, layer, mode)
 
     def _validate_counts_fake(self, layer: int, counts: torch.Tensor, cumulative: bool) -> None:
         from streamkit import fake
@@ -273,68 +410,159 @@ class HeatCollector:
                 f"HeatCollector.record(counts) for layer {layer}: negative token counts {values.tolist()}"
             )
 
-    def _validate_topk_fake(self, layer: int, topk_ids: torch.Tensor) -> None:
+    def _validate_topk_fake(self, layer: int, topk_ids: torch.Tensor, num_tokens: torch.Tensor | None) -> None:
         from streamkit import fake
 
         values = fake.peek(topk_ids)
+        if num_tokens is not None:
+            limit = int(fake.peek(num_tokens))
+            if limit < 0:
+                raise ValueError(f"HeatCollector.record(num_tokens): expected a count >= 0, got {limit}")
+            values = values[:limit]
         if values.numel() == 0:
             return
-        bad = (values < -1) | (values >= self.num_experts)
+        bound = self._placement.num_logical if self._maps else self.num_experts
+        bad = (values < -1) | (values >= bound)
         if bool(bad.any()):
             wrong = sorted(set(values[bad].tolist()))[:8]
+            kind = "logical expert ids" if self._maps else "expert ids"
             raise ValueError(
-                f"HeatCollector.record(topk_ids) for layer {layer}: expert ids must lie in"
-                f" [-1, {self.num_experts}) (-1 is padding), got {wrong}"
+                f"HeatCollector.record(topk_ids) for layer {layer}: {kind} must lie in"
+                f" [-1, {bound}) (-1 is padding), got {wrong}"
             )
 
+    # -- passes, reset, placement ---------------------------------------------------------------
+    def step(self) -> None:
+        """Start a new pass: one kernel on the current stream advances the device pass index modulo
+        ``window`` and clears the pass it now points at (the oldest one). Graph-safe."""
+        torch.ops.streamkit_eplb.step(self._acc, self._ctrl)
+
+    def reset(self) -> None:
+        """Zero every counter of every pass: one kernel (``zero_``) on the current stream.
+        The counts since the last ``collect()`` are discarded (vllm-ascend clears after a weight update)."""
+        self._acc.zero_()
+
+    def set_placement(self, phy2log: Any) -> int:
+        """Record a new placement; returns its version (the previous one + 1).
+
+        ``phy2log``: a :class:`Placement` or a physical-to-logical map ``(P,)`` / ``(L, P)``. With
+        ``log2phy`` given at construction, ``P`` must be ``num_experts`` and record's mapping is
+        updated in place (device buffers of fixed shape, sized for any placement of the slots, so
+        captured graphs stay valid). Without it the map is metadata:
+        ``P`` is ``num_experts`` (global slots) or ``world_size * num_experts`` (rank-local slots,
+        rank-major). The counters are cleared (:meth:`reset`): counts of the old placement never
+        reach a Heat of the new one. ``collect()`` first to keep them.
+        """
+        if isinstance(phy2log, Placement):
+            placement = phy2log
+        else:
+            placement = Placement.from_phy2log(phy2log, self._placement.num_logical if self._maps else None,
+                                               num_layers=self.num_layers if torch.as_tensor(phy2log).dim() == 1 else None)
+        if placement.num_layers == 1 and self.num_layers > 1:
+            placement = Placement.from_phy2log(placement.phy2log[0], placement.num_logical, num_layers=self.num_layers)
+        if placement.num_layers != self.num_layers:
+            raise ValueError(
+                f"HeatCollector.set_placement(phy2log): {placement.num_layers} layers, the collector has {self.num_layers}"
+            )
+        allowed = (self.num_experts,) if self._maps else (self.num_experts, self._world * self.num_experts)
+        if placement.num_physical not in allowed:
+            raise ValueError(
+                f"HeatCollector.set_placement(phy2log): {placement.num_physical} physical slots; expected"
+                f" {' or '.join(map(str, allowed))} (num_experts{'' if self._maps else ', or world_size * num_experts'})"
+            )
+        if self._maps:
+            if placement.num_logical != self._placement.num_logical:
+                raise ValueError(
+                    f"HeatCollector.set_placement(phy2log): {placement.num_logical} logical experts, the"
+                    f" collector maps {self._placement.num_logical}"
+                )
+            padded = self._padded_log2phy(placement)
+            self._log2phy.copy_(padded.to(self._device))
+            self._logcnt.copy_(placement.logcnt.to(self._device))
+        self._placement = placement
+        self._version += 1
+        self.reset()
+        return self._version
+
+    def _padded_log2phy(self, placement: Placement) -> torch.Tensor:
+        width = self.num_experts - placement.num_logical + 1  # the most replicas one expert can have
+        padded = torch.full((self.num_layers, placement.num_logical, width), -1, dtype=torch.int64)
+        padded[:, :, : placement.log2phy.shape[2]] = placement.log2phy
+        return padded
+
     # -- collect ----------------------------------------------------------------------------
-    def _host_buffer(self) -> torch.Tensor:
-        shape = (self._world * self.num_layers, self.num_experts + 3)
+    def _host_buffer(self, numel: int) -> torch.Tensor:
         if not self._is_fake:
             try:  # pinned, so the device-to-host copy is really asynchronous
-                return torch.empty(shape, dtype=torch.int64, pin_memory=True)
+                return torch.empty((numel,), dtype=self._acc.dtype, pin_memory=True)
             except RuntimeError:  # pragma: no cover - no pinned allocator for this device
                 pass
-        return torch.empty(shape, dtype=torch.int64)
+        return torch.empty((numel,), dtype=self._acc.dtype)
 
-    def collect(self) -> "HeatHandle":
+    def collect(self, *, passes: bool = True, reset: bool = True) -> "HeatHandle":
         """Close the current window and start aggregating it; returns a :class:`HeatHandle`.
 
-        Orders the side stream after the current stream, all-gathers the counters across the group
-        (into a buffer allocated once), starts a non-blocking copy to a new host tensor and clears
-        the counters, all on the side stream. The host does not wait. If the collective fails, the
-        error is raised by ``HeatHandle.wait()`` and the counters are kept.
+        ``passes=True``: the payload is the whole ring of ``window`` passes (``Heat.passes`` is
+        ``(window, L, R, E)``, oldest first); ``passes=False``: only their sum (``Heat.passes`` is
+        ``None``; vLLM's payload size). ``reset=True`` clears the counters after the copy (every
+        token in exactly one Heat); ``reset=False`` leaves them (a sliding window read).
+        The host does not wait. If the collective fails, ``HeatHandle.wait()`` raises and the
+        counters are kept.
         """
-        self._ready.record(sk.current_stream())  # (first: a closed session's stream raises here)
-        window = self._window
-        self._window += 1
-        host = self._host_buffer()
+        if not isinstance(passes, bool) or not isinstance(reset, bool):
+            raise TypeError("HeatCollector.collect(passes, reset): expected bools")
+        window = self._next_window
+        self._next_window += 1
+        rows = self.window if passes else 1
+        n = rows * self.num_layers * (self.num_experts + 1)
+        world_rows = self._world if self.reduce == "gather" else 1
+        host = self._host_buffer(world_rows * n)
         side = self._stream
+        current = sk.current_stream()
+        if self._last_done is not None:
+            current.wait_event(self._last_done)  # the previous collect's gather has read the staging buffer
+        torch.ops.streamkit_eplb.take(self._acc, self._ctrl, self._staging, passes)
+        self._ready.record(current)
         side.wait_event(self._ready)
+        meta = (self._shape(rows, world_rows), passes, self._version, self._placement, self.reduce, self._world)
         with sk.switch(side):
-            source = self._acc
+            payload = self._staging[:n]
+            source = payload
             if self._world > 1:
                 try:
-                    _all_gather(self._gather, self._acc, group=self._group)
+                    if self.reduce == "sum":
+                        dist.all_reduce(payload, group=self._group)
+                    else:
+                        source = self._gather[: self._world * n]
+                        _all_gather(source, payload, group=self._group)
                 except sk.StreamkitError:
                     raise  # a streamkit error (e.g. a race report) is a bug to see now
                 except Exception as exc:  # noqa: BLE001 - a dead or slow peer: report it from wait()
-                    return HeatHandle(self, window, None, None, exc)
-                source = self._gather
+                    return HeatHandle(window, meta, None, None, exc)
             host.copy_(source, non_blocking=True)
-            self._acc.zero_()
             done = side.record_event()
-        return HeatHandle(self, window, host, done, None)
+        # the buffers were allocated on the constructing stream: keep their memory until the side
+        # stream is done with them, even if the collector is freed first
+        sk.record_stream(self._staging, side)
+        if source is not payload:
+            sk.record_stream(source, side)
+        self._last_done = done
+        if reset:
+            self._acc.zero_()
+        return HeatHandle(window, meta, host, done, None)
+
+    def _shape(self, rows: int, world_rows: int) -> tuple[int, int, int, int]:
+        return (world_rows, rows, self.num_layers, self.num_experts + 1)
 
 
 class HeatHandle:
     """One pending :meth:`HeatCollector.collect`: :meth:`done` polls it, :meth:`wait` returns its Heat."""
 
-    __slots__ = ("_shape", "_window", "_host", "_event", "_error", "_heat")
+    __slots__ = ("_meta", "_window", "_host", "_event", "_error", "_heat")
 
-    def __init__(self, collector: HeatCollector, window: int, host: torch.Tensor | None, event: Any, error: BaseException | None) -> None:
-        self._shape = (collector.world_size, collector.num_layers, collector.num_experts)
+    def __init__(self, window: int, meta: Any, host: torch.Tensor | None, event: Any, error: BaseException | None) -> None:
         self._window = window
+        self._meta = meta
         self._host = host
         self._event = event
         self._error = error
@@ -372,11 +600,20 @@ class HeatHandle:
                         raise TimeoutError(f"HeatHandle.wait(): window {self._window} not done after {timeout} s")
                     time.sleep(0.0005)
                 self._event.synchronize()  # completes at once; orders the host after the copy
-            world, layers, experts = self._shape
-            raw = self._host.view(world, layers, experts + 3)
-            load = raw[:, :, _FIRST_EXPERT : _FIRST_EXPERT + experts].permute(1, 0, 2).contiguous()
-            invalid = (raw[:, :, 0] + raw[:, :, _FIRST_EXPERT + experts]).t().contiguous()
-            self._heat = Heat(load, invalid, self._window)
+            (world_rows, rows, layers, cols), passes, version, placement, reduce, world = self._meta
+            raw = self._host.view(world_rows, rows, layers, cols).to(torch.int64).permute(1, 2, 0, 3)  # (W, L, R, C)
+            experts = cols - 1
+            series = raw[..., :experts].contiguous()
+            load = series.sum(0)
+            invalid = raw[..., experts].sum(0).contiguous()
+            self._heat = Heat(
+                load, invalid, self._window,
+                passes=series if passes else None,
+                placement_version=version,
+                phy2log=None if placement is None else placement.phy2log,
+                reduce=reduce,
+                num_ranks=world,
+            )
             self._host = None
         return self._heat
 

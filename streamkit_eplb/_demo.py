@@ -1,11 +1,17 @@
-"""``python -m streamkit_eplb demo``: N gloo ranks on the fake backend, skewed routing, heat collection.
+"""``python -m streamkit_eplb demo``: N gloo ranks on the fake backend close the EPLB loop.
 
 Every rank routes synthetic tokens through ``layers`` MoE-like layers (a matmul, a router matmul and
-a top-k over logits biased by a Zipf-like expert popularity), records the ``topk_ids`` of every
-layer with a :class:`HeatCollector`, collects every ``interval`` steps and (rank 0) prints per-layer
-balancedness and writes a heat map. The fake session runs with ``detect="raise"``, so finishing is
-the proof that the collector is race-free here. ``--buggy`` runs the reverted pattern
-(:mod:`streamkit_eplb._buggy`) under ``detect="record"`` and prints the races the backend found.
+a top-k over logits biased by a Zipf-like expert popularity) and records the *logical* ``topk_ids``
+of every layer with a :class:`HeatCollector` that maps them to physical slots (``log2phy``, vLLM's
+replica choice) and keeps a ring of ``window`` passes (one ``step()`` per forward step),
+``reduce="sum"``. After ``steps`` steps it collects, rebalances with :func:`rebalance` (every rank
+computes the same placement from the same all-reduced heat), applies it with ``set_placement``
+(one weight-update step runs with ``collector.enabled = False``, as vllm-ascend does), runs
+``steps`` more steps and collects again. Rank 0 prints per-layer balancedness before and after
+(measured, and the rebalancer's prediction) and writes both heat maps into one PNG. The fake session
+runs with ``detect="raise"``, so finishing is the proof that the run is race-free. ``--buggy`` runs
+the reverted pattern (:mod:`streamkit_eplb._buggy`) under ``detect="record"``, prints the races the
+backend found, and exits 1.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DEFAULT_OUT = "eplb_heatmap.png"
+RACE_FOUND = 3  # a --buggy rank's exit code when the fake backend reported the race
 
 
 @dataclass
@@ -29,8 +36,9 @@ class DemoConfig:
     ranks: int = 2
     layers: int = 8
     experts: int = 16
-    steps: int = 40
-    interval: int = 10
+    redundant: int = 2
+    steps: int = 20
+    window: int = 20
     skew: float = 1.2
     tokens: int = 128
     top_k: int = 2
@@ -41,22 +49,39 @@ class DemoConfig:
     timeout: float = 120.0
 
     def validate(self) -> None:
-        for name in ("ranks", "layers", "experts", "steps", "interval", "tokens", "top_k", "hidden"):
+        for name in ("ranks", "layers", "experts", "steps", "window", "tokens", "top_k", "hidden"):
             if getattr(self, name) <= 0:
                 raise SystemExit(f"demo: --{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.redundant < 0:
+            raise SystemExit(f"demo: --redundant must be >= 0, got {self.redundant}")
         if self.top_k > self.experts:
             raise SystemExit(f"demo: --top-k ({self.top_k}) cannot exceed --experts ({self.experts})")
-        if self.skew < 0:
-            raise SystemExit(f"demo: --skew must be >= 0, got {self.skew}")
-        if self.experts % self.ranks:
+        if not math.isfinite(self.skew) or self.skew < 0:
+            raise SystemExit(f"demo: --skew must be a finite number >= 0, got {self.skew}")
+        if not math.isfinite(self.timeout) or self.timeout <= 0:
+            raise SystemExit(f"demo: --timeout must be a finite number of seconds > 0, got {self.timeout}")
+        if (self.experts + self.redundant) % self.ranks:
             raise SystemExit(
-                f"demo: --experts ({self.experts}) must be divisible by --ranks ({self.ranks}):"
-                " the experts are spread evenly over the EP ranks"
+                f"demo: --experts + --redundant ({self.experts} + {self.redundant}) must be divisible by"
+                f" --ranks ({self.ranks}): every EP rank hosts the same number of expert slots"
             )
+        if not self.buggy:
+            self._check_out()
+
+    def _check_out(self) -> None:
+        """Fail before the simulation, not after it, if the heat map cannot be written."""
+        out = os.path.abspath(self.out)
+        if os.path.isdir(out):
+            raise SystemExit(f"demo: --out {self.out!r} is a directory; give a file name such as {DEFAULT_OUT}")
+        parent = os.path.dirname(out)
+        if not os.path.isdir(parent):
+            raise SystemExit(f"demo: --out {self.out!r}: the directory {parent!r} does not exist")
+        if not os.access(parent, os.W_OK) or (os.path.exists(out) and not os.access(out, os.W_OK)):
+            raise SystemExit(f"demo: --out {self.out!r}: not writable")
 
 
 def _popularity_bias(cfg: DemoConfig, layer: int) -> Any:
-    """Zipf-like log-popularity of every expert for ``layer`` (same on every rank: it is the model's)."""
+    """Zipf-like log-popularity of every logical expert for ``layer`` (the same on every rank)."""
     import torch
 
     g = torch.Generator().manual_seed(cfg.seed * 7919 + layer)
@@ -66,136 +91,187 @@ def _popularity_bias(cfg: DemoConfig, layer: int) -> Any:
     return -cfg.skew * torch.log1p(popularity_rank)
 
 
-def _rank_main(rank: int, cfg_dict: dict, port: int) -> None:
+def _rank_main(rank: int, cfg_dict: dict, port: int, spawned_at: float) -> None:
+    marks = {"start": time.time()}
     import torch
     import torch.distributed as dist
 
-    from streamkit import fake
+    from streamkit import fake  # noqa: F401 - imported here so the "imports" mark covers it
 
-    from ._buggy import RevertedCollector, marker_lines
-    from ._collector import HeatCollector
-    from ._heat import HeatHistory
-
+    marks["imports"] = time.time()
     cfg = DemoConfig(**cfg_dict)
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group(
         "gloo", rank=rank, world_size=cfg.ranks, timeout=datetime.timedelta(seconds=max(10.0, cfg.timeout / 2))
     )
-    say = print if rank == 0 else (lambda *a, **k: None)
-    L, E, T, K, D = cfg.layers, cfg.experts, cfg.tokens, cfg.top_k, cfg.hidden
-    host_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-    with fake.session(detect="record" if cfg.buggy else "raise") as session:
-        dev = session.device
-        weights = [(torch.randn(D, D, generator=host_gen) / math.sqrt(D)).to(dev) for _ in range(L)]
-        routers = [(torch.randn(D, E, generator=host_gen) / math.sqrt(D)).to(dev) for _ in range(L)]
-        # the model's popularity plus a little rank-specific tilt (each rank serves different traffic)
-        biases = [(_popularity_bias(cfg, l) + 0.25 * torch.randn(E, generator=host_gen)).to(dev) for l in range(L)]
-        ones = torch.ones(T * K, dtype=torch.int64).to(dev)
-        group = dist.group.WORLD
-        collector = RevertedCollector(L, E, group=group) if cfg.buggy else HeatCollector(L, E, group=group)
-        record_stats = session.stats.copy() - session.stats  # zero
-        collect_stats = record_stats.copy()
-        records = collects = 0
-        handles, gathered = [], []
-        start = time.perf_counter()
-        for step in range(cfg.steps):
-            x = torch.randn(T, D, generator=host_gen).to(dev, non_blocking=True)
-            noise = torch.rand(L, T, E, generator=host_gen).clamp_(1e-6, 1 - 1e-6).to(dev, non_blocking=True)
-            for layer in range(L):
-                x = torch.tanh(x @ weights[layer])
-                gumbel = -torch.log(-torch.log(noise[layer]))  # Gumbel-top-k = sampling w/o replacement
-                logits = 0.5 * (x @ routers[layer]) + biases[layer] + gumbel
-                topk_ids = logits.topk(K, dim=-1).indices
-                if cfg.buggy:  # vllm-ascend style: per-expert counts, added on the current stream
-                    counts = torch.zeros(E, dtype=torch.int64, device=dev).index_add_(0, topk_ids.reshape(-1), ones)
-                    collector.record(layer, counts)
-                else:
-                    before = session.stats.copy()
-                    collector.record(layer, topk_ids=topk_ids)
-                    record_stats = _add(record_stats, session.stats - before)
-                    records += 1
-            if (step + 1) % cfg.interval == 0 or step + 1 == cfg.steps:
-                before = session.stats.copy()
-                result = collector.collect()
-                collect_stats = _add(collect_stats, session.stats - before)
-                collects += 1
-                (gathered if cfg.buggy else handles).append(result)
-        elapsed = time.perf_counter() - start
-
-        if cfg.buggy:
-            races = list(session.races)
-            say(f"[--buggy] reverted side-stream collector, {cfg.ranks} ranks x {L} layers x {E} experts,"
-                f" {cfg.steps} steps: the fake backend found {len(races)} race(s)"
-                f" ({len({(r.first.location, r.second.location) for r in races})} distinct)")
-            gather_lines, clear_lines = set(marker_lines("gather")), set(marker_lines("clear"))
-            distinct: dict[tuple, Any] = {}
-            for race in races:
-                distinct.setdefault((race.first.location, race.second.location), race)
-            main_race = None
-            for n, ((first, second), race) in enumerate(distinct.items(), start=1):
-                tag = ""
-                if race.first.lineno in gather_lines and race.second.lineno in clear_lines:
-                    tag, main_race = "   <- gather on the side stream vs. clear on the default stream", race
-                say(f"  {n}. {race.first.kind} by {race.first.op} at {first} -> {race.second.kind} by"
-                    f" {race.second.op} at {second}{tag}")
-            if main_race is not None:
-                say("\nthe race report for the reverted pattern (the gather vs. the clear):")
-                say(str(main_race))
-            say("\nfix: use streamkit_eplb.HeatCollector (python -m streamkit_eplb demo)")
-            sys.stdout.flush()
-            dist.barrier()
-            dist.destroy_process_group()
-            return
-
-        heats = [h.wait() for h in handles]
-        history = HeatHistory(len(heats))
-        for heat in heats:
-            history.add(heat)
-        total = history.sum()
-        say(f"streamkit_eplb demo: {cfg.ranks} gloo ranks on the fake backend (detect='raise'),"
-            f" {L} layers x {E} experts, top-{K} of {T} tokens/step, skew {cfg.skew},"
-            f" {cfg.steps} steps, collect every {cfg.interval}")
-        say(f"collector cost per call on rank {rank}: record {_per(record_stats, records)};"
-            f" collect {_per(collect_stats, collects)}")
-        say(f"races: {len(session.races)}  (the whole run is race-free under detect='raise')")
-        for heat in heats:
-            b = heat.balancedness(ep_size=cfg.ranks)
-            say(f"window {heat.window}: {int(heat.load.sum())} tokens, balancedness (EP={cfg.ranks})"
-                f" min {float(b.min()):.3f} mean {float(b.mean()):.3f}")
-        b_ep = total.balancedness(ep_size=cfg.ranks)
-        tot = total.total()
-        say(f"\nall {len(heats)} windows (HeatHistory.sum()):")
-        say(f"{'layer':>5}  {'tokens':>7}  {'hottest':>7}  {'share':>6}  {'balancedness':>12}")
-        for layer in range(L):
-            row = tot[layer]
-            hot = int(row.argmax())
-            share = float(row[hot]) / max(int(row.sum()), 1)
-            say(f"{layer:>5}  {int(row.sum()):>7}  {hot:>7}  {share:>6.1%}  {float(b_ep[layer]):>12.3f}")
-        say(f"(balancedness = mean/max over the {cfg.ranks} EP ranks hosting experts"
-            f" [r*{E // cfg.ranks}, (r+1)*{E // cfg.ranks}); 1.0 is perfect)")
-        if rank == 0:
-            try:
-                total.heatmap(cfg.out, title=f"expert heat, {cfg.steps} steps, skew {cfg.skew} (tokens routed by each rank)")
-                say(f"heat map: {os.path.abspath(cfg.out)}")
-            except ImportError as exc:
-                say(f"heat map skipped: {exc}")
-        say(f"rank loop time {elapsed:.2f} s")
-        sys.stdout.flush()
+    marks["process group"] = time.time()
+    if cfg.buggy:
+        code = _buggy_run(rank, cfg)
+        dist.barrier()
+        dist.destroy_process_group()
+        sys.exit(code)
+    _closed_loop(rank, cfg, marks, spawned_at)
     dist.barrier()
     dist.destroy_process_group()
 
 
-def _add(a: Any, b: Any) -> Any:
-    from dataclasses import fields
+def _model(cfg: DemoConfig, dev: Any, rank: int) -> tuple:
+    import torch
 
-    return type(a)(**{f.name: getattr(a, f.name) + getattr(b, f.name) for f in fields(a)})
+    L, E, D = cfg.layers, cfg.experts, cfg.hidden
+    host_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+    weights = [(torch.randn(D, D, generator=host_gen) / math.sqrt(D)).to(dev) for _ in range(L)]
+    routers = [(torch.randn(D, E, generator=host_gen) / math.sqrt(D)).to(dev) for _ in range(L)]
+    # the model's popularity plus a little rank-specific tilt (each rank serves different traffic)
+    biases = [(_popularity_bias(cfg, l) + 0.25 * torch.randn(E, generator=host_gen)).to(dev) for l in range(L)]
+    return host_gen, weights, routers, biases
 
 
-def _per(stats: Any, calls: int) -> str:
-    if not calls:
-        return "n/a"
-    return f"{stats.kernels / calls:.2f} kernels, {stats.host_syncs / calls:.2f} host syncs"
+def _forward(cfg: DemoConfig, dev: Any, model: tuple, record) -> None:  # noqa: ANN001
+    """One step: route cfg.tokens tokens through every layer; ``record(layer, topk_ids)``."""
+    import torch
+
+    host_gen, weights, routers, biases = model
+    x = torch.randn(cfg.tokens, cfg.hidden, generator=host_gen).to(dev, non_blocking=True)
+    noise = torch.rand(cfg.layers, cfg.tokens, cfg.experts, generator=host_gen).clamp_(1e-6, 1 - 1e-6).to(dev, non_blocking=True)
+    for layer in range(cfg.layers):
+        x = torch.tanh(x @ weights[layer])
+        gumbel = -torch.log(-torch.log(noise[layer]))  # Gumbel-top-k = sampling without replacement
+        logits = 0.5 * (x @ routers[layer]) + biases[layer] + gumbel
+        record(layer, logits.topk(cfg.top_k, dim=-1).indices)
+
+
+def _closed_loop(rank: int, cfg: DemoConfig, marks: dict, spawned_at: float) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from streamkit import fake
+
+    from ._collector import HeatCollector
+    from ._placement import Placement, rebalance
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    L, E, R = cfg.layers, cfg.experts, cfg.ranks
+    P = E + cfg.redundant
+    with fake.session(detect="raise") as session:
+        dev = session.device
+        model = _model(cfg, dev, rank)
+        initial = Placement.from_phy2log(torch.arange(P) % E, E, num_layers=L)  # vLLM's initial layout
+        collector = HeatCollector(L, P, group=dist.group.WORLD, window=cfg.window, reduce="sum", log2phy=initial)
+        costs = {"record": [0, 0, 0], "step": [0, 0, 0], "collect": [0, 0, 0]}
+
+        def measured(name, fn, *args, **kwargs):  # noqa: ANN001, ANN202
+            before = session.stats.copy()
+            result = fn(*args, **kwargs)
+            d = session.stats - before
+            cost = costs[name]
+            cost[0] += 1
+            cost[1] += d.kernels
+            cost[2] += d.host_syncs
+            return result
+
+        def phase():  # noqa: ANN202
+            for step in range(cfg.steps):
+                _forward(cfg, dev, model, lambda layer, ids: measured("record", collector.record, layer, topk_ids=ids))
+                if step + 1 < cfg.steps:
+                    measured("step", collector.step)
+            # collect before step(): the ring then holds the last `window` passes, as vLLM's window
+            heat = measured("collect", collector.collect).wait()
+            collector.step()
+            return heat
+
+        marks["setup"] = time.time()
+        before = phase()
+        marks["phase 1 (before)"] = time.time()
+        placement = rebalance(before.to_vllm(), P, 1, 1, R)
+        predicted = before.predicted_balancedness(placement, R)
+        collector.set_placement(placement)
+        collector.enabled = False  # the weight-update step: routed, not counted
+        _forward(cfg, dev, model, lambda layer, ids: collector.record(layer, topk_ids=ids))
+        collector.enabled = True
+        marks["rebalance"] = time.time()
+        after = phase()
+        marks["phase 2 (after)"] = time.time()
+        races = len(session.races)
+
+    b0, b1 = before.balancedness(ep_size=R), after.balancedness(ep_size=R)
+    say(f"streamkit_eplb demo: {R} gloo ranks on the fake backend (detect='raise'), {L} layers x {E} logical"
+        f" experts in {P} slots ({P // R} per EP rank), top-{cfg.top_k} of {cfg.tokens} tokens/step, skew {cfg.skew}")
+    say(f"collector: window={cfg.window} passes, reduce='sum', log2phy (vLLM replica choice); {cfg.steps} steps per phase")
+    say(f"collector cost per call on rank {rank}: " + "; ".join(
+        f"{name} {k / max(n, 1):.2f} kernels, {h / max(n, 1):.2f} host syncs" for name, (n, k, h) in costs.items()))
+    say(f"races: {races}  (the whole run is race-free under detect='raise')")
+    say(f"window {before.window}: placement v{before.placement_version}, {int(before.load.sum())} routed tokens;"
+        f" window {after.window}: placement v{after.placement_version}, {int(after.load.sum())} routed tokens")
+    say(f"\n{'layer':>5}  {'before':>7}  {'predicted':>9}  {'after':>7}")
+    for layer in range(L):
+        say(f"{layer:>5}  {float(b0[layer]):>7.3f}  {float(predicted[layer]):>9.3f}  {float(b1[layer]):>7.3f}")
+    say(f"{'mean':>5}  {float(b0.mean()):>7.3f}  {float(predicted.mean()):>9.3f}  {float(b1.mean()):>7.3f}")
+    say(f"vLLM balancedness (sum of means / sum of maxes): before {float(before.balancedness(ep_size=R, kind='vllm')):.3f},"
+        f" after {float(after.balancedness(ep_size=R, kind='vllm')):.3f}")
+    say(f"(balancedness = mean/max over the {R} EP ranks of the tokens their slots serve; 1.0 is perfect)")
+    if rank == 0:
+        try:
+            from ._plot import heatmap
+
+            heatmap([(before, f"before: placement v{before.placement_version}"),
+                     (after, f"after rebalance: placement v{after.placement_version}")], cfg.out, ep_size=R)
+            say(f"heat map: {os.path.abspath(cfg.out)}")
+        except ImportError as exc:
+            say(f"heat map skipped: {exc}")
+        marks["plot"] = time.time()
+        spans, last = [], spawned_at
+        for name, at in marks.items():
+            spans.append(f"{name} {at - last:.2f} s" if name != "start" else f"spawn (python start) {at - last:.2f} s")
+            last = at
+        say("rank 0 time: " + ", ".join(spans))
+    sys.stdout.flush()
+
+
+def _buggy_run(rank: int, cfg: DemoConfig) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from streamkit import fake
+
+    from ._buggy import RevertedCollector, marker_lines
+
+    say = print if rank == 0 else (lambda *a, **k: None)
+    L, E = cfg.layers, cfg.experts
+    with fake.session(detect="record") as session:
+        dev = session.device
+        model = _model(cfg, dev, rank)
+        ones = torch.ones(cfg.tokens * cfg.top_k, dtype=torch.int64).to(dev)
+        collector = RevertedCollector(L, E, group=dist.group.WORLD)
+
+        def record(layer, ids):  # noqa: ANN001, ANN202 - vllm-ascend style: counts on the current stream
+            collector.record(layer, torch.zeros(E, dtype=torch.int64, device=dev).index_add_(0, ids.reshape(-1), ones))
+
+        for _ in range(cfg.steps):
+            _forward(cfg, dev, model, record)
+            collector.collect()
+        races = list(session.races)
+    say(f"[--buggy] reverted side-stream collector, {cfg.ranks} ranks x {L} layers x {E} experts,"
+        f" {cfg.steps} steps: the fake backend found {len(races)} race(s)"
+        f" ({len({(r.first.location, r.second.location) for r in races})} distinct)")
+    gather_lines, clear_lines = set(marker_lines("gather")), set(marker_lines("clear"))
+    distinct: dict[tuple, Any] = {}
+    for race in races:
+        distinct.setdefault((race.first.location, race.second.location), race)
+    main_race = None
+    for n, ((first, second), race) in enumerate(distinct.items(), start=1):
+        tag = ""
+        if race.first.lineno in gather_lines and race.second.lineno in clear_lines:
+            tag, main_race = "   <- gather on the side stream vs. clear on the default stream", race
+        say(f"  {n}. {race.first.kind} by {race.first.op} at {first} -> {race.second.kind} by"
+            f" {race.second.op} at {second}{tag}")
+    if main_race is not None:
+        say("\nthe race report for the reverted pattern (the gather vs. the clear):")
+        say(str(main_race))
+    say("\nfix: use streamkit_eplb.HeatCollector (python -m streamkit_eplb demo)")
+    sys.stdout.flush()
+    return RACE_FOUND if races else 0
 
 
 def _free_port() -> int:
@@ -205,63 +281,76 @@ def _free_port() -> int:
 
 
 def run_demo(cfg: DemoConfig) -> int:
-    """Spawn the ranks, wait for them (never longer than ``cfg.timeout``); returns an exit code."""
+    """Spawn the ranks, wait for them (never longer than ``cfg.timeout``); returns an exit code:
+    0 on success, 1 on a failure, a timeout, or (``--buggy``) when the race was found."""
     cfg.validate()
     start = time.perf_counter()
     port = _free_port()
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_rank_main, args=(rank, asdict(cfg), port), daemon=False) for rank in range(cfg.ranks)]
+    spawned_at = time.time()
+    procs = [ctx.Process(target=_rank_main, args=(rank, asdict(cfg), port, spawned_at), daemon=False) for rank in range(cfg.ranks)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + cfg.timeout
-    failed = False
+    timed_out = False
     for p in procs:
         p.join(max(0.0, deadline - time.monotonic()))
-        if p.is_alive() or p.exitcode != 0:
-            failed = True
+        if p.is_alive():
+            timed_out = True
             break
-    if failed:  # one rank failed or we ran out of time: do not leave the others hanging
-        for p in procs:
-            p.join(timeout=2.0)  # give the healthy ones a moment to finish
+        if p.exitcode not in (0, RACE_FOUND):
+            break  # a real failure: don't wait for the others
+    codes = [p.exitcode for p in procs]
+    if cfg.buggy and codes and all(code == RACE_FOUND for code in codes):
+        print(f"demo --buggy: the fake backend found the race on every rank (exit 1); {time.perf_counter() - start:.1f} s")
+        return 1
+    if timed_out or any(code != 0 for code in codes):
+        # one rank failed or we ran out of time: do not leave the others hanging
+        if not timed_out:
+            for p in procs:
+                p.join(timeout=2.0)  # a rank failed: give the healthy ones a moment to finish
         for p in procs:
             if p.is_alive():
                 p.terminate()
                 p.join(5.0)
                 if p.is_alive():
                     p.kill()
-        codes = [p.exitcode for p in procs]
-        print(f"demo failed: rank exit codes {codes} (timeout {cfg.timeout} s)", file=sys.stderr)
+        if timed_out:
+            print(f"demo failed: timed out after {cfg.timeout:g} s; raise --timeout", file=sys.stderr)
+        else:
+            print(f"demo failed: rank exit codes {[p.exitcode for p in procs]}", file=sys.stderr)
         return 1
-    print(f"demo wall time {time.perf_counter() - start:.1f} s")
+    print(f"demo wall time {time.perf_counter() - start:.1f} s (parent process: spawning {cfg.ranks} ranks and waiting)")
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m streamkit_eplb",
-        description="streamkit_eplb: MoE expert-heat collection on a side stream, proved race-free on the fake backend.",
+        description="streamkit_eplb: graph-safe MoE expert-heat collection, proved race-free on the fake backend.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     d = DemoConfig()
     demo = sub.add_parser(
         "demo",
-        help="spawn gloo ranks on the fake backend, route skewed tokens, collect heat, write a heat map",
+        help="gloo ranks on the fake backend: collect heat, rebalance, apply, compare balancedness",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    demo.add_argument("--ranks", type=int, default=d.ranks, help="number of gloo ranks (processes)")
+    demo.add_argument("--ranks", type=int, default=d.ranks, help="number of gloo ranks (processes) = EP ranks")
     demo.add_argument("--layers", type=int, default=d.layers, help="MoE layers")
-    demo.add_argument("--experts", type=int, default=d.experts, help="experts per layer (divisible by --ranks)")
-    demo.add_argument("--steps", type=int, default=d.steps, help="forward steps per rank")
-    demo.add_argument("--interval", type=int, default=d.interval, help="collect every this many steps")
-    demo.add_argument("--skew", type=float, default=d.skew, help="Zipf exponent of expert popularity (0 = uniform)")
+    demo.add_argument("--experts", type=int, default=d.experts, help="logical experts per layer")
+    demo.add_argument("--redundant", type=int, default=d.redundant, help="redundant expert slots (experts + redundant divisible by ranks)")
+    demo.add_argument("--steps", type=int, default=d.steps, help="forward steps before and again after the rebalance")
+    demo.add_argument("--window", type=int, default=d.window, help="passes the collector keeps on the device")
+    demo.add_argument("--skew", type=float, default=d.skew, help="Zipf exponent of expert popularity (finite, >= 0; 0 = uniform)")
     demo.add_argument("--tokens", type=int, default=d.tokens, help="tokens per step per rank")
     demo.add_argument("--top-k", dest="top_k", type=int, default=d.top_k, help="experts per token")
     demo.add_argument("--hidden", type=int, default=d.hidden, help="hidden size of the synthetic layers")
-    demo.add_argument("--out", default=d.out, help=f"heat-map PNG path (default {d.out})")
+    demo.add_argument("--out", default=d.out, help=f"heat-map PNG path (default {d.out}), checked before the run")
     demo.add_argument("--seed", type=int, default=d.seed)
     demo.add_argument("--timeout", type=float, default=d.timeout, help="kill the ranks after this many seconds")
-    demo.add_argument("--buggy", action="store_true", help="run the reverted (racy) pattern and print the race report")
+    demo.add_argument("--buggy", action="store_true", help="run the reverted (racy) pattern, print the race report, exit 1")
     return parser
 
 

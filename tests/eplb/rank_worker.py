@@ -78,6 +78,7 @@ def scenario_main(backend: str, seeds: str = "1,2,3") -> None:
             collect_syncs += cs
             checksums.append(checksum)
         say("HYPOTHESIS_EXAMPLES", _hypothesis_conservation(session))
+        _engines_and_placements(session)
         say("CHECKSUM", checksums)
         say("RECORDS", total_records)
         say("COLLECTS", total_collects)
@@ -158,9 +159,11 @@ def _conservation_run(session, seed: int):
 
 
 def _hypothesis_conservation(session) -> int:
-    """The property test of test_eplb_properties.py, across the group: every rank runs the same
-    derandomized hypothesis examples (so they agree on when to collect), each records rank-specific
-    data derived from the example, and every rank checks every rank's row of every window."""
+    """The property of test_eplb_properties.py across the group, for reduce="gather" and "sum" side
+    by side: every rank runs the same derandomized examples (so they agree on when to step, reset,
+    enable and collect), each records rank-specific data derived from the example, and every rank
+    checks every rank's rows of every window against a host model of the ring, and that the "sum"
+    Heat equals the sum of the "gather" rows."""
     from hypothesis import HealthCheck, Phase, given, settings
     from hypothesis import strategies as st
 
@@ -170,15 +173,17 @@ def _hypothesis_conservation(session) -> int:
 
     @st.composite
     def programs(draw):
-        layers, experts = draw(st.integers(1, 3)), draw(st.integers(1, 5))
+        layers, experts, window = draw(st.integers(1, 3)), draw(st.integers(1, 5)), draw(st.integers(1, 3))
         record = st.one_of(
             st.tuples(st.just("counts"), st.integers(0, layers - 1),
                       st.lists(st.integers(0, 2**20), min_size=experts, max_size=experts), st.booleans()),
             st.tuples(st.just("topk"), st.integers(0, layers - 1),
                       st.lists(st.integers(-1, experts - 1), max_size=8), st.just(False)),
         )
-        ops = draw(st.lists(st.one_of(record, record, st.just(("collect",))), max_size=15))
-        return layers, experts, ops
+        other = st.one_of(st.just(("step",)), st.just(("reset",)), st.tuples(st.just("enable"), st.booleans()),
+                          st.tuples(st.just("collect"), st.booleans()))
+        ops = draw(st.lists(st.one_of(record, record, other), max_size=15))
+        return layers, experts, window, ops
 
     def contribution(op, rank, experts):
         """What rank ``rank`` records for ``op``: the example's data, made rank-specific."""
@@ -192,40 +197,111 @@ def _hypothesis_conservation(session) -> int:
             return tensor
         return torch.bincount(tensor[tensor >= 0], minlength=experts)
 
-    @settings(max_examples=30, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+    # an explicit small count: each example is a collective round trip on every rank
+    @settings(max_examples=12, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
               suppress_health_check=list(HealthCheck))
     @given(programs())
     def conservation(program):
         examples[0] += 1
-        layers, experts, ops = program
-        c = HeatCollector(layers, experts, group=group)
-        expected = [torch.zeros(WORLD, layers, experts, dtype=torch.int64)]
-        handles = []
+        layers, experts, window, ops = program
+        gather = HeatCollector(layers, experts, group=group, window=window)
+        summed = HeatCollector(layers, experts, group=group, window=window, reduce="sum")
+        ring = torch.zeros(window, WORLD, layers, experts, dtype=torch.int64)
+        index, enabled = 0, True
+        expected, handles = [], []
         for op in ops:
-            if op[0] == "collect":
-                handles.append(c.collect())
-                expected.append(torch.zeros(WORLD, layers, experts, dtype=torch.int64))
-                continue
-            _kind, layer, _values, cumulative = op
-            for rank in range(WORLD):
-                expected[-1][rank, layer] += counted(op, contribution(op, rank, experts), experts)
-            mine = contribution(op, RANK, experts)
-            arg = (mine.cumsum(0) if cumulative else mine).to(dev)
             before = host_syncs(session)
-            if op[0] == "counts":
-                c.record(layer, arg, cumulative=cumulative)
+            if op[0] == "step":
+                for c in (gather, summed):
+                    c.step()
+                index = (index + 1) % window
+                ring[index] = 0
+            elif op[0] == "reset":
+                for c in (gather, summed):
+                    c.reset()
+                ring.zero_()
+            elif op[0] == "enable":
+                gather.enabled = summed.enabled = enabled = op[1]
+            elif op[0] == "collect":
+                handles.append((gather.collect(passes=op[1]), summed.collect(passes=op[1])))
+                expected.append(ring[(torch.arange(window) + index + 1) % window].clone())
+                ring.zero_()
             else:
-                c.record(layer, topk_ids=arg)
-            assert host_syncs(session) == before
-        handles.append(c.collect())
-        heats = [h.wait() for h in handles]
-        for heat, want in zip(heats, expected):
-            assert torch.equal(heat.load, want.permute(1, 0, 2)), (heat.window, heat.load, want)
-        total = torch.stack([h.load for h in heats]).sum(0)
-        assert torch.equal(total, torch.stack(expected).sum(0).permute(1, 0, 2))
+                _kind, layer, _values, cumulative = op
+                if enabled:
+                    for rank in range(WORLD):
+                        ring[index, rank, layer] += counted(op, contribution(op, rank, experts), experts)
+                mine = contribution(op, RANK, experts)
+                arg = (mine.cumsum(0) if cumulative else mine).to(dev)
+                before = host_syncs(session)
+                for c in (gather, summed):
+                    if op[0] == "counts":
+                        c.record(layer, arg, cumulative=cumulative)
+                    else:
+                        c.record(layer, topk_ids=arg)
+            assert host_syncs(session) == before, op
+        handles.append((gather.collect(), summed.collect()))
+        expected.append(ring[(torch.arange(window) + index + 1) % window].clone())
+        for (hg, hs), want in zip(handles, expected):
+            g, s = hg.wait(), hs.wait()
+            assert torch.equal(g.load, want.sum(0).permute(1, 0, 2)), (g.window, g.load, want)
+            assert torch.equal(s.load, g.load.sum(dim=1, keepdim=True)), (s.load, g.load)  # sum == sum of rows
+            assert s.reduce == "sum" and s.world_size == 1 and s.num_ranks == WORLD
+            if g.passes is not None:
+                assert torch.equal(g.passes, want.permute(0, 2, 1, 3))
+                assert torch.equal(s.passes, g.passes.sum(dim=2, keepdim=True))
 
     conservation()
     return examples[0]
+
+
+def _engines_and_placements(session) -> None:
+    """2 ranks: to_vllm() of a reduce="sum" collector with log2phy equals vLLM's all-reduced logical
+    window (reference: map + record + window per rank, summed over ranks); to_vllm_ascend() of a
+    reduce="gather" collector equals the all-gathered moe_load; set_placement splits the history."""
+    from streamkit_eplb import HeatHistory, Placement, rebalance
+
+    dev = sk.device()
+    layers, logical, slots, window = 2, 4, 6, 3
+    placement = Placement.from_phy2log(torch.tensor([0, 1, 2, 3, 0, 1]), logical, num_layers=layers)
+    vllm = HeatCollector(layers, slots, group=dist.group.WORLD, window=window, reduce="sum", log2phy=placement)
+    ascend = HeatCollector(layers, 3, group=dist.group.WORLD, window=window)  # 3 local slots per rank
+    reference_window = torch.zeros(window, layers, slots, dtype=torch.int64)  # summed over ranks
+    moe_load = torch.zeros(WORLD, layers, 3, dtype=torch.int64)
+    for step in range(window):
+        for layer in range(layers):
+            for rank in range(WORLD):
+                gen = torch.Generator().manual_seed(1000 * step + 10 * layer + rank)
+                ids = torch.randint(-1, logical, (7, 2), generator=gen)
+                tokens = torch.randint(0, 9, (3,), generator=gen)
+                count = placement.logcnt[layer][ids.clamp(min=0)]
+                position = torch.arange(ids.numel()).reshape_as(ids)
+                phys = placement.log2phy[layer][ids.clamp(min=0)].gather(-1, (position % count).unsqueeze(-1)).squeeze(-1)
+                phys = phys[ids >= 0]
+                reference_window[step, layer].scatter_add_(0, phys, torch.ones_like(phys))
+                moe_load[rank, layer] += tokens
+                if rank == RANK:
+                    vllm.record(layer, topk_ids=ids.to(dev))
+                    ascend.record(layer, tokens.to(dev))
+        if step < window - 1:
+            vllm.step()
+            ascend.step()
+    heat = vllm.collect().wait()
+    logical_window = torch.zeros(window, layers, logical, dtype=torch.int64)
+    logical_window.scatter_add_(-1, placement.phy2log.unsqueeze(0).expand(window, -1, -1), reference_window)
+    assert torch.equal(heat.to_vllm(), logical_window.sum(0)), (heat.to_vllm(), logical_window.sum(0))
+    assert torch.equal(ascend.collect().wait().to_vllm_ascend()["moe_load"], moe_load.permute(1, 0, 2))
+    # a rearrangement: both ranks compute the same placement from the same (all-reduced) heat
+    history = HeatHistory(4)
+    history.add(heat)
+    new = rebalance(heat.to_vllm(), slots, 1, 1, WORLD)
+    assert vllm.set_placement(new) == 1
+    vllm.record(0, topk_ids=torch.tensor([[0, 1]]).to(dev))
+    after = vllm.collect().wait()
+    assert after.placement_version == 1 and torch.equal(after.phy2log, new.phy2log)
+    assert history.add(after) is True and len(history) == 1
+    assert after.load.sum().item() == 2 * WORLD
+    say("ENGINES", "ok")
 
 
 def scenario_mismatch(backend: str) -> None:

@@ -105,10 +105,10 @@ def test_save_and_load_file_roundtrip(tmp_path):
 def test_load_file_rejects_other_files(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"load": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="not a file written by Heat.save"):
+    with pytest.raises(ValueError, match="not a valid Heat file: .*other.pt: not a file written by Heat.save"):
         Heat.load_file(path)
     torch.save({"format": "streamkit_eplb.Heat", "version": 99}, path)
-    with pytest.raises(ValueError, match="version 99"):
+    with pytest.raises(ValueError, match="not a valid Heat file: .*version 99"):
         Heat.load_file(path)
 
 
@@ -145,3 +145,121 @@ def test_history_errors():
     history.add(make_heat([[[1, 2]]]))
     with pytest.raises(ValueError, match="shape"):
         history.add(make_heat([[[1, 2, 3]]]))
+
+
+# -- v2: malformed files, negative loads, placements, passes ---------------------------------
+
+
+class _NotAllowed:  # a pickled class: weights_only=True refuses it
+    pass
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["garbage", "pickle", "missing", "negative", "window", "shape"],
+)
+def test_every_malformed_file_is_one_clear_value_error(tmp_path, content):
+    import pickle
+
+    path = tmp_path / f"{content}.pt"
+    good = {"format": "streamkit_eplb.Heat", "version": 2, "load": torch.zeros(1, 1, 2, dtype=torch.int64),
+            "invalid": torch.zeros(1, 1, dtype=torch.int64), "window": 0, "passes": None, "placement_version": 0,
+            "phy2log": None, "reduce": "gather", "num_ranks": 1}
+    if content == "garbage":
+        path.write_bytes(b"\x00\x01 not a torch file")
+    elif content == "pickle":
+        path.write_bytes(pickle.dumps({"format": _NotAllowed()}))
+    else:
+        data = dict(good)
+        if content == "missing":
+            del data["invalid"]
+        elif content == "negative":
+            data["load"] = torch.tensor([[[1, -3]]])
+        elif content == "window":
+            data["window"] = "zero"
+        else:
+            data["load"] = torch.zeros(2, 2, dtype=torch.int64)
+        torch.save(data, path)
+    with pytest.raises(ValueError) as info:
+        Heat.load_file(path)
+    message = str(info.value)
+    assert message.startswith(f"not a valid Heat file: {path}: ")
+    assert "weights_only" not in message and "weights_only=False" not in message
+    torch.save(good, path)
+    assert Heat.load_file(path).load.shape == (1, 1, 2)
+
+
+def test_missing_file_is_an_os_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Heat.load_file(tmp_path / "nope.pt")
+
+
+def test_negative_loads_are_refused():
+    with pytest.raises(ValueError, match="negative"):
+        Heat(torch.tensor([[[1, -1]]]))
+    with pytest.raises(ValueError, match="negative"):
+        Heat(torch.tensor([[[1, 1]]]), torch.tensor([[-2]]))
+
+
+def test_v1_files_still_load(tmp_path):
+    path = tmp_path / "v1.pt"
+    load = torch.arange(6, dtype=torch.int64).reshape(1, 2, 3)
+    torch.save({"format": "streamkit_eplb.Heat", "version": 1, "load": load,
+                "invalid": torch.zeros(1, 2, dtype=torch.int64), "window": 4}, path)
+    heat = Heat.load_file(path)
+    assert torch.equal(heat.load, load) and heat.window == 4 and heat.placement_version == 0 and heat.passes is None
+
+
+def test_save_roundtrip_keeps_passes_and_placement(tmp_path):
+    passes = torch.tensor([[[[1, 0]]], [[[2, 3]]]])
+    heat = Heat(passes.sum(0), None, 5, passes=passes, placement_version=2, phy2log=torch.tensor([[1, 0]]))
+    heat.save(tmp_path / "h.pt")
+    back = Heat.load_file(tmp_path / "h.pt")
+    assert back == heat and back.placement_version == 2 and back.phy2log.tolist() == [[1, 0]]
+    assert back.logical().tolist() == [[3, 3]]
+
+
+def test_fold_refuses_heats_of_different_placements():
+    a = Heat(torch.tensor([[[1, 2]]]), placement_version=0, phy2log=torch.tensor([[0, 1]]))
+    b = Heat(torch.tensor([[[3, 4]]]), window=1, placement_version=1, phy2log=torch.tensor([[1, 0]]))
+    with pytest.raises(ValueError, match="placement version 1.*cannot be summed"):
+        Heat.fold([a, b])
+    assert Heat.fold([a, a]).load.tolist() == [[[2, 4]]]
+
+
+def test_history_starts_a_new_window_at_a_placement_change():
+    history = HeatHistory(4)
+    old = [Heat(torch.tensor([[[w, 1]]]), window=w, placement_version=0) for w in range(3)]
+    assert [history.add(h) for h in old] == [False, False, False]
+    new = Heat(torch.tensor([[[7, 7]]]), window=3, placement_version=1, phy2log=torch.tensor([[1, 0]]))
+    assert history.add(new) is True
+    assert len(history) == 1 and history.placement_version == 1
+    assert history.sum().load.tolist() == [[[7, 7]]]
+
+
+def test_heatmap_stays_readable_at_256_and_1024_ranks(tmp_path):
+    pytest.importorskip("matplotlib")
+    import struct
+
+    for ranks in (256, 1024):
+        gen = torch.Generator().manual_seed(ranks)
+        heat = Heat(torch.randint(0, 50, (3, ranks, 9), generator=gen))
+        path = tmp_path / f"heat{ranks}.png"
+        heat.heatmap(path)
+        data = path.read_bytes()
+        width, height = struct.unpack(">II", data[16:24])  # the PNG IHDR chunk
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        assert width <= 1800 and height <= 1000, (ranks, width, height)
+    small = Heat(torch.randint(0, 50, (3, 2, 4)))
+    from streamkit_eplb._plot import aggregate, slot_matrix
+
+    summed = Heat(torch.randint(0, 50, (3, 1, 8)), reduce="sum", num_ranks=4)
+    assert slot_matrix(summed, None)[1] == 4  # global slots of a sum heat: split over the group's ranks
+
+    matrix, ranks, _ = slot_matrix(small, None)
+    assert matrix.shape == (3, 8) and ranks == 2
+    assert aggregate(matrix, 2, 256)[1] == [4]  # the EP split between rank 0's and rank 1's slots
+    totals, splits, note = aggregate(torch.ones(3, 2304, dtype=torch.int64), 256, 256)
+    assert totals.shape == (3, 256) and splits == [] and "one column per rank" in note
+    binned, _, note = aggregate(torch.ones(3, 1024 * 9, dtype=torch.int64), 1024, 256)
+    assert binned.shape == (3, 256) and int(binned.sum()) == 3 * 1024 * 9 and "4 ranks" in note
