@@ -100,6 +100,7 @@ class Session:
         self._eager = self._scheduler.runs_at_issue
         self._reporter = Reporter(self.races, self._wrap_stream)
         self._detector = Detector(self._on_race, self._clocks.host)
+        self._check = self._detector.check  # (bound once: it runs for every kernel)
         self._tls = _ThreadState()
         self._pending: RaceError | None = None
         self._default_stream = self._clocks.new_stream(0, (), DEFAULT_STREAM)
@@ -198,7 +199,7 @@ class Session:
                 seq = clock[stream.idx] = clock[stream.idx] + 1
                 kernel = Kernel(op, stream, seq, site)
                 try:
-                    self._detector.check(accesses, stream, kernel)
+                    self._check(accesses, stream, kernel)
                 except RaceError:
                     self._forget(kernel, accesses)
                     raise
