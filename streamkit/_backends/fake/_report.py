@@ -3,6 +3,7 @@ builds each race once, for the access check and the allocator's free check alike
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import traceback
 import weakref
@@ -82,6 +83,9 @@ class TensorInfo:
     dtype: torch.dtype
     allocated_at: str
     allocated_on: str
+    #: when the first access was to an earlier tensor whose freed block the caching allocator handed
+    #: to this one: that tensor, as "a tensor of shape (...), dtype ... (allocated at f.py:3 on ...)"
+    previous: str | None = None
 
 
 def _format_stack(stack: list[traceback.FrameSummary], indent: str) -> str:
@@ -112,6 +116,10 @@ class Race:
         lines = [
             f"stream race on a tensor of shape {shape}, dtype {self.tensor.dtype}"
             f" (allocated at {self.tensor.allocated_at} on {self.tensor.allocated_on}):",
+            (
+                f"  the caching allocator recycled this memory: the first access is to {self.tensor.previous},"
+                " freed before this tensor was allocated on the same stream"
+            ) if self.tensor.previous else "",
             f"  first:  {self.first.kind} by {self.first.op} on {first_label} at {self.first.location}",
             _format_stack(self.first.stack, "            "),
             f"  second: {self.second.kind} by {self.second.op} on {second_label} at {self.second.location}",
@@ -200,7 +208,19 @@ class Reporter:
         whether it is new (a race already reported is not appended again)."""
         first = self._access(earlier.kernel.op, earlier.kernel.stream, earlier_kind, earlier.kernel.site)
         second = self._access(kernel.op, kernel.stream, kind, kernel.site)
-        return self._add(first, second, self._tensor_info(tensor.shape, tensor.dtype, state))
+        info = self._tensor_info(tensor.shape, tensor.dtype, state)
+        prior = getattr(state, "prior", None)
+        owner = prior.get(id(earlier)) if prior else None
+        if owner is not None and owner[0] is earlier:
+            _, meta, site, stream = owner
+            shape, dtype = meta or ((state.nbytes,), torch.uint8)
+            alloc = user_stack(site) if site else []
+            info = dataclasses.replace(
+                info,
+                previous=f"a tensor of shape {tuple(shape)}, dtype {dtype} (allocated at"
+                f" {short_location(alloc[-1] if alloc else None)} on {stream_description(stream)[0]})",
+            )
+        return self._add(first, second, info)
 
     def free_race(self, earlier: AccessRecord, earlier_kind: AccessKind, state: StorageState, site: Sequence[tuple]) -> tuple[Race, bool]:
         """The last reference to ``state``'s memory was dropped (at ``site``) while ``earlier`` may

@@ -243,8 +243,12 @@ def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site
         out._st = state
     else:
         out = _new_wrapper(inner, state)
-    if kernel is not None and session._tracked and out._hi > out._lo:
-        state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
+    if kernel is not None:
+        if session._tracked and out._hi > out._lo:
+            state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
+    elif stream.freed and session._tracked:
+        # no kernel writes it (empty, empty_like...): it may be a block its stream freed earlier
+        session._recycle(state, stream)
     return out
 
 
