@@ -290,6 +290,8 @@ class HeatCollector:
     # -- collect ----------------------------------------------------------------------------
     def _host_buffer(self) -> torch.Tensor:
         shape = (self._world * self.num_layers, self.num_experts + 3)
+        if self._is_fake:  # (a non-blocking copy into pageable memory is synchronous, as on CUDA)
+            return torch.empty(shape, dtype=torch.int64).pin_memory()
         if not self._is_fake:
             try:  # pinned, so the device-to-host copy is really asynchronous
                 return torch.empty(shape, dtype=torch.int64, pin_memory=True)

@@ -52,10 +52,10 @@ class Access:
     """One access to device memory by a kernel (or the allocator, for kind ``"free"``)."""
 
     op: str
-    stream: Any  # streamkit.Stream
-    kind: str  # "read" | "write" | "free"
+    stream: Any  # streamkit.Stream; None for the host
+    kind: str  # "read" | "write" | "free" | "host read" | "host write"
     stack: list[traceback.FrameSummary] = field(repr=False)
-    stream_state: StreamState = field(repr=False, compare=False)
+    stream_state: StreamState | None = field(repr=False, compare=False)
 
     @property
     def frame(self) -> traceback.FrameSummary | None:
@@ -111,7 +111,7 @@ class Race:
 
     def __str__(self) -> str:
         first_label, _ = stream_description(self.first.stream_state)
-        second_label, _ = stream_description(self.second.stream_state)
+        second_label = "the host" if self.second.stream_state is None else stream_description(self.second.stream_state)[0]
         shape = tuple(self.tensor.shape)
         lines = [
             f"stream race on a tensor of shape {shape}, dtype {self.tensor.dtype}"
@@ -141,6 +141,12 @@ class RaceError(StreamkitError):
 
 def suggest_fix(first: Access, second: Access) -> str:
     _, first_name = stream_description(first.stream_state)
+    if second.stream_state is None:  # a host access to pinned memory an asynchronous copy uses
+        return (
+            f"synchronize the host with {first_name} after {first.location} and before {second.location}:"
+            f" {first_name}.synchronize(), or record an event on {first_name} after the copy and call its"
+            " synchronize(), or sk.synchronize()"
+        )
     _, second_name = stream_description(second.stream_state)
     if _LABELS.get(first.stream_state, ("", "", ""))[2] == "collective":
         if second.kind == "free":
@@ -220,6 +226,17 @@ class Reporter:
                 previous=f"a tensor of shape {tuple(shape)}, dtype {dtype} (allocated at"
                 f" {short_location(alloc[-1] if alloc else None)} on {stream_description(stream)[0]})",
             )
+        return self._add(first, second, info)
+
+    def host_race(
+        self, kernel: Kernel, earlier_kind: str, kind: str, op: str, site: Sequence[tuple], shape: Any, dtype: torch.dtype
+    ) -> tuple[Race, bool]:
+        """The host accessed pinned memory (``kind``: ``"host read"``/``"host write"``, by ``op`` at
+        ``site``) that ``kernel``, an asynchronous copy, may still be using."""
+        first = self._access(kernel.op, kernel.stream, AccessKind[earlier_kind.upper()], kernel.site)
+        second = Access(op, None, kind, user_stack(site), None)
+        frames = user_stack(kernel.site) if kernel.site else []
+        info = TensorInfo(tuple(shape), dtype, short_location(frames[-1] if frames else None), "pinned host memory")
         return self._add(first, second, info)
 
     def free_race(self, earlier: AccessRecord, earlier_kind: AccessKind, state: StorageState, site: Sequence[tuple]) -> tuple[Race, bool]:

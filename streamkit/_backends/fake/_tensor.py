@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
-from . import _active
+from . import _active, _pinned
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
 
@@ -27,6 +27,7 @@ _registered = False
 _register_lock = threading.Lock()
 _library: Any = None
 _aten_library: Any = None
+_cpu_library: Any = None
 
 # Ops whose output size depends on the data: on CUDA they copy a size to the host and wait for it.
 SYNCING_OPS = frozenset(
@@ -73,7 +74,16 @@ def ensure_registered() -> None:
         global _aten_library
         _aten_library = torch.library.Library("aten", "IMPL", "PrivateUse1")
         _aten_library.impl("copy_", _copy_kernel)
+        # pin_memory() of a host tensor, for the fake device (PyTorch asks the PrivateUse1 hooks for a
+        # pinned allocator, which a Python backend can't provide): a pinned copy
+        global _cpu_library
+        _cpu_library = torch.library.Library("aten", "IMPL", "CPU")
+        _cpu_library.impl("_pin_memory", _pin_memory_kernel)
         _registered = True
+
+
+def _pin_memory_kernel(tensor: torch.Tensor, device: Any = None) -> torch.Tensor:
+    return _pinned.pinned_copy(tensor)
 
 
 def _session() -> Any:
@@ -187,6 +197,9 @@ class FakeDeviceTensor(torch.Tensor):
                 f" {type(stream).__module__}.{type(stream).__qualname__} (use sk.Stream() / sk.current_stream())"
             )
         record_stream(self, stream)
+
+
+_pinned.DEVICE_TENSOR = FakeDeviceTensor
 
 
 def _copy_storage(tensor: FakeDeviceTensor) -> FakeDeviceTensor:
@@ -544,8 +557,11 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session._current_stream()
     site = capture_site(sys._getframe(2)) if session._tracked else None
-    sync = None if kwargs.get("non_blocking", False) else "blocking_copies"
-    _, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, sync)
+    non_blocking = kwargs.get("non_blocking", False)
+    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
+    if non_blocking:
+        # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
+        return _pinned.written_by(result, session, kernel)
     return result
 
 
@@ -564,13 +580,22 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     device_side = dst if dst_fake else src
     if device_side._st.session is not session:
         _check_session(session, device_side)
+    pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
         accesses = [(dst, WRITE)]
         new_args = [dst._inner, src, non_blocking]
+        sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
-    session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, None if non_blocking else "blocking_copies")
+        # into pageable memory a non-blocking D2H copy is synchronous all the same (cudaMemcpyAsync)
+        sync = None if non_blocking and type(dst) is pinned else "blocking_copies"
+    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
+    if non_blocking:
+        if not dst_fake and type(dst) is pinned:
+            _pinned.written_by(dst, session, kernel)
+        elif dst_fake and type(src) is pinned:
+            _pinned.read_by(src, session, kernel)  # DMA from the pinned buffer, later
     return dst
 
 
