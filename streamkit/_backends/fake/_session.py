@@ -134,6 +134,9 @@ class Session:
         deactivate(self.backend)
         self.closed = True
         _active.leave(self)
+        collectives = sys.modules.get(__package__ + "._collectives")
+        if collectives is not None:  # (loaded only once a collective ran on the fake device)
+            collectives.session_ended(self)
         pending, self._pending = self._pending, None
         if pending is not None and exc_type is None:
             raise pending
