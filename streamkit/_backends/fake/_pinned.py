@@ -89,6 +89,24 @@ class PinnedHostTensor(torch.Tensor):
 _PRINTS = frozenset({_T.__repr__, _T.__format__})
 
 
+def _copy_reduce(self: PinnedHostTensor, protocol: int) -> Any:
+    """Pickling reads the values (a host read); it pickles a plain tensor (the pending copies are
+    this process's, they don't travel)."""
+    _check(self, False, _T.__reduce_ex__, sys._getframe(1))
+    with _DisableSubclass():
+        return self.as_subclass(_T).__reduce_ex__(protocol)
+
+
+def _deepcopy(self: PinnedHostTensor, memo: dict) -> PinnedHostTensor:
+    """``copy.deepcopy``: a host read, and a new pinned tensor with no copy pending."""
+    _check(self, False, _T.__deepcopy__, sys._getframe(1))
+    return pinned_copy(self)
+
+
+PinnedHostTensor.__reduce_ex__ = _copy_reduce  # type: ignore[method-assign]
+PinnedHostTensor.__deepcopy__ = _deepcopy  # type: ignore[method-assign]
+
+
 def _name(func: Any) -> str:
     qualname = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
     if qualname.startswith(("TensorBase.", "_TensorBase.")):
