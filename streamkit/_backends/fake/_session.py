@@ -133,6 +133,8 @@ class Session:
                 gc.unfreeze()
         deactivate(self.backend)
         self.closed = True
+        for stream in self._clocks.streams:
+            stream.freed.clear()  # (pooled blocks reference kernels, which reference their streams)
         _active.leave(self)
         collectives = sys.modules.get(__package__ + "._collectives")
         if collectives is not None:  # (loaded only once a collective ran on the fake device)
@@ -262,6 +264,7 @@ class Session:
             pending = Detector.unordered_at_free(state, self._clocks.reuse_clock(state.alloc_stream))
             if not pending:
                 # other streams' uses are ordered before the allocation stream: into its pool
+                state.session = None
                 freed = state.alloc_stream.freed
                 freed.append(state)
                 if len(freed) > POOL_SIZE:

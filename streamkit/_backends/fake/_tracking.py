@@ -162,7 +162,7 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
 
 
 #: freed blocks (with access history) a stream's pool remembers; older ones are forgotten
-POOL_SIZE = 64
+POOL_SIZE = 16
 #: the caching allocator rounds sizes up to multiples of this (CUDACachingAllocator ``kMinBlockSize``)
 BLOCK_ROUND = 512
 
@@ -221,9 +221,11 @@ class StorageState:
                     except Exception:  # never raise from a finalizer
                         pass
                     return
-        if self.writes or self.reads:
+        if (self.writes or self.reads) and not session.closed:
             # Into the allocation stream's pool, history and all: the next allocation there of this
             # size takes it over (this object outlives its finalizer; it is not called again).
+            # (Dropping the session reference keeps the pool from holding the session alive.)
+            self.session = None
             freed = self.alloc_stream.freed
             freed.append(self)
             if len(freed) > POOL_SIZE:
