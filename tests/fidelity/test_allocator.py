@@ -285,3 +285,27 @@ def test_a_high_priority_stream_is_not_ordered_with_the_default_stream(ordered):
     race = _only_race(s)
     _is(race.first, "write", sk.default_stream(), "a11-write", "aten.mul_")
     _is(race.second, "read", urgent, "a11-read", "aten.add")
+
+
+# CUDA: an event captures only the work issued before its record (cudaEventRecord / cudaStreamWaitEvent); a stale event doesn't order a recycled block's last use
+@ORDER
+def test_a_recycled_block_needs_an_event_recorded_after_its_last_use(ordered):
+    with _session(ordered) as s:
+        side = sk.Stream()
+        x = torch.ones(N, device=s.device)
+        stale = sk.current_stream().record_event()
+        x.mul_(4)  # <a12-old-use>
+        del x
+        y = torch.empty(N, device=s.device)
+        side.wait_event(sk.current_stream().record_event() if ordered else stale)
+        with sk.switch(side):
+            y.fill_(6)  # <a12-new-use>
+        sk.current_stream().wait_stream(side)
+        out = y.cpu()
+    if ordered:
+        assert not s.races
+        torch.testing.assert_close(out, torch.full((N,), 6.0))
+        return
+    race = _only_race(s)
+    _is(race.first, "write", sk.default_stream(), "a12-old-use", "aten.mul_")
+    _is(race.second, "write", side, "a12-new-use", "aten.fill_")

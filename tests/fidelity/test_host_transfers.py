@@ -188,6 +188,24 @@ def test_a_pageable_source_may_be_reused_at_once(ordered):
     _host_race(s, "h9-copy", "h9-write", "Tensor.__setitem__", kind="host write", copy_kind="read")
 
 
+# CUDA: stream.wait_event(e) orders device work, not the host (cudaStreamWaitEvent); only e.synchronize() (cudaEventSynchronize) makes the host wait
+@ORDER
+def test_a_stream_wait_does_not_order_host_reads(ordered):
+    with _session(ordered) as s:
+        h = _device_values(s).to("cpu", non_blocking=True)  # <h11-copy>
+        done = sk.current_stream().record_event()
+        if ordered:
+            done.synchronize()
+        else:
+            sk.Stream().wait_event(done)
+        values = h.clone()  # <h11-read>
+    if ordered:
+        assert not s.races
+        torch.testing.assert_close(values, VALUES)
+        return
+    _host_race(s, "h11-copy", "h11-read", "Tensor.clone")
+
+
 def test_pin_memory_and_is_pinned_match_cuda():
     with fake.session() as s:
         x = _device_values(s)
