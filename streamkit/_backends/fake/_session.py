@@ -300,7 +300,10 @@ class Session:
                         for records in (old.writes, old.reads) for r in records
                     ):
                         continue
-                del freed[i]
+                try:
+                    freed.remove(old)  # (by identity; a free on another thread may have trimmed the pool)
+                except ValueError:
+                    return
                 state.reads = list(old.reads)
                 state.writes = list(old.writes)
                 # which earlier tensor each inherited access belongs to (for the report)
