@@ -5,6 +5,7 @@ from ._backends.fake import (  # noqa: F401
     Access,
     FakeBackend,
     FakeDeviceTensor,
+    PinnedHostTensor,
     Race,
     RaceError,
     Session,

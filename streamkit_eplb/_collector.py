@@ -492,12 +492,14 @@ class HeatCollector:
 
     # -- collect ----------------------------------------------------------------------------
     def _host_buffer(self, numel: int) -> torch.Tensor:
-        if not self._is_fake:
-            try:  # pinned, so the device-to-host copy is really asynchronous
-                return torch.empty((numel,), dtype=self._acc.dtype, pin_memory=True)
-            except RuntimeError:  # pragma: no cover - no pinned allocator for this device
-                pass
-        return torch.empty((numel,), dtype=self._acc.dtype)
+        # Pinned, so the device-to-host copy is really asynchronous (into pageable memory it is
+        # synchronous, on CUDA and on fake alike).
+        if self._is_fake:  # (the fake device has no pinned allocator behind pin_memory=True)
+            return torch.empty((numel,), dtype=self._acc.dtype).pin_memory()
+        try:
+            return torch.empty((numel,), dtype=self._acc.dtype, pin_memory=True)
+        except RuntimeError:  # pragma: no cover - no pinned allocator for this device
+            return torch.empty((numel,), dtype=self._acc.dtype)
 
     def collect(self, *, passes: bool = True, reset: bool = True) -> "HeatHandle":
         """Close the current window and start aggregating it; returns a :class:`HeatHandle`.

@@ -199,11 +199,18 @@ def raise_mode(rank, world):
 
 def host_work(rank, world):
     """A collective on CPU tensors (no fake tensor): its Work passes straight through the patched
-    Work.wait."""
-    t = torch.full((N,), float(rank + 1))
-    work = dist.all_reduce(t, async_op=True)
-    work.wait()
-    return {"values": t.tolist(), "patched": hasattr(type(work).wait, "__streamkit_original__")}
+    Work.wait (patched: an async collective on fake tensors ran in this session). When the session
+    ends, Work.wait and Work.synchronize are the originals again."""
+    with fake.session(detect="record") as s:
+        x = torch.ones(N, device=s.device)
+        dist.all_reduce(x, async_op=True).wait()
+        t = torch.full((N,), float(rank + 1))
+        work = dist.all_reduce(t, async_op=True)
+        work.wait()
+        patched = [hasattr(getattr(type(work), name), "__streamkit_original__") for name in ("wait", "synchronize")]
+        del x
+    restored = [not hasattr(getattr(type(work), name), "__streamkit_original__") for name in ("wait", "synchronize")]
+    return {"values": t.tolist(), "patched": all(patched), "restored": all(restored)}
 
 
 def _describe(access, names):

@@ -151,6 +151,11 @@ def test_works_streamkit_did_not_issue_pass_through(results):
         assert entry["patched"] and entry["values"] == [3.0] * 4
 
 
+def test_work_wait_is_restored_when_the_last_session_that_patched_it_ends(results):
+    for entry in _single(results, "host_work"):
+        assert entry["restored"]
+
+
 def test_process_group_stream_waits_only_for_the_issuing_stream(results):
     for entry in _single(results, "input_from_other_stream"):
         assert entry["values"] == [3.0] * 4

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
@@ -15,5 +16,6 @@ from ._tensor import FakeDeviceTensor, peek
 backend_class = FakeBackend
 
 __all__ = [
-    "Access", "FakeBackend", "FakeDeviceTensor", "Race", "RaceError", "Session", "Stats", "TensorInfo", "peek", "session",
+    "Access", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Session", "Stats", "TensorInfo",
+    "peek", "session",
 ]

@@ -36,7 +36,7 @@ class StreamState:
     ``sk.Stream`` holds), ``None`` for streams made without one.
     """
 
-    __slots__ = ("idx", "clock", "priority", "site", "handle", "__weakref__")
+    __slots__ = ("idx", "clock", "priority", "site", "handle", "freed", "__weakref__")
 
     def __init__(self, idx: int, clock: list[int], priority: int, site: Any, handle: Any = None) -> None:
         self.idx = idx
@@ -44,6 +44,9 @@ class StreamState:
         self.priority = priority
         self.site = site  # frames where the stream was created (for naming it in reports)
         self.handle = handle
+        # the caching allocator's pool of this stream: StorageStates of blocks allocated on it and
+        # freed with access history, most recent last (see _tracking.StorageState.__del__)
+        self.freed: list = []
 
     def __repr__(self) -> str:
         return "default" if self.idx == 0 else f"#{self.idx}"

@@ -17,8 +17,9 @@ ordering differs.
 The ``Work`` that ``dist.*`` hands back is the Python object pybind keeps for the C++ work: while
 this module holds it (from issue to the first ``wait()``), pybind returns that same object, so a
 registry keyed on it finds it again. ``Work.wait``/``Work.synchronize`` are replaced at the class
-level the first time an ``async_op=True`` collective runs on the fake device (process-wide, for
-good); a work this module doesn't know is passed straight through.
+level the first time an ``async_op=True`` collective runs on the fake device (process-wide) and put
+back when the last session that issued one ends (:func:`session_ended`, from ``Session.__exit__``);
+a work this module doesn't know is passed straight through.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
 
 def _register(work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
     _install()
+    _users.add(session)
     if isinstance(work, torch.ScriptObject):
         work = _Work.unbox(work)  # the Python object dist.* will return (while this one lives)
     if len(_pending) >= _PURGE_AT:
@@ -172,6 +174,29 @@ def _install() -> None:
             original = _original[name] = getattr(work_class, name)
             setattr(work_class, name, _make_waiter(original))
         _Work = work_class
+
+
+# sessions that issued async collectives: the patch stays while one of them is open
+_users: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def session_ended(session: Any) -> None:
+    """``session`` has ended: when no open session needs them any more, put the original
+    ``Work.wait``/``Work.synchronize`` back and forget the works of ended sessions."""
+    global _Work
+    if session not in _users:
+        return
+    with _install_lock:
+        _users.discard(session)
+        if _Work is None or any(not s.closed for s in _users):
+            return
+        for name, original in _original.items():
+            setattr(_Work, name, original)
+        _original.clear()
+        _Work = None
+        for key, entry in list(_pending.items()):
+            if entry.session.closed:
+                _pending.pop(key, None)
 
 
 def _make_waiter(original: Any) -> Any:

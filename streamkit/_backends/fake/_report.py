@@ -3,6 +3,7 @@ builds each race once, for the access check and the allocator's free check alike
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import traceback
 import weakref
@@ -51,10 +52,10 @@ class Access:
     """One access to device memory by a kernel (or the allocator, for kind ``"free"``)."""
 
     op: str
-    stream: Any  # streamkit.Stream
-    kind: str  # "read" | "write" | "free"
+    stream: Any  # streamkit.Stream; None for the host
+    kind: str  # "read" | "write" | "free" | "host read" | "host write"
     stack: list[traceback.FrameSummary] = field(repr=False)
-    stream_state: StreamState = field(repr=False, compare=False)
+    stream_state: StreamState | None = field(repr=False, compare=False)
 
     @property
     def frame(self) -> traceback.FrameSummary | None:
@@ -82,6 +83,9 @@ class TensorInfo:
     dtype: torch.dtype
     allocated_at: str
     allocated_on: str
+    #: when the first access was to an earlier tensor whose freed block the caching allocator handed
+    #: to this one: that tensor, as "a tensor of shape (...), dtype ... (allocated at f.py:3 on ...)"
+    previous: str | None = None
 
 
 def _format_stack(stack: list[traceback.FrameSummary], indent: str) -> str:
@@ -107,11 +111,15 @@ class Race:
 
     def __str__(self) -> str:
         first_label, _ = stream_description(self.first.stream_state)
-        second_label, _ = stream_description(self.second.stream_state)
+        second_label = "the host" if self.second.stream_state is None else stream_description(self.second.stream_state)[0]
         shape = tuple(self.tensor.shape)
         lines = [
             f"stream race on a tensor of shape {shape}, dtype {self.tensor.dtype}"
             f" (allocated at {self.tensor.allocated_at} on {self.tensor.allocated_on}):",
+            (
+                f"  the caching allocator recycled this memory: the first access is to {self.tensor.previous},"
+                " freed before this tensor was allocated on the same stream"
+            ) if self.tensor.previous else "",
             f"  first:  {self.first.kind} by {self.first.op} on {first_label} at {self.first.location}",
             _format_stack(self.first.stack, "            "),
             f"  second: {self.second.kind} by {self.second.op} on {second_label} at {self.second.location}",
@@ -133,6 +141,12 @@ class RaceError(StreamkitError):
 
 def suggest_fix(first: Access, second: Access) -> str:
     _, first_name = stream_description(first.stream_state)
+    if second.stream_state is None:  # a host access to pinned memory an asynchronous copy uses
+        return (
+            f"synchronize the host with {first_name} after {first.location} and before {second.location}:"
+            f" {first_name}.synchronize(), or record an event on {first_name} after the copy and call its"
+            " synchronize(), or sk.synchronize()"
+        )
     _, second_name = stream_description(second.stream_state)
     if _LABELS.get(first.stream_state, ("", "", ""))[2] == "collective":
         if second.kind == "free":
@@ -200,7 +214,30 @@ class Reporter:
         whether it is new (a race already reported is not appended again)."""
         first = self._access(earlier.kernel.op, earlier.kernel.stream, earlier_kind, earlier.kernel.site)
         second = self._access(kernel.op, kernel.stream, kind, kernel.site)
-        return self._add(first, second, self._tensor_info(tensor.shape, tensor.dtype, state))
+        info = self._tensor_info(tensor.shape, tensor.dtype, state)
+        prior = getattr(state, "prior", None)
+        owner = prior.get(id(earlier)) if prior else None
+        if owner is not None and owner[0] is earlier:
+            _, meta, site, stream = owner
+            shape, dtype = meta or ((state.nbytes,), torch.uint8)
+            alloc = user_stack(site) if site else []
+            info = dataclasses.replace(
+                info,
+                previous=f"a tensor of shape {tuple(shape)}, dtype {dtype} (allocated at"
+                f" {short_location(alloc[-1] if alloc else None)} on {stream_description(stream)[0]})",
+            )
+        return self._add(first, second, info)
+
+    def host_race(
+        self, kernel: Kernel, earlier_kind: str, kind: str, op: str, site: Sequence[tuple], shape: Any, dtype: torch.dtype
+    ) -> tuple[Race, bool]:
+        """The host accessed pinned memory (``kind``: ``"host read"``/``"host write"``, by ``op`` at
+        ``site``) that ``kernel``, an asynchronous copy, may still be using."""
+        first = self._access(kernel.op, kernel.stream, AccessKind[earlier_kind.upper()], kernel.site)
+        second = Access(op, None, kind, user_stack(site), None)
+        frames = user_stack(kernel.site) if kernel.site else []
+        info = TensorInfo(tuple(shape), dtype, short_location(frames[-1] if frames else None), "pinned host memory")
+        return self._add(first, second, info)
 
     def free_race(self, earlier: AccessRecord, earlier_kind: AccessKind, state: StorageState, site: Sequence[tuple]) -> tuple[Race, bool]:
         """The last reference to ``state``'s memory was dropped (at ``site``) while ``earlier`` may

@@ -19,13 +19,13 @@ from ..._backend import Backend, activate, deactivate
 from ..._errors import EventTimingError, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
 from . import _handles
-from ._clocks import Clocks, StreamState, merge
+from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, _bind, resolve
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
 from ._tensor import FakeDeviceTensor, ensure_registered
-from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState
+from ._tracking import POOL_SIZE, AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
 
 DETECT_MODES = ("raise", "record", "off")
 # CUDA maps priorities outside the device's range to the nearest valid one; fake uses [-5, 0].
@@ -134,7 +134,12 @@ class Session:
                 gc.unfreeze()
         deactivate(self.backend)
         self.closed = True
+        for stream in self._clocks.streams:
+            stream.freed.clear()  # (pooled blocks reference kernels, which reference their streams)
         _active.leave(self)
+        collectives = sys.modules.get(__package__ + "._collectives")
+        if collectives is not None:  # (loaded only once a collective ran on the fake device)
+            collectives.session_ended(self)
         pending, self._pending = self._pending, None
         if pending is not None and exc_type is None:
             raise pending
@@ -259,11 +264,54 @@ class Session:
         with self._lock:
             pending = Detector.unordered_at_free(state, self._clocks.reuse_clock(state.alloc_stream))
             if not pending:
+                # other streams' uses are ordered before the allocation stream: into its pool
+                state.session = None
+                freed = state.alloc_stream.freed
+                freed.append(state)
+                if len(freed) > POOL_SIZE:
+                    del freed[: POOL_SIZE // 2]
                 return
             earlier, kind = max(pending, key=lambda found: found[0].seq)
             race, new = self._reporter.free_race(earlier, kind, state, capture_site(sys._getframe(2)))
             if new and self.detect == "raise" and self._pending is None:
                 self._pending = RaceError(race)
+
+
+    def _recycle(self, state: StorageState, stream: StreamState) -> None:
+        """``state`` is a new allocation on ``stream`` whose first writer is unknown (``empty``...):
+        as CUDA's caching allocator, hand it the most recently freed block of its size class in
+        ``stream``'s pool, whose access history it takes over. A block with ``record_stream`` users
+        not ordered before ``stream`` yet is not available (CUDA: its events haven't completed)."""
+        wanted = size_class(state.nbytes)
+        if not wanted:
+            return
+        with self._lock:
+            freed = stream.freed
+            clock = None
+            for i in range(len(freed) - 1, -1, -1):
+                old = freed[i]
+                if size_class(old.nbytes) != wanted:
+                    continue
+                if old.record_streams:
+                    if clock is None:
+                        clock = self._clocks.reuse_clock(stream)
+                    covered = old.record_streams
+                    if any(
+                        r.stream in covered and not ordered_before(r.stream, r.seq, clock)
+                        for records in (old.writes, old.reads) for r in records
+                    ):
+                        continue
+                try:
+                    freed.remove(old)  # (by identity; a free on another thread may have trimmed the pool)
+                except ValueError:
+                    return
+                state.reads = list(old.reads)
+                state.writes = list(old.writes)
+                # which earlier tensor each inherited access belongs to (for the report)
+                before = getattr(old, "prior", None) or {}
+                mine = (old.alloc_meta, old.alloc_site, old.alloc_stream)
+                state.prior = {id(r): before.get(id(r)) or (r, *mine) for r in state.reads + state.writes}
+                return
 
 
 class FakeBackend(Backend):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
-from . import _active
+from . import _active, _pinned
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
 
@@ -27,6 +27,7 @@ _registered = False
 _register_lock = threading.Lock()
 _library: Any = None
 _aten_library: Any = None
+_cpu_library: Any = None
 
 # Ops whose output size depends on the data: on CUDA they copy a size to the host and wait for it.
 SYNCING_OPS = frozenset(
@@ -73,7 +74,16 @@ def ensure_registered() -> None:
         global _aten_library
         _aten_library = torch.library.Library("aten", "IMPL", "PrivateUse1")
         _aten_library.impl("copy_", _copy_kernel)
+        # pin_memory() of a host tensor, for the fake device (PyTorch asks the PrivateUse1 hooks for a
+        # pinned allocator, which a Python backend can't provide): a pinned copy
+        global _cpu_library
+        _cpu_library = torch.library.Library("aten", "IMPL", "CPU")
+        _cpu_library.impl("_pin_memory", _pin_memory_kernel)
         _registered = True
+
+
+def _pin_memory_kernel(tensor: torch.Tensor, device: Any = None) -> torch.Tensor:
+    return _pinned.pinned_copy(tensor)
 
 
 def _session() -> Any:
@@ -189,6 +199,9 @@ class FakeDeviceTensor(torch.Tensor):
         record_stream(self, stream)
 
 
+_pinned.DEVICE_TENSOR = FakeDeviceTensor
+
+
 def _copy_storage(tensor: FakeDeviceTensor) -> FakeDeviceTensor:
     """A copy of ``tensor``'s whole storage (as bytes): one clone kernel on the current stream."""
     inner = tensor._inner
@@ -243,8 +256,12 @@ def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site
         out._st = state
     else:
         out = _new_wrapper(inner, state)
-    if kernel is not None and session._tracked and out._hi > out._lo:
-        state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
+    if kernel is not None:
+        if session._tracked and out._hi > out._lo:
+            state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
+    elif stream.freed and session._tracked:
+        # no kernel writes it (empty, empty_like...): it may be a block its stream freed earlier
+        session._recycle(state, stream)
     return out
 
 
@@ -379,9 +396,17 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
         original = _arg(plan, args, kwargs, index)
         if type(original) is FakeDeviceTensor and original._inner.shape != original.shape:
             # an out= argument the op resized (factories such as arange fill an empty one)
+            state = original._st
+            old_nbytes = state.nbytes
             _refresh(original)
             if kernel is not None and session._tracked and original._hi > original._lo:
-                original._st.writes.append(new_record((original._lo, original._hi, stream.idx, kernel.seq, kernel)))
+                if original._inner.untyped_storage().nbytes() > old_nbytes:
+                    # it grew: resize_output allocated a new block on the current stream (and
+                    # freed the old one) before the kernel ran
+                    meta = (tuple(original.shape), original.dtype)
+                    _reallocate(session, state, old_nbytes, stream, kernel, site, meta, original._lo, original._hi, False)
+                else:
+                    state.writes.append(new_record((original._lo, original._hi, stream.idx, kernel.seq, kernel)))
         return original
     if type(value) is torch.Tensor:
         if kind == "view":
@@ -425,6 +450,68 @@ def _refresh(tensor: FakeDeviceTensor) -> None:
     tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
 
 
+class _Block:
+    """Bytes ``[_lo, _hi)`` of a storage, as the detector sees an access (``resize_`` copies a whole block)."""
+
+    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
+
+    def __init__(self, lo: int, hi: int, state: StorageState, shape: Any, dtype: torch.dtype) -> None:
+        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
+
+
+def _reallocate(
+    session: Any, state: StorageState, old_nbytes: int, stream: Any, kernel: Any, site: Any, meta: Any,
+    lo: int, hi: int, copied: bool,
+) -> None:
+    """``state``'s storage got a new block, allocated on ``stream`` (``resize_`` growth, a resized
+    ``out=``), which ``kernel`` writes over ``[lo, hi)``. The old block is freed now, as CUDA frees it
+    (free check and pool of its own allocation stream); ``copied``: ``kernel`` read the old block
+    (``resize_`` copies it), else the kernel never touched it."""
+    old = StorageState(session, old_nbytes, state.alloc_stream, state.alloc_site, state.alloc_meta)
+    if copied:
+        old.reads, old.writes = state.reads, state.writes
+    else:
+        old.reads = [r for r in state.reads if r.kernel is not kernel]
+        old.writes = [r for r in state.writes if r.kernel is not kernel]
+    old.record_streams = state.record_streams
+    old.prior = getattr(state, "prior", None)
+    state.reads = []
+    state.writes = [new_record((lo, hi, stream.idx, kernel.seq, kernel))] if hi > lo else []
+    state.alloc_stream, state.alloc_site, state.alloc_meta = stream, site, meta
+    state.record_streams = ()
+    state.prior = None
+    state.nbytes = max(state.nbytes, hi)
+    if not old_nbytes:
+        old.session = None  # no memory was there: nothing to free
+    del old  # the free check runs here
+
+
+def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: Any) -> FakeDeviceTensor:
+    """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
+    copies the old bytes into it (one kernel that reads the old block and writes the new one, as
+    CUDA's ``resize_bytes_cuda``); otherwise only metadata changes."""
+    inner = self._inner
+    size = new_args[1] if len(new_args) > 1 else new_kwargs["size"]
+    numel = 1
+    for n in size:
+        numel *= int(n)
+    needed = (inner.storage_offset() + numel) * inner.element_size() if numel else 0
+    state = self._st
+    old_nbytes = inner.untyped_storage().nbytes()
+    if not session._tracked or needed <= old_nbytes:
+        plan.op._op(*new_args, **new_kwargs)
+        _refresh(self)
+        return self
+    stream = session._current_stream()
+    site = capture_site(sys._getframe(3))
+    accesses = [(_Block(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
+    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    new_nbytes = inner.untyped_storage().nbytes()
+    _reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
+    _refresh(self)
+    return self
+
+
 def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """``empty_like(x)``, ``x.new_empty(...)``: new memory on the current stream. Not a kernel, and it
     reads nothing of ``x`` (only its metadata)."""
@@ -451,6 +538,8 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
             " detection tracks); create a new tensor or a view instead"
         )
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    if plan.name == "resize_":
+        return _resize(plan, self, new_args, new_kwargs, session)
     plan.op._op(*new_args, **new_kwargs)
     _refresh(self)
     return self
@@ -468,8 +557,11 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session._current_stream()
     site = capture_site(sys._getframe(2)) if session._tracked else None
-    sync = None if kwargs.get("non_blocking", False) else "blocking_copies"
-    _, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, sync)
+    non_blocking = kwargs.get("non_blocking", False)
+    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
+    if non_blocking:
+        # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
+        return _pinned.written_by(result, session, kernel)
     return result
 
 
@@ -488,13 +580,22 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     device_side = dst if dst_fake else src
     if device_side._st.session is not session:
         _check_session(session, device_side)
+    pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
         accesses = [(dst, WRITE)]
         new_args = [dst._inner, src, non_blocking]
+        sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
         new_args = [dst, src._inner, non_blocking]
-    session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, None if non_blocking else "blocking_copies")
+        # into pageable memory a non-blocking D2H copy is synchronous all the same (cudaMemcpyAsync)
+        sync = None if non_blocking and type(dst) is pinned else "blocking_copies"
+    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
+    if non_blocking:
+        if not dst_fake and type(dst) is pinned:
+            _pinned.written_by(dst, session, kernel)
+        elif dst_fake and type(src) is pinned:
+            _pinned.read_by(src, session, kernel)  # DMA from the pinned buffer, later
     return dst
 
 

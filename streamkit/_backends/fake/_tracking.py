@@ -161,6 +161,17 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
     return (offset * size, (offset + extent) * size)
 
 
+#: freed blocks (with access history) a stream's pool remembers; older ones are forgotten
+POOL_SIZE = 16
+#: the caching allocator rounds sizes up to multiples of this (CUDACachingAllocator ``kMinBlockSize``)
+BLOCK_ROUND = 512
+
+
+def size_class(nbytes: int) -> int:
+    """The allocator's size class of an allocation of ``nbytes``: blocks of one class are interchangeable."""
+    return (nbytes + BLOCK_ROUND - 1) // BLOCK_ROUND
+
+
 class StorageState:
     """The access table of one storage: accesses not yet superseded, and allocator facts.
 
@@ -169,7 +180,12 @@ class StorageState:
     happen before it.
     """
 
-    __slots__ = ("reads", "writes", "nbytes", "alloc_stream", "alloc_site", "alloc_meta", "record_streams", "session", "__weakref__")
+    # ``prior`` (set only on a block the allocator recycled): the freed StorageState whose access
+    # history this one took over, and those records (reports name the old tensor for them)
+    __slots__ = (
+        "reads", "writes", "nbytes", "alloc_stream", "alloc_site", "alloc_meta", "record_streams", "session", "prior",
+        "__weakref__",
+    )
 
     def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
         self.reads: list[AccessRecord] = []
@@ -205,6 +221,15 @@ class StorageState:
                     except Exception:  # never raise from a finalizer
                         pass
                     return
+        if (self.writes or self.reads) and not session.closed:
+            # Into the allocation stream's pool, history and all: the next allocation there of this
+            # size takes it over (this object outlives its finalizer; it is not called again).
+            # (Dropping the session reference keeps the pool from holding the session alive.)
+            self.session = None
+            freed = self.alloc_stream.freed
+            freed.append(self)
+            if len(freed) > POOL_SIZE:
+                del freed[: POOL_SIZE // 2]
 
 
 class Kernel:
