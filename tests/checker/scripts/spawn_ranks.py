@@ -1,0 +1,32 @@
+"""Two gloo ranks started with torch.multiprocessing.spawn (multiprocessing's spawn underneath);
+rank 1 races, then dies hard without finishing anything."""
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as tmp
+
+import streamkit as sk
+
+
+def rank_fn(rank, world, port):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    t = torch.full((4,), float(rank), device=sk.device())
+    dist.all_reduce(t)
+    assert t.tolist() == [1.0] * 4
+    dist.destroy_process_group()
+    if rank == 1:
+        side = sk.Stream()
+        x = torch.ones(8, device=sk.device())
+        x.add_(1)  # <child-write>
+        with sk.switch(side):
+            y = x * 2  # <child-read>
+        side.synchronize()
+        os._exit(0)  # a hard exit: no chance to finish a report
+
+
+if __name__ == "__main__":
+    tmp.spawn(rank_fn, args=(2, int(sys.argv[1])), nprocs=2)
+    print("ranks done")
