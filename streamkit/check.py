@@ -40,8 +40,9 @@ _CHILD_ENTRY = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_spawn_
 
 # -- the script ----------------------------------------------------------------------------------
 def _last_line(tree: ast.Module) -> int:
-    """The script's last line when it ran to its end: its last top-level statement, or inside a
-    final ``with`` block or ``if __name__ == "__main__":`` block, that block's last statement."""
+    """The script's last line when it ran to its end, read from its source (when its frame could
+    not be kept): its last top-level statement, or inside a final ``with`` block or
+    ``if __name__ == "__main__":`` block, that block's last statement."""
     node: Any = tree.body[-1] if tree.body else None
     if node is None:
         return 1
@@ -63,15 +64,53 @@ def _last_line_of(tb: Any, filename: str) -> int | None:
     return found
 
 
-def _teardown_at(filename: str, line: int, namespace: dict) -> None:
-    """Drop the script's globals and collect cycles in a frame that is ``filename:line``, so the
-    free checks this triggers name the script's last line (streamkit's frames are never a site)."""
+def _teardown_at(filename: str, line: int, clear: Callable[[], None], name: str = "<module>") -> None:
+    """Call ``clear`` (which drops the script's references) and collect cycles in a frame that is
+    ``filename:line`` (in function ``name``), so the free checks this triggers name that line of the
+    script (streamkit's frames are never a site)."""
     def teardown() -> None:
-        namespace.clear()
+        try:
+            clear()
+        except RuntimeError:  # a frame that is still running can't be cleared
+            pass
         gc.collect()
 
-    code = compile("\n" * (line - 1) + "__streamkit_teardown__()\n", filename, "exec")
+    code = compile("\n" * (line - 1) + "__streamkit_teardown__()\n", filename, "exec").replace(co_name=name)
     exec(code, {"__streamkit_teardown__": teardown, "__builtins__": builtins})
+
+
+_MAX_PROFILE_EVENTS = 10_000
+
+
+def _call_keeping_frame(call: Callable[[], Any], wanted: Callable[[Any], bool], box: list) -> Any:
+    """Run ``call()`` and keep in ``box`` the frame of the first Python function it enters for which
+    ``wanted(frame)`` is true (also when ``call`` raises); return what ``call`` returns. A kept frame keeps its locals after it
+    returns, and its ``f_lineno`` is the last line it ran. The profile hook that finds the frame is
+    removed as soon as it has (or after a bounded number of calls), so the run is not slowed."""
+    previous = sys.getprofile()
+    seen = [0]
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event != "call":
+            return
+        seen[0] += 1
+        if wanted(frame) or seen[0] > _MAX_PROFILE_EVENTS:
+            if wanted(frame):
+                box.append(frame)
+            sys.setprofile(previous)
+
+    sys.setprofile(profile)
+    try:
+        return call()
+    finally:
+        if sys.getprofile() is profile:
+            sys.setprofile(previous)
+
+
+def _user_code(frame: Any) -> bool:
+    from ._backends.fake._sites import _internal
+
+    return not _internal(frame.f_code.co_filename)
 
 
 def _run_main(path: str, out: TextIO) -> bool:
@@ -93,8 +132,11 @@ def _run_main(path: str, out: TextIO) -> bool:
     saved_main = sys.modules.get("__main__")
     sys.modules["__main__"] = module  # so that spawn children and pickle find the script's functions
     last = _last_line(tree)
+    box: list = []
     try:
-        exec(code, namespace)
+        _call_keeping_frame(lambda: exec(code, namespace), lambda frame: frame.f_code is code, box)
+        if box:
+            last = box[0].f_lineno  # the last line the script ran
     except SystemExit as exc:
         last = _last_line_of(exc.__traceback__, path) or last
         failed = exc.code not in (None, 0)
@@ -107,7 +149,7 @@ def _run_main(path: str, out: TextIO) -> bool:
         traceback.print_exc(file=out)
     finally:
         try:
-            _teardown_at(path, last, namespace)
+            _teardown_at(path, last, namespace.clear)
         finally:
             if saved_main is not None:
                 sys.modules["__main__"] = saved_main
@@ -188,7 +230,7 @@ def _run_checked_child(report_dir: str, run: Callable[[], int]) -> int:
     try:
         with checker_session(lambda race: write({"kind": "race", "label": _child_label(), "text": str(race)})) as s:
             try:
-                exitcode = run()
+                exitcode = _run_target_keeping_frame(run)
             finally:
                 stats = s.stats
     finally:
@@ -199,6 +241,31 @@ def _run_checked_child(report_dir: str, run: Callable[[], int]) -> int:
         write(record)
         log.close()
     return exitcode
+
+
+def _run_target_keeping_frame(run: Callable[[], int]) -> int:
+    """``run()`` (multiprocessing's child main), with the process's ``run`` method keeping the frame
+    of the first user function it calls (the target): what that frame still holds when it returns
+    is dropped at its last line, so a race found then names it, not torch's or multiprocessing's
+    frame that called it."""
+    from multiprocessing.process import BaseProcess
+
+    original = BaseProcess.run
+
+    def run_method(self: Any) -> None:
+        box: list = []
+        try:
+            _call_keeping_frame(lambda: original(self), _user_code, box)
+        finally:
+            if box:
+                frame = box[0]
+                _teardown_at(frame.f_code.co_filename, frame.f_lineno, frame.clear, frame.f_code.co_name)
+
+    BaseProcess.run = run_method  # type: ignore[method-assign]
+    try:
+        return run()
+    finally:
+        BaseProcess.run = original  # type: ignore[method-assign]
 
 
 @dataclass

@@ -1,5 +1,6 @@
-"""Two gloo ranks started with torch.multiprocessing.spawn (multiprocessing's spawn underneath);
-rank 1 races, then dies hard without finishing anything."""
+"""Two gloo ranks started with torch.multiprocessing.spawn (multiprocessing's spawn underneath):
+rank 0 returns with a side stream's read unjoined; rank 1 races, then dies hard without finishing
+anything."""
 
 import os
 import sys
@@ -17,14 +18,20 @@ def rank_fn(rank, world, port):
     dist.all_reduce(t)
     assert t.tolist() == [1.0] * 4
     dist.destroy_process_group()
-    if rank == 1:
-        side = sk.Stream()
-        x = torch.ones(8, device=sk.device())
-        x.add_(1)  # <child-write>
+    side = sk.Stream()
+    if rank == 0:
+        x = torch.ones(4, device=sk.device())
+        side.wait_stream(sk.current_stream())
         with sk.switch(side):
-            y = x * 2  # <child-read>
-        side.synchronize()
-        os._exit(0)  # a hard exit: no chance to finish a report
+            x.sum()  # <rank0-read>
+        # x is freed as rank_fn returns, with the side stream's read unjoined
+        return  # <rank0-return>
+    x = torch.ones(8, device=sk.device())
+    x.add_(1)  # <child-write>
+    with sk.switch(side):
+        y = x * 2  # <child-read>
+    side.synchronize()
+    os._exit(0)  # a hard exit: no chance to finish a report
 
 
 if __name__ == "__main__":
