@@ -1,6 +1,6 @@
 """Two gloo ranks started with torch.multiprocessing.spawn (multiprocessing's spawn underneath):
 rank 0 returns with a side stream's read unjoined; rank 1 races, then dies hard without finishing
-anything."""
+anything. A plain multiprocessing spawn child races and then raises."""
 
 import os
 import sys
@@ -8,6 +8,7 @@ import sys
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as tmp
+import multiprocessing as mp
 
 import streamkit as sk
 
@@ -34,6 +35,21 @@ def rank_fn(rank, world, port):
     os._exit(0)  # a hard exit: no chance to finish a report
 
 
+def plain_child():
+    side = sk.Stream()
+    x = torch.zeros(2, device=sk.device())
+    side.wait_stream(sk.current_stream())
+    with sk.switch(side):
+        x.fill_(1.0)  # <plain-write>
+    total = x.sum()  # <plain-read>
+    sk.current_stream().wait_stream(side)
+    print("plain child read", total.item())
+    raise RuntimeError("the plain child fails after its race")
+
+
 if __name__ == "__main__":
+    plain = mp.get_context("spawn").Process(target=plain_child)
+    plain.start()
     tmp.spawn(rank_fn, args=(2, int(sys.argv[1])), nprocs=2)
-    print("ranks done")
+    plain.join()
+    print("ranks done; plain child exit code", plain.exitcode)
