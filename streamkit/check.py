@@ -84,9 +84,11 @@ _MAX_PROFILE_EVENTS = 10_000
 
 def _call_keeping_frame(call: Callable[[], Any], wanted: Callable[[Any], bool], box: list) -> Any:
     """Run ``call()`` and keep in ``box`` the frame of the first Python function it enters for which
-    ``wanted(frame)`` is true (also when ``call`` raises); return what ``call`` returns. A kept frame keeps its locals after it
-    returns, and its ``f_lineno`` is the last line it ran. The profile hook that finds the frame is
-    removed as soon as it has (or after a bounded number of calls), so the run is not slowed."""
+    ``wanted(frame)`` is true (also when ``call`` raises); return what ``call`` returns.
+
+    A kept frame keeps its locals after it returns, and its ``f_lineno`` is the last line it ran.
+    The profile hook that finds the frame is removed as soon as it has (or after a bounded number
+    of calls), so the run itself is not slowed."""
     previous = sys.getprofile()
     seen = [0]
 
@@ -94,9 +96,10 @@ def _call_keeping_frame(call: Callable[[], Any], wanted: Callable[[Any], bool], 
         if event != "call":
             return
         seen[0] += 1
-        if wanted(frame) or seen[0] > _MAX_PROFILE_EVENTS:
-            if wanted(frame):
-                box.append(frame)
+        found = wanted(frame)
+        if found:
+            box.append(frame)
+        if found or seen[0] > _MAX_PROFILE_EVENTS:
             sys.setprofile(previous)
 
     sys.setprofile(profile)
@@ -108,6 +111,7 @@ def _call_keeping_frame(call: Callable[[], Any], wanted: Callable[[Any], bool], 
 
 
 def _user_code(frame: Any) -> bool:
+    """A frame of the user's code (not torch, streamkit or the standard library)."""
     from ._backends.fake._sites import _internal
 
     return not _internal(frame.f_code.co_filename)
@@ -133,23 +137,31 @@ def _run_main(path: str, out: TextIO) -> bool:
     sys.modules["__main__"] = module  # so that spawn children and pickle find the script's functions
     last = _last_line(tree)
     box: list = []
+    tracebacks: list = []  # of the exception that ended the script: its frames hold locals too
     try:
         _call_keeping_frame(lambda: exec(code, namespace), lambda frame: frame.f_code is code, box)
         if box:
             last = box[0].f_lineno  # the last line the script ran
     except SystemExit as exc:
+        tracebacks.append(exc.__traceback__)
         last = _last_line_of(exc.__traceback__, path) or last
         failed = exc.code not in (None, 0)
         if failed:
             print(f"streamkit check: {path} exited with status {exc.code}", file=out)
     except BaseException as exc:
+        tracebacks.append(exc.__traceback__)
         last = _last_line_of(exc.__traceback__, path) or last
         failed = True
         print(f"streamkit check: {path} raised:", file=out)
         traceback.print_exc(file=out)
     finally:
+        def clear() -> None:
+            namespace.clear()
+            for tb in tracebacks:
+                traceback.clear_frames(tb)
+
         try:
-            _teardown_at(path, last, namespace.clear)
+            _teardown_at(path, last, clear)
         finally:
             if saved_main is not None:
                 sys.modules["__main__"] = saved_main
