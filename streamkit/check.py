@@ -10,8 +10,9 @@
   executed line: a race found then (memory freed while a side stream may still read it) names that
   line, not the checker.
 - Processes the script starts with multiprocessing's ``spawn`` (``torch.multiprocessing.spawn``
-  too) run inside a checker session of their own; they stream their races to a file the parent
-  merges into its report, each named by rank (spawn index or ``RANK``) or pid.
+  too) run inside a checker session of their own, and ``fork`` children go on in their copy of
+  it; they stream their races to a file the parent merges into its report, each named by rank
+  (spawn index or ``RANK``) or process name, with the pid.
 
 ``python -m streamkit conformance`` runs the stream-semantics conformance suite on every available
 backend (:mod:`streamkit.conformance`).
@@ -226,32 +227,94 @@ def _child_label() -> str:
     return f"{proc.name} (pid {pid})"
 
 
+class _ChildLog:
+    """A checked child's report file in the parent's report folder (``child-PID.jsonl``), one JSON
+    record a line, flushed as written: ``start``, each ``race`` as found, ``end`` with the exit code
+    and counts. Opened at the first record when ``eager`` is false (a fork that execs something else
+    leaves no file)."""
+
+    def __init__(self, report_dir: str, eager: bool) -> None:
+        self.path = os.path.join(report_dir, f"child-{os.getpid()}.jsonl")
+        self.file: Any = None
+        if eager:
+            self.write({"kind": "start", "label": _child_label()})
+
+    def write(self, record: dict) -> None:
+        if self.file is None:
+            self.file = open(self.path, "a", encoding="utf-8")
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def race(self, race: Any) -> None:
+        self.write({"kind": "race", "label": _child_label(), "text": str(race)})
+
+    def end(self, exitcode: int, kernels: int, host_syncs: int) -> None:
+        self.write({"kind": "end", "label": _child_label(), "exitcode": exitcode, "kernels": kernels, "host_syncs": host_syncs})
+        self.file.close()
+
+
+# The checker run this process is part of: its report folder, its session, and (in a child) its
+# report file. Forked children find it here.
+_run: dict = {"dir": None, "session": None, "log": None}
+_fork_hook_installed = False
+
+
+def _on_race(race: Any) -> None:
+    log = _run["log"]
+    if log is not None:
+        log.race(race)
+
+
+def _install_fork_hook() -> None:
+    global _fork_hook_installed
+    if not _fork_hook_installed:
+        os.register_at_fork(after_in_child=_after_fork_in_child)
+        _fork_hook_installed = True
+
+
+def _after_fork_in_child() -> None:
+    """A process forked during a checker run (multiprocessing's ``fork`` start method): it goes on
+    in its copy of the checker's session, and reports what it finds from now on in a file of its
+    own; a multiprocessing child also writes its end."""
+    session = _run["session"]
+    if _run["dir"] is None or session is None or session.closed:
+        return
+    log = _run["log"] = _ChildLog(_run["dir"], eager=False)
+    base = session.stats.copy()
+    from multiprocessing.process import BaseProcess
+
+    original = BaseProcess._bootstrap
+
+    def _bootstrap(self: Any, *args: Any, **kwargs: Any) -> int:
+        code = 1
+        try:
+            code = _run_target_keeping_frame(lambda: original(self, *args, **kwargs))
+        finally:
+            stats = session.stats - base
+            log.end(code, stats.kernels, stats.host_syncs)
+        return code
+
+    BaseProcess._bootstrap = _bootstrap  # type: ignore[method-assign]
+
+
 def _run_checked_child(report_dir: str, run: Callable[[], int]) -> int:
     from ._backends.fake._session import checker_session
 
-    path = os.path.join(report_dir, f"child-{os.getpid()}.jsonl")
-    log = open(path, "a", encoding="utf-8")
-
-    def write(record: dict) -> None:
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-
-    write({"kind": "start", "label": _child_label()})
+    log = _ChildLog(report_dir, eager=True)
     undo = _install_spawn_hook(report_dir)  # grandchildren are checked too
+    _install_fork_hook()
     exitcode, stats = 1, None
     try:
-        with checker_session(lambda race: write({"kind": "race", "label": _child_label(), "text": str(race)})) as s:
+        with checker_session(_on_race) as s:
+            _run.update(dir=report_dir, session=s, log=log)
             try:
                 exitcode = _run_target_keeping_frame(run)
             finally:
                 stats = s.stats
     finally:
         undo()
-        record = {"kind": "end", "label": _child_label(), "exitcode": exitcode}
-        if stats is not None:
-            record.update(kernels=stats.kernels, host_syncs=stats.host_syncs)
-        write(record)
-        log.close()
+        log.end(exitcode, stats.kernels if stats else 0, stats.host_syncs if stats else 0)
+        _run.update(dir=None, session=None, log=None)
     return exitcode
 
 
@@ -336,9 +399,14 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
     sys.path.insert(0, script_dir)
     report_dir = tempfile.mkdtemp(prefix="streamkit-check-")
     undo = _install_spawn_hook(report_dir)
+    _install_fork_hook()
     try:
-        with checker_session() as s:
-            failed = _run_main(path, out)
+        with checker_session(_on_race) as s:
+            _run.update(dir=report_dir, session=s, log=None)
+            try:
+                failed = _run_main(path, out)
+            finally:
+                _run.update(dir=None, session=None, log=None)
         children = _read_child_reports(report_dir)
     finally:
         undo()
@@ -356,7 +424,7 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
     summary = f"\nstreamkit check: {name}: {len(races)} race(s); {stats.kernels} kernels, {stats.host_syncs} host syncs"
     if children:
         in_children = sum(len(c.races) for c in children)
-        summary += f" ({len(s.races)} race(s) here, {in_children} in {len(children)} spawned process(es))"
+        summary += f" ({len(s.races)} race(s) here, {in_children} in {len(children)} child process(es))"
     print(summary, file=out)
     for child in children:
         end = (

@@ -1,6 +1,6 @@
 """Two gloo ranks started with torch.multiprocessing.spawn (multiprocessing's spawn underneath):
 rank 0 returns with a side stream's read unjoined; rank 1 races, then dies hard without finishing
-anything. A plain multiprocessing spawn child races and then raises."""
+anything. A plain multiprocessing spawn child races and then raises; a fork child races."""
 
 import os
 import sys
@@ -47,9 +47,21 @@ def plain_child():
     raise RuntimeError("the plain child fails after its race")
 
 
+def fork_child():
+    side = sk.Stream()
+    x = torch.ones(2, device=sk.device())
+    x.mul_(3)  # <fork-write>
+    with sk.switch(side):
+        x.add_(1)  # <fork-write-side>
+    side.synchronize()
+
+
 if __name__ == "__main__":
+    forked = mp.get_context("fork").Process(target=fork_child)
+    forked.start()
+    forked.join()
     plain = mp.get_context("spawn").Process(target=plain_child)
     plain.start()
     tmp.spawn(rank_fn, args=(2, int(sys.argv[1])), nprocs=2)
     plain.join()
-    print("ranks done; plain child exit code", plain.exitcode)
+    print("ranks done; plain child exit code", plain.exitcode, "fork child", forked.exitcode)
