@@ -255,7 +255,7 @@ class _ChildLog:
 
 # The checker run this process is part of: its report folder, its session, and (in a child) its
 # report file. Forked children find it here.
-_run: dict = {"dir": None, "session": None, "log": None}
+_run: dict = {"dir": None, "session": None, "log": None, "base": None}
 _fork_hook_installed = False
 
 
@@ -280,7 +280,7 @@ def _after_fork_in_child() -> None:
     if _run["dir"] is None or session is None or session.closed:
         return
     log = _run["log"] = _ChildLog(_run["dir"], eager=False)
-    base = session.stats.copy()
+    base = _run["base"] = session.stats.copy()
     from multiprocessing.process import BaseProcess
 
     original = BaseProcess._bootstrap
@@ -398,6 +398,7 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
     script_dir = os.path.dirname(path)
     sys.path.insert(0, script_dir)
     report_dir = tempfile.mkdtemp(prefix="streamkit-check-")
+    owner = os.getpid()
     undo = _install_spawn_hook(report_dir)
     _install_fork_hook()
     try:
@@ -406,11 +407,21 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
             try:
                 failed = _run_main(path, out)
             finally:
-                _run.update(dir=None, session=None, log=None)
+                forked_log, forked_base = _run["log"], _run["base"]
+                _run.update(dir=None, session=None, log=None, base=None)
+        if os.getpid() != owner:
+            # a child forked by os.fork() that ran on to the script's end: its races are in its
+            # report file; the parent reports
+            code = 2 if failed else 0
+            if forked_log is not None:
+                stats = s.stats - forked_base
+                forked_log.end(code, stats.kernels, stats.host_syncs)
+            return code
         children = _read_child_reports(report_dir)
     finally:
         undo()
-        shutil.rmtree(report_dir, ignore_errors=True)
+        if os.getpid() == owner:
+            shutil.rmtree(report_dir, ignore_errors=True)
         sys.argv = saved_argv
         if sys.path and sys.path[0] == script_dir:
             del sys.path[0]
