@@ -1,0 +1,89 @@
+"""``python -m streamkit conformance``: the shipped suite, its rule-by-backend table and exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from streamkit.conformance import Table, _split_id
+
+from _support import REPO, child_env
+
+# One process: the CLI on fake and cuda (unavailable here: exit 2, and fake's column), then the
+# runner on a registered backend whose test set-up always fails (exit 1, every rule FAIL).
+SCENARIO = r"""
+import contextlib, io, json, sys
+import streamkit as sk
+from streamkit import conformance
+from streamkit.check import main
+from streamkit._backends.fake import FakeBackend
+
+out = io.StringIO()
+with contextlib.redirect_stdout(out):
+    cli = main(["conformance", "--backend", "fake", "--backend", "cuda"])
+
+class Broken(FakeBackend):
+    name = "broken"
+
+    @classmethod
+    @contextlib.contextmanager
+    def test_context(cls):
+        raise AssertionError("broken on purpose")
+        yield
+
+sk.register_backend("broken", Broken)
+broken_out = io.StringIO()
+broken = conformance.run(["broken"], out=broken_out)
+print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_out": broken_out.getvalue()}))
+"""
+
+
+def test_conformance_cli_table_and_exit_status():
+    proc = subprocess.run(
+        [sys.executable, "-c", SCENARIO], cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = result["out"]
+    assert result["cli"] == 2, out  # cuda was named and is unavailable here
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rule "))
+    assert lines[header].split() == ["rule", "fake", "cuda"]
+    end = lines.index("", header)
+    rows = {line.rsplit(None, 2)[0].strip(): line.split()[-2:] for line in lines[header + 2:end]}
+    assert rows["streams: switch_nests"] == ["pass", "skip"]
+    assert rows["streams: factories_on_device[arange]"] == ["pass", "skip"]
+    assert rows["hazards: unordered_read_sees_stale_data"] == ["pass", "skip"]
+    assert rows["streams: native_objects_are_rejected"] == ["n/a", "skip"]  # a cuda/npu-only rule
+    assert len(rows) >= 60 and all(cells[0] in ("pass", "n/a") for cells in rows.values()), out
+    assert "cuda: 0 pass, 0 FAIL" in out and "unavailable: cuda backend unavailable" in out
+    assert "cuda named but unavailable" in out
+    assert result["broken"] == 1
+    assert "FAIL streams: switch_nests on broken (setup)" in result["broken_out"]
+    assert "broken on purpose" in result["broken_out"] and "rule(s) failed" in result["broken_out"]
+
+
+def test_rule_names_drop_the_backend_parameter():
+    assert _split_id("test_switch_nests[fake]", "fake") == "switch_nests"
+    assert _split_id("test_factories_on_device[cuda-arange]", "cuda") == "factories_on_device[arange]"
+    assert _split_id("test_stream_priority_type[1.0-npu]", "npu") == "stream_priority_type[1.0]"
+
+
+def test_table_render_marks_failures_skips_and_rules_that_do_not_apply():
+    table = Table(["fake", "cuda", "npu"])
+    table.unavailable["npu"] = "npu backend unavailable: no torch_npu"
+    table.set("streams: a", "fake", "pass")
+    table.set("streams: a", "cuda", "FAIL")
+    table.set("streams: a", "cuda", "pass")  # a teardown pass does not hide a call failure
+    table.set("streams: a", "npu", "skip", "npu backend unavailable: no torch_npu")
+    table.set("hazards: b", "fake", "pass")
+    table.set("hazards: b", "cuda", "skip", "the allocator gave another block")
+    text = table.render()
+    lines = text.splitlines()
+    assert lines[0].split() == ["rule", "fake", "cuda", "npu"]
+    assert lines[2].split() == ["streams:", "a", "pass", "FAIL", "skip"]
+    assert lines[3].split() == ["hazards:", "b", "pass", "skip", "[1]", "n/a"]
+    assert "[1] the allocator gave another block" in text
+    assert "npu: 0 pass, 0 FAIL, 1 skip (unavailable: npu backend unavailable: no torch_npu)" in text
+    assert table.failures == [("streams: a", "cuda")]
