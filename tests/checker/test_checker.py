@@ -224,7 +224,8 @@ def test_child_reports_survive_a_cut_line(tmp_path):
 def test_import_time_side_stream_made_before_the_checker_runs(tmp_path):
     # The library was imported (and made its side stream, in the process's default session) before
     # the checker opened its session, as when a launcher or sitecustomize imports it first; the
-    # script is unmodified. Today the stream belongs to the default session and the race is missed.
+    # script is unmodified. The stream binds to the checker's session on first use, so the race is
+    # reported.
     lib = tmp_path / "sk_early_lib.py"
     lib.write_text("import streamkit as sk\nSIDE = sk.Stream()\n")
     script = tmp_path / "script.py"
