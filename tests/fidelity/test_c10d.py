@@ -66,12 +66,14 @@ def _at(access, op, access_kind, marker):
     assert access["lineno"] == marker_line(WORKER, marker), access
 
 
+# CUDA: async_op=False runs the collective on the current stream, ordered after earlier work there (ProcessGroupNCCL.cpp collective(): currentStream when !asyncOp)
 @pytest.mark.parametrize("kind", COLLECTIVES)
 def test_sync_collective_is_clean_and_correct(results, kind):
     for entry in _entries(results, kind, "sync_clean"):
         assert entry["races"] == [], _texts(entry["races"])
 
 
+# CUDA: a sync collective issued inside a side-stream block runs on that stream; reading its output on another stream needs a wait (ProcessGroupNCCL.cpp collective())
 @pytest.mark.parametrize("kind", COLLECTIVES)
 def test_sync_collective_runs_on_the_issuing_stream(results, kind):
     # async_op=False inside switch(side): the output is written on side, and the default stream
@@ -84,6 +86,7 @@ def test_sync_collective_runs_on_the_issuing_stream(results, kind):
         _at(races[0]["second"], "aten.mul", "read", "sync-read")
 
 
+# CUDA: async_op=True runs on the group's NCCL stream; the tensors may be touched only after work.wait() (ProcessGroupNCCL.hpp: WorkNCCL, syncStream)
 @pytest.mark.parametrize("kind", COLLECTIVES)
 def test_touching_async_collective_tensors_before_wait_is_reported(results, kind):
     for entry in _entries(results, kind, "async_racy"):
@@ -101,6 +104,7 @@ def test_touching_async_collective_tensors_before_wait_is_reported(results, kind
         assert f"by {COLLECTIVES[kind]}." in read["text"] and f"on {PG_STREAM}" in read["text"]
 
 
+# CUDA: work.wait() makes the stream current at wait time wait for the collective, no other (ProcessGroupNCCL.cpp WorkNCCL::synchronizeStream)
 @pytest.mark.parametrize("kind", COLLECTIVES)
 def test_wait_orders_only_the_stream_current_at_wait_time(results, kind):
     for entry in _entries(results, kind, "async_wait_elsewhere"):
@@ -110,6 +114,7 @@ def test_wait_orders_only_the_stream_current_at_wait_time(results, kind):
         _at(races[0]["second"], "aten.mul", "read", "elsewhere-read")
 
 
+# CUDA: the NCCL stream first waits for the issuing stream, and wait() on the compute stream orders it after the collective (ProcessGroupNCCL.cpp syncStream, WorkNCCL::wait)
 @pytest.mark.parametrize("kind", COLLECTIVES)
 def test_async_issue_on_side_then_wait_on_compute_stream_is_clean(results, kind):
     # the common fix pattern, with the input dropped before wait() (the collective holds it)
@@ -126,6 +131,7 @@ def _single(results, key):
     return out
 
 
+# CUDA: each process group keeps its own NCCL stream per device (ProcessGroupNCCL.hpp ncclStreams_)
 def test_each_process_group_has_its_own_stream(results):
     # waiting for the second group's all_reduce orders nothing of the default group's
     for entry in _single(results, "two_groups"):
@@ -156,6 +162,7 @@ def test_work_wait_is_restored_when_the_last_session_that_patched_it_ends(result
         assert entry["restored"]
 
 
+# CUDA: syncStream orders the NCCL stream after the issuing stream only (ProcessGroupNCCL.cpp syncStream)
 def test_process_group_stream_waits_only_for_the_issuing_stream(results):
     for entry in _single(results, "input_from_other_stream"):
         assert entry["values"] == [3.0] * 4

@@ -25,6 +25,7 @@ def _model(device: torch.device, ordered: bool) -> "_engine_model.TinyEngine":
     return _engine_model.TinyEngine(device, ordered)
 
 
+# CUDA: a side stream made at import time does not wait for the default stream (torch streams are non-blocking: c10/cuda/CUDAStream.cpp, cudaStreamNonBlocking)
 def test_racy_forward_under_inference_mode_raises_naming_the_engine_line(fake_session):
     model = _model(fake_session.device, ordered=False)
     x = torch.ones(2, 8, device=fake_session.device)
@@ -41,6 +42,7 @@ def test_racy_forward_under_inference_mode_raises_naming_the_engine_line(fake_se
     assert "'side'" in str(info.value) and "_engine_model.py" in str(info.value)
 
 
+# CUDA: side.wait_stream(current) orders the side stream after the producer (torch/cuda/streams.py Stream.wait_stream)
 def test_ordered_forward_under_inference_mode_matches_cpu(fake_session):
     model = _model(fake_session.device, ordered=True)
     x = torch.arange(16.0, device=fake_session.device).reshape(2, 8)

@@ -59,6 +59,7 @@ def _check_race(races, side, created_marker):
     assert f"(created at test_handles.py:{marker_line(__file__, created_marker)})" in text
 
 
+# CUDA: a torch.cuda.Stream is a process-lifetime handle to one device stream, whenever it was created (torch/cuda/streams.py; c10/cuda/CUDAStream.cpp stream pools)
 def test_stream_made_at_import_time_is_its_own_stream_in_a_session():
     _check_race(_race_on(IMPORT_SIDE), IMPORT_SIDE, "import-side")
     assert "'IMPORT_SIDE'" in str(_race_on(IMPORT_SIDE)[0])  # bound again in a second session
@@ -66,6 +67,7 @@ def test_stream_made_at_import_time_is_its_own_stream_in_a_session():
     assert IMPORT_SIDE.priority == -1
 
 
+# CUDA: a stream stays the same stream across phases of a program; nothing moves its work onto the default stream (c10/cuda/CUDAStream.cpp)
 def test_stream_made_in_an_earlier_session_is_its_own_stream_in_the_next():
     with fake.session():
         earlier = sk.Stream()  # <earlier-side>
@@ -75,6 +77,7 @@ def test_stream_made_in_an_earlier_session_is_its_own_stream_in_the_next():
     _ordered_on(earlier)
 
 
+# CUDA: (no device counterpart: a fake session is the device's lifetime) using a handle of an ended session is refused, never run elsewhere
 def test_stream_of_an_ended_session_with_no_session_open_raises():
     with fake.session() as s:
         ended = sk.Stream()
@@ -104,6 +107,7 @@ def test_stream_of_an_ended_session_with_no_session_open_raises():
         ended.synchronize()  # ...while its stream works in the new session
 
 
+# CUDA: a stream's queue order is its own for the whole process (torch/cuda/streams.py: "all work ... is ordered")
 def test_default_session_stream_keeps_its_state_across_explicit_sessions():
     with sk.use_backend("fake"):
         outside = sk.Stream()
@@ -121,6 +125,7 @@ def test_default_session_stream_keeps_its_state_across_explicit_sessions():
         assert y.cpu().tolist() == [3.0] * 4
 
 
+# CUDA: waiting on an event that was never recorded is a no-op (aten/src/ATen/cuda/CUDAEvent.h: block() returns if !is_created_)
 def test_event_recorded_in_an_earlier_session_is_unrecorded_in_the_next():
     with fake.session():
         IMPORT_EVENT.record()
@@ -150,6 +155,7 @@ def test_event_recorded_in_an_earlier_session_is_unrecorded_in_the_next():
         assert y.cpu().tolist() == [1.0, 4.0, 7.0, 10.0]
 
 
+# CUDA: streams compare equal when they are the same device stream (torch/cuda/streams.py Stream.__eq__)
 def test_streams_compare_by_handle_in_every_session():
     with fake.session() as first:
         a = sk.Stream()
@@ -169,6 +175,7 @@ def test_streams_compare_by_handle_in_every_session():
         assert sk.current_stream() == sk.default_stream() in keys
 
 
+# CUDA: record_stream keeps a block from reuse until the recorded stream's work is done (c10/cuda/CUDACachingAllocator.cpp, insert_events)
 def test_record_stream_with_an_import_time_stream_covers_the_free():
     with fake.session(detect="raise") as s:
         IMPORT_SIDE.wait_stream(sk.current_stream())

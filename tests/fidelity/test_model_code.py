@@ -19,6 +19,7 @@ from streamkit import fake
 # torch.inference_mode() with views of fake tensors made before it
 
 
+# CUDA: a view of a normal tensor made under inference_mode is a normal tensor sharing its storage (c10/core/InferenceMode.h)
 def test_views_of_normal_tensors_under_inference_mode_match_cpu(fake_session):
     results = {}
     for device in (torch.device("cpu"), fake_session.device):
@@ -39,6 +40,7 @@ def test_views_of_normal_tensors_under_inference_mode_match_cpu(fake_session):
     assert dev[5] == cpu[5] == (False, True, True)
 
 
+# CUDA: a view reads the same device memory as its base, so a view read on another stream races with the base's writer (torch/cuda/streams.py; CUDA stream semantics)
 def test_racy_read_through_a_view_under_inference_mode_is_reported(fake_session):
     side = sk.Stream()
     cache = torch.zeros(4, 8, device=fake_session.device)
@@ -57,6 +59,7 @@ def test_racy_read_through_a_view_under_inference_mode_is_reported(fake_session)
 # copy.deepcopy
 
 
+# CUDA: copy.deepcopy of a device tensor clones its storage with a device copy on the current stream (torch/_tensor.py __deepcopy__, torch/storage.py)
 def test_deepcopy_of_a_tensor_is_a_new_storage_with_the_same_values(fake_session):
     x = torch.arange(6.0, device=fake_session.device)
     x.tag = "weights"
@@ -76,6 +79,7 @@ def test_deepcopy_of_a_tensor_is_a_new_storage_with_the_same_values(fake_session
         copy.deepcopy(x * 2)
 
 
+# CUDA: deepcopy of a module deep-copies every parameter and buffer as above (torch/nn/modules/module.py, torch/_tensor.py)
 def test_deepcopy_of_a_module_matches_cpu(fake_session):
     torch.manual_seed(0)
     cpu_model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3)).eval()
@@ -90,6 +94,7 @@ def test_deepcopy_of_a_module_matches_cpu(fake_session):
         torch.testing.assert_close(clone(x.to(fake_session.device)).cpu(), cpu_model(x))
 
 
+# CUDA: the deepcopy's copy kernel runs on the current stream and reads the source there (torch/_tensor.py __deepcopy__: clone)
 def test_deepcopy_reads_the_source_on_the_current_stream():
     with fake.session(detect="record") as s:
         side = sk.Stream()
@@ -119,6 +124,7 @@ def test_deepcopy_reads_the_source_on_the_current_stream():
 # data_ptr, device index, Tensor.record_stream
 
 
+# CUDA: data_ptr() is the storage address plus the view's offset times the element size (c10/core/TensorImpl.h data())
 def test_data_ptr_is_distinct_per_storage_stable_and_offset_by_the_view(fake_session):
     a = torch.zeros(16, device=fake_session.device)
     b = torch.zeros(16, device=fake_session.device)
@@ -129,6 +135,7 @@ def test_data_ptr_is_distinct_per_storage_stable_and_offset_by_the_view(fake_ses
     assert torch.empty(0, device=fake_session.device).data_ptr() == 0  # as on CPU and CUDA
 
 
+# CUDA: a device ordinal that doesn't exist is an error ("invalid device ordinal", c10/cuda/CUDAFunctions.cpp)
 @pytest.mark.parametrize(
     "make",
     {
@@ -148,6 +155,7 @@ def test_a_device_index_other_than_0_is_refused(fake_session, make):
     assert torch.ones(2, device="fake:0").device == torch.ones(2).to("fake").device == fake_session.device
 
 
+# CUDA: Tensor.record_stream(s) marks the block in use by s until s's work is done (torch/_tensor_docs.py record_stream; CUDACachingAllocator.cpp)
 def test_tensor_record_stream_is_sk_record_stream():
     for covered in (False, True):
         with fake.session(detect="record") as s:
@@ -177,6 +185,7 @@ def test_tensor_record_stream_is_sk_record_stream():
 # half-made objects arose: copying a fake tensor's slots, and a state made without __init__)
 
 
+# CUDA: freeing device memory never prints (CUDACachingAllocator.cpp free paths report through errors, not finalizer output)
 def test_copies_and_half_made_storage_states_print_nothing(fake_session, monkeypatch):
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
