@@ -129,7 +129,9 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
         kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
         end = list(stream.clock) if is_async and session._tracked else None
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
-    result = session._scheduler.submit(kernel)
+    # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
+    # issue order on every rank)
+    result = session._scheduler.run_now(kernel)
     works = _works(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
