@@ -127,7 +127,7 @@ def test_non_blocking_d2h_destination_holds_poison_until_the_copy_runs(schedule)
 
 
 def test_non_blocking_d2h_under_eager_is_already_filled():
-    with fake.session(detect="off"):
+    with fake.session(detect="off", schedule="eager"):
         host = torch.arange(8, device=sk.device(), dtype=torch.float32).to("cpu", non_blocking=True)
         assert torch.equal(host.clone(), torch.arange(8, dtype=torch.float32))
 

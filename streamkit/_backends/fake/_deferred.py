@@ -28,6 +28,7 @@ _AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
 
 _META = torch.device("meta")
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
+_InferenceMode = torch._C._InferenceMode
 
 
 class _AtOnce(Exception):
@@ -156,6 +157,14 @@ def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any
     return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
 
 
+def _refreeze(value: Any, frozen: dict) -> Any:
+    if isinstance(value, torch.Tensor):
+        return frozen.get(id(value), value)
+    if type(value) is list or type(value) is tuple:
+        return type(value)(_refreeze(v, frozen) for v in value)
+    return value
+
+
 # -- the scheduler ---------------------------------------------------------------------------
 
 
@@ -187,6 +196,12 @@ class DeferredScheduler:
             return self.run_now(kernel)
         fills: list = []
         result = _placeholders(template, tensors, fills, ())
+        # the kernel runs on the memory, with the layouts of issue time (a later metadata change
+        # of an argument, such as unsqueeze_ or .data =, doesn't reach it)
+        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
+        kernel.args = _refreeze(kernel.args, frozen)
+        if kernel.kwargs:
+            kernel.kwargs = {k: _refreeze(v, frozen) for k, v in kernel.kwargs.items()}
         kernel.deps = list(kernel.stream.clock)
         kernel.fills = fills
         self.order += 1
@@ -231,12 +246,15 @@ class DeferredScheduler:
         self.queues[kernel.stream.idx].popleft()
         self.pending -= 1
         try:
-            with _NoTorchFunction():
+            # (in inference mode: a placeholder or argument made in inference mode may be updated)
+            with _NoTorchFunction(), _InferenceMode(True):
                 result = kernel.run()
                 for path, out in kernel.fills:
                     value = result
                     for i in path:
                         value = value[i]
+                    if value.shape != out.shape and value.numel() == 0:
+                        continue  # meta and CPU disagree about an unused output (batch norm's saved stats in eval)
                     out.copy_(value)
         except Exception as error:  # raised at the next host sync; its outputs stay poisoned
             if self.error is None:

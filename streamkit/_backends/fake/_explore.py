@@ -165,6 +165,10 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
 
 def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
     """Rerun ``fn`` under the schedule ``token`` names (from :attr:`Run.token`): the same values,
-    bit for bit. ``ok`` is left True (compare with :func:`same_values` or run :func:`explore`)."""
+    bit for bit. ``ok`` says whether they match an eager run of ``fn`` (made first)."""
     name, s = parse_token(token)
-    return _run(fn, name, s, detect)
+    reference = _run(fn, "eager", 0, detect)
+    run = _run(fn, name, s, detect)
+    if run.error is None:
+        run.ok = reference.error is None and same_values(reference.values, run.values)
+    return run

@@ -533,6 +533,10 @@ def session(detect: str = "raise", schedule: str | None = None, seed: int = 0) -
 
     ``detect="raise"`` raises :class:`~streamkit.RaceError` at the second access of a race,
     ``"record"`` appends it to ``session.races`` and goes on, ``"off"`` tracks nothing.
+
+    ``schedule``: ``"eager"`` runs each kernel at issue (the default; ``None`` takes
+    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``
+    and ``"random"`` (with ``seed``) defer kernels (docs/exploration.md).
     """
     s = Session(detect, schedule, seed)
     with s:
