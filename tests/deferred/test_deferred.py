@@ -270,3 +270,47 @@ def test_empty_memory_is_poisoned_under_deferred_schedules():
     with fake.session(schedule="random", seed=1):
         e = torch.empty(4, dtype=torch.int32, device=sk.device())
         assert (e.cpu() == -1).all()
+
+
+def random_program(seed: int, ordered: bool):
+    """A program of in-place updates and fresh results over three buffers on two streams; with
+    ``ordered`` each stream switch waits for the other stream (race-free), else nothing waits."""
+
+    def fn():
+        gen = torch.Generator().manual_seed(seed)
+        side = sk.Stream()
+        streams = [sk.current_stream(), side]
+        bufs = [torch.full((16,), float(i + 1), device=sk.device()) for i in range(3)]
+        where = 0
+        keep = []  # (a buffer freed on the other stream would be a free race: keep them to the end)
+        for _ in range(12):
+            nxt = int(torch.randint(0, 2, (1,), generator=gen))
+            if nxt != where and ordered:
+                streams[nxt].wait_stream(streams[where])
+            where = nxt
+            a, b = (int(i) for i in torch.randint(0, 3, (2,), generator=gen))
+            with sk.switch(streams[where]):
+                if a == b:
+                    bufs[a].mul_(2)
+                else:
+                    keep.append(bufs[a])
+                    bufs[a] = bufs[a] + bufs[b] * 0.5
+        if ordered:
+            streams[0].wait_stream(streams[where])
+        values = [t.cpu() for t in bufs]
+        sk.synchronize()
+        return values
+
+    return fn
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ordered_random_programs_compute_the_eager_values_under_every_schedule(seed):
+    found = fake.explore(random_program(seed, ordered=True), schedules=8, seed=seed)
+    assert found.ok, found.explain()
+    assert all(run.races == [] for run in found.runs)
+
+
+def test_unordered_random_programs_are_caught():
+    caught = sum(not fake.explore(random_program(seed, ordered=False), schedules=4).ok for seed in range(4))
+    assert caught >= 3
