@@ -49,6 +49,7 @@ def poison(t: torch.Tensor) -> torch.Tensor:
 # -- cached meta evaluation ------------------------------------------------------------------
 
 _meta_cache: dict = {}
+META_CACHE_SIZE = 4096
 _random_ops: dict = {}
 
 
@@ -137,6 +138,8 @@ def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
             # no meta kernel, a data-dependent shape, an argument error (which the real run raises
             # at once), a host value: run it now
             template = False
+        if len(_meta_cache) >= META_CACHE_SIZE:
+            _meta_cache.clear()  # (programs with ever-new shapes: start over rather than grow)
         _meta_cache[key] = template
     if template is False:
         raise _AtOnce
