@@ -314,3 +314,42 @@ def test_ordered_random_programs_compute_the_eager_values_under_every_schedule(s
 def test_unordered_random_programs_are_caught():
     caught = sum(not fake.explore(random_program(seed, ordered=False), schedules=4).ok for seed in range(4))
     assert caught >= 3
+
+
+def test_a_real_all_gather_on_a_side_stream_reads_the_buffer_before_its_write():
+    """PR-4214 with the collective itself (one gloo rank, group=None): collectives run at once,
+    after what their stream is ordered after, so without the fork wait the gather can't see the
+    default stream's pending write."""
+    import datetime
+    import warnings
+
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed and no default process group in this process")
+
+    def program(fixed: bool):
+        def fn():
+            side = sk.Stream()
+            buf = torch.zeros(8, device=sk.device())
+            out = torch.zeros(8, device=sk.device())
+            buf.add_(torch.arange(8, device=sk.device(), dtype=torch.float32))
+            if fixed:
+                side.wait_stream(sk.current_stream())
+            with sk.switch(side):
+                dist.all_gather_into_tensor(out, buf)
+            sk.current_stream().wait_stream(side)
+            return out.cpu()
+
+        return fn
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1, timeout=datetime.timedelta(seconds=30))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            racy = fake.explore(program(False), schedules=2)
+            fixed = fake.explore(program(True), schedules=10)
+    finally:
+        dist.destroy_process_group()
+    assert not racy.ok and racy.failure in racy.runs[:2]
+    assert not torch.equal(racy.failure.values, torch.arange(8, dtype=torch.float32))
+    assert fixed.ok, fixed.explain()
