@@ -81,6 +81,10 @@ class _StreamContext:
 class Session:
     """A fake device: streams with CUDA semantics, an eager scheduler and a race detector.
 
+    ``schedule``: ``"eager"`` runs each kernel at issue (the default; ``None`` takes
+    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``
+    and ``"random"`` (with ``seed``) defer kernels (:mod:`._deferred`, docs/exploration.md).
+
     Use it through :func:`session`. While open it is the active backend of every ``sk.*`` call and
     the home of every tensor created on :attr:`device`. Public: :attr:`detect`, :attr:`races`,
     :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`; the rest is the engine.
@@ -533,10 +537,6 @@ def session(detect: str = "raise", schedule: str | None = None, seed: int = 0) -
 
     ``detect="raise"`` raises :class:`~streamkit.RaceError` at the second access of a race,
     ``"record"`` appends it to ``session.races`` and goes on, ``"off"`` tracks nothing.
-
-    ``schedule``: ``"eager"`` runs each kernel at issue (the default; ``None`` takes
-    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``
-    and ``"random"`` (with ``seed``) defer kernels (docs/exploration.md).
     """
     s = Session(detect, schedule, seed)
     with s:
