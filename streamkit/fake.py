@@ -3,15 +3,19 @@
 
 from ._backends.fake import (  # noqa: F401
     Access,
+    Exploration,
     FakeBackend,
     FakeDeviceTensor,
     PinnedHostTensor,
     Race,
     RaceError,
+    Run,
     Session,
     Stats,
     TensorInfo,
     __all__,
+    explore,
     peek,
+    replay,
     session,
 )

@@ -265,3 +265,29 @@ def test_import_time_side_stream_of_a_module_the_script_imports(tmp_path):
     assert code == 1, out
     (block,) = _race_blocks(out)
     assert f"script.py:{marker_line(script, 'read')}" in block and "stream #1 'SIDE'" in block
+
+
+def test_a_block_that_has_ended_cannot_be_entered_again(tmp_path):
+    script = tmp_path / "reenter.py"
+    script.write_text(
+        "import streamkit as sk\nfrom streamkit import fake\n"
+        "with fake.session() as s:\n    pass\n"
+        "try:\n    s.__enter__()\nexcept sk.SessionClosedError as e:\n    print('refused:', e)\n"
+    )
+    code, out = _check(script)
+    assert code == 0 and "refused:" in out and "has ended" in out, out
+
+
+def test_a_schedule_asked_for_under_the_checker_warns_and_runs_eager(tmp_path):
+    script = tmp_path / "lazy.py"
+    script.write_text(
+        "import warnings, torch, streamkit as sk\nfrom streamkit import fake\n"
+        "with warnings.catch_warnings(record=True) as seen:\n"
+        "    warnings.simplefilter('always')\n"
+        "    with fake.session(schedule='lazy') as s:\n"
+        "        x = torch.ones(4, device=s.device)\n"
+        "        print('value', (x * 2).sum().item())\n"
+        "print('warned', any('checker runs the script on its own eager session' in str(w.message) for w in seen))\n"
+    )
+    code, out = _check(script)
+    assert code == 0 and "value 8.0" in out and "warned True" in out, out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
+from ._explore import Exploration, Run, explore, replay
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 
@@ -16,6 +17,6 @@ from ._tensor import FakeDeviceTensor, peek
 backend_class = FakeBackend
 
 __all__ = [
-    "Access", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Session", "Stats", "TensorInfo",
-    "peek", "session",
+    "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
+    "Stats", "TensorInfo", "explore", "peek", "replay", "session",
 ]

@@ -129,7 +129,9 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
         kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
         end = list(stream.clock) if is_async and session._tracked else None
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
-    result = session._scheduler.submit(kernel)
+    # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
+    # issue order on every rank)
+    result = session._scheduler.run_now(kernel)
     works = _works(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
@@ -226,5 +228,4 @@ def _waited(work: Any, entry: _Pending) -> None:
     if current is work:
         key = id(work)
         entry.work = weakref.ref(work, lambda _, key=key, entry=entry: _pending.get(key) is entry and _pending.pop(key))
-        stash, entry.stash = entry.stash, []
-        del stash  # as NCCL unstashes in synchronizeStream: the allocator may take them back now
+        entry.stash = []  # as NCCL unstashes in synchronizeStream: the allocator may take them back now

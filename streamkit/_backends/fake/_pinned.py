@@ -118,8 +118,8 @@ def _unfinished(entries: Any) -> list:
     """The copies the host has not synchronized with (tracked, in an open session)."""
     left = []
     for session, kernel in entries:
-        if session.closed or not session._tracked:
-            continue
+        if session.closed or not session._tracked or session.detect == "off":
+            continue  # (a deferred schedule keeps clocks with detect="off": still nothing to report)
         host = session._clocks.host
         idx = kernel.stream.idx
         if idx < len(host) and host[idx] >= kernel.seq:

@@ -4,6 +4,7 @@ exposes them through the public API."""
 from __future__ import annotations
 
 import gc
+import os
 import sys
 import threading
 import time
@@ -16,11 +17,12 @@ import torch
 
 from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
-from ..._errors import EventTimingError, UnrecordedEventWarning
+from ..._errors import EventTimingError, SessionClosedError, StreamkitError, StreamkitWarning, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
 from . import _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, _bind, resolve
+from ._deferred import SCHEDULES, DeferredScheduler
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
@@ -79,24 +81,35 @@ class _StreamContext:
 class Session:
     """A fake device: streams with CUDA semantics, an eager scheduler and a race detector.
 
+    ``schedule``: ``"eager"`` runs each kernel at issue (the default; ``None`` takes
+    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``
+    and ``"random"`` (with ``seed``) defer kernels (:mod:`._deferred`, docs/exploration.md).
+
     Use it through :func:`session`. While open it is the active backend of every ``sk.*`` call and
     the home of every tensor created on :attr:`device`. Public: :attr:`detect`, :attr:`races`,
     :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`; the rest is the engine.
     """
 
-    def __init__(self, detect: str = "raise") -> None:
+    def __init__(self, detect: str = "raise", schedule: str | None = None, seed: int = 0) -> None:
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
+        if schedule is None:
+            schedule = os.environ.get("STREAMKIT_SCHEDULE") or "eager"
+        if schedule not in SCHEDULES:
+            raise ValueError(f"session(schedule): expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
         ensure_registered()
+        self.schedule = schedule
+        self.seed = seed
         self.detect = detect
         self.races: list[Race] = []
         self.stats = Stats()
         self.closed = False
         self.backend = BACKEND
-        self._tracked = detect != "off"
+        # a deferred schedule needs the clocks (they say what may run) even with detect="off"
+        self._tracked = detect != "off" or schedule != "eager"
         self._lock = threading.RLock()
         self._clocks = Clocks()
-        self._scheduler = EagerScheduler()
+        self._scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed)
         self._eager = self._scheduler.runs_at_issue
         self._reporter = Reporter(self.races, self._wrap_stream)
         self._detector = Detector(self._on_race, self._clocks.host)
@@ -123,6 +136,12 @@ class Session:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if not self._eager:
+            # the session ends when the device is idle: what is still queued runs now
+            self._scheduler.drain_all()
+            failed = self._scheduler.take_error()
+            if failed is not None and exc_type is None and self._pending is None:
+                self._pending = failed
         try:
             if self._tracked and exc_type is None:
                 # Tensors kept alive only by reference cycles (a caught exception's traceback, say)
@@ -214,7 +233,7 @@ class Session:
                 if eager:
                     result = call(*args, **kwargs) if kwargs else call(*args)
                 else:
-                    result = self._scheduler.submit(kernel.bind(call, args, kwargs))
+                    result = self._scheduler.submit(kernel.bind(call, args, kwargs), sync)
             except BaseException:
                 # The op refused its arguments (dtypes, shapes): as on a device, the host raised
                 # before anything was launched, so the kernel leaves no trace.
@@ -232,6 +251,8 @@ class Session:
         """The host waited for the work ordered by ``clock`` (``kind``: the ``Stats`` field to count
         it under); a free race reported meanwhile is raised now."""
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
+        if not self._eager:
+            self._drained(clock)
         if self._tracked:
             with self._lock:
                 self._clocks.host_waits_for(clock)
@@ -240,11 +261,37 @@ class Session:
 
     def _host_sync_all(self) -> None:
         self.stats.device_syncs += 1
+        if not self._eager:
+            self._drained(None)
         if self._tracked:
             with self._lock:
                 self._clocks.host_waits_for_all()
         if self._pending is not None:
             self._raise_pending()
+
+    def _drained(self, clock: Any) -> None:
+        """A deferred schedule: run what the host waits for (``None``: everything); a kernel that
+        failed when it ran raises now."""
+        if clock is None:
+            self._scheduler.drain_all()
+        else:
+            self._scheduler.drain(clock)
+        failed = self._scheduler.take_error()
+        if failed is not None:
+            raise failed
+
+    def _query(self, clock: Any) -> bool:
+        """``query()``: whether the work ordered by ``clock`` has run (a deferred schedule runs one
+        kernel of it first, so polling makes progress); a True answer is a host sync in the clocks."""
+        done = self._eager or self._scheduler.progress(clock)
+        if done and self._tracked:
+            with self._lock:
+                self._clocks.host_waits_for(clock)
+        if not self._eager:
+            failed = self._scheduler.take_error()
+            if failed is not None:
+                raise failed
+        return done
 
     def _raise_pending(self) -> None:
         pending, self._pending = self._pending, None
@@ -254,6 +301,8 @@ class Session:
         return Stream.from_handle(self.backend, state.handle)
 
     def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
+        if self.detect == "off":
+            return  # (clocks kept for a deferred schedule only)
         race, _ = self._reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
         if self.detect == "raise":
             raise RaceError(race)
@@ -271,6 +320,8 @@ class Session:
                 if len(freed) > POOL_SIZE:
                     del freed[: POOL_SIZE // 2]
                 return
+            if self.detect == "off":
+                return  # (clocks kept for a deferred schedule only)
             earlier, kind = max(pending, key=lambda found: found[0].seq)
             race, new = self._reporter.free_race(earlier, kind, state, capture_site(sys._getframe(2)))
             if new and self.detect == "raise" and self._pending is None:
@@ -401,11 +452,7 @@ class FakeBackend(Backend):
     def stream_query(self, stream: FakeStream) -> bool:
         # Eager: all issued work has run. A True answer lets the host rely on that work.
         s = _active.current or _active.get()
-        state = resolve(stream, s)
-        if s._tracked:
-            with s._lock:
-                s._clocks.host_waits_for(state.clock)
-        return True
+        return s._query(resolve(stream, s).clock)
 
     def stream_priority(self, stream: FakeStream) -> int:
         return stream.priority
@@ -446,10 +493,9 @@ class FakeBackend(Backend):
     def event_query(self, event: FakeEvent) -> bool:
         s = _active.current or _active.get()
         state = resolve(event, s)
-        if state.clock is not None and s._tracked:
-            with s._lock:
-                s._clocks.host_waits_for(state.clock)
-        return True
+        if state.clock is None:
+            return True
+        return s._query(state.clock)
 
     def event_elapsed_time(self, start: FakeEvent, end: FakeEvent) -> float:
         s = _active.current or _active.get()
@@ -485,7 +531,7 @@ _active.set_default_factory(lambda: Session("raise"))
 
 
 @contextmanager
-def session(detect: str = "raise") -> Iterator[Session]:
+def session(detect: str = "raise", schedule: str | None = None, seed: int = 0) -> Iterator[Session]:
     """Open a fake session: the fake backend becomes the active backend for every ``sk.*`` call
     (process-wide) until the block ends.
 
@@ -498,11 +544,19 @@ def session(detect: str = "raise") -> Iterator[Session]:
     """
     host = _active.explicit()
     if host is not None and getattr(host, "_checker_host", False) and not host.closed:
+        if schedule not in (None, "eager"):
+            warnings.warn(
+                StreamkitWarning(
+                    f"fake.session(schedule={schedule!r}) under `python -m streamkit check`: the checker runs"
+                    " the script on its own eager session; run fake.explore() outside the checker to explore schedules"
+                ),
+                stacklevel=3,
+            )
         block = CheckedBlock(host, detect)
         with block:
             yield block
         return
-    s = Session(detect)
+    s = Session(detect, schedule, seed)
     with s:
         yield s
 
@@ -562,8 +616,6 @@ class CheckedBlock(Session):
         if self.closed:
             raise SessionClosedError(f"{self!r} has ended; open a new fake.session()")
         if host._checker_block is not None:
-            from ..._errors import StreamkitError
-
             raise StreamkitError(
                 f"a fake session is already open ({host._checker_block!r}); fake sessions don't nest: close it first"
             )

@@ -82,6 +82,14 @@ def ensure_registered() -> None:
         _registered = True
 
 
+def _poison(result: Any) -> None:
+    from ._deferred import poison
+
+    for t in result if isinstance(result, (list, tuple)) else (result,):
+        if isinstance(t, torch.Tensor):
+            poison(t)
+
+
 def _pin_memory_kernel(tensor: torch.Tensor, device: Any = None) -> torch.Tensor:
     return _pinned.pinned_copy(tensor)
 
@@ -272,6 +280,9 @@ def peek(tensor: torch.Tensor) -> torch.Tensor:
     """
     if type(tensor) is not FakeDeviceTensor:
         raise TypeError(f"peek(tensor): expected a fake-device tensor, got a tensor on {getattr(tensor, 'device', None)}")
+    session = tensor._st.session or _active.current
+    if session is not None and not session._eager and not session.closed:
+        session._scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
     return tensor._inner
 
 
@@ -523,6 +534,8 @@ def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     stream = session._current_stream()
     site = capture_site(sys._getframe(2)) if session._tracked else None
     result = plan.call(*new_args, **new_kwargs)
+    if not session._eager:
+        _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
     return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
 
 
@@ -583,6 +596,8 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
         accesses = [(dst, WRITE)]
+        if non_blocking and not session._eager and type(src) is not pinned:
+            src = src.clone()  # pageable memory is staged at issue: later host writes don't reach the copy
         new_args = [dst._inner, src, non_blocking]
         sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
@@ -637,6 +652,9 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
     stream = session._current_stream()
     site = capture_site(sys._getframe(1)) if session._tracked else None
     if plan.name in _ALLOCATIONS:
-        return _wrap_outputs(plan, op._op(*args, **kwargs), args, kwargs, session, stream, None, site)
+        result = op._op(*args, **kwargs)
+        if not session._eager:
+            _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
+        return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
     kernel, result = session._launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)

@@ -1,0 +1,310 @@
+"""Deferred schedules: kernels wait in per-stream FIFO queues and run when a policy picks them.
+
+A kernel may run when it heads its stream's queue and every kernel it is ordered after (its
+stream's vector clock at issue, ``Kernel.deps``) has run. Host synchronizations run what they wait
+for (:meth:`DeferredScheduler.drain`); the policy decides the order, and may run unrelated ready
+work first. Fresh outputs are placeholders: CPU tensors of the layout a cached meta evaluation
+gives, filled with poison (NaN, all bits set for integers, True for bool) until the kernel runs
+and copies its values in. Kernels that can't be deferred run at once, after their dependencies
+(:meth:`DeferredScheduler.run_now`): syncing ops, random ops (program order), collectives,
+``resize_``, ops without a meta kernel or with data-dependent shapes, resized ``out=`` arguments,
+outputs that alias an input other than as the input itself.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from typing import Any
+
+import torch
+
+#: the schedules ``fake.session(schedule=...)`` accepts
+SCHEDULES = ("eager", "lazy", "adversarial", "random")
+#: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
+QUEUE_DEPTH = 1024
+#: ops that change storage sizes on the host side at issue: run at once
+_AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
+
+_META = torch.device("meta")
+_NoTorchFunction = torch._C.DisableTorchFunctionSubclass
+_InferenceMode = torch._C._InferenceMode
+
+
+class _AtOnce(Exception):
+    """The kernel can't be deferred."""
+
+
+def poison(t: torch.Tensor) -> torch.Tensor:
+    """Fill ``t`` with the value of memory nothing has written yet."""
+    if t.dtype.is_floating_point or t.dtype.is_complex:
+        t.fill_(float("nan"))
+    elif t.dtype is torch.bool:
+        t.fill_(True)
+    else:
+        t.fill_(-1)  # all bits set (255 for uint8)
+    return t
+
+
+# -- cached meta evaluation ------------------------------------------------------------------
+
+_meta_cache: dict = {}
+META_CACHE_SIZE = 4096
+_random_ops: dict = {}
+
+
+def _is_random(op: Any) -> bool:
+    found = _random_ops.get(op)
+    if found is None:
+        schema = getattr(op, "_schema", None)
+        found = _random_ops[op] = schema is not None and (
+            any("Generator" in str(a.type) for a in schema.arguments) or schema.name.split("::")[-1] in _AT_ONCE_NAMES
+        )
+    return found
+
+
+def _describe(value: Any, slots: dict, tensors: list) -> Any:
+    """A hashable description of one argument; tensors become ``("T", slot, shape, stride, dtype)``
+    (the slot records which arguments are the same tensor)."""
+    if isinstance(value, torch.Tensor):
+        slot = slots.get(id(value))
+        if slot is None:
+            slot = slots[id(value)] = len(tensors)
+            tensors.append(value)
+        return ("T", slot, tuple(value.shape), value.stride(), value.dtype)
+    tp = type(value)
+    if tp is list or tp is tuple:
+        return (tp, tuple(_describe(v, slots, tensors) for v in value))
+    if isinstance(value, torch.device):
+        return ("D",)
+    hash(value)  # (TypeError: not cacheable, so not deferrable)
+    return (tp, value)
+
+
+def _meta_value(desc: Any, metas: dict) -> Any:
+    tag = desc[0]
+    if tag == "T":
+        _, slot, shape, stride, dtype = desc
+        meta = metas.get(slot)
+        if meta is None:
+            meta = metas[slot] = torch.empty_strided(shape, stride, dtype=dtype, device=_META)
+        return meta
+    if tag == "D":
+        return _META
+    if tag is list or tag is tuple:
+        return tag(_meta_value(d, metas) for d in desc[1])
+    return desc[1]
+
+
+def _template(result: Any, metas: dict, descs: dict) -> Any:
+    """What each output is: ``("arg", slot)`` (an argument itself) or ``("fresh", shape, stride, dtype)``."""
+    if isinstance(result, torch.Tensor):
+        for slot, meta in metas.items():
+            if result is meta:
+                shape, stride = descs[slot]
+                if tuple(result.shape) != shape or result.stride() != stride:
+                    raise _AtOnce  # a resized out= argument
+                return ("arg", slot)
+        if result._is_view():
+            raise _AtOnce  # a view of an input: its memory is the input's
+        return ("fresh", tuple(result.shape), result.stride(), result.dtype)
+    if type(result) is list or type(result) is tuple:
+        return (type(result), tuple(_template(r, metas, descs) for r in result))
+    if result is None:
+        return None
+    raise _AtOnce  # a host value (a scalar): the host needs it now
+
+
+def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
+    """``(template, tensors)``: the outputs' layout from a meta evaluation, cached by the arguments'
+    metadata; raises ``_AtOnce`` when the kernel can't be deferred."""
+    slots: dict = {}
+    tensors: list = []
+    try:
+        key = (call, _describe(tuple(args), slots, tensors), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
+    except TypeError:
+        raise _AtOnce from None
+    template = _meta_cache.get(key)
+    if template is None:
+        metas: dict = {}
+        try:
+            meta_args = _meta_value(key[1], metas)
+            meta_kwargs = dict(_meta_value(key[2], metas)) if kwargs else {}
+            descs = {slot: (tuple(m.shape), m.stride()) for slot, m in metas.items()}
+            with _NoTorchFunction():
+                result = call(*meta_args, **meta_kwargs)
+            template = _template(result, metas, descs)
+        except Exception:
+            # no meta kernel, a data-dependent shape, an argument error (which the real run raises
+            # at once), a host value: run it now
+            template = False
+        if len(_meta_cache) >= META_CACHE_SIZE:
+            _meta_cache.clear()  # (programs with ever-new shapes: start over rather than grow)
+        _meta_cache[key] = template
+    if template is False:
+        raise _AtOnce
+    return template, tensors
+
+
+def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
+    if template is None:
+        return None
+    tag = template[0]
+    if tag == "arg":
+        return tensors[template[1]]
+    if tag == "fresh":
+        _, shape, stride, dtype = template
+        out = poison(torch.empty_strided(shape, stride, dtype=dtype))
+        fills.append((path, out))
+        return out
+    return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
+
+
+def _refreeze(value: Any, frozen: dict) -> Any:
+    if isinstance(value, torch.Tensor):
+        return frozen.get(id(value), value)
+    if type(value) is list or type(value) is tuple:
+        return type(value)(_refreeze(v, frozen) for v in value)
+    return value
+
+
+# -- the scheduler ---------------------------------------------------------------------------
+
+
+class DeferredScheduler:
+    """Kernels wait in per-stream queues; ``policy`` (a name in :data:`SCHEDULES`, not ``"eager"``)
+    picks which ready kernel runs at each scheduling point. Deterministic for a given program,
+    policy and seed."""
+
+    runs_at_issue = False
+
+    def __init__(self, session: Any, policy: str, seed: int) -> None:
+        self.session = session
+        self.policy = policy
+        self.seed = seed
+        self.rng = random.Random(f"{policy}:{seed}")
+        self.queues: dict[int, deque] = {}
+        self.pending = 0
+        self.order = 0  # issue number of the last deferred kernel
+        self.error: BaseException | None = None  # the first kernel that failed when it ran
+
+    # issue
+    def submit(self, kernel: Any, sync: Any = None) -> Any:
+        """Queue ``kernel`` (bound) and return its outputs: placeholders, or the arguments it writes."""
+        if sync is not None or _is_random(kernel.op):
+            return self.run_now(kernel)
+        try:
+            template, tensors = layout(kernel.call, kernel.args, kernel.kwargs)
+        except _AtOnce:
+            return self.run_now(kernel)
+        fills: list = []
+        result = _placeholders(template, tensors, fills, ())
+        # the kernel runs on the memory, with the layouts of issue time (a later metadata change
+        # of an argument, such as unsqueeze_ or .data =, doesn't reach it)
+        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
+        kernel.args = _refreeze(kernel.args, frozen)
+        if kernel.kwargs:
+            kernel.kwargs = {k: _refreeze(v, frozen) for k, v in kernel.kwargs.items()}
+        kernel.deps = list(kernel.stream.clock)
+        kernel.fills = fills
+        self.order += 1
+        kernel.order = self.order
+        queue = self.queues.get(kernel.stream.idx)
+        if queue is None:
+            queue = self.queues[kernel.stream.idx] = deque()
+        queue.append(kernel)
+        self.pending += 1
+        if self.pending > QUEUE_DEPTH:
+            self._run(min(self._ready(), key=lambda k: k.order))
+        if self.policy == "random":
+            rng = self.rng
+            while self.pending and rng.random() < 0.5:  # the device makes progress meanwhile
+                self._run(rng.choice(self._ready()))
+        return result
+
+    def run_now(self, kernel: Any) -> Any:
+        """Run ``kernel`` now, after everything it is ordered after (a legal schedule)."""
+        stream = kernel.stream
+        deps = list(stream.clock)
+        if kernel.seq and stream.idx < len(deps):
+            deps[stream.idx] = kernel.seq - 1
+        self.drain(deps)
+        with _NoTorchFunction():
+            return kernel.run()
+
+    # running
+    def _blocked(self, clock: Any, skip: int = -1) -> bool:
+        queues = self.queues
+        for j, c in enumerate(clock):
+            if j != skip:
+                q = queues.get(j)
+                if q and q[0].seq <= c:
+                    return True
+        return False
+
+    def _ready(self) -> list:
+        return [q[0] for q in self.queues.values() if q and not self._blocked(q[0].deps, q[0].stream.idx)]
+
+    def _run(self, kernel: Any) -> None:
+        self.queues[kernel.stream.idx].popleft()
+        self.pending -= 1
+        try:
+            # (in inference mode: a placeholder or argument made in inference mode may be updated)
+            with _NoTorchFunction(), _InferenceMode(True):
+                result = kernel.run()
+                for path, out in kernel.fills:
+                    value = result
+                    for i in path:
+                        value = value[i]
+                    if value.shape != out.shape and value.numel() == 0:
+                        continue  # meta and CPU disagree about an unused output (batch norm's saved stats in eval)
+                    out.copy_(value)
+        except Exception as error:  # raised at the next host sync; its outputs stay poisoned
+            if self.error is None:
+                self.error = error
+        kernel.fills = kernel.deps = None
+
+    def _pick(self, ready: list, clock: Any) -> Any:
+        def needed(k: Any) -> bool:
+            i = k.stream.idx
+            return i < len(clock) and k.seq <= clock[i]
+
+        policy = self.policy
+        if policy == "random":
+            return self.rng.choice(ready)
+        wanted = [k for k in ready if needed(k)]
+        if policy == "lazy":
+            return min(wanted or ready, key=lambda k: k.order)
+        # adversarial: the work the sync does not need first, newest first
+        others = [k for k in ready if not needed(k)]
+        return max(others or ready, key=lambda k: k.order)
+
+    def drain(self, clock: Any) -> None:
+        """Run kernels until every kernel ordered by ``clock`` has run."""
+        with self.session._lock:
+            while self.pending and self._blocked(clock):
+                ready = self._ready()
+                if not ready:
+                    raise RuntimeError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
+                self._run(self._pick(ready, clock))
+
+    def drain_all(self) -> None:
+        with self.session._lock:
+            while self.pending:
+                self._run(self._pick(self._ready(), ()))
+
+    def progress(self, clock: Any) -> bool:
+        """``query()``: run one kernel ``clock`` waits for (if any); whether all of them have run."""
+        with self.session._lock:
+            if self.pending and self._blocked(clock):
+                ready = self._ready()
+                def needed(k: Any) -> bool:
+                    i = k.stream.idx
+                    return i < len(clock) and k.seq <= clock[i]
+                wanted = [k for k in ready if needed(k)] or ready
+                self._run(min(wanted, key=lambda k: k.order))
+            return not self._blocked(clock)
+
+    def take_error(self) -> BaseException | None:
+        error, self.error = self.error, None
+        return error

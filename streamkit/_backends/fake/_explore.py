@@ -1,0 +1,174 @@
+"""Schedule exploration: run a program under deferred schedules and compare its values with the
+eager run's. ``fake.explore(fn)`` finds schedules under which a racy program computes wrong values;
+``fake.replay(fn, token)`` reruns one of them bit for bit.
+
+A token is ``"schedule:seed"`` (``"adversarial:0"``, ``"random:7"``): a schedule is a deterministic
+function of the program, the scheduler and its seed, so the token reproduces the run of the same
+program (one host thread, one process).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ._deferred import SCHEDULES
+from ._report import Race
+from ._session import session
+from ._tensor import FakeDeviceTensor
+
+
+@dataclass
+class Run:
+    """One run of the program: its schedule, seed and token, the values it returned (tensors on the
+    host) or the exception it raised, the races recorded, and whether it matched the eager run."""
+
+    schedule: str
+    seed: int
+    values: Any = None
+    error: BaseException | None = None
+    races: list[Race] = field(default_factory=list)
+    ok: bool = True
+
+    @property
+    def token(self) -> str:
+        return f"{self.schedule}:{self.seed}"
+
+    def __repr__(self) -> str:
+        outcome = "ok" if self.ok else (f"raised {self.error!r}" if self.error is not None else "wrong values")
+        return f"<run {self.token}: {outcome}>"
+
+
+@dataclass
+class Exploration:
+    """What :func:`explore` found: ``ok`` (every schedule gave the eager values), ``runs`` (the
+    explored runs, in order), ``failure`` (the first run that differed or raised, else None) and
+    ``reference`` (the eager run)."""
+
+    ok: bool
+    runs: list[Run]
+    failure: Run | None
+    reference: Run
+
+    def __repr__(self) -> str:
+        if self.ok:
+            return f"<exploration ok: {len(self.runs)} schedules gave the eager values>"
+        f = self.failure
+        return f"<exploration failed at {f.token} ({len(self.runs)} runs): {f!r}; replay with fake.replay(fn, {f.token!r})>"
+
+    def explain(self) -> str:
+        """A short explanation of the failure (the eager and the failing values)."""
+        if self.failure is None:
+            return "every explored schedule gave the eager values"
+        f = self.failure
+        lines = [f"schedule {f.token} (fake.replay(fn, {f.token!r}) reproduces it):"]
+        if f.error is not None:
+            lines.append(f"  raised {type(f.error).__name__}: {f.error}")
+        else:
+            lines.append(f"  eager values: {self.reference.values!r}")
+            lines.append(f"  its values:   {f.values!r}")
+        for race in f.races[:3]:
+            lines.append("  race recorded: " + next((line for line in str(race).splitlines() if "first:" in line), "").strip())
+            lines.append("                 " + next((line for line in str(race).splitlines() if "second:" in line), "").strip())
+            lines.append(f"    fix: {race.fix}")
+        return "\n".join(lines)
+
+
+def _to_host(value: Any) -> Any:
+    """The host copy of returned values: fake tensors read once the device is idle."""
+    if isinstance(value, FakeDeviceTensor):
+        return value._inner.clone()  # (after the session drained: the device's final memory)
+    if isinstance(value, torch.Tensor):
+        return value.detach().clone()
+    if isinstance(value, list):
+        return [_to_host(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_to_host(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_host(v) for k, v in value.items()}
+    return value
+
+
+def same_values(a: Any, b: Any) -> bool:
+    """Equal bit for bit (NaN equals NaN), through nested lists, tuples and dicts."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+            return False
+        if a.dtype != b.dtype or a.shape != b.shape:
+            return False
+        if a.dtype.is_floating_point or a.dtype.is_complex:
+            return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(0.0), b.nan_to_num(0.0))
+        return torch.equal(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(same_values(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(same_values(a[k], b[k]) for k in a)
+    if isinstance(a, float) and a != a:
+        return b != b
+    return bool(a == b)
+
+
+def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str) -> Run:
+    run = Run(schedule, seed)
+    try:
+        with session(detect=detect, schedule=schedule, seed=seed) as s:
+            try:
+                values = fn()
+            finally:
+                run.races = s.races
+        run.values = _to_host(values)  # (the session drained at exit)
+    except Exception as error:
+        run.error = error
+        run.ok = False
+    return run
+
+
+def parse_token(token: str) -> tuple[str, int]:
+    """``"schedule:seed"`` as ``(schedule, seed)``; ValueError for anything else."""
+    name, sep, seed = str(token).partition(":")
+    if not sep or name not in SCHEDULES or not seed.lstrip("-").isdigit():
+        raise ValueError(f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES}, got {token!r}")
+    return name, int(seed)
+
+
+def plan(schedules: int, seed: int) -> list[tuple[str, int]]:
+    """The schedules explore() tries, in order: adversarial, lazy, then random seeds."""
+    order = [("adversarial", seed), ("lazy", seed)] + [("random", seed + i) for i in range(max(schedules - 2, 0))]
+    return order[:schedules]
+
+
+def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record") -> Exploration:
+    """Run ``fn`` (which issues fake-device work and returns values) once eagerly, then under
+    ``schedules`` deferred schedules (adversarial, lazy, then random seeds from ``seed``), each in a
+    fresh ``fake.session(detect=detect, ...)``. A run fails when it raises or returns values that
+    differ from the eager run's. If the eager run raises, that exception propagates."""
+    if schedules < 1:
+        raise ValueError(f"explore(schedules): expected at least 1, got {schedules}")
+    reference = _run(fn, "eager", 0, detect)
+    if reference.error is not None:
+        raise reference.error
+    runs: list[Run] = []
+    failure = None
+    for name, s in plan(schedules, seed):
+        run = _run(fn, name, s, detect)
+        if run.error is None:
+            run.ok = same_values(reference.values, run.values)
+        runs.append(run)
+        if not run.ok and failure is None:
+            failure = run
+    return Exploration(failure is None, runs, failure, reference)
+
+
+def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
+    """Rerun ``fn`` under the schedule ``token`` names (from :attr:`Run.token`): the same values,
+    bit for bit. ``ok`` says whether they match an eager run of ``fn`` (made first)."""
+    name, s = parse_token(token)
+    reference = _run(fn, "eager", 0, detect)
+    run = _run(fn, name, s, detect)
+    if run.error is None:
+        run.ok = reference.error is None and same_values(reference.values, run.values)
+    return run
