@@ -207,7 +207,7 @@ def _method(func: Any) -> Any:
             # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
             return _disabled(func, _TYPES, args, kwargs)
         # (from __torch_function__, frame 1 is streamkit's: the walk skips it)
-        site = capture_site(sys._getframe(1)) if session._tracked else None
+        site = capture_site(_getframe(1)) if session._tracked else None
         kernel, result = session._launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync)
         if fast.returns_self:
             return args[0]
@@ -245,6 +245,7 @@ def _unwrap_general(fast: FastPlan, args: tuple, session: Any) -> tuple[Any, Any
 
 
 _NO_KWARGS: dict = {}
+_getframe = sys._getframe
 _grad_enabled = torch.is_grad_enabled
 _any_requires_grad = torch._C._any_requires_grad
 _mode_enabled = torch._C._is_torch_function_mode_enabled
@@ -265,7 +266,7 @@ def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) 
         or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))
     ):
         return _tensor_cpu(self, memory_format=memory_format)
-    site = capture_site(sys._getframe(1)) if session._tracked else None
+    site = capture_site(_getframe(1)) if session._tracked else None
     kwargs = {"memory_format": memory_format}
     _, result = session._launch(_to_copy, _clone, None, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
     return result

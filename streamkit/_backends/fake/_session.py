@@ -27,7 +27,7 @@ from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
 from ._tensor import FakeDeviceTensor, ensure_registered
-from ._tracking import POOL_SIZE, AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
+from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
 
 DETECT_MODES = ("raise", "record", "off")
 # CUDA maps priorities outside the device's range to the nearest valid one; fake uses [-5, 0].
@@ -217,10 +217,10 @@ class Session:
             if self._pending is not None:
                 self._raise_pending()
             self.stats.kernels += 1
-            eager = self._eager  # then the kernel runs right here and keeps no arguments
             if self._tracked:
                 clock = stream.clock  # Clocks.issue, inline
-                seq = clock[stream.idx] = clock[stream.idx] + 1
+                idx = stream.idx
+                seq = clock[idx] = clock[idx] + 1
                 kernel = Kernel(op, stream, seq, site)
                 try:
                     self._check(accesses, stream, kernel)
@@ -230,7 +230,7 @@ class Session:
             else:
                 kernel = Kernel(op, stream, 0, None)
             try:
-                if eager:
+                if self._eager:  # the kernel runs right here and keeps no arguments
                     result = call(*args, **kwargs) if kwargs else call(*args)
                 else:
                     result = self._scheduler.submit(kernel.bind(call, args, kwargs), sync)
@@ -313,12 +313,7 @@ class Session:
         with self._lock:
             pending = Detector.unordered_at_free(state, self._clocks.reuse_clock(state.alloc_stream))
             if not pending:
-                # other streams' uses are ordered before the allocation stream: into its pool
-                state.session = None
-                freed = state.alloc_stream.freed
-                freed.append(state)
-                if len(freed) > POOL_SIZE:
-                    del freed[: POOL_SIZE // 2]
+                state.pool()  # other streams' uses are ordered before the allocation stream
                 return
             if self.detect == "off":
                 return  # (clocks kept for a deferred schedule only)

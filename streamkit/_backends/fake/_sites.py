@@ -40,8 +40,9 @@ _internal_codes: dict[str, bool] = {}  # filename -> torch/streamkit internal?
 _MAX_SKIPPED = 64
 
 
-# (id(code), lasti, depth) of a starting frame -> (its code, the frames the walk passed beyond it
-# as (code, lasti) pairs, the site). A hit is checked against the live frames, so it is exact.
+# (id(code), lasti) of a starting frame -> (its code, the frames the walk passed beyond it as
+# (code, lasti) pairs, the site, whether the walk reached the top, the depth). A hit is checked
+# against the live frames, so it is exact.
 _site_cache: dict[tuple, tuple] = {}
 _SITE_CACHE_SIZE = 4096
 
@@ -59,9 +60,9 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> tuple:
     """
     code = frame.f_code
     lasti = frame.f_lasti
-    key = (id(code), lasti, depth)
+    key = (id(code), lasti)
     entry = _site_cache.get(key)
-    if entry is not None and entry[0] is code:
+    if entry is not None and entry[0] is code and entry[4] == depth:
         f = frame
         for c, offset in entry[1]:
             f = f.f_back
@@ -73,7 +74,7 @@ def capture_site(frame: Any, depth: int = STACK_DEPTH) -> tuple:
     site, passed, reached_top = _walk(frame, depth)
     if len(_site_cache) >= _SITE_CACHE_SIZE:
         _site_cache.clear()
-    _site_cache[key] = (code, passed, site, reached_top)
+    _site_cache[key] = (code, passed, site, reached_top, depth)
     return site
 
 

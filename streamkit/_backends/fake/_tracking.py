@@ -161,8 +161,6 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
     return (offset * size, (offset + extent) * size)
 
 
-#: freed blocks (with access history) a stream's pool remembers; older ones are forgotten
-POOL_SIZE = 16
 #: the caching allocator rounds sizes up to multiples of this (CUDACachingAllocator ``kMinBlockSize``)
 BLOCK_ROUND = 512
 
@@ -222,14 +220,15 @@ class StorageState:
                         pass
                     return
         if (self.writes or self.reads) and not session.closed:
-            # Into the allocation stream's pool, history and all: the next allocation there of this
-            # size takes it over (this object outlives its finalizer; it is not called again).
-            # (Dropping the session reference keeps the pool from holding the session alive.)
-            self.session = None
-            freed = self.alloc_stream.freed
-            freed.append(self)
-            if len(freed) > POOL_SIZE:
-                del freed[: POOL_SIZE // 2]
+            self.session = None  # self.pool(), inline: this runs for every freed temporary
+            self.alloc_stream.freed.append(self)
+
+    def pool(self) -> None:
+        """Into the allocation stream's pool, history and all: the next allocation there of this
+        size takes it over (this object outlives its finalizer; it is not called again). Dropping
+        the session reference keeps the pool from holding the session alive."""
+        self.session = None
+        self.alloc_stream.freed.append(self)
 
 
 class Kernel:
