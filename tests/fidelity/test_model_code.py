@@ -198,3 +198,29 @@ def test_copies_and_half_made_storage_states_print_nothing(fake_session, monkeyp
     half_made = state_type.__new__(state_type)
     del half_made, copies
     assert unraisable == []
+
+
+# CUDA: without autograd keys (inference tensors) composite ops such as Tensor.to, reshape and flatten still run their decomposition: .to("cpu") is a device-to-host copy, never an alias of the device tensor (aten/src/ATen/native/native_functions.yaml: CompositeImplicitAutograd)
+def test_composite_ops_on_inference_tensors_run_their_decomposition():
+    with fake.session(detect="record") as s:
+        side = sk.Stream()
+        with torch.inference_mode():
+            y = torch.arange(6.0, device=s.device) * 3  # <comp-write>
+            with sk.switch(side):
+                total = y.reshape(3, 2).sum()  # <comp-read>
+            moved = y.to("cpu")
+            pinned = y.to("cpu", non_blocking=True)
+            as_double = y.to(torch.float64)
+            flat = y.reshape(2, 3).contiguous().flatten()
+        sk.synchronize()
+        expected = torch.arange(6.0) * 3
+        assert type(moved) is torch.Tensor and moved.device.type == "cpu"
+        torch.testing.assert_close(moved, expected)
+        assert pinned.device.type == "cpu" and pinned.is_pinned()
+        torch.testing.assert_close(torch.Tensor(pinned.clone()), expected)
+        assert as_double.device == s.device and as_double.dtype == torch.float64
+        torch.testing.assert_close(flat.cpu(), expected)
+        assert total.item() == expected.sum().item()
+    (race,) = s.races
+    assert (race.first.kind, race.first.lineno) == ("write", marker_line(__file__, "comp-write"))
+    assert (race.second.kind, race.second.stream, race.second.lineno) == ("read", side, marker_line(__file__, "comp-read"))

@@ -357,6 +357,27 @@ def _arg(plan: OpPlan, args: Any, kwargs: dict, index: int) -> Any:
 
 def _choose_handler(plan: OpPlan) -> Any:
     name = plan.name
+    if name not in _METADATA_QUERIES and torch._C._dispatch_has_kernel_for_dispatch_key(
+        plan.op.name(), "CompositeImplicitAutograd"
+    ):
+        # Only tensors without autograd keys (inference tensors) reach a composite op here: for the
+        # rest PyTorch decomposes it before Python dispatch. Decompose it the same way, so that
+        # x.to("cpu") under inference_mode is the _to_copy it is otherwise (not an alias of x).
+        return _decomposed
+    return _choose_direct_handler(plan)
+
+
+def _decomposed(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+    """A CompositeImplicitAutograd op: run its decomposition (its ops come back through dispatch)."""
+    out = plan.op.decompose(*args, **kwargs)
+    if out is NotImplemented:  # (no composite kernel after all: handle it directly from now on)
+        plan.handler = _choose_direct_handler(plan)
+        return plan.handler(plan, args, kwargs)
+    return out
+
+
+def _choose_direct_handler(plan: OpPlan) -> Any:
+    name = plan.name
     if name in SYNCING_OPS:
         plan.host_sync = "implicit_syncs"
     elif plan.outputs and str(plan.op._schema.returns[0].type) in _HOST_SCALAR_TYPES:
