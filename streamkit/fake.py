@@ -15,7 +15,9 @@ from ._backends.fake import (  # noqa: F401
     TensorInfo,
     __all__,
     explore,
+    parse_token,
     peek,
+    plan,
     replay,
     session,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
-from ._explore import Exploration, Run, explore, replay
+from ._explore import Exploration, Run, explore, parse_token, plan, replay
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 
@@ -18,5 +18,5 @@ backend_class = FakeBackend
 
 __all__ = [
     "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
-    "Stats", "TensorInfo", "explore", "peek", "replay", "session",
+    "Stats", "TensorInfo", "explore", "parse_token", "peek", "plan", "replay", "session",
 ]

@@ -2,7 +2,8 @@
 eager run's. ``fake.explore(fn)`` finds schedules under which a racy program computes wrong values;
 ``fake.replay(fn, token)`` reruns one of them bit for bit.
 
-A token is ``"schedule:seed"`` (``"adversarial:0"``, ``"random:7"``): a schedule is a deterministic
+A token is ``"schedule:seed"`` (``"adversarial:0"``, ``"random:7"``), or ``"pct:seed:depth"``
+(``"pct:3:3"``) for PCT schedules: a schedule is a deterministic
 function of the program, the scheduler and its seed, so the token reproduces the run of the same
 program (one host thread, one process).
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._deferred import SCHEDULES
+from ._deferred import PCT_DEPTH, SCHEDULES
 from ._report import Race
 from ._session import session
 from ._tensor import FakeDeviceTensor
@@ -27,6 +28,7 @@ class Run:
 
     schedule: str
     seed: int
+    depth: int = PCT_DEPTH  # (pct only)
     values: Any = None
     error: BaseException | None = None
     races: list[Race] = field(default_factory=list)
@@ -34,6 +36,8 @@ class Run:
 
     @property
     def token(self) -> str:
+        if self.schedule == "pct":
+            return f"pct:{self.seed}:{self.depth}"
         return f"{self.schedule}:{self.seed}"
 
     def __repr__(self) -> str:
@@ -112,10 +116,10 @@ def same_values(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str) -> Run:
-    run = Run(schedule, seed)
+def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH) -> Run:
+    run = Run(schedule, seed, depth)
     try:
-        with session(detect=detect, schedule=schedule, seed=seed) as s:
+        with session(detect=detect, schedule=schedule, seed=seed, depth=depth) as s:
             try:
                 values = fn()
             finally:
@@ -127,23 +131,45 @@ def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str) -> Run:
     return run
 
 
-def parse_token(token: str) -> tuple[str, int]:
-    """``"schedule:seed"`` as ``(schedule, seed)``; ValueError for anything else."""
-    name, sep, seed = str(token).partition(":")
-    if not sep or name not in SCHEDULES or not seed.lstrip("-").isdigit():
-        raise ValueError(f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES}, got {token!r}")
-    return name, int(seed)
+def parse_token(token: str) -> tuple[str, int, int]:
+    """``"schedule:seed"`` (or ``"pct:seed:depth"``) as ``(schedule, seed, depth)`` (depth
+    :data:`PCT_DEPTH` where the token has none); ValueError for anything else."""
+    parts = str(token).split(":")
+    name = parts[0]
+    expected = 3 if name == "pct" else 2
+    if (
+        name not in SCHEDULES
+        or len(parts) != expected
+        or not parts[1].lstrip("-").isdigit()
+        or (expected == 3 and not (parts[2].isdigit() and int(parts[2]) >= 1))
+    ):
+        raise ValueError(
+            f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES}, or 'pct:seed:depth', got {token!r}"
+        )
+    return name, int(parts[1]), int(parts[2]) if expected == 3 else PCT_DEPTH
 
 
-def plan(schedules: int, seed: int) -> list[tuple[str, int]]:
-    """The schedules explore() tries, in order: adversarial, lazy, then random seeds."""
-    order = [("adversarial", seed), ("lazy", seed)] + [("random", seed + i) for i in range(max(schedules - 2, 0))]
-    return order[:schedules]
+def plan(schedules: int, seed: int) -> list[tuple[str, int, int]]:
+    """The schedules explore() tries, in order, as ``(schedule, seed, depth)``: adversarial, lazy,
+    then random and pct (depth :data:`PCT_DEPTH`) alternating, seeds counting up from ``seed``."""
+    order = [("adversarial", seed, PCT_DEPTH), ("lazy", seed, PCT_DEPTH)]
+    i = 0
+    while len(order) < schedules:
+        order.append(("random", seed + i, PCT_DEPTH))
+        order.append(("pct", seed + i, PCT_DEPTH))
+        i += 1
+    return order[: max(schedules, 0)]
+
+
+def token_of(schedule: str, seed: int, depth: int = PCT_DEPTH) -> str:
+    """The token of one run."""
+    return Run(schedule, seed, depth).token
 
 
 def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record") -> Exploration:
     """Run ``fn`` (which issues fake-device work and returns values) once eagerly, then under
-    ``schedules`` deferred schedules (adversarial, lazy, then random seeds from ``seed``), each in a
+    ``schedules`` deferred schedules (:func:`plan`: adversarial, lazy, then random and pct seeds
+    from ``seed``, alternating), each in a
     fresh ``fake.session(detect=detect, ...)``. A run fails when it raises or returns values that
     differ from the eager run's. If the eager run raises, that exception propagates."""
     if schedules < 1:
@@ -153,8 +179,8 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
         raise reference.error
     runs: list[Run] = []
     failure = None
-    for name, s in plan(schedules, seed):
-        run = _run(fn, name, s, detect)
+    for name, s, depth in plan(schedules, seed):
+        run = _run(fn, name, s, detect, depth)
         if run.error is None:
             run.ok = same_values(reference.values, run.values)
         runs.append(run)
@@ -166,9 +192,9 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
 def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
     """Rerun ``fn`` under the schedule ``token`` names (from :attr:`Run.token`): the same values,
     bit for bit. ``ok`` says whether they match an eager run of ``fn`` (made first)."""
-    name, s = parse_token(token)
+    name, s, depth = parse_token(token)
     reference = _run(fn, "eager", 0, detect)
-    run = _run(fn, name, s, detect)
+    run = _run(fn, name, s, detect, depth)
     if run.error is None:
         run.ok = reference.error is None and same_values(reference.values, run.values)
     return run
