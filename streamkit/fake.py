@@ -2,6 +2,7 @@
 :mod:`streamkit._backends.fake`, registered like every other backend)."""
 
 from ._backends.fake import (  # noqa: F401
+    PCT_DEPTH,
     Access,
     Exploration,
     FakeBackend,
