@@ -71,7 +71,7 @@ def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int
     seed = marker.kwargs.get("seed")
     if seed is None:
         seed = zlib.crc32(item.nodeid.encode())  # (stable across runs and machines: CI reproduces it)
-    return [("eager", 0, fake.PCT_DEPTH)] + fake.plan(schedules - 1, seed)
+    return [("eager", 0, fake.PCT_DEPTH, None)] + fake.plan(schedules - 1, seed)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -87,10 +87,10 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
     detect = marker.kwargs.get("detect", "record")
     funcargs = pyfuncitem.funcargs
     testargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    for n, (schedule, seed, depth) in enumerate(runs, 1):
-        token = fake.Run(schedule, seed, depth).token
+    for n, (schedule, seed, depth, target) in enumerate(runs, 1):
+        token = fake.Run(schedule, seed, depth, target).token
         try:
-            with fake.session(detect=detect, schedule=schedule, seed=seed, depth=depth) as s:
+            with fake.session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
                 if "fake_session" in testargs:
                     testargs["fake_session"] = s
                 pyfuncitem.obj(**testargs)

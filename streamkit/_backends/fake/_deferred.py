@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 #: the schedules ``fake.session(schedule=...)`` accepts
-SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct")
+SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race")
 #: ``schedule="pct"``: the default bug depth (priority change points = depth - 1)
 PCT_DEPTH = 3
 #: ``schedule="pct"``: the estimated number of steps (kernel issues plus kernel runs) among which
@@ -185,8 +185,12 @@ class DeferredScheduler:
 
     runs_at_issue = False
 
-    def __init__(self, session: Any, policy: str, seed: int, depth: int = PCT_DEPTH) -> None:
+    def __init__(self, session: Any, policy: str, seed: int, depth: int = PCT_DEPTH, target: Any = None) -> None:
         self.session = session
+        # "race": lazy, except that the kernel ``target[1]`` (stream, seq) runs before ``target[0]``
+        # whenever some legal order allows it (a race the detector reported, reversed)
+        self.target = target
+        self.target_ran = [False, False]
         self.policy = policy
         self.seed = seed
         self.depth = depth
@@ -294,6 +298,11 @@ class DeferredScheduler:
         self.pending -= 1
         if self.pct:
             self._pct_step(kernel.stream.idx)
+        elif self.target is not None:
+            key = (kernel.stream.idx, kernel.seq)
+            for i in (0, 1):
+                if key == self.target[i]:
+                    self.target_ran[i] = True
         try:
             # (in inference mode: a placeholder or argument made in inference mode may be updated)
             with _NoTorchFunction(), _InferenceMode(True):
@@ -320,8 +329,17 @@ class DeferredScheduler:
             return self.rng.choice(ready)
         if policy == "pct":
             return self._pct_best(ready)
+        if policy == "race" and not any(self.target_ran):
+            first, second = self.target
+            others = [k for k in ready if (k.stream.idx, k.seq) != first]
+            for k in others:
+                if (k.stream.idx, k.seq) == second:
+                    return k
+            if others:  # (anything but the first kernel: what the sync needs first, oldest first)
+                wanted = [k for k in others if needed(k)]
+                return min(wanted or others, key=lambda k: k.order)
         wanted = [k for k in ready if needed(k)]
-        if policy == "lazy":
+        if policy == "lazy" or policy == "race":
             return min(wanted or ready, key=lambda k: k.order)
         # adversarial: the work the sync does not need first, newest first
         others = [k for k in ready if not needed(k)]

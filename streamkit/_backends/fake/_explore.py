@@ -29,6 +29,7 @@ class Run:
     schedule: str
     seed: int
     depth: int = PCT_DEPTH  # (pct only)
+    target: Any = None  # (race only: ((stream, seq), (stream, seq)), the second kernel runs first)
     values: Any = None
     error: BaseException | None = None
     races: list[Race] = field(default_factory=list)
@@ -38,6 +39,9 @@ class Run:
     def token(self) -> str:
         if self.schedule == "pct":
             return f"pct:{self.seed}:{self.depth}"
+        if self.schedule == "race":
+            (i, a), (j, b) = self.target
+            return f"race:{i}.{a}:{j}.{b}"
         return f"{self.schedule}:{self.seed}"
 
     def __repr__(self) -> str:
@@ -116,10 +120,10 @@ def same_values(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH) -> Run:
-    run = Run(schedule, seed, depth)
+def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH, target: Any = None) -> Run:
+    run = Run(schedule, seed, depth, target)
     try:
-        with session(detect=detect, schedule=schedule, seed=seed, depth=depth) as s:
+        with session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
             try:
                 values = fn()
             finally:
@@ -131,45 +135,65 @@ def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: in
     return run
 
 
-def parse_token(token: str) -> tuple[str, int, int]:
-    """``"schedule:seed"`` (or ``"pct:seed:depth"``) as ``(schedule, seed, depth)`` (depth
-    :data:`PCT_DEPTH` where the token has none); ValueError for anything else."""
+def _kernel_id(text: str) -> tuple[int, int]:
+    stream, sep, seq = text.partition(".")
+    if not (sep and stream.isdigit() and seq.isdigit()):
+        raise ValueError(text)
+    return int(stream), int(seq)
+
+
+def parse_token(token: str) -> tuple[str, int, int, Any]:
+    """A token as ``(schedule, seed, depth, target)``: ``"schedule:seed"`` (depth
+    :data:`PCT_DEPTH`, target None), ``"pct:seed:depth"``, or ``"race:S.N:S.N"`` (seed 0; target the
+    two kernels as ``(stream, seq)`` pairs); ValueError for anything else."""
     parts = str(token).split(":")
     name = parts[0]
-    expected = 3 if name == "pct" else 2
-    if (
-        name not in SCHEDULES
-        or len(parts) != expected
-        or not parts[1].lstrip("-").isdigit()
-        or (expected == 3 and not (parts[2].isdigit() and int(parts[2]) >= 1))
-    ):
-        raise ValueError(
-            f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES}, or 'pct:seed:depth', got {token!r}"
-        )
-    return name, int(parts[1]), int(parts[2]) if expected == 3 else PCT_DEPTH
+    try:
+        if name == "race" and len(parts) == 3:
+            return name, 0, PCT_DEPTH, (_kernel_id(parts[1]), _kernel_id(parts[2]))
+        expected = 3 if name == "pct" else 2
+        if name in SCHEDULES and name != "race" and len(parts) == expected and parts[1].lstrip("-").isdigit():
+            depth = int(parts[2]) if expected == 3 and parts[2].isdigit() else PCT_DEPTH if expected == 2 else 0
+            if depth >= 1:
+                return name, int(parts[1]), depth, None
+    except ValueError:
+        pass
+    raise ValueError(
+        f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES[:-2]}, 'pct:seed:depth' or"
+        f" 'race:S.N:S.N', got {token!r}"
+    )
 
 
-def plan(schedules: int, seed: int) -> list[tuple[str, int, int]]:
-    """The schedules explore() tries, in order, as ``(schedule, seed, depth)``: adversarial, lazy,
-    then random and pct (depth :data:`PCT_DEPTH`) alternating, seeds counting up from ``seed``."""
-    order = [("adversarial", seed, PCT_DEPTH), ("lazy", seed, PCT_DEPTH)]
+def plan(schedules: int, seed: int) -> list[tuple[str, int, int, Any]]:
+    """The schedules explore() tries after the race-directed ones, in order, as ``(schedule, seed,
+    depth, target)``: adversarial, lazy, then random and pct (depth :data:`PCT_DEPTH`)
+    alternating, seeds counting up from ``seed``."""
+    order: list[tuple[str, int, int, Any]] = [("adversarial", seed, PCT_DEPTH, None), ("lazy", seed, PCT_DEPTH, None)]
     i = 0
     while len(order) < schedules:
-        order.append(("random", seed + i, PCT_DEPTH))
-        order.append(("pct", seed + i, PCT_DEPTH))
+        order.append(("random", seed + i, PCT_DEPTH, None))
+        order.append(("pct", seed + i, PCT_DEPTH, None))
         i += 1
     return order[: max(schedules, 0)]
 
 
-def token_of(schedule: str, seed: int, depth: int = PCT_DEPTH) -> str:
-    """The token of one run."""
-    return Run(schedule, seed, depth).token
+def directed(races: list[Race]) -> list[tuple[str, int, int, Any]]:
+    """One race-directed schedule per race between two kernels (in report order, each pair once):
+    ``("race", 0, PCT_DEPTH, (first, second))``, under which the second kernel runs first."""
+    found: list[tuple[str, int, int, Any]] = []
+    for race in races:
+        if race.kernels is not None and race.kernels[0][0] != race.kernels[1][0]:
+            entry = ("race", 0, PCT_DEPTH, race.kernels)
+            if entry not in found:
+                found.append(entry)
+    return found
 
 
 def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record") -> Exploration:
     """Run ``fn`` (which issues fake-device work and returns values) once eagerly, then under
-    ``schedules`` deferred schedules (:func:`plan`: adversarial, lazy, then random and pct seeds
-    from ``seed``, alternating), each in a
+    ``schedules`` deferred schedules (first one race-directed schedule per race between kernels the
+    eager run recorded, :func:`directed`; then :func:`plan`: adversarial, lazy, then random and pct
+    seeds from ``seed``, alternating), each in a
     fresh ``fake.session(detect=detect, ...)``. A run fails when it raises or returns values that
     differ from the eager run's. If the eager run raises, that exception propagates."""
     if schedules < 1:
@@ -179,8 +203,10 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
         raise reference.error
     runs: list[Run] = []
     failure = None
-    for name, s, depth in plan(schedules, seed):
-        run = _run(fn, name, s, detect, depth)
+    runs_planned = directed(reference.races)[:schedules]
+    runs_planned += plan(schedules - len(runs_planned), seed)
+    for name, s, depth, target in runs_planned:
+        run = _run(fn, name, s, detect, depth, target)
         if run.error is None:
             run.ok = same_values(reference.values, run.values)
         runs.append(run)
@@ -192,9 +218,9 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
 def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
     """Rerun ``fn`` under the schedule ``token`` names (from :attr:`Run.token`): the same values,
     bit for bit. ``ok`` says whether they match an eager run of ``fn`` (made first)."""
-    name, s, depth = parse_token(token)
+    name, s, depth, target = parse_token(token)
     reference = _run(fn, "eager", 0, detect)
-    run = _run(fn, name, s, detect, depth)
+    run = _run(fn, name, s, detect, depth, target)
     if run.error is None:
         run.ok = reference.error is None and same_values(reference.values, run.values)
     return run

@@ -90,7 +90,9 @@ class Session:
     :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`; the rest is the engine.
     """
 
-    def __init__(self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH) -> None:
+    def __init__(
+        self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+    ) -> None:
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         if schedule is None:
@@ -99,6 +101,8 @@ class Session:
             raise ValueError(f"session(schedule): expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
         if type(depth) is not int or depth < 1:
             raise ValueError(f"session(depth): expected an int >= 1, got {depth!r}")
+        if (schedule == "race") != (target is not None):
+            raise ValueError('session(target): schedule="race" takes target=((stream, seq), (stream, seq)), the others none')
         ensure_registered()
         self.schedule = schedule
         self.seed = seed
@@ -112,7 +116,7 @@ class Session:
         self._tracked = detect != "off" or schedule != "eager"
         self._lock = threading.RLock()
         self._clocks = Clocks()
-        self._scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth)
+        self._scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
         self._eager = self._scheduler.runs_at_issue
         self._reporter = Reporter(self.races, self._wrap_stream)
         self._detector = Detector(self._on_race, self._clocks.host)
@@ -529,7 +533,9 @@ _active.set_default_factory(lambda: Session("raise"))
 
 
 @contextmanager
-def session(detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH) -> Iterator[Session]:
+def session(
+    detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+) -> Iterator[Session]:
     """Open a fake session: the fake backend becomes the active backend for every ``sk.*`` call
     (process-wide) until the block ends.
 
@@ -554,7 +560,7 @@ def session(detect: str = "raise", schedule: str | None = None, seed: int = 0, d
         with block:
             yield block
         return
-    s = Session(detect, schedule, seed, depth)
+    s = Session(detect, schedule, seed, depth, target)
     with s:
         yield s
 
