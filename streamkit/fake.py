@@ -15,6 +15,7 @@ from ._backends.fake import (  # noqa: F401
     Stats,
     TensorInfo,
     __all__,
+    directed,
     explore,
     parse_token,
     peek,

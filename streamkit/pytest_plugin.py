@@ -6,7 +6,8 @@
 - ``fake_session``: a ``fake.session(detect="raise")`` for the test.
 - ``@pytest.mark.streamkit_backends("fake", "cuda")``: run ``streamkit_backend`` on these only.
 - ``@pytest.mark.streamkit_explore(schedules=20, seed=None, detect="record")``: run the test body
-  under that many fake schedules (eager first, then ``fake.plan``'s order), each in a fresh
+  under that many fake schedules (eager first, then explore's order: race-directed runs for the
+  races the eager run recorded, then ``fake.plan``'s), each in a fresh
   ``fake.session``; ``fake_session`` gives the current run's session. A failing run fails the test
   with its ``--streamkit-replay=TOKEN``. The seed defaults to ``zlib.crc32`` of the node id.
   Options: ``--streamkit-replay=TOKEN`` (run only that schedule), ``--streamkit-schedules=N``.
@@ -87,19 +88,29 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
     detect = marker.kwargs.get("detect", "record")
     funcargs = pyfuncitem.funcargs
     testargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    for n, (schedule, seed, depth, target) in enumerate(runs, 1):
+    n = 0
+    while n < len(runs):
+        schedule, seed, depth, target = runs[n]
+        n += 1
         token = fake.Run(schedule, seed, depth, target).token
         try:
             with fake.session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
                 if "fake_session" in testargs:
                     testargs["fake_session"] = s
-                pyfuncitem.obj(**testargs)
+                try:
+                    pyfuncitem.obj(**testargs)
+                finally:
+                    races = list(s.races)
         except Exception as error:
             raise AssertionError(
                 f"streamkit_explore: failed under schedule {token} (run {n} of {len(runs)}):"
                 f" {type(error).__name__}: {error}\n"
                 f"rerun that schedule alone with: pytest {pyfuncitem.nodeid!r} --streamkit-replay={token}"
             ) from error
+        if n == 1 and schedule == "eager" and len(runs) > 1:
+            # explore's order: one race-directed run per race the eager run recorded, first
+            found = fake.directed(races)[: len(runs) - 1]
+            runs = runs[:1] + found + runs[1 : len(runs) - len(found)]
     return True
 
 

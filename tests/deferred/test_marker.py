@@ -31,14 +31,15 @@ def test_a_racy_test_fails_with_its_replay_token_and_the_token_reruns_that_sched
     result = pytester.runpytest("-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     out = result.stdout.str()
-    token = re.search(r"--streamkit-replay=([a-z]+:-?\d+(?::\d+)?)", out).group(1)
-    seed = zlib.crc32(b"test_racy.py::test_side_sum")
-    assert token == f"adversarial:{seed}"  # eager passes; adversarial, run 2 of 4, is the first to fail
+    token = re.search(r"--streamkit-replay=([a-z]+:[-\d.]+(?::[\d.]+)?)", out).group(1)
+    assert token == "race:0.2:1.1"  # eager passes (recording the race); the race reversed, run 2 of 4, fails
     assert "run 2 of 4" in out
     again = pytester.runpytest("-p", "no:cacheprovider", f"--streamkit-replay={token}")
     again.assert_outcomes(failed=1)
     again.stdout.fnmatch_lines([f"*failed under schedule {token} (run 1 of 1)*"])
     pytester.runpytest("-p", "no:cacheprovider", "--streamkit-replay=eager:0").assert_outcomes(passed=1)
+    seed = zlib.crc32(b"test_racy.py::test_side_sum")
+    pytester.runpytest("-p", "no:cacheprovider", f"--streamkit-replay=adversarial:{seed}").assert_outcomes(failed=1)
 
 
 def test_the_fixed_test_passes_under_every_schedule(pytester):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
 from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, explore, parse_token, plan, replay
+from ._explore import Exploration, Run, directed, explore, parse_token, plan, replay
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 
@@ -19,5 +19,5 @@ backend_class = FakeBackend
 
 __all__ = [
     "PCT_DEPTH", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
-    "Stats", "TensorInfo", "explore", "parse_token", "peek", "plan", "replay", "session",
+    "Stats", "TensorInfo", "directed", "explore", "parse_token", "peek", "plan", "replay", "session",
 ]
