@@ -82,8 +82,10 @@ class Session:
     """A fake device: streams with CUDA semantics, an eager scheduler and a race detector.
 
     ``schedule``: ``"eager"`` runs each kernel at issue (the default; ``None`` takes
-    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``
-    ``"random"`` (with ``seed``) and ``"pct"`` (with ``seed`` and ``depth``) defer kernels (:mod:`._deferred`, docs/exploration.md).
+    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``,
+    ``"random"`` (with ``seed``), ``"pct"`` (with ``seed`` and ``depth``) and ``"race"`` (with
+    ``target``, two kernels as ``(stream, seq)``: the second runs first) defer kernels
+    (:mod:`._deferred`, docs/exploration.md).
 
     Use it through :func:`session`. While open it is the active backend of every ``sk.*`` call and
     the home of every tensor created on :attr:`device`. Public: :attr:`detect`, :attr:`races`,
@@ -103,6 +105,13 @@ class Session:
             raise ValueError(f"session(depth): expected an int >= 1, got {depth!r}")
         if (schedule == "race") != (target is not None):
             raise ValueError('session(target): schedule="race" takes target=((stream, seq), (stream, seq)), the others none')
+        if target is not None:
+            try:
+                target = tuple((int(stream), int(seq)) for stream, seq in target)
+                if len(target) != 2:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(f"session(target): expected ((stream, seq), (stream, seq)), got {target!r}") from None
         ensure_registered()
         self.schedule = schedule
         self.seed = seed
