@@ -2,6 +2,7 @@
 :mod:`streamkit._backends.fake`, registered like every other backend)."""
 
 from ._backends.fake import (  # noqa: F401
+    PCT_DEPTH,
     Access,
     Exploration,
     FakeBackend,
@@ -14,8 +15,11 @@ from ._backends.fake import (  # noqa: F401
     Stats,
     TensorInfo,
     __all__,
+    directed,
     explore,
+    parse_token,
     peek,
+    plan,
     replay,
     session,
 )

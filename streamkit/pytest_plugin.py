@@ -5,6 +5,12 @@
   ``fake.session(detect="raise")`` is open for the test).
 - ``fake_session``: a ``fake.session(detect="raise")`` for the test.
 - ``@pytest.mark.streamkit_backends("fake", "cuda")``: run ``streamkit_backend`` on these only.
+- ``@pytest.mark.streamkit_explore(schedules=20, seed=None, detect="record")``: run the test body
+  under that many fake schedules (eager first, then explore's order: race-directed runs for the
+  races the eager run recorded, then ``fake.plan``'s), each in a fresh
+  ``fake.session``; ``fake_session`` gives the current run's session. A failing run fails the test
+  with its ``--streamkit-replay=TOKEN``. The seed defaults to ``zlib.crc32`` of the node id.
+  Options: ``--streamkit-replay=TOKEN`` (run only that schedule), ``--streamkit-schedules=N``.
 
 Write a stream-semantics test once against ``streamkit_backend`` and it runs on every device the
 machine has.
@@ -12,6 +18,8 @@ machine has.
 
 from __future__ import annotations
 
+import importlib
+import zlib
 from typing import Any, Iterator
 
 import pytest
@@ -19,10 +27,91 @@ import pytest
 from . import _backend
 
 
+def pytest_addoption(parser: Any) -> None:
+    group = parser.getgroup("streamkit")
+    group.addoption(
+        "--streamkit-replay",
+        metavar="TOKEN",
+        default=None,
+        help="run streamkit_explore tests under this schedule only (a token from a failure: 'random:7', 'pct:3:3')",
+    )
+    group.addoption(
+        "--streamkit-schedules",
+        metavar="N",
+        type=int,
+        default=None,
+        help="run streamkit_explore tests under N schedules (overrides the marker's count)",
+    )
+
+
 def pytest_configure(config: Any) -> None:
     config.addinivalue_line(
         "markers", "streamkit_backends(*names): run the streamkit_backend fixture only on these backends"
     )
+    config.addinivalue_line(
+        "markers",
+        "streamkit_explore(schedules=20, seed=None, detect='record'): run the test body under that many fake"
+        " schedules (eager first), each in a fresh fake session",
+    )
+
+
+def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int]]:
+    """The runs of a ``streamkit_explore`` test: ``(schedule, seed, depth)`` each."""
+    config = item.config
+    token = config.getoption("--streamkit-replay", None)
+    if token:
+        try:
+            return [fake.parse_token(token)]
+        except ValueError as error:
+            raise pytest.UsageError(f"--streamkit-replay: {error}") from None
+    schedules = config.getoption("--streamkit-schedules", None)
+    if schedules is None:
+        schedules = marker.kwargs.get("schedules", marker.args[0] if marker.args else 20)
+    if type(schedules) is not int or schedules < 1:
+        raise pytest.UsageError(f"streamkit_explore: schedules must be an int >= 1, got {schedules!r} ({item.nodeid})")
+    seed = marker.kwargs.get("seed")
+    if seed is None:
+        seed = zlib.crc32(item.nodeid.encode())  # (stable across runs and machines: CI reproduces it)
+    return [("eager", 0, fake.PCT_DEPTH, None)] + fake.plan(schedules - 1, seed)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
+    marker = pyfuncitem.get_closest_marker("streamkit_explore")
+    if marker is None:
+        return None
+    reason = _backend.unavailable_reason("fake")
+    if reason is not None:
+        pytest.skip(reason)
+    fake = importlib.import_module("streamkit.fake")
+    runs = _explore_runs(pyfuncitem, marker, fake)
+    detect = marker.kwargs.get("detect", "record")
+    funcargs = pyfuncitem.funcargs
+    testargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
+    n = 0
+    while n < len(runs):
+        schedule, seed, depth, target = runs[n]
+        n += 1
+        token = fake.Run(schedule, seed, depth, target).token
+        try:
+            with fake.session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
+                if "fake_session" in testargs:
+                    testargs["fake_session"] = s
+                try:
+                    pyfuncitem.obj(**testargs)
+                finally:
+                    races = list(s.races)
+        except Exception as error:
+            raise AssertionError(
+                f"streamkit_explore: failed under schedule {token} (run {n} of {len(runs)}):"
+                f" {type(error).__name__}: {error}\n"
+                f"rerun that schedule alone with: pytest {pyfuncitem.nodeid!r} --streamkit-replay={token}"
+            ) from error
+        if n == 1 and schedule == "eager" and len(runs) > 1:
+            # explore's order: one race-directed run per race the eager run recorded, first
+            found = fake.directed(races)[: len(runs) - 1]
+            runs = runs[:1] + found + runs[1 : len(runs) - len(found)]
+    return True
 
 
 def pytest_generate_tests(metafunc: Any) -> None:
@@ -49,9 +138,12 @@ def streamkit_backend(request: Any) -> Iterator[Any]:
 
 
 @pytest.fixture
-def fake_session() -> Iterator[Any]:
+def fake_session(request: Any) -> Iterator[Any]:
     reason = _backend.unavailable_reason("fake")
     if reason is not None:
         pytest.skip(reason)
+    if request.node.get_closest_marker("streamkit_explore") is not None:
+        yield None  # (each run of the test gets a session of its own: pytest_pyfunc_call)
+        return
     with _backend.backend_class("fake").test_context() as backend:
         yield backend.session

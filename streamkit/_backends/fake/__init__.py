@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
-from ._explore import Exploration, Run, explore, replay
+from ._deferred import PCT_DEPTH
+from ._explore import Exploration, Run, directed, explore, parse_token, plan, replay
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 
@@ -17,6 +18,6 @@ from ._tensor import FakeDeviceTensor, peek
 backend_class = FakeBackend
 
 __all__ = [
-    "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
-    "Stats", "TensorInfo", "explore", "peek", "replay", "session",
+    "PCT_DEPTH", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
+    "Stats", "TensorInfo", "directed", "explore", "parse_token", "peek", "plan", "replay", "session",
 ]

@@ -20,7 +20,14 @@ from typing import Any
 import torch
 
 #: the schedules ``fake.session(schedule=...)`` accepts
-SCHEDULES = ("eager", "lazy", "adversarial", "random")
+SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race")
+#: ``schedule="pct"``: the default bug depth (priority change points = depth - 1)
+PCT_DEPTH = 3
+#: ``schedule="pct"``: the estimated number of steps (kernel issues plus kernel runs) among which
+#: the change points are drawn
+PCT_STEPS = 64
+#: the host thread's key among the PCT priorities (streams have indices >= 0)
+_HOST = -1
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
 #: ops that change storage sizes on the host side at issue: run at once
@@ -178,11 +185,26 @@ class DeferredScheduler:
 
     runs_at_issue = False
 
-    def __init__(self, session: Any, policy: str, seed: int) -> None:
+    def __init__(self, session: Any, policy: str, seed: int, depth: int = PCT_DEPTH, target: Any = None) -> None:
         self.session = session
+        # "race": lazy, except that the kernel ``target[1]`` (stream, seq) runs before ``target[0]``
+        # whenever some legal order allows it (a race the detector reported, reversed)
+        self.target = target
+        self.target_ran = [False, False]
         self.policy = policy
         self.seed = seed
-        self.rng = random.Random(f"{policy}:{seed}")
+        self.depth = depth
+        self.rng = random.Random(f"{policy}:{seed}:{depth}" if policy == "pct" else f"{policy}:{seed}")
+        self.pct = policy == "pct"
+        if self.pct:
+            # PCT (Burckhardt et al., ASPLOS 2010): the host and each stream are threads with
+            # random initial priorities above depth - 1; at the i-th of depth - 1 change points
+            # (random steps among PCT_STEPS) the thread taking that step drops to priority i.
+            # Each scheduling point runs the highest-priority ready thread.
+            self.step = 0
+            points = sorted(self.rng.sample(range(1, PCT_STEPS + 1), min(depth - 1, PCT_STEPS)))
+            self.changes = {step: i for i, step in enumerate(points, 1)}
+            self.priority = {_HOST: depth + self.rng.random()}
         self.queues: dict[int, deque] = {}
         self.pending = 0
         self.order = 0  # issue number of the last deferred kernel
@@ -220,7 +242,33 @@ class DeferredScheduler:
             rng = self.rng
             while self.pending and rng.random() < 0.5:  # the device makes progress meanwhile
                 self._run(rng.choice(self._ready()))
+        elif self.pct:
+            self._pct_step(_HOST)  # the host took a step (the issue)
+            host = self.priority[_HOST]
+            while self.pending:  # device threads of higher priority than the host run meanwhile
+                best = self._pct_best(self._ready())
+                if self._pct_priority(best.stream.idx) < host:
+                    break
+                self._run(best)
+                host = self.priority[_HOST]
         return result
+
+    # PCT
+    def _pct_priority(self, thread: int) -> float:
+        found = self.priority.get(thread)
+        if found is None:  # (a stream's first kernel: its initial priority, drawn in issue order)
+            found = self.priority[thread] = self.depth + self.rng.random()
+        return found
+
+    def _pct_best(self, ready: list) -> Any:
+        return max(ready, key=lambda k: (self._pct_priority(k.stream.idx), -k.order))
+
+    def _pct_step(self, thread: int) -> None:
+        self.step += 1
+        change = self.changes.get(self.step)
+        if change is not None:
+            self._pct_priority(thread)
+            self.priority[thread] = change
 
     def run_now(self, kernel: Any) -> Any:
         """Run ``kernel`` now, after everything it is ordered after (a legal schedule)."""
@@ -248,6 +296,13 @@ class DeferredScheduler:
     def _run(self, kernel: Any) -> None:
         self.queues[kernel.stream.idx].popleft()
         self.pending -= 1
+        if self.pct:
+            self._pct_step(kernel.stream.idx)
+        elif self.target is not None:
+            key = (kernel.stream.idx, kernel.seq)
+            for i in (0, 1):
+                if key == self.target[i]:
+                    self.target_ran[i] = True
         try:
             # (in inference mode: a placeholder or argument made in inference mode may be updated)
             with _NoTorchFunction(), _InferenceMode(True):
@@ -272,8 +327,19 @@ class DeferredScheduler:
         policy = self.policy
         if policy == "random":
             return self.rng.choice(ready)
+        if policy == "pct":
+            return self._pct_best(ready)
+        if policy == "race" and not any(self.target_ran):
+            first, second = self.target
+            others = [k for k in ready if (k.stream.idx, k.seq) != first]
+            for k in others:
+                if (k.stream.idx, k.seq) == second:
+                    return k
+            if others:  # (anything but the first kernel: what the sync needs first, oldest first)
+                wanted = [k for k in others if needed(k)]
+                return min(wanted or others, key=lambda k: k.order)
         wanted = [k for k in ready if needed(k)]
-        if policy == "lazy":
+        if policy == "lazy" or policy == "race":
             return min(wanted or ready, key=lambda k: k.order)
         # adversarial: the work the sync does not need first, newest first
         others = [k for k in ready if not needed(k)]

@@ -2,7 +2,8 @@
 eager run's. ``fake.explore(fn)`` finds schedules under which a racy program computes wrong values;
 ``fake.replay(fn, token)`` reruns one of them bit for bit.
 
-A token is ``"schedule:seed"`` (``"adversarial:0"``, ``"random:7"``): a schedule is a deterministic
+A token is ``"schedule:seed"`` (``"adversarial:0"``, ``"random:7"``), or ``"pct:seed:depth"``
+(``"pct:3:3"``) for PCT schedules: a schedule is a deterministic
 function of the program, the scheduler and its seed, so the token reproduces the run of the same
 program (one host thread, one process).
 """
@@ -14,7 +15,7 @@ from typing import Any, Callable
 
 import torch
 
-from ._deferred import SCHEDULES
+from ._deferred import PCT_DEPTH, SCHEDULES
 from ._report import Race
 from ._session import session
 from ._tensor import FakeDeviceTensor
@@ -27,6 +28,8 @@ class Run:
 
     schedule: str
     seed: int
+    depth: int = PCT_DEPTH  # (pct only)
+    target: Any = None  # (race only: ((stream, seq), (stream, seq)), the second kernel runs first)
     values: Any = None
     error: BaseException | None = None
     races: list[Race] = field(default_factory=list)
@@ -34,6 +37,11 @@ class Run:
 
     @property
     def token(self) -> str:
+        if self.schedule == "pct":
+            return f"pct:{self.seed}:{self.depth}"
+        if self.schedule == "race":
+            (i, a), (j, b) = self.target
+            return f"race:{i}.{a}:{j}.{b}"
         return f"{self.schedule}:{self.seed}"
 
     def __repr__(self) -> str:
@@ -112,10 +120,10 @@ def same_values(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str) -> Run:
-    run = Run(schedule, seed)
+def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH, target: Any = None) -> Run:
+    run = Run(schedule, seed, depth, target)
     try:
-        with session(detect=detect, schedule=schedule, seed=seed) as s:
+        with session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
             try:
                 values = fn()
             finally:
@@ -127,23 +135,65 @@ def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str) -> Run:
     return run
 
 
-def parse_token(token: str) -> tuple[str, int]:
-    """``"schedule:seed"`` as ``(schedule, seed)``; ValueError for anything else."""
-    name, sep, seed = str(token).partition(":")
-    if not sep or name not in SCHEDULES or not seed.lstrip("-").isdigit():
-        raise ValueError(f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES}, got {token!r}")
-    return name, int(seed)
+def _kernel_id(text: str) -> tuple[int, int]:
+    stream, sep, seq = text.partition(".")
+    if not (sep and stream.isdigit() and seq.isdigit()):
+        raise ValueError(text)
+    return int(stream), int(seq)
 
 
-def plan(schedules: int, seed: int) -> list[tuple[str, int]]:
-    """The schedules explore() tries, in order: adversarial, lazy, then random seeds."""
-    order = [("adversarial", seed), ("lazy", seed)] + [("random", seed + i) for i in range(max(schedules - 2, 0))]
-    return order[:schedules]
+def parse_token(token: str) -> tuple[str, int, int, Any]:
+    """A token as ``(schedule, seed, depth, target)``: ``"schedule:seed"`` (depth
+    :data:`PCT_DEPTH`, target None), ``"pct:seed:depth"``, or ``"race:S.N:S.N"`` (seed 0; target the
+    two kernels as ``(stream, seq)`` pairs); ValueError for anything else."""
+    parts = str(token).split(":")
+    name = parts[0]
+    try:
+        if name == "race" and len(parts) == 3:
+            return name, 0, PCT_DEPTH, (_kernel_id(parts[1]), _kernel_id(parts[2]))
+        expected = 3 if name == "pct" else 2
+        if name in SCHEDULES and name != "race" and len(parts) == expected and parts[1].lstrip("-").isdigit():
+            depth = int(parts[2]) if expected == 3 and parts[2].isdigit() else PCT_DEPTH if expected == 2 else 0
+            if depth >= 1:
+                return name, int(parts[1]), depth, None
+    except ValueError:
+        pass
+    raise ValueError(
+        f"schedule token: expected 'schedule:seed' with a schedule in {SCHEDULES[:-2]}, 'pct:seed:depth' or"
+        f" 'race:S.N:S.N', got {token!r}"
+    )
+
+
+def plan(schedules: int, seed: int) -> list[tuple[str, int, int, Any]]:
+    """The schedules explore() tries after the race-directed ones, in order, as ``(schedule, seed,
+    depth, target)``: adversarial, lazy, then random and pct (depth :data:`PCT_DEPTH`)
+    alternating, seeds counting up from ``seed``."""
+    order: list[tuple[str, int, int, Any]] = [("adversarial", seed, PCT_DEPTH, None), ("lazy", seed, PCT_DEPTH, None)]
+    i = 0
+    while len(order) < schedules:
+        order.append(("random", seed + i, PCT_DEPTH, None))
+        order.append(("pct", seed + i, PCT_DEPTH, None))
+        i += 1
+    return order[: max(schedules, 0)]
+
+
+def directed(races: list[Race]) -> list[tuple[str, int, int, Any]]:
+    """One race-directed schedule per race between two kernels (in report order, each pair once):
+    ``("race", 0, PCT_DEPTH, (first, second))``, under which the second kernel runs first."""
+    found: list[tuple[str, int, int, Any]] = []
+    for race in races:
+        if race.kernels is not None and race.kernels[0][0] != race.kernels[1][0]:
+            entry = ("race", 0, PCT_DEPTH, race.kernels)
+            if entry not in found:
+                found.append(entry)
+    return found
 
 
 def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record") -> Exploration:
     """Run ``fn`` (which issues fake-device work and returns values) once eagerly, then under
-    ``schedules`` deferred schedules (adversarial, lazy, then random seeds from ``seed``), each in a
+    ``schedules`` deferred schedules (first one race-directed schedule per race between kernels the
+    eager run recorded, :func:`directed`; then :func:`plan`: adversarial, lazy, then random and pct
+    seeds from ``seed``, alternating), each in a
     fresh ``fake.session(detect=detect, ...)``. A run fails when it raises or returns values that
     differ from the eager run's. If the eager run raises, that exception propagates."""
     if schedules < 1:
@@ -153,8 +203,10 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
         raise reference.error
     runs: list[Run] = []
     failure = None
-    for name, s in plan(schedules, seed):
-        run = _run(fn, name, s, detect)
+    runs_planned = directed(reference.races)[:schedules]
+    runs_planned += plan(schedules - len(runs_planned), seed)
+    for name, s, depth, target in runs_planned:
+        run = _run(fn, name, s, detect, depth, target)
         if run.error is None:
             run.ok = same_values(reference.values, run.values)
         runs.append(run)
@@ -166,9 +218,9 @@ def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: st
 def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
     """Rerun ``fn`` under the schedule ``token`` names (from :attr:`Run.token`): the same values,
     bit for bit. ``ok`` says whether they match an eager run of ``fn`` (made first)."""
-    name, s = parse_token(token)
+    name, s, depth, target = parse_token(token)
     reference = _run(fn, "eager", 0, detect)
-    run = _run(fn, name, s, detect)
+    run = _run(fn, name, s, detect, depth, target)
     if run.error is None:
         run.ok = reference.error is None and same_values(reference.values, run.values)
     return run

@@ -108,6 +108,9 @@ class Race:
     second: Access
     tensor: TensorInfo
     fix: str
+    #: ``((stream, seq), (stream, seq))``: the two kernels (stream index, sequence number on it),
+    #: when both accesses are kernels' (a race-directed schedule runs the second first)
+    kernels: tuple | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         first_label, _ = stream_description(self.first.stream_state)
@@ -198,8 +201,8 @@ class Reporter:
         label, _ = stream_description(state.alloc_stream)
         return TensorInfo(tuple(shape), dtype, short_location(alloc[-1] if alloc else None), label)
 
-    def _add(self, first: Access, second: Access, info: TensorInfo) -> tuple[Race, bool]:
-        race = Race(first, second, info, suggest_fix(first, second))
+    def _add(self, first: Access, second: Access, info: TensorInfo, kernels: tuple | None = None) -> tuple[Race, bool]:
+        race = Race(first, second, info, suggest_fix(first, second), kernels)
         key = (first.op, first.location, first.kind, second.op, second.location, second.kind)
         if key in self._seen:
             return race, False
@@ -226,7 +229,8 @@ class Reporter:
                 previous=f"a tensor of shape {tuple(shape)}, dtype {dtype} (allocated at"
                 f" {short_location(alloc[-1] if alloc else None)} on {stream_description(stream)[0]})",
             )
-        return self._add(first, second, info)
+        kernels = ((earlier.kernel.stream.idx, earlier.kernel.seq), (kernel.stream.idx, kernel.seq))
+        return self._add(first, second, info, kernels)
 
     def host_race(
         self, kernel: Kernel, earlier_kind: str, kind: str, op: str, site: Sequence[tuple], shape: Any, dtype: torch.dtype

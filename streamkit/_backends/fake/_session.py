@@ -22,7 +22,7 @@ from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath in
 from . import _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, _bind, resolve
-from ._deferred import SCHEDULES, DeferredScheduler
+from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
@@ -82,24 +82,40 @@ class Session:
     """A fake device: streams with CUDA semantics, an eager scheduler and a race detector.
 
     ``schedule``: ``"eager"`` runs each kernel at issue (the default; ``None`` takes
-    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``
-    and ``"random"`` (with ``seed``) defer kernels (:mod:`._deferred`, docs/exploration.md).
+    ``STREAMKIT_SCHEDULE`` from the environment, else ``"eager"``); ``"lazy"``, ``"adversarial"``,
+    ``"random"`` (with ``seed``), ``"pct"`` (with ``seed`` and ``depth``) and ``"race"`` (with
+    ``target``, two kernels as ``(stream, seq)``: the second runs first) defer kernels
+    (:mod:`._deferred`, docs/exploration.md).
 
     Use it through :func:`session`. While open it is the active backend of every ``sk.*`` call and
     the home of every tensor created on :attr:`device`. Public: :attr:`detect`, :attr:`races`,
     :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`; the rest is the engine.
     """
 
-    def __init__(self, detect: str = "raise", schedule: str | None = None, seed: int = 0) -> None:
+    def __init__(
+        self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+    ) -> None:
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         if schedule is None:
             schedule = os.environ.get("STREAMKIT_SCHEDULE") or "eager"
         if schedule not in SCHEDULES:
             raise ValueError(f"session(schedule): expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
+        if type(depth) is not int or depth < 1:
+            raise ValueError(f"session(depth): expected an int >= 1, got {depth!r}")
+        if (schedule == "race") != (target is not None):
+            raise ValueError('session(target): schedule="race" takes target=((stream, seq), (stream, seq)), the others none')
+        if target is not None:
+            try:
+                target = tuple((int(stream), int(seq)) for stream, seq in target)
+                if len(target) != 2:
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ValueError(f"session(target): expected ((stream, seq), (stream, seq)), got {target!r}") from None
         ensure_registered()
         self.schedule = schedule
         self.seed = seed
+        self.depth = depth
         self.detect = detect
         self.races: list[Race] = []
         self.stats = Stats()
@@ -109,7 +125,7 @@ class Session:
         self._tracked = detect != "off" or schedule != "eager"
         self._lock = threading.RLock()
         self._clocks = Clocks()
-        self._scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed)
+        self._scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
         self._eager = self._scheduler.runs_at_issue
         self._reporter = Reporter(self.races, self._wrap_stream)
         self._detector = Detector(self._on_race, self._clocks.host)
@@ -526,7 +542,9 @@ _active.set_default_factory(lambda: Session("raise"))
 
 
 @contextmanager
-def session(detect: str = "raise", schedule: str | None = None, seed: int = 0) -> Iterator[Session]:
+def session(
+    detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+) -> Iterator[Session]:
     """Open a fake session: the fake backend becomes the active backend for every ``sk.*`` call
     (process-wide) until the block ends.
 
@@ -551,7 +569,7 @@ def session(detect: str = "raise", schedule: str | None = None, seed: int = 0) -
         with block:
             yield block
         return
-    s = Session(detect, schedule, seed)
+    s = Session(detect, schedule, seed, depth, target)
     with s:
         yield s
 

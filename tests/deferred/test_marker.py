@@ -1,0 +1,92 @@
+"""``@pytest.mark.streamkit_explore``: the test body runs under several fake schedules, a failing
+run names its ``--streamkit-replay`` token, and that option reruns it alone."""
+
+from __future__ import annotations
+
+import re
+import zlib
+
+import streamkit.fake  # noqa: F401  (loaded before pytester's in-process runs, which drop the modules they load)
+
+pytest_plugins = ["pytester"]
+
+RACY = """
+import pytest, torch, streamkit as sk
+
+@pytest.mark.streamkit_explore(schedules=4)
+def test_side_sum(fake_session):
+    side = sk.Stream()
+    x = torch.ones(1024, device=fake_session.device)
+    x.mul_(2)
+    {wait}
+    with sk.switch(side):
+        total = x.sum()
+    sk.current_stream().wait_stream(side)
+    assert total.item() == 2048.0
+"""
+
+
+def test_a_racy_test_fails_with_its_replay_token_and_the_token_reruns_that_schedule(pytester):
+    pytester.makepyfile(test_racy=RACY.format(wait=""))
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1)
+    out = result.stdout.str()
+    token = re.search(r"--streamkit-replay=([a-z]+:[-\d.]+(?::[\d.]+)?)", out).group(1)
+    assert token == "race:0.2:1.1"  # eager passes (recording the race); the race reversed, run 2 of 4, fails
+    assert "run 2 of 4" in out
+    again = pytester.runpytest("-p", "no:cacheprovider", f"--streamkit-replay={token}")
+    again.assert_outcomes(failed=1)
+    again.stdout.fnmatch_lines([f"*failed under schedule {token} (run 1 of 1)*"])
+    pytester.runpytest("-p", "no:cacheprovider", "--streamkit-replay=eager:0").assert_outcomes(passed=1)
+    seed = zlib.crc32(b"test_racy.py::test_side_sum")
+    pytester.runpytest("-p", "no:cacheprovider", f"--streamkit-replay=adversarial:{seed}").assert_outcomes(failed=1)
+
+
+def test_the_fixed_test_passes_under_every_schedule(pytester):
+    pytester.makepyfile(test_fixed=RACY.format(wait="side.wait_stream(sk.current_stream())"))
+    pytester.runpytest("-p", "no:cacheprovider", "--streamkit-schedules=10").assert_outcomes(passed=1)
+
+
+COUNT = """
+import zlib, pytest, torch, streamkit as sk
+
+sessions = []
+
+@pytest.mark.streamkit_explore(schedules=5)
+def test_a(fake_session):
+    assert sk.get_backend().session is fake_session and not fake_session.closed
+    sessions.append(("a", fake_session))
+    torch.ones(2, device=fake_session.device).add_(1)
+
+@pytest.mark.streamkit_explore(schedules=3, seed=7)
+def test_seeded(fake_session):
+    sessions.append(("seeded", fake_session))
+
+def test_check():
+    print("RUNS", [(s.schedule, s.seed == zlib.crc32(b"test_count.py::test_a")) for t, s in sessions if t == "a"])
+    print("SEEDED", [(s.schedule, s.seed) for t, s in sessions if t == "seeded"])
+    assert len({id(s) for t, s in sessions}) == len(sessions) and all(s.closed for t, s in sessions)
+"""
+
+
+def test_runs_follow_eager_then_explore_order_in_fresh_sessions_and_the_count_option_overrides(pytester):
+    pytester.makepyfile(test_count=COUNT)
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines([
+        "*RUNS [[]('eager', False), ('adversarial', True), ('lazy', True), ('random', True), ('pct', True)[]]*",
+        "*SEEDED [[]('eager', 0), ('adversarial', 7), ('lazy', 7)[]]*",
+    ])
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s", "--streamkit-schedules=2")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*RUNS [[]('eager', False), ('adversarial', True)[]]*"])
+    result = pytester.runpytest("-p", "no:cacheprovider", "-s", "--streamkit-replay=pct:5:2")
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["*RUNS [[]('pct', False)[]]*", "*SEEDED [[]('pct', 5)[]]*"])
+
+
+def test_a_bad_replay_token_is_a_usage_error(pytester):
+    pytester.makepyfile(test_racy=RACY.format(wait=""))
+    result = pytester.runpytest("-p", "no:cacheprovider", "--streamkit-replay=pct:1")
+    assert result.ret != 0
+    assert "--streamkit-replay: schedule token" in result.stdout.str() + result.stderr.str()
