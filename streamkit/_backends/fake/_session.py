@@ -21,7 +21,7 @@ from ..._errors import EventTimingError, SessionClosedError, StreamkitError, Str
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
 from . import _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
-from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, _bind, resolve
+from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
 from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
@@ -425,12 +425,12 @@ class FakeBackend(Backend):
 
     def stream_context(self, stream: FakeStream) -> "_StreamContext":
         s = _active.current or _active.get()
-        return s._stream_context(stream.state if stream.session is s else _bind(stream, s))
+        return s._stream_context(resolve(stream, s))
 
     def stream_wait_event(self, stream: FakeStream, event: FakeEvent) -> None:
         s = _active.current or _active.get()
-        state = event.state if event.session is s else _bind(event, s)
-        target = stream.state if stream.session is s else _bind(stream, s)
+        state = resolve(event, s)
+        target = resolve(stream, s)
         if state.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
@@ -448,8 +448,8 @@ class FakeBackend(Backend):
 
     def stream_wait_stream(self, stream: FakeStream, other: FakeStream) -> None:
         s = _active.current or _active.get()
-        target = stream.state if stream.session is s else _bind(stream, s)
-        source = other.state if other.session is s else _bind(other, s)
+        target = resolve(stream, s)
+        source = resolve(other, s)
         s.stats.event_records += 1  # as on CUDA: an event recorded on `other`, then waited on
         s.stats.event_waits += 1
         if s._tracked:
@@ -480,8 +480,8 @@ class FakeBackend(Backend):
 
     def event_record(self, event: FakeEvent, stream: FakeStream) -> None:
         s = _active.current or _active.get()
-        state = event.state if event.session is s else _bind(event, s)
-        target = stream.state if stream.session is s else _bind(stream, s)
+        state = resolve(event, s)
+        target = resolve(stream, s)
         s.stats.event_records += 1
         event.recorded = True
         with s._lock:
