@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from . import _backend as _backend_module
 from ._backend import Backend, get_backend
 from ._errors import BackendMismatchError
 
@@ -212,6 +213,17 @@ def default_stream() -> Stream:
     return Stream.from_handle(backend, backend.default_stream())
 
 
+def _not_active(stream: "Stream") -> None:
+    active = _backend_module._active[-1]
+    raise BackendMismatchError(
+        f"switch(stream): {stream!r} belongs to the {stream._backend.name} backend, but the active backend is"
+        f" {active.name} (a fake session or use_backend() block is open), so work inside the block would not run on"
+        f" that stream. A stream keeps the backend that was active when it was made: make it inside the block, or,"
+        f" for streams made at import time, choose the backend first (STREAMKIT_BACKEND={active.name} in the"
+        f" environment, or sk.set_backend({active.name!r}) before the module that makes them is imported)"
+    )
+
+
 class switch:
     """Make ``stream`` the calling thread's current stream inside the block and restore the previous
     one on exit; blocks nest. Neither entering nor leaving synchronizes anything. ``switch(None)``
@@ -226,6 +238,8 @@ class switch:
         if stream is not None and enabled:
             if type(stream) is not Stream:
                 _expect(stream, Stream, "switch(stream)")
+            if _backend_module._active and _backend_module._active[-1] is not stream._backend:
+                _not_active(stream)
             self._stream = stream
             self._context: Any = stream._backend.stream_context(stream._handle)
         else:

@@ -1,5 +1,6 @@
 """Suite-wide set-up: ``tests/`` is on ``sys.path`` (pytest's default import mode puts a
-conftest's folder there), so every test can ``import _support``; Hypothesis profiles."""
+conftest's folder there), so every test can ``import _support``; Hypothesis profiles; the fake
+backend as the default choice."""
 
 from __future__ import annotations
 
@@ -11,3 +12,10 @@ from hypothesis import HealthCheck, settings
 settings.register_profile("ci", max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.register_profile("dev", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "dev"))
+
+# The fake-backend tests make streams outside sessions (at import time, after a session ended) and
+# compare them with sk.default_stream(): they need fake to be the backend chosen when no session or
+# use_backend() block is active, as an engine's CI sets it. On a GPU machine the automatic choice
+# would be cuda. The cuda/npu tests name their backend through the streamkit_backend fixture, and
+# subprocess tests get the automatic choice back (_support.child_env drops the variable).
+os.environ.setdefault("STREAMKIT_BACKEND", "fake")

@@ -69,8 +69,13 @@ def test_free_without_record_stream_lets_the_allocator_reuse_memory(streamkit_ba
         return
     ptr = x.data_ptr()
     with sk.switch(side):
+        # y is allocated before the hold: a cudaMalloc issued while the side stream spins would stop
+        # the default stream's fill from running concurrently with it (CUDA C++ Programming Guide,
+        # "Implicit Synchronization": a device memory allocation issued between two commands of
+        # different streams keeps them from running concurrently), hiding the hazard.
+        y = torch.empty(N, device=sk.device())
         _hold(streamkit_backend)
-        y = x * 1  # runs after the hold
+        torch.mul(x, 1, out=y)  # runs after the hold
     del x  # no record_stream: the block may go to the next allocation on the default stream at once
     z = torch.empty(N, device=sk.device())
     if z.data_ptr() != ptr:

@@ -25,6 +25,19 @@ def test_a_tensor_freed_only_by_the_exit_collection_is_still_checked():
 
 
 def test_the_heap_freeze_is_undone_at_exit_even_when_the_block_raised():
+    if gc.get_freeze_count():  # (something in this process froze its heap: the other test's case)
+        gc.unfreeze()
+        refreeze = True
+    else:
+        refreeze = False
+    try:
+        _freeze_undone_at_exit()
+    finally:
+        if refreeze:
+            gc.freeze()
+
+
+def _freeze_undone_at_exit():
     assert gc.get_freeze_count() == 0
     with fake.session():
         assert gc.get_freeze_count() > 0  # what existed before the session is not collected at exit

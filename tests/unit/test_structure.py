@@ -199,6 +199,29 @@ def test_a_third_party_backend_registers_by_class_and_runs_the_api(registry):
         assert sk.get_backend() is backend
 
 
+def test_switching_to_a_stream_of_another_backend_than_the_active_one_is_an_error(registry):
+    # A library made its side stream while another backend was chosen (at import time on a GPU
+    # machine, say), and a fake session is open now: work inside switch() would not run on that
+    # stream, so it is refused, naming both backends and the fix.
+    from streamkit import fake
+
+    sk.register_backend("host", HostBackend)
+    with sk.use_backend("host"):
+        host_side = sk.Stream()
+    with fake.session():
+        with pytest.raises(sk.BackendMismatchError) as info:
+            with sk.switch(host_side):
+                pass
+        fake_side = sk.Stream()
+        with sk.use_backend("host"), pytest.raises(sk.BackendMismatchError, match="active backend is host"):
+            sk.switch(fake_side)
+        with sk.switch(fake_side):  # its own backend: fine
+            assert sk.current_stream() == fake_side
+    text = str(info.value)
+    assert "belongs to the host backend, but the active backend is fake" in text
+    assert "STREAMKIT_BACKEND=fake" in text and "sk.set_backend('fake')" in text
+
+
 def test_a_third_party_backend_registers_by_module_name(registry, tmp_path, monkeypatch):
     (tmp_path / "sk_host_backend.py").write_text(
         textwrap.dedent(
