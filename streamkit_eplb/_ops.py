@@ -8,8 +8,9 @@ first call imports torch._dynamo and sympy (about 0.8 s of a demo rank's start-u
 The implementations are composed of aten ops that never synchronize the host and never read a
 device value on the host, so they run unchanged on CPU, CUDA and PrivateUse1 (NPU) and can be
 captured in a CUDA/ACL graph. On a real device each op still launches several aten kernels and
-allocates small temporaries (the routed-id arithmetic); a fused Triton/AscendC kernel would make it
-one launch without temporaries (not done: the library is pure Python).
+allocates small temporaries (the routed-id arithmetic). On CUDA, ``record`` is one Triton launch
+instead when Triton is importable (:mod:`._triton`, :func:`cuda_record_kernel`); on NPU an
+AscendC kernel would do the same (not done: the library is pure Python).
 
 Buffers (allocated by :class:`~streamkit_eplb.HeatCollector` at construction):
 
@@ -19,6 +20,8 @@ Buffers (allocated by :class:`~streamkit_eplb.HeatCollector` at construction):
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -101,6 +104,44 @@ def _no_op(*args: object) -> None:
     return None
 
 
+_KERNEL_ENV = "STREAMKIT_EPLB_KERNEL"
+_triton_module: object = None  # streamkit_eplb._triton once imported, False when Triton is missing
+
+
+def cuda_record_kernel() -> str:
+    """Which implementation ``record`` uses on CUDA devices: ``"triton"`` (one launch; when Triton
+    is importable and ``STREAMKIT_EPLB_KERNEL`` is not ``aten``) or ``"aten"`` (the composition
+    above, about 25 launches for routed ids). Int64 counters always use ``"aten"``."""
+    global _triton_module
+    if os.environ.get(_KERNEL_ENV, "").lower() == "aten":
+        return "aten"
+    if _triton_module is None:
+        try:
+            from . import _triton
+        except ImportError:
+            _triton_module = False
+        else:
+            _triton_module = _triton
+    return "triton" if _triton_module else "aten"
+
+
+def _record_cuda(
+    acc: torch.Tensor,
+    ctrl: torch.Tensor,
+    values: torch.Tensor,
+    num_tokens: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    layer: int,
+    mode: int,
+) -> None:
+    if cuda_record_kernel() == "triton" and _triton_module.supports(acc, values):  # type: ignore[union-attr]
+        _triton_module.record(acc, ctrl, values, num_tokens, log2phy, logcnt, layer, mode)  # type: ignore[union-attr]
+    else:
+        record_op(acc, ctrl, values, num_tokens, log2phy, logcnt, layer, mode)
+
+
 for _name, _fn in (("record", record_op), ("take", take_op), ("step", step_op)):
     _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
     _LIB.impl(_name, _no_op, "Meta")  # shapes never change: tracing (torch.compile, meta tensors) needs no work
+_LIB.impl("record", _record_cuda, "CUDA")  # one Triton launch where Triton is importable
