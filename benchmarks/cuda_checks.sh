@@ -18,6 +18,8 @@ timeout 120 $PY -m streamkit conformance --backend cuda 2>&1 | tee "$OUT/conform
 echo "rc=${PIPESTATUS[0]}"
 echo "== pytest -k cuda"
 timeout 150 $PY -m pytest $PLUGIN -q -p no:cacheprovider -n 8 -k "cuda" -rs tests 2>&1 | tee "$OUT/pytest_cuda.txt" | tail -30
+echo "== Triton record kernel against the aten composition"
+timeout 120 $PY -m pytest $PLUGIN -q -p no:cacheprovider tests/eplb/test_eplb_triton.py 2>&1 | tail -5
 echo "== collector benchmark (cuda part)"
 timeout 120 $PY benchmarks/collector.py --calls 10 --ranks 1 2>&1 | tee "$OUT/collector.txt" | tail -25
 if [ "${FULL:-1}" = 1 ]; then
