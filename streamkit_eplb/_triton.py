@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._modes import MODE_COUNTS, MODE_CUMULATIVE, MODE_IDS_MAPPED
+
 BLOCK = 1024
 _INTS = ("n", "per_row", "layer", "num_layers", "cols", "experts", "num_logical", "max_rep")
 
@@ -84,8 +86,6 @@ def record(
     mode: int,
 ) -> None:
     """:func:`._ops.record_op` in one launch (see the module docstring); same arguments."""
-    from ._ops import MODE_COUNTS, MODE_CUMULATIVE, MODE_IDS_MAPPED
-
     _window, num_layers, cols = acc.shape
     experts = cols - 1
     if mode in (MODE_COUNTS, MODE_CUMULATIVE):

@@ -82,7 +82,13 @@ def test_free_without_record_stream_lets_the_allocator_reuse_memory(streamkit_ba
         pytest.skip("the caching allocator gave the new tensor another block; the hazard did not arise")
     z.fill_(7.0)
     sk.synchronize()
-    assert y.max().item() == 7.0, "the side stream read x after its memory was reused: expected the new data"
+    if y.max().item() == 1.0:
+        # Seen on an H200 (torch 2.11, CUDA 13) in two runs, before and after moving y's allocation
+        # out of the hold: the default stream's fill of the reused block ran after the side stream's
+        # delayed read. The allocator did reuse the block (same pointer); what ordered the fill after
+        # the hold was not established. The hazard is a possibility CUDA allows, not a certainty.
+        pytest.xfail("the reused block's new data was written after the side stream's read on this device")
+    assert y.max().item() == 7.0 and y.min().item() == 7.0, "the side stream read a mix of old and new data"
 
 
 def test_record_stream_keeps_memory_until_the_side_stream_is_done(streamkit_backend):
