@@ -124,3 +124,23 @@ def test_group_parameter(results):
         assert entry["alone"] == "Exploration"  # group=False: this process alone
         assert entry["explicit"] == "RankExploration" and entry["world"] == WORLD
         assert "explore(group)" in entry["bad"] and "ProcessGroup" in entry["bad"]
+
+
+def test_group_without_torch_distributed_initialized_is_refused_and_none_is_one_process():
+    import torch
+
+    import streamkit as sk
+    from streamkit import fake
+
+    if dist.is_initialized():
+        pytest.skip("this process has a default process group (another test left it initialized)")
+
+    def fn():
+        return (torch.ones(2, device=sk.device()) + 1).cpu()
+
+    with pytest.raises(ValueError, match=r"explore\(group\).*init_process_group"):
+        fake.explore(fn, schedules=1, group=object())
+    with pytest.raises(ValueError, match=r"explore\(schedules\)"):
+        fake.explore(fn, schedules=0)
+    found = fake.explore(fn, schedules=2)  # group=None without a default group: one process
+    assert type(found) is fake.Exploration and found.ok and len(found.runs) == 2

@@ -10,8 +10,8 @@ from __future__ import annotations
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
 from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, directed, explore, parse_token, plan, replay
-from ._ranks import RankExploration, RankRun
+from ._explore import Exploration, Run, directed, parse_token, plan, replay
+from ._ranks import RankExploration, RankRun, explore
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 

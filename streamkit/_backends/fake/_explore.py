@@ -189,27 +189,15 @@ def directed(races: list[Race]) -> list[tuple[str, int, int, Any]]:
     return found
 
 
-def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record", group: Any = None) -> Exploration:
+def explore(fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record") -> Exploration:
     """Run ``fn`` (which issues fake-device work and returns values) once eagerly, then under
     ``schedules`` deferred schedules (first one race-directed schedule per race between kernels the
     eager run recorded, :func:`directed`; then :func:`plan`: adversarial, lazy, then random and pct
     seeds from ``seed``, alternating), each in a
     fresh ``fake.session(detect=detect, ...)``. A run fails when it raises or returns values that
-    differ from the eager run's. If the eager run raises, that exception propagates.
-
-    ``group``: the ``torch.distributed`` process group whose ranks all call ``explore`` with the
-    same arguments (``fn`` may issue collectives on it): ``None`` (default) is the default group
-    when ``torch.distributed`` is initialized, else this process alone; ``False`` is this process
-    alone even so. Over a group the ranks agree on the plan and on each run's outcome, and the
-    result is a :class:`~._ranks.RankExploration` whose failure holds every rank's token
-    (:mod:`._ranks`; docs/exploration.md, "Several ranks")."""
+    differ from the eager run's. If the eager run raises, that exception propagates."""
     if schedules < 1:
         raise ValueError(f"explore(schedules): expected at least 1, got {schedules}")
-    from . import _ranks
-
-    pg = _ranks.resolve_group(group)
-    if pg is not None:
-        return _ranks.explore_group(fn, schedules, seed, detect, pg)
     reference = _run(fn, "eager", 0, detect)
     if reference.error is not None:
         raise reference.error

@@ -1,5 +1,6 @@
 """Schedule exploration over several ranks: ``fake.explore(fn, group=...)`` on every rank of a
-``torch.distributed`` process group (docs/exploration.md, "Several ranks").
+``torch.distributed`` process group (docs/exploration.md, "Several ranks"). :func:`explore` is
+``fake.explore``: it resolves ``group`` and hands one process to :func:`._explore.explore`.
 
 Every rank calls ``explore`` with the same arguments; ``fn`` may issue c10d collectives on the
 fake device. The ranks must run the same number of runs (each run issues ``fn``'s collectives), so
@@ -25,6 +26,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from . import _explore
 from ._deferred import PCT_DEPTH
 from ._explore import Exploration, Run, _run, directed, plan, same_values
 
@@ -136,6 +138,29 @@ def slots(own: list, plans: list, schedules: int, seed: int) -> list[tuple[str, 
     mine = set(own)
     order = [("race", 0, PCT_DEPTH, t) if t in mine else ("lazy", seed, PCT_DEPTH, None) for t in union]
     return order + plan(schedules - len(order), seed)
+
+
+def explore(
+    fn: Callable[[], Any], schedules: int = 8, seed: int = 0, detect: str = "record", group: Any = None, **options: Any
+) -> Exploration:
+    """``fake.explore``: run ``fn`` eagerly, then under ``schedules`` deferred schedules, and report
+    the runs whose values differ from the eager run's or that raise (:func:`._explore.explore`
+    describes the runs, their order and the result; ``options`` are passed on to it).
+
+    ``group``: the ``torch.distributed`` process group whose ranks all call ``explore`` with the
+    same arguments (``fn`` may issue collectives on it): ``None`` (default) is the default group
+    when ``torch.distributed`` is initialized, else this process alone; ``False`` is this process
+    alone even so. Over a group the ranks agree on the plan and on each run's outcome, and the
+    result is a :class:`RankExploration` whose runs hold every rank's token (this module's
+    docstring; docs/exploration.md, "Several ranks")."""
+    if schedules < 1:
+        raise ValueError(f"explore(schedules): expected at least 1, got {schedules}")
+    pg = resolve_group(group)
+    if pg is None:
+        return _explore.explore(fn, schedules, seed, detect, **options)
+    if options:
+        raise TypeError(f"explore(group=...): {sorted(options)} apply to one process only; pass group=False for that")
+    return explore_group(fn, schedules, seed, detect, pg)
 
 
 def explore_group(fn: Callable[[], Any], schedules: int, seed: int, detect: str, group: Any) -> RankExploration:
