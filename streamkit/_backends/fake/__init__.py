@@ -10,7 +10,8 @@ from __future__ import annotations
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
 from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, directed, explore, parse_token, plan, replay
+from ._explore import Exploration, Run, directed, parse_token, plan, replay
+from ._ranks import RankExploration, RankRun, explore
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 
@@ -18,6 +19,6 @@ from ._tensor import FakeDeviceTensor, peek
 backend_class = FakeBackend
 
 __all__ = [
-    "PCT_DEPTH", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
+    "PCT_DEPTH", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "RankExploration", "RankRun", "Run", "Session",
     "Stats", "TensorInfo", "directed", "explore", "parse_token", "peek", "plan", "replay", "session",
 ]

@@ -1,0 +1,146 @@
+"""Schedule exploration on two gloo ranks (``fake.explore(fn, group=...)``): one launch of
+``_ranks_worker.py`` explores every scenario with 24 schedules per rank (the 200-schedule run of
+the fixed pattern and the collector is ``benchmarks/explore_ranks.py``).
+
+The PR-4214 variants (merged, early, no-join) give wrong heat within the first 2 schedules on both
+ranks, each rank's own token replays its run bit for bit; the fixed pattern and streamkit_eplb's
+HeatCollector give the eager values under every schedule; the ranks agree on the plan even when
+their races differ, a run that raises on one rank doesn't hang the other, and an eager run that
+raises on one rank raises on all.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from _support import run_ranks
+
+WORKER = Path(__file__).with_name("_ranks_worker.py")
+WORLD = 2
+SCHEDULES = 24
+N = 8
+RIGHT = [2.0 * i + 100.0 for i in range(N)]  # the heat summed over both ranks
+
+
+@pytest.fixture(scope="module")
+def results():
+    """Every rank's ``RESULT`` (one launch, every scenario, ``SCHEDULES`` schedules)."""
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    parsed = []
+    for r in run_ranks([WORKER, str(SCHEDULES)], world=WORLD, timeout=240):
+        lines = r.lines("RESULT ")
+        assert r.returncode == 0 and len(lines) == 1, r.describe()
+        data = json.loads(lines[0])
+        assert data["rank"] == r.rank, r.describe()
+        parsed.append(data)
+    return parsed
+
+
+def _scenario(results, name):
+    out = []
+    for data in results:
+        entry = data[name]
+        assert "error" not in entry, f"rank {data['rank']} {name}:\n{entry['error']}"
+        out.append(entry)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["merged", "early", "no-join"])
+def test_pr4214_variants_give_wrong_heat_within_two_schedules_on_both_ranks(results, variant):
+    entries = _scenario(results, variant)
+    for rank, entry in enumerate(entries):
+        assert entry["type"] == "RankExploration" and entry["runs"] == SCHEDULES
+        assert entry["eager"] == RIGHT
+        assert not entry["ok"]
+        assert entry["failure_index"] < 2, entry["tokens"]
+        assert entry["failed_ranks"] == [0, 1]  # wrong on both ranks
+        assert not entry["failure_ok_here"] and entry["failure_values"] != RIGHT
+        assert entry["failure_token"] == entry["failure_tokens"][str(rank)]
+        # this rank's own token reproduces this rank's values, bit for bit
+        assert entry["replay_token"] == entry["failure_token"]
+        assert entry["replay_bits_equal"] and entry["replay_ok"] is False
+        assert f"failed on ranks [0, 1] of {WORLD}" in entry["explain"]
+    # the ranks ran the same slots and agree on every outcome
+    assert entries[0]["all_tokens"] == entries[1]["all_tokens"]
+    assert entries[0]["tokens"] == [t["0"] for t in entries[0]["all_tokens"]]
+    assert entries[1]["tokens"] == [t["1"] for t in entries[1]["all_tokens"]]
+
+
+@pytest.mark.parametrize("name", ["fixed", "collector"])
+def test_fixed_pattern_and_heat_collector_are_right_under_every_schedule_on_both_ranks(results, name):
+    entries = _scenario(results, name)
+    for entry in entries:
+        assert entry["ok"] and entry["runs"] == SCHEDULES and entry["wrong"] == 0
+        assert entry["failed_everywhere"] == 0
+        assert {t.split(":")[0] for t in entry["tokens"]} >= {"adversarial", "lazy", "random", "pct"}
+    if name == "fixed":
+        assert all(entry["eager"] == RIGHT for entry in entries)
+    else:  # (layer, rank, expert): both passes' counts summed, per rank
+        # record(layer, arange(4) + 10 * rank + layer + step) for steps 0 and 1
+        expected = [[[2 * e + 20 * r + 2 * layer + 1 for e in range(4)] for r in range(WORLD)] for layer in range(2)]
+        assert all(entry["eager"] == expected for entry in entries)
+
+
+def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
+    # rank 1 alone misses the fork wait: it runs the race-directed slot, rank 0 runs lazy:0 there
+    r0, r1 = _scenario(results, "lopsided")
+    assert r0["all_tokens"] == r1["all_tokens"]
+    directed = [t for t in r1["tokens"] if t.startswith("race:")]
+    assert directed and r1["tokens"][: len(directed)] == directed
+    assert r0["tokens"][: len(directed)] == ["lazy:0"] * len(directed)
+    assert r0["tokens"][len(directed):] == r1["tokens"][len(directed):]  # then the same plan
+    assert r0["failure_index"] == r1["failure_index"] == 0
+    assert r0["failure_tokens"] == {"0": "lazy:0", "1": r1["tokens"][0]}
+    # rank 1's run raised (after its collectives), rank 0's got rank 1's stale heat: nobody hung,
+    # and every one of the 24 slots ran on both ranks
+    assert r1["failure_error"].startswith("AssertionError") and r0["failure_error"] is None
+    assert r0["failure_values"] != RIGHT
+    assert r0["runs"] == r1["runs"] == SCHEDULES
+    assert r1["replay_error"] == r1["failure_error"]  # rank 1's token reproduces its failure
+    assert r0["replay_bits_equal"]
+
+
+def test_unordered_collectives_on_one_group_keep_their_issue_order_under_every_schedule(results):
+    # an all_reduce on a side stream and an all_gather on the default stream, nothing ordering
+    # them: collectives run at issue under every schedule (NCCL serializes them the same way)
+    for rank, entry in enumerate(_scenario(results, "two-streams")):
+        assert entry["ok"] and entry["runs"] == SCHEDULES, entry["tokens"]
+        assert entry["eager"] == [[3.0] * 4, [10.0] * 4 + [20.0] * 4]
+
+
+def test_an_eager_run_raising_on_one_rank_raises_on_every_rank(results):
+    r0, r1 = (data["eager-raises"] for data in results)
+    assert r1 == {"raised": "KeyError", "message": "'rank 1 only'"}
+    assert r0["raised"] == "RuntimeError" and "rank(s) [1]" in r0["message"] and "rank 1 only" in r0["message"]
+
+
+def test_group_parameter(results):
+    for data in results:
+        entry = data["group-param"]
+        assert entry["alone"] == "Exploration"  # group=False: this process alone
+        assert entry["explicit"] == "RankExploration" and entry["world"] == WORLD
+        assert "explore(group)" in entry["bad"] and "ProcessGroup" in entry["bad"]
+
+
+def test_group_without_torch_distributed_initialized_is_refused_and_none_is_one_process():
+    import torch
+
+    import streamkit as sk
+    from streamkit import fake
+
+    if dist.is_initialized():
+        pytest.skip("this process has a default process group (another test left it initialized)")
+
+    def fn():
+        return (torch.ones(2, device=sk.device()) + 1).cpu()
+
+    with pytest.raises(ValueError, match=r"explore\(group\).*init_process_group"):
+        fake.explore(fn, schedules=1, group=object())
+    with pytest.raises(ValueError, match=r"explore\(schedules\)"):
+        fake.explore(fn, schedules=0)
+    found = fake.explore(fn, schedules=2)  # group=None without a default group: one process
+    assert type(found) is fake.Exploration and found.ok and len(found.runs) == 2
