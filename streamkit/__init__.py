@@ -13,6 +13,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._api import Event, Stream, current_stream, default_stream, device, record_stream, switch, synchronize
+from ._graphs import Graph, graph
 from ._backend import (
     Backend,
     available_backends,
@@ -28,6 +29,9 @@ from ._errors import (
     BackendUnavailableError,
     DeviceIndexError,
     EventTimingError,
+    GraphCaptureError,
+    GraphError,
+    GraphUnsupportedError,
     SessionClosedError,
     StreamkitError,
     StreamkitWarning,
@@ -63,6 +67,10 @@ __all__ = [
     "DeviceIndexError",
     "Event",
     "EventTimingError",
+    "Graph",
+    "GraphCaptureError",
+    "GraphError",
+    "GraphUnsupportedError",
     "Race",
     "RaceError",
     "SessionClosedError",
@@ -76,6 +84,7 @@ __all__ = [
     "default_stream",
     "device",
     "get_backend",
+    "graph",
     "record_stream",
     "register_backend",
     "set_backend",

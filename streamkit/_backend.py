@@ -21,7 +21,7 @@ from typing import Any, Iterator
 
 import torch
 
-from ._errors import BackendUnavailableError
+from ._errors import BackendUnavailableError, GraphUnsupportedError
 
 
 class Backend(abc.ABC):
@@ -113,6 +113,32 @@ class Backend(abc.ABC):
     # -- memory -----------------------------------------------------------------------------
     @abc.abstractmethod
     def record_stream(self, tensor: torch.Tensor, stream: Any) -> None: ...
+
+    # -- graphs (optional) -------------------------------------------------------------------
+    # A backend that can capture graphs overrides all five; the defaults raise GraphUnsupportedError.
+    def new_graph(self) -> Any:
+        """A new, empty graph handle (``torch.cuda.CUDAGraph()`` on cuda)."""
+        raise GraphUnsupportedError(
+            f"the {self.name} backend does not support graph capture (it implements no Backend.new_graph);"
+            " run this code without sk.graph, or on cuda, npu or fake"
+        )
+
+    def graph_capture(self, graph: Any, stream: Any, pool: Any) -> AbstractContextManager[None]:
+        """Capture the work issued inside the block into ``graph``, with ``stream`` (``None``: the
+        backend's own side stream) current; ``pool``: another graph's :meth:`graph_pool` token or ``None``."""
+        raise GraphUnsupportedError(f"the {self.name} backend does not support graph capture")
+
+    def graph_replay(self, graph: Any) -> None:
+        """Launch the captured work on the current stream."""
+        raise GraphUnsupportedError(f"the {self.name} backend does not support graph capture")
+
+    def graph_reset(self, graph: Any) -> None:
+        """Drop what ``graph`` captured and release its memory pool."""
+        raise GraphUnsupportedError(f"the {self.name} backend does not support graph capture")
+
+    def graph_pool(self, graph: Any) -> Any:
+        """An opaque token for ``graph``'s memory pool, to share with another capture."""
+        raise GraphUnsupportedError(f"the {self.name} backend does not support graph capture")
 
     def native_stream(self, stream: Any) -> Any:
         """The framework's own stream object (``torch.cuda.Stream``...), or ``None`` on fake."""

@@ -41,3 +41,20 @@ class UnrecordedEventWarning(StreamkitWarning):
 
     CUDA and NPU treat this as a silent no-op, which usually hides a missing ``record()``.
     """
+
+
+class GraphError(StreamkitError):
+    """Misuse of a graph (:class:`streamkit.Graph`): replay before a successful capture, a second
+    capture into one graph, a replay whose captured memory was freed (fake)."""
+
+
+class GraphUnsupportedError(GraphError):
+    """The active backend cannot capture graphs (a third-party backend that doesn't implement
+    :meth:`Backend.new_graph`, or a torch_npu without ``torch.npu.NPUGraph``)."""
+
+
+class GraphCaptureError(GraphError):
+    """An operation that breaks a capture rule of CUDA graphs (docs/semantics.md, "Graph capture"):
+    a host synchronization while a stream is capturing, a fork that never rejoins the capturing
+    stream, a wait on an event recorded outside the capture, work on the default stream during a
+    capture. The capture is invalidated, as on CUDA."""

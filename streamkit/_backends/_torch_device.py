@@ -12,13 +12,15 @@ from typing import Any
 import torch
 
 from .._backend import Backend
-from .._errors import BackendUnavailableError
+from .._errors import BackendUnavailableError, GraphUnsupportedError
 
 
 class TorchDeviceBackend(Backend):
     """Shared by ``cuda`` and ``npu``: a subclass names the backend and says how to find its module
     (``_find_module`` raises :class:`BackendUnavailableError` saying why it can't)."""
 
+    #: the module's graph class (``torch.cuda.CUDAGraph``, ``torch.npu.NPUGraph``)
+    _graph_class = "CUDAGraph"
     _instance: "TorchDeviceBackend | None" = None
     _unavailable: str | None = None  # why not, found once per process
 
@@ -113,3 +115,29 @@ class TorchDeviceBackend(Backend):
                 " only device memory is managed by the stream-ordered allocator"
             )
         tensor.record_stream(stream)
+
+    # graphs: the module's own graph class and capture context (torch/cuda/graphs.py)
+    def _graph_api(self) -> tuple[Any, Any]:
+        cls = getattr(self._mod, self._graph_class, None)
+        capture = getattr(self._mod, "graph", None)
+        if cls is None or capture is None:
+            raise GraphUnsupportedError(
+                f"the {self.name} backend's torch module has no {self._graph_class} / graph (upgrade"
+                f" {'torch_npu' if self.name == 'npu' else 'torch'} for graph capture)"
+            )
+        return cls, capture
+
+    def new_graph(self) -> Any:
+        return self._graph_api()[0]()
+
+    def graph_capture(self, graph: Any, stream: Any, pool: Any) -> AbstractContextManager[None]:
+        return self._graph_api()[1](graph, pool=pool, stream=stream)
+
+    def graph_replay(self, graph: Any) -> None:
+        graph.replay()
+
+    def graph_reset(self, graph: Any) -> None:
+        graph.reset()
+
+    def graph_pool(self, graph: Any) -> Any:
+        return graph.pool()

@@ -17,6 +17,7 @@ from ._torch_device import TorchDeviceBackend
 
 class NpuBackend(TorchDeviceBackend):
     name = "npu"
+    _graph_class = "NPUGraph"
 
     @classmethod
     def _find_module(cls) -> Any:

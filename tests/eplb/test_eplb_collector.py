@@ -505,20 +505,21 @@ def test_out_of_range_logical_ids_raise_on_fake(streamkit_backend):
     assert rank0(c.collect().wait()) == [[1, 0, 0]]
 
 
-@pytest.mark.streamkit_backends("cuda")
-def test_record_and_step_replay_in_a_cuda_graph_with_the_flag_toggled(streamkit_backend):
-    """Graph capture needs torch.cuda.CUDAGraph (there is no fake graph capture yet): skipped without CUDA."""
+@pytest.mark.streamkit_backends("cuda", "fake")
+def test_record_and_step_replay_in_a_graph_with_the_flag_toggled(streamkit_backend):
+    """record() + step() captured with sk.graph (CUDAGraph on cuda, recorded kernels on fake), replayed
+    with the device flag toggled between replays."""
     c = HeatCollector(2, 4, window=2)
     ids = dev_tensor([[0, 1], [3, 3], [2, -1]])
     n = dev_tensor(2)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the capture, as torch.cuda.graphs advises
+    side = sk.Stream()
+    side.wait_stream(sk.current_stream())
+    with sk.switch(side):  # warm-up outside the capture, on a side stream, as torch.cuda.graphs advises
         c.record(1, topk_ids=ids, num_tokens=n)
-    torch.cuda.current_stream().wait_stream(side)
+    sk.current_stream().wait_stream(side)
     c.reset()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    graph = sk.Graph()
+    with sk.graph(graph):
         c.record(1, topk_ids=ids, num_tokens=n)
         c.step()
     c.reset()

@@ -19,7 +19,7 @@ from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
 from ..._errors import EventTimingError, SessionClosedError, StreamkitError, StreamkitWarning, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
-from . import _handles
+from . import _graph, _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
 from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
@@ -132,6 +132,7 @@ class Session:
         self._check = self._detector.check  # (bound once: it runs for every kernel)
         self._tls = _ThreadState()
         self._pending: RaceError | None = None
+        self._capture: Any = None  # the graph capture underway (_graph.Capture), if any
         self._default_stream = self._clocks.new_stream(0, (), DEFAULT_STREAM)
 
     # -- the public surface -------------------------------------------------------------------
@@ -226,6 +227,10 @@ class Session:
         """
         if stream is None:
             stream = self._tls.stream or self._default_stream
+        if self._capture is not None:  # a graph capture records the kernels of captured streams
+            captured = self._capture.launch(op, call, stream, site, args, kwargs, accesses, sync)
+            if captured is not None:
+                return captured
         lock = self._lock
         lock.acquire()
         try:
@@ -409,7 +414,10 @@ class FakeBackend(Backend):
         return _tensor.DEVICE
 
     def synchronize(self) -> None:
-        (_active.current or _active.get())._host_sync_all()
+        s = _active.current or _active.get()
+        if s._capture is not None:
+            s._capture.host_sync("sk.synchronize()")
+        s._host_sync_all()
 
     # streams
     def new_stream(self, priority: int) -> FakeStream:
@@ -431,6 +439,8 @@ class FakeBackend(Backend):
         s = _active.current or _active.get()
         state = resolve(event, s)
         target = resolve(stream, s)
+        if s._capture is not None and s._capture.wait_event(target, state, state.clock is not None):
+            return
         if state.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
@@ -450,6 +460,8 @@ class FakeBackend(Backend):
         s = _active.current or _active.get()
         target = resolve(stream, s)
         source = resolve(other, s)
+        if s._capture is not None and s._capture.wait_stream(target, source):
+            return
         s.stats.event_records += 1  # as on CUDA: an event recorded on `other`, then waited on
         s.stats.event_waits += 1
         if s._tracked:
@@ -458,12 +470,18 @@ class FakeBackend(Backend):
 
     def stream_synchronize(self, stream: FakeStream) -> None:
         s = _active.current or _active.get()
-        s._host_sync(resolve(stream, s).clock, "stream_syncs")
+        state = resolve(stream, s)
+        if s._capture is not None:
+            s._capture.host_sync("Stream.synchronize()", stream=state)
+        s._host_sync(state.clock, "stream_syncs")
 
     def stream_query(self, stream: FakeStream) -> bool:
         # Eager: all issued work has run. A True answer lets the host rely on that work.
         s = _active.current or _active.get()
-        return s._query(resolve(stream, s).clock)
+        state = resolve(stream, s)
+        if s._capture is not None:
+            s._capture.host_sync("Stream.query()", stream=state)
+        return s._query(state.clock)
 
     def stream_priority(self, stream: FakeStream) -> int:
         return stream.priority
@@ -482,6 +500,8 @@ class FakeBackend(Backend):
         s = _active.current or _active.get()
         state = resolve(event, s)
         target = resolve(stream, s)
+        if s._capture is not None and s._capture.record(state, target):
+            return
         s.stats.event_records += 1
         event.recorded = True
         with s._lock:
@@ -490,6 +510,8 @@ class FakeBackend(Backend):
     def event_synchronize(self, event: FakeEvent) -> None:
         s = _active.current or _active.get()
         state = resolve(event, s)
+        if s._capture is not None:
+            s._capture.host_sync("Event.synchronize()", event=state)
         if state.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
@@ -504,6 +526,8 @@ class FakeBackend(Backend):
     def event_query(self, event: FakeEvent) -> bool:
         s = _active.current or _active.get()
         state = resolve(event, s)
+        if s._capture is not None:
+            s._capture.host_sync("Event.query()", event=state)
         if state.clock is None:
             return True
         return s._query(state.clock)
@@ -533,6 +557,30 @@ class FakeBackend(Backend):
         if type(st.record_streams) is tuple:
             st.record_streams = set(st.record_streams)
         st.record_streams.add(state.idx)
+
+
+    # graphs (_graph)
+    def new_graph(self) -> "_graph.FakeGraph":
+        return _graph.new_graph(_active.current or _active.get())
+
+    def graph_capture(self, graph: Any, stream: Any, pool: Any) -> Any:
+        s = _active.current or _active.get()
+        return _graph.capture(s, graph, stream, pool, capture_site(sys._getframe(2)))
+
+    def graph_replay(self, graph: Any) -> None:
+        s = _active.current or _active.get()
+        _graph.replay(s, graph, s._current_stream())
+
+    def graph_reset(self, graph: Any) -> None:
+        capture = (_active.current or _active.get())._capture
+        if capture is not None and graph is capture.graph:
+            raise _graph.GraphCaptureError("Graph.reset() inside its own capture block; leave the block first")
+        graph.reset()
+
+    def graph_pool(self, graph: Any) -> Any:
+        if not graph.captured:
+            raise _graph.GraphError("Graph.pool() without a preceding successful capture")
+        return _graph.PoolToken(graph)
 
 
 #: the fake backend (``sk.get_backend("fake")``, ``session.backend``)

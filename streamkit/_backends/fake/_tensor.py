@@ -255,6 +255,11 @@ def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site
     shape = inner.shape
     dtype = inner.dtype
     state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (shape, dtype))
+    capture = session._capture
+    if capture is not None and capture.owns(stream):  # memory of a graph's private pool
+        out = _new_wrapper(inner, state)
+        capture.adopt(out, kernel)
+        return out
     if not inner.storage_offset() and inner.dim() == 1 and inner.stride() == (1,):
         # _new_wrapper's common case, inline (a fresh output of a hot op)
         out = _make_wrapper(FakeDeviceTensor, shape, dtype=dtype, device=DEVICE)
@@ -650,6 +655,13 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     from . import _collectives  # (imported on first use: only collectives need it)
 
     session = _session()
+    if session._capture is not None:
+        from ..._errors import GraphCaptureError
+
+        raise GraphCaptureError(
+            f"{plan.op} during a graph capture: the fake device doesn't capture collectives; run it outside the"
+            " `with sk.graph(...)` block"
+        )
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     site = capture_site(sys._getframe(2)) if session._tracked else None
     result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
