@@ -10,7 +10,9 @@ from __future__ import annotations
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
 from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, directed, explore, parse_token, plan, replay
+from ._explore import (
+    SHRINK_RUNS, Exploration, KernelId, ReplayFallbackWarning, Run, directed, explore, parse_token, plan, read_token, replay,
+)
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
 
@@ -18,6 +20,7 @@ from ._tensor import FakeDeviceTensor, peek
 backend_class = FakeBackend
 
 __all__ = [
-    "PCT_DEPTH", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "Run", "Session",
-    "Stats", "TensorInfo", "directed", "explore", "parse_token", "peek", "plan", "replay", "session",
+    "PCT_DEPTH", "SHRINK_RUNS", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "KernelId", "PinnedHostTensor", "Race",
+    "RaceError", "ReplayFallbackWarning", "Run", "Session", "Stats", "TensorInfo", "directed", "explore", "parse_token", "peek",
+    "plan", "read_token", "replay", "session",
 ]
