@@ -30,6 +30,9 @@ PCT_STEPS = 64
 _HOST = -1
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
+#: kernels a deferred session records for fake.explore (fingerprint, deviations); a longer session
+#: stops recording (None), rather than keep every kernel object alive
+TRACE_LIMIT = 1 << 17
 #: ops that change storage sizes on the host side at issue: run at once
 _AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
 
@@ -198,8 +201,8 @@ class DeferredScheduler:
             self.constraints, self.target = target, None
         # every kernel handed to submit (issue order) and every kernel run (run order): a run's
         # fingerprint, deviations and constraint matching are computed from them (_explore.py)
-        self.trace: list = []
-        self.ran: list = []
+        self.trace: list | None = []
+        self.ran: list | None = []
         self.policy = policy
         self.seed = seed
         self.depth = depth
@@ -222,7 +225,12 @@ class DeferredScheduler:
     # issue
     def submit(self, kernel: Any, sync: Any = None) -> Any:
         """Queue ``kernel`` (bound) and return its outputs: placeholders, or the arguments it writes."""
-        self.trace.append(kernel)
+        trace = self.trace
+        if trace is not None:
+            if len(trace) < TRACE_LIMIT:
+                trace.append(kernel)
+            else:
+                self.trace = self.ran = None
         if self.constraints is not None:
             self.constraints.issued(kernel)
         if sync is not None or _is_random(kernel.op):
@@ -301,7 +309,8 @@ class DeferredScheduler:
         if kernel.seq and stream.idx < len(deps):
             deps[stream.idx] = kernel.seq - 1
         self.drain(deps)
-        self.ran.append(kernel)
+        if self.ran is not None:
+            self.ran.append(kernel)
         with _NoTorchFunction():
             result = kernel.run()
         if self.constraints is not None:
@@ -325,7 +334,8 @@ class DeferredScheduler:
     def _run(self, kernel: Any) -> None:
         self.queues[kernel.stream.idx].popleft()
         self.pending -= 1
-        self.ran.append(kernel)
+        if self.ran is not None:
+            self.ran.append(kernel)
         if self.constraints is not None:
             self.constraints.ran(kernel)
         if self.pct:

@@ -27,7 +27,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import torch
 
 from ..._errors import StreamkitWarning
-from ._deferred import PCT_DEPTH, SCHEDULES
+from ._deferred import PCT_DEPTH, SCHEDULES, TRACE_LIMIT
 from ._report import Race, stream_description
 from ._session import session
 from ._sites import line_of
@@ -151,13 +151,15 @@ class Constraints:
             self._waiting.setdefault(b.key, set()).add(a.key)
             self._blocks.setdefault(a.key, []).append(b.key)
         self._keys: dict = {}  # id(kernel) -> key, for the kernels a constraint names
+        self._alive: list = []  # (those kernels: their ids stay unique)
         self._matched: set = set()
         self.dropped: list = []  # (a key, b key) pairs a host sync overrode
 
     def issued(self, kernel: Any) -> None:
         key = self._namer(kernel).key
         if key in self._waiting or key in self._blocks:
-            self._keys[id(kernel)] = key  # (the scheduler's trace keeps the kernel alive: ids are unique)
+            self._keys[id(kernel)] = key
+            self._alive.append(kernel)
             self._matched.add(key)
 
     def held(self, kernel: Any) -> bool:
@@ -346,7 +348,7 @@ def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: in
             finally:
                 run.races = s.races
                 scheduler = s._scheduler
-                if not scheduler.runs_at_issue:
+                if not scheduler.runs_at_issue and scheduler.trace is not None:
                     run._trace = (scheduler.trace, scheduler.ran)
         run.values = _to_host(values)  # (the session drained at exit)
     except Exception as error:
@@ -359,9 +361,12 @@ def _failed(run: Run, reference: Run) -> bool:
     return run.error is not None or not same_values(reference.values, run.values)
 
 
-def _identify(run: Run) -> list[KernelId]:
+def _identify(run: Run) -> list[KernelId] | None:
+    """The run's kernels named in issue order; None if it wasn't recorded (eager, or too long)."""
+    if not run._trace:
+        return None
     namer = _Namer()
-    return [namer(k) for k in run._trace[0]] if run._trace else []
+    return [namer(k) for k in run._trace[0]]
 
 
 def _deviations(run: Run, ids: list[KernelId]) -> list[tuple[KernelId, KernelId]]:
@@ -426,6 +431,9 @@ def _shrink(fn: Callable[[], Any], failure: Run, reference: Run, detect: str, bu
     """Give ``failure`` its fingerprint and constraint form: the deviations of its run, shrunk with
     ddmin (at most ``budget`` runs under the "constraints" schedule; 0: all deviations, unshrunk)."""
     ids = _identify(failure)
+    if ids is None:
+        failure.explanation = f"(not shrunk: the run issued more than {TRACE_LIMIT} kernels, which aren't recorded)"
+        return
     failure.fingerprint = fingerprint(ids)
     pairs = _deviations(failure, ids)
     failure.deviations = len(pairs)
@@ -532,6 +540,8 @@ def session_args(token: str) -> tuple[str, int, int, Any, str | None]:
 def check_fingerprint(scheduler: Any, expected: str, schedule: str) -> bool:
     """At the exit of ``fake.session(schedule=TOKEN)``: whether the kernel sequence still has the
     token's fingerprint; warns :class:`ReplayFallbackWarning` if not."""
+    if scheduler.trace is None:
+        return True  # (too long to record: unchecked)
     namer = _Namer()
     now = fingerprint([namer(k) for k in scheduler.trace])
     if now == expected:
@@ -635,8 +645,9 @@ def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
     by = "constraints" if t.schedule == "constraints" else "schedule"
     if by == "schedule":
         run = _run(fn, t.schedule, t.seed, detect, t.depth, t.target)
-        if t.fingerprint is not None:
-            now = fingerprint(_identify(run))
+        ids = _identify(run)
+        if t.fingerprint is not None and ids is not None:
+            now = fingerprint(ids)
             if now != t.fingerprint:
                 if t.constraints:
                     by = "constraints"
