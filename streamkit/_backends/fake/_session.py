@@ -26,6 +26,7 @@ from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
+from ._tokens import Constraints, check_fingerprint, session_args
 from ._tensor import FakeDeviceTensor, ensure_registered
 from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
 
@@ -100,14 +101,12 @@ class Session:
         if schedule is None:
             schedule = os.environ.get("STREAMKIT_SCHEDULE") or "eager"
         self._token_fingerprint = None
+        #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
+        self.fingerprint_matched: bool | None = None
         if isinstance(schedule, str) and schedule not in SCHEDULES and (":" in schedule or "/" in schedule):
-            from ._explore import session_args  # (a token, Run.token; _explore imports this module)
-
             self._token = schedule
             schedule, seed, depth, target, self._token_fingerprint = session_args(schedule)
         elif schedule == "constraints" and target is not None:
-            from ._explore import Constraints
-
             if not isinstance(target, Constraints):
                 target = Constraints(target)
         if schedule not in SCHEDULES:
@@ -173,8 +172,6 @@ class Session:
             if failed is not None and exc_type is None and self._pending is None:
                 self._pending = failed
             if self._token_fingerprint is not None and exc_type is None:
-                from ._explore import check_fingerprint
-
                 self.fingerprint_matched = check_fingerprint(self._scheduler, self._token_fingerprint, self._token)
         try:
             if self._tracked and exc_type is None:
