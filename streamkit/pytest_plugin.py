@@ -10,7 +10,8 @@
   races the eager run recorded, then ``fake.plan``'s), each in a fresh
   ``fake.session``; ``fake_session`` gives the current run's session. A failing run fails the test
   with its ``--streamkit-replay=TOKEN``. The seed defaults to ``zlib.crc32`` of the node id.
-  Options: ``--streamkit-replay=TOKEN`` (run only that schedule), ``--streamkit-schedules=N``.
+  Options: ``--streamkit-replay=TOKEN`` (run only that schedule; a full token whose fingerprint no
+  longer matches the test's kernels reruns the body under its constraint form), ``--streamkit-schedules=N``.
 
 Write a stream-semantics test once against ``streamkit_backend`` and it runs on every device the
 machine has.
@@ -33,7 +34,8 @@ def pytest_addoption(parser: Any) -> None:
         "--streamkit-replay",
         metavar="TOKEN",
         default=None,
-        help="run streamkit_explore tests under this schedule only (a token from a failure: 'random:7', 'pct:3:3')",
+        help="run streamkit_explore tests under this schedule only (a token from a failure: 'random:7', 'pct:3:3',"
+        " or a full token from fake.explore)",
     )
     group.addoption(
         "--streamkit-schedules",
@@ -61,7 +63,8 @@ def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int
     token = config.getoption("--streamkit-replay", None)
     if token:
         try:
-            return [fake.parse_token(token)]
+            fake.parse_token(token)
+            return [token]  # (the full token: fake.session(schedule=TOKEN) checks its fingerprint)
         except ValueError as error:
             raise pytest.UsageError(f"--streamkit-replay: {error}") from None
     schedules = config.getoption("--streamkit-schedules", None)
@@ -90,11 +93,16 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
     testargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
     n = 0
     while n < len(runs):
-        schedule, seed, depth, target = runs[n]
+        entry = runs[n]
         n += 1
-        token = fake.Run(schedule, seed, depth, target).token
+        if isinstance(entry, str):  # --streamkit-replay=TOKEN
+            token, schedule, options = entry, "", {"schedule": entry}
+        else:
+            schedule, seed, depth, target = entry
+            token = fake.Run(schedule, seed, depth, target).token
+            options = {"schedule": schedule, "seed": seed, "depth": depth, "target": target}
         try:
-            with fake.session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
+            with fake.session(detect=detect, **options) as s:
                 if "fake_session" in testargs:
                     testargs["fake_session"] = s
                 try:
@@ -107,6 +115,11 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
                 f" {type(error).__name__}: {error}\n"
                 f"rerun that schedule alone with: pytest {pyfuncitem.nodeid!r} --streamkit-replay={token}"
             ) from error
+        if isinstance(entry, str) and getattr(s, "fingerprint_matched", True) is False:
+            # the test changed since the token was made (the session warned): its constraint form
+            fallback = importlib.import_module("streamkit._backends.fake._explore").constraint_token(entry)
+            if fallback is not None and fallback != entry:
+                runs.append(fallback)
         if n == 1 and schedule == "eager" and len(runs) > 1:
             # explore's order: one race-directed run per race the eager run recorded, first
             found = fake.directed(races)[: len(runs) - 1]

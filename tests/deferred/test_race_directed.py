@@ -21,7 +21,8 @@ def test_the_race_directed_run_comes_first_and_fails_the_racy_program():
     (run,) = found.runs
     race = found.reference.races[0]
     (i, a), (j, b) = race.kernels
-    assert run.schedule == "race" and run.token == f"race:{i}.{a}:{j}.{b}" and i != j
+    assert run.schedule == "race" and run.short_token == f"race:{i}.{a}:{j}.{b}" and i != j
+    assert run.token.startswith(run.short_token + "/")  # (with the fingerprint and the shrunk constraints)
     assert math.isnan(run.values) or run.values == 1024.0  # the sum ran before the doubling
     again = fake.replay(readme_program(wait=False), run.token)
     assert not again.ok and (again.values == run.values or math.isnan(again.values) and math.isnan(run.values))

@@ -10,7 +10,9 @@ from __future__ import annotations
 from ._pinned import PinnedHostTensor
 from ._report import Access, Race, RaceError, TensorInfo
 from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, directed, parse_token, plan, replay
+from ._explore import (
+    SHRINK_RUNS, Exploration, KernelId, ReplayFallbackWarning, Run, directed, parse_token, plan, read_token, replay,
+)
 from ._ranks import RankExploration, RankRun, explore
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
@@ -19,6 +21,7 @@ from ._tensor import FakeDeviceTensor, peek
 backend_class = FakeBackend
 
 __all__ = [
-    "PCT_DEPTH", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "PinnedHostTensor", "Race", "RaceError", "RankExploration", "RankRun", "Run", "Session",
-    "Stats", "TensorInfo", "directed", "explore", "parse_token", "peek", "plan", "replay", "session",
+    "PCT_DEPTH", "SHRINK_RUNS", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "KernelId", "PinnedHostTensor", "Race",
+    "RaceError", "RankExploration", "RankRun", "ReplayFallbackWarning", "Run", "Session", "Stats", "TensorInfo", "directed",
+    "explore", "parse_token", "peek", "plan", "read_token", "replay", "session",
 ]

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 #: the schedules ``fake.session(schedule=...)`` accepts
-SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race")
+SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race", "constraints")
 #: ``schedule="pct"``: the default bug depth (priority change points = depth - 1)
 PCT_DEPTH = 3
 #: ``schedule="pct"``: the estimated number of steps (kernel issues plus kernel runs) among which
@@ -30,6 +30,9 @@ PCT_STEPS = 64
 _HOST = -1
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
+#: kernels a deferred session records for fake.explore (fingerprint, deviations); a longer session
+#: stops recording (None), rather than keep every kernel object alive
+TRACE_LIMIT = 1 << 17
 #: ops that change storage sizes on the host side at issue: run at once
 _AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
 
@@ -191,6 +194,15 @@ class DeferredScheduler:
         # whenever some legal order allows it (a race the detector reported, reversed)
         self.target = target
         self.target_ran = [False, False]
+        # "constraints": eager order, except that a kernel named as the later one of a constraint
+        # waits until the earlier one has run (``target`` is a ``_explore.Constraints``)
+        self.constraints = None
+        if policy == "constraints":
+            self.constraints, self.target = target, None
+        # every kernel handed to submit (issue order) and every kernel run (run order): a run's
+        # fingerprint, deviations and constraint matching are computed from them (_explore.py)
+        self.trace: list | None = []
+        self.ran: list | None = []
         self.policy = policy
         self.seed = seed
         self.depth = depth
@@ -213,6 +225,14 @@ class DeferredScheduler:
     # issue
     def submit(self, kernel: Any, sync: Any = None) -> Any:
         """Queue ``kernel`` (bound) and return its outputs: placeholders, or the arguments it writes."""
+        trace = self.trace
+        if trace is not None:
+            if len(trace) < TRACE_LIMIT:
+                trace.append(kernel)
+            else:
+                self.trace = self.ran = None
+        if self.constraints is not None:
+            self.constraints.issued(kernel)
         if sync is not None or _is_random(kernel.op):
             return self.run_now(kernel)
         try:
@@ -251,7 +271,19 @@ class DeferredScheduler:
                     break
                 self._run(best)
                 host = self.priority[_HOST]
+        elif self.constraints is not None:
+            self._release()
         return result
+
+    def _release(self) -> None:
+        """``"constraints"``: run every ready kernel no constraint holds back, oldest first (as
+        eager would have run them at issue)."""
+        held = self.constraints.held
+        while self.pending:
+            free = [k for k in self._ready() if not held(k)]
+            if not free:
+                return
+            self._run(min(free, key=lambda k: k.order))
 
     # PCT
     def _pct_priority(self, thread: int) -> float:
@@ -277,8 +309,14 @@ class DeferredScheduler:
         if kernel.seq and stream.idx < len(deps):
             deps[stream.idx] = kernel.seq - 1
         self.drain(deps)
+        if self.ran is not None:
+            self.ran.append(kernel)
         with _NoTorchFunction():
-            return kernel.run()
+            result = kernel.run()
+        if self.constraints is not None:
+            self.constraints.ran(kernel)
+            self._release()
+        return result
 
     # running
     def _blocked(self, clock: Any, skip: int = -1) -> bool:
@@ -296,6 +334,10 @@ class DeferredScheduler:
     def _run(self, kernel: Any) -> None:
         self.queues[kernel.stream.idx].popleft()
         self.pending -= 1
+        if self.ran is not None:
+            self.ran.append(kernel)
+        if self.constraints is not None:
+            self.constraints.ran(kernel)
         if self.pct:
             self._pct_step(kernel.stream.idx)
         elif self.target is not None:
@@ -327,6 +369,13 @@ class DeferredScheduler:
         policy = self.policy
         if policy == "random":
             return self.rng.choice(ready)
+        if policy == "constraints":
+            # oldest first among the kernels no constraint holds back; when all are held, the
+            # sync needs one anyway: the oldest it needs (its constraint is dropped, Constraints.ran)
+            held = self.constraints.held
+            free = [k for k in ready if not held(k)]
+            wanted = [k for k in ready if needed(k)]
+            return min(free or wanted or ready, key=lambda k: k.order)
         if policy == "pct":
             return self._pct_best(ready)
         if policy == "race" and not any(self.target_ran):
@@ -353,6 +402,8 @@ class DeferredScheduler:
                 if not ready:
                     raise RuntimeError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
                 self._run(self._pick(ready, clock))
+            if self.constraints is not None:
+                self._release()  # (what the kernels just run released)
 
     def drain_all(self) -> None:
         with self.session._lock:

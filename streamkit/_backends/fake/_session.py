@@ -26,6 +26,7 @@ from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
+from ._tokens import Constraints, check_fingerprint, session_args
 from ._tensor import FakeDeviceTensor, ensure_registered
 from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
 
@@ -99,13 +100,25 @@ class Session:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         if schedule is None:
             schedule = os.environ.get("STREAMKIT_SCHEDULE") or "eager"
+        self._token_fingerprint = None
+        #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
+        self.fingerprint_matched: bool | None = None
+        if isinstance(schedule, str) and schedule not in SCHEDULES and (":" in schedule or "/" in schedule):
+            self._token = schedule
+            schedule, seed, depth, target, self._token_fingerprint = session_args(schedule)
+        elif schedule == "constraints" and target is not None:
+            if not isinstance(target, Constraints):
+                target = Constraints(target)
         if schedule not in SCHEDULES:
             raise ValueError(f"session(schedule): expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
         if type(depth) is not int or depth < 1:
             raise ValueError(f"session(depth): expected an int >= 1, got {depth!r}")
-        if (schedule == "race") != (target is not None):
-            raise ValueError('session(target): schedule="race" takes target=((stream, seq), (stream, seq)), the others none')
-        if target is not None:
+        if (schedule in ("race", "constraints")) != (target is not None):
+            raise ValueError(
+                'session(target): schedule="race" takes target=((stream, seq), (stream, seq)), schedule="constraints"'
+                " pairs of fake.KernelId (or use schedule=TOKEN), the others none"
+            )
+        if target is not None and schedule == "race":
             try:
                 target = tuple((int(stream), int(seq)) for stream, seq in target)
                 if len(target) != 2:
@@ -159,6 +172,8 @@ class Session:
             failed = self._scheduler.take_error()
             if failed is not None and exc_type is None and self._pending is None:
                 self._pending = failed
+            if self._token_fingerprint is not None and exc_type is None:
+                self.fingerprint_matched = check_fingerprint(self._scheduler, self._token_fingerprint, self._token)
         try:
             if self._tracked and exc_type is None:
                 # Tensors kept alive only by reference cycles (a caught exception's traceback, say)

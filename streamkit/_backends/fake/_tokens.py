@@ -1,0 +1,288 @@
+"""Tokens and the constraint form of a schedule (docs/exploration.md, "Tokens"): kernels named
+stably across runs and edits (:class:`KernelId`), the fingerprint of a run's kernel sequence, the
+``"constraints"`` schedule's rule (:class:`Constraints`), and token parsing.
+
+Apart from :mod:`._explore` because ``fake.session(schedule=TOKEN)`` (:mod:`._session`) reads
+tokens too, and :mod:`._explore` imports the session.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import linecache
+import os
+import warnings
+import zlib
+from typing import Any, NamedTuple, Sequence
+
+from ..._errors import StreamkitWarning
+from ._deferred import PCT_DEPTH, SCHEDULES
+from ._report import stream_description
+from ._sites import line_of
+
+TOKEN_FORMAT = (
+    "'SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]': SCHEDULE is 'name:seed' (name one of 'lazy', 'adversarial',"
+    " 'random', 'eager'), 'pct:seed:depth', 'race:S.N:S.N' or 'constraints'; FINGERPRINT 8 hex digits"
+    " (or '-'); CONSTRAINTS the encoded constraint list of a token fake.explore made"
+)
+
+
+class ReplayFallbackWarning(StreamkitWarning):
+    """A token's fingerprint doesn't match the program's kernel sequence any more (the program was
+    edited since the token was made): replay ran the token's constraint form instead of its seed
+    (``Run.replayed_by == "constraints"``), or, for a token without one, the seed anyway."""
+
+
+class KernelId(NamedTuple):
+    """A kernel named stably across runs and unrelated edits: ``op`` (``"aten.mul_"``), ``file``
+    (base name), ``func`` (the function it was issued from), ``text`` (that source line, stripped;
+    ``"#LINE"`` when the source can't be read) and ``occurrence`` (1 for the first kernel of this
+    (op, file, func, text) in the run, in issue order). ``line`` and ``stream`` are for display only:
+    matching ignores them, so a kernel is found again after lines were inserted above it."""
+
+    op: str
+    file: str
+    func: str
+    text: str
+    occurrence: int
+    line: int
+    stream: str
+
+    @property
+    def key(self) -> tuple:
+        return (self.op, self.file, self.func, self.text, self.occurrence)
+
+    def __str__(self) -> str:
+        return f"{self.op} on {self.stream} ({self.file}:{self.line})"
+
+
+_SITE_INFO: dict = {}  # (code, offset) -> (file base name, function, line text, line)
+_OP_NAMES: dict = {}
+
+
+def _op_name(op: Any) -> str:
+    name = _OP_NAMES.get(op)
+    if name is None:
+        schema = getattr(op, "_schema", None)
+        name = _OP_NAMES[op] = schema.name.replace("::", ".") if schema is not None else str(op)
+    return name
+
+
+class _Namer:
+    """Names the kernels of one run, in issue order (occurrences are counted per run)."""
+
+    def __init__(self) -> None:
+        self.counts: dict = {}
+        self.files: set = set()  # files whose cached source was checked against the disk this run
+        self.streams: dict = {}
+
+    def __call__(self, kernel: Any) -> KernelId:
+        site = kernel.site
+        if site:
+            code, offset = site[0]  # (the innermost user frame)
+            where = _SITE_INFO.get((code, offset))
+            if where is None:
+                line = line_of(code, offset)
+                filename = code.co_filename
+                if filename not in self.files:
+                    linecache.checkcache(filename)  # (the file may have been edited since it was read)
+                    self.files.add(filename)
+                text = linecache.getline(filename, line).strip() or f"#{line}"
+                if len(_SITE_INFO) > 65536:
+                    _SITE_INFO.clear()
+                where = _SITE_INFO[(code, offset)] = (os.path.basename(filename), code.co_name, text, line)
+        else:
+            where = ("?", "?", "#0", 0)
+        op = _op_name(kernel.op)
+        base = (op,) + where[:3]
+        n = self.counts[base] = self.counts.get(base, 0) + 1
+        state = kernel.stream
+        stream = self.streams.get(state.idx)
+        if stream is None:
+            stream = self.streams[state.idx] = "default" if state.idx == 0 else stream_description(state)[1]
+        return KernelId(op, where[0], where[1], where[2], n, where[3], stream)
+
+
+def fingerprint(ids: Sequence[KernelId]) -> str:
+    """The run's kernel sequence as 8 hex digits: CRC-32 of (op, file, line) in issue order (so
+    any added, removed or moved kernel, and any line shift, changes it)."""
+    crc = 0
+    for k in ids:
+        crc = zlib.crc32(f"{k.op}|{k.file}|{k.line}\n".encode(), crc)
+    return f"{crc:08x}"
+
+
+class Constraints:
+    """The ``"constraints"`` schedule's rule: for each pair ``(a, b)`` of :class:`KernelId`, the
+    run's kernel matching ``b`` waits until the one matching ``a`` has run; every other kernel runs
+    as early as eager would. Kernels are matched as they are issued by :attr:`KernelId.key` (op,
+    file, function, source line text, occurrence). A host sync that needs a held kernel runs it
+    anyway (its constraints are then in :attr:`dropped`); a constraint whose kernels the run never
+    issued is in :meth:`unmatched`."""
+
+    def __init__(self, pairs: Any) -> None:
+        try:
+            self.pairs = tuple((KernelId(*a), KernelId(*b)) for a, b in pairs)
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"session(target): schedule=\"constraints\" takes pairs (a, b) of fake.KernelId, got {pairs!r}"
+            ) from None
+        self._namer = _Namer()
+        self._waiting: dict = {}  # b.key -> keys of the kernels it still waits for
+        self._blocks: dict = {}  # a.key -> keys of the kernels waiting for it
+        for a, b in self.pairs:
+            self._waiting.setdefault(b.key, set()).add(a.key)
+            self._blocks.setdefault(a.key, []).append(b.key)
+        self._keys: dict = {}  # id(kernel) -> key, for the kernels a constraint names
+        self._alive: list = []  # (those kernels: their ids stay unique)
+        self._matched: set = set()
+        self.dropped: list = []  # (a key, b key) pairs a host sync overrode
+
+    def issued(self, kernel: Any) -> None:
+        key = self._namer(kernel).key
+        if key in self._waiting or key in self._blocks:
+            self._keys[id(kernel)] = key
+            self._alive.append(kernel)
+            self._matched.add(key)
+
+    def held(self, kernel: Any) -> bool:
+        key = self._keys.get(id(kernel))
+        return key is not None and bool(self._waiting.get(key))
+
+    def ran(self, kernel: Any) -> None:
+        key = self._keys.get(id(kernel))
+        if key is None:
+            return
+        left = self._waiting.pop(key, None)
+        if left:
+            self.dropped.extend((a, key) for a in left)
+        for b in self._blocks.pop(key, ()):
+            waiting = self._waiting.get(b)
+            if waiting is not None:
+                waiting.discard(key)
+
+    def unmatched(self) -> list[tuple[KernelId, KernelId]]:
+        """The constraints one of whose kernels this run never issued."""
+        return [(a, b) for a, b in self.pairs if a.key not in self._matched or b.key not in self._matched]
+
+
+def _encode(pairs: Sequence[tuple[KernelId, KernelId]]) -> str:
+    data = json.dumps([[list(a), list(b)] for a, b in pairs], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(zlib.compress(data, 9)).decode().rstrip("=")
+
+
+def _decode(text: str) -> tuple[tuple[KernelId, KernelId], ...]:
+    data = json.loads(zlib.decompress(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
+    pairs = []
+    for a, b in data:
+        ids = []
+        for k in (a, b):
+            op, file, func, line_text, occurrence, line, stream = k
+            if not (all(isinstance(v, str) for v in (op, file, func, line_text, stream)) and type(occurrence) is int and type(line) is int):
+                raise ValueError(k)
+            ids.append(KernelId(op, file, func, line_text, occurrence, line, stream))
+        pairs.append(tuple(ids))
+    return tuple(pairs)
+
+
+def explanation(pairs: Sequence[tuple[KernelId, KernelId]]) -> str:
+    """One line per constraint: ``ran aten.zero_ on default (a.py:12) before aten.sum on side (a.py:14)``."""
+    return "\n".join(f"ran {a} before {b}" for a, b in pairs)
+
+
+class Token(NamedTuple):
+    """A parsed token (:func:`read_token`)."""
+
+    schedule: str
+    seed: int
+    depth: int
+    target: Any
+    fingerprint: str | None
+    constraints: tuple
+
+
+def _kernel_id(text: str) -> tuple[int, int]:
+    stream, sep, seq = text.partition(".")
+    if not (sep and stream.isdigit() and seq.isdigit()):
+        raise ValueError(text)
+    return int(stream), int(seq)
+
+
+def _parse_short(token: str) -> tuple[str, int, int, Any]:
+    parts = token.split(":")
+    name = parts[0]
+    if name == "race" and len(parts) == 3:
+        return name, 0, PCT_DEPTH, (_kernel_id(parts[1]), _kernel_id(parts[2]))
+    if name == "constraints" and len(parts) == 1:
+        return name, 0, PCT_DEPTH, None
+    expected = 3 if name == "pct" else 2
+    if name in SCHEDULES and name not in ("race", "constraints") and len(parts) == expected and parts[1].lstrip("-").isdigit():
+        depth = int(parts[2]) if expected == 3 and parts[2].isdigit() else PCT_DEPTH if expected == 2 else 0
+        if depth >= 1:
+            return name, int(parts[1]), depth, None
+    raise ValueError(token)
+
+
+def read_token(token: str) -> Token:
+    """A token (``Run.token``) as a :class:`Token`: ``SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]``
+    (:data:`TOKEN_FORMAT`); ValueError naming the format for anything else."""
+    try:
+        parts = str(token).split("/")
+        if len(parts) > 3:
+            raise ValueError(token)
+        name, seed, depth, target = _parse_short(parts[0])
+        fp = None
+        if len(parts) > 1:
+            fp = parts[1]
+            if fp == "-":
+                fp = None
+            elif len(fp) != 8 or any(c not in "0123456789abcdef" for c in fp):
+                raise ValueError(fp)
+        constraints = _decode(parts[2]) if len(parts) > 2 else ()
+        if name == "constraints" and not constraints:
+            raise ValueError(token)
+    except Exception:  # (base64, zlib and json errors too)
+        raise ValueError(f"schedule token: expected {TOKEN_FORMAT}; got {token!r}") from None
+    return Token(name, seed, depth, target, fp, constraints)
+
+
+def parse_token(token: str) -> tuple[str, int, int, Any]:
+    """A token as ``(schedule, seed, depth, target)``: ``"schedule:seed"`` (depth
+    :data:`PCT_DEPTH`, target None), ``"pct:seed:depth"``, or ``"race:S.N:S.N"`` (seed 0; target the
+    two kernels as ``(stream, seq)`` pairs); a full token's fingerprint and constraints are read
+    (and checked) but left out (:func:`read_token` has them). ValueError for anything else."""
+    return tuple(read_token(token)[:4])  # type: ignore[return-value]
+
+
+def session_args(token: str) -> tuple[str, int, int, Any, str | None]:
+    """``fake.session(schedule=TOKEN)``: ``(schedule, seed, depth, target, fingerprint)``. A
+    ``"constraints/..."`` token runs its constraint form; any other its seed's schedule (the
+    session warns at exit when the fingerprint doesn't match)."""
+    try:
+        t = read_token(token)
+    except ValueError as error:
+        raise ValueError(f"session(schedule): a schedule name in {SCHEDULES[:-1]} or a {error}") from None
+    target = Constraints(t.constraints) if t.schedule == "constraints" else t.target
+    # (the constraint form matches kernels by name, not by the sequence: nothing to check)
+    return t.schedule, t.seed, t.depth, target, None if t.schedule == "constraints" else t.fingerprint
+
+
+def check_fingerprint(scheduler: Any, expected: str, schedule: str) -> bool:
+    """At the exit of ``fake.session(schedule=TOKEN)``: whether the kernel sequence still has the
+    token's fingerprint; warns :class:`ReplayFallbackWarning` if not."""
+    if scheduler.trace is None:
+        return True  # (too long to record: unchecked)
+    namer = _Namer()
+    now = fingerprint([namer(k) for k in scheduler.trace])
+    if now == expected:
+        return True
+    warnings.warn(
+        ReplayFallbackWarning(
+            f"fake.session(schedule={schedule!r}...): the program's kernel sequence changed since the token was made"
+            f" (fingerprint {expected}, now {now}): its seed's schedule may not reproduce the failure;"
+            " fake.replay(fn, token) and --streamkit-replay=TOKEN fall back to its constraint form"
+        ),
+        stacklevel=4,
+    )
+    return False
