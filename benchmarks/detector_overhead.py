@@ -8,9 +8,12 @@ side), stack the counters and copy them to the host.
 
 Targets (all measured in this one process): the step on fake/raise at most 3x the untracked run
 (median of paired ratios); tracked tiny ops, best run against the best plain CPU run: `x.add_(y)`
-at most 5x, `x + y` at most 8x. For scale it also times the step on the cheapest Python wrapper
-tensor (interception only).
-Run: python benchmarks/detector_overhead.py [--rounds N]
+at most 5x, `x + y` at most 8x; the step under `schedule="random"` (deferred kernels, issue 11)
+at most 2x the eager tracked step (median over blocks: sessions don't nest, so each block times
+`--deferred-steps` steps in an eager session, a random one, and an eager one again, and compares
+the random median with the faster eager median). For scale it also times the step on the cheapest
+Python wrapper tensor (interception only), and the tiny ops under `schedule="random"`.
+Run: python benchmarks/detector_overhead.py [--rounds N] [--deferred-blocks N]
 """
 
 from __future__ import annotations
@@ -93,11 +96,28 @@ def timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def step_block(host_ids: list[torch.Tensor], schedule: str, steps: int) -> float:
+    """The median time of ``steps`` tracked steps in a fresh ``fake.session(detect="raise",
+    schedule=schedule, seed=0)`` (after one untimed step); checks the counts."""
+    with fake.session(detect="raise", schedule=schedule, seed=0) as s:
+        ids = [t.to(s.device) for t in host_ids]
+        side = sk.Stream()
+        counters = [torch.zeros(EXPERTS, dtype=torch.long, device=s.device) for _ in range(LAYERS)]
+        tracked_step(ids, counters, side)
+        times = [timed(lambda: tracked_step(ids, counters, side)) for _ in range(steps)]
+        expected = torch.stack([torch.bincount(i, minlength=EXPERTS) for i in host_ids]) * (steps + 1)
+        assert torch.equal(torch.stack(counters).cpu(), expected), f"schedule={schedule}: different counts"
+        assert s.races == []
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=400, help="paired step measurements (default 400)")
     parser.add_argument("--tiny-ops", type=int, default=2000, help="tiny ops per timed run (default 2000)")
     parser.add_argument("--tiny-rounds", type=int, default=40, help="timed runs of the tiny-op loops (default 40)")
+    parser.add_argument("--deferred-blocks", type=int, default=20, help="eager/random/eager session blocks (default 20)")
+    parser.add_argument("--deferred-steps", type=int, default=10, help="timed steps per block (default 10)")
     args = parser.parse_args()
     torch.manual_seed(0)
     torch.set_num_threads(1)
@@ -154,6 +174,23 @@ def main() -> None:
     floor_total = torch.stack([c._inner for c in floor_counters])
     assert torch.equal(floor_total, one_step * (args.rounds + 1)), "floor step computed different counts"
 
+    # Deferred: the step under schedule="random" vs the eager tracked step, block by block.
+    deferred_ratios, eager_steps, random_steps = [], [], []
+    for _ in range(args.deferred_blocks):
+        e1 = step_block(host_ids, "eager", args.deferred_steps)
+        r = step_block(host_ids, "random", args.deferred_steps)
+        e2 = step_block(host_ids, "eager", args.deferred_steps)
+        eager_steps.append(min(e1, e2))
+        random_steps.append(r)
+        deferred_ratios.append(r / min(e1, e2))
+    with fake.session(detect="raise", schedule="random", seed=0) as s:
+        x = torch.zeros(16, device=s.device)
+        one = torch.ones(16, device=s.device)
+        tiny_random = [timed(lambda: inplace_loop(x, one, n)) / n for _ in range(args.tiny_rounds)]
+        alloc_random = [timed(lambda: alloc_loop(x, one, n)) / n for _ in range(args.tiny_rounds)]
+        sk.synchronize()
+        assert s.races == []
+
     xp, onep = torch.zeros(16), torch.ones(16)
     tiny_plain = [timed(lambda: inplace_loop(xp, onep, n)) / n for _ in range(args.tiny_rounds)]
     alloc_plain = [timed(lambda: alloc_loop(xp, onep, n)) / n for _ in range(args.tiny_rounds)]
@@ -165,6 +202,11 @@ def main() -> None:
     print(f"  fake backend, detect=raise {statistics.median(trackeds) * 1e3:8.3f} ms/step (median; best {min(trackeds) * 1e3:.3f})")
     print(f"  ratio, median of pairs     {ratio:8.2f}x  (quartiles {q1:.2f}x to {q3:.2f}x; best vs best {min(trackeds) / min(plains):.2f}x)"
           f"   target <= 3x: {'met' if ratio <= 3 else 'MISSED'}")
+    d_ratio = statistics.median(deferred_ratios)
+    print(f"  schedule=\"random\" (deferred) {statistics.median(random_steps) * 1e3:8.3f} ms/step vs eager tracked"
+          f" {statistics.median(eager_steps) * 1e3:.3f} ms/step ({args.deferred_blocks} blocks of {args.deferred_steps})")
+    print(f"  deferred / eager tracked   {d_ratio:8.2f}x  (range {min(deferred_ratios):.2f}x to {max(deferred_ratios):.2f}x)"
+          f"   target <= 2x: {'met' if d_ratio <= 2 else 'MISSED'}")
     print(f"  for scale: the same step on a bare Python wrapper tensor (interception, no tracking) {statistics.median(floor_ratios):.2f}x")
     print(f"  per step: {per_step.kernels // runs} kernels, {per_step.event_records // runs} event records,"
           f" {per_step.host_syncs // runs} host syncs ({per_step.implicit_syncs // runs} implicit: bincount sizes its output on the host)")
@@ -184,6 +226,8 @@ def main() -> None:
     print(line("x + y tracked (new tensor)", alloc_raise, alloc_plain, 8))
     print(line("x + y detect=off", alloc_off))
     print(line("x + y plain CPU", alloc_plain))
+    print(line("x.add_(y) schedule=random", tiny_random))
+    print(line("x + y schedule=random", alloc_random))
 
 
 if __name__ == "__main__":

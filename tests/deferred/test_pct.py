@@ -45,7 +45,7 @@ def test_pct_reaches_both_orders_of_an_unordered_pair_and_each_seed_is_determini
             assert last_writer() == value  # same seed, same order
         seen.setdefault(value, seed)
     assert set(seen) == {1.0, 2.0}  # random priorities put either stream first
-    with fake.session(detect="record") as s:
+    with fake.session(detect="record", schedule="eager") as s:
         assert last_writer() == 2.0  # eager: program order
         assert s.races
 

@@ -29,7 +29,7 @@ def test_the_race_directed_run_comes_first_and_fails_the_racy_program():
 
 
 def test_the_second_kernel_runs_first_where_eager_and_lazy_run_them_in_issue_order():
-    with fake.session(detect="record") as s:
+    with fake.session(detect="record", schedule="eager") as s:
         assert last_writer() == 2.0  # eager: the side stream's fill runs last
         (race,) = s.races
     with fake.session(detect="record", schedule="lazy"):

@@ -163,6 +163,7 @@ def test_work_wait_is_restored_when_the_last_session_that_patched_it_ends(result
 
 
 # CUDA: syncStream orders the NCCL stream after the issuing stream only (ProcessGroupNCCL.cpp syncStream)
+@pytest.mark.eager_only("the collective races the side stream's write; the values asserted are the eager order's")
 def test_process_group_stream_waits_only_for_the_issuing_stream(results):
     for entry in _single(results, "input_from_other_stream"):
         assert entry["values"] == [3.0] * 4

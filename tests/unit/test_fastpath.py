@@ -49,7 +49,7 @@ def test_fast_and_dispatch_paths_agree(monkeypatch):
     with _fastpath._dispatch_only():
         slow = program()
     assert fast_taken >= 5 and not any(taken), (fast_taken, taken)  # each run took the path it names
-    assert fast == slow
+    assert repr(fast) == repr(slow)  # (repr: NaN equal to NaN, for poison under a forced deferred schedule)
     assert ("aten.sum.default", "read") in [(r[3], r[4]) for r in fast["races"]]
     assert ("aten.mul_.Tensor", "write") in [(r[3], r[4]) for r in fast["races"]]
     assert ("aten._to_copy.default", "read") in [(r[3], r[4]) for r in fast["races"]]
@@ -170,6 +170,7 @@ def test_tensor_keywords_are_never_taken_past_dispatch():
         assert not any(k[0] is torch.add and torch.Tensor in map(type, k) for k in _fastpath._plans if _fastpath._plans[k])
 
 
+@pytest.mark.eager_only("asserts the eager values of stack/cat while a racing side-stream add_ is queued")
 def test_tensor_lists_take_the_fast_path_and_every_element_is_read():
     with fake.session(detect="record") as s:
         side = sk.Stream()

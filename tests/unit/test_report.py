@@ -62,6 +62,7 @@ def test_record_mode_reports_each_distinct_race_once():
     assert [(r.first.kind, r.second.kind) for r in s.races] == [("write", "read"), ("read", "write")]
 
 
+@pytest.mark.eager_only("reads a side-stream result without a join wait: only eager has it computed")
 def test_off_mode_tracks_nothing_but_still_computes():
     with fake.session(detect="off") as s:
         side = sk.Stream()

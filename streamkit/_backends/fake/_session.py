@@ -22,7 +22,7 @@ from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath in
 from . import _graph, _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
-from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
+from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler, poison
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
@@ -351,19 +351,27 @@ class Session:
             if not pending:
                 state.pool()  # other streams' uses are ordered before the allocation stream
                 return
-            if self.detect == "off":
-                return  # (clocks kept for a deferred schedule only)
-            earlier, kind = max(pending, key=lambda found: found[0].seq)
-            race, new = self._reporter.free_race(earlier, kind, state, capture_site(sys._getframe(2)))
-            if new and self.detect == "raise" and self._pending is None:
-                self._pending = RaceError(race)
+            if self.detect != "off":  # (clocks kept for a deferred schedule only)
+                earlier, kind = max(pending, key=lambda found: found[0].seq)
+                race, new = self._reporter.free_race(earlier, kind, state, capture_site(sys._getframe(2)))
+                if new and self.detect == "raise" and self._pending is None:
+                    self._pending = RaceError(race)
+            if not self._eager:
+                # CUDA's allocator doesn't know about the other streams' pending uses: the block
+                # goes back to its stream's pool all the same, and a still-queued kernel of those
+                # streams reaches whatever the next owner writes there (eager: nothing is queued, so
+                # the free race report is all there is to show)
+                state.pool()
 
 
-    def _recycle(self, state: StorageState, stream: StreamState) -> None:
+    def _recycle(self, state: StorageState, stream: StreamState, out: Any = None) -> None:
         """``state`` is a new allocation on ``stream`` whose first writer is unknown (``empty``...):
         as CUDA's caching allocator, hand it the most recently freed block of its size class in
         ``stream``'s pool, whose access history it takes over. A block with ``record_stream`` users
-        not ordered before ``stream`` yet is not available (CUDA: its events haven't completed)."""
+        not ordered before ``stream`` yet is not available (CUDA: its events haven't completed).
+
+        Under a deferred schedule ``out`` (the new tensor) also takes over the block's memory
+        (:meth:`_reuse_memory`)."""
         wanted = size_class(state.nbytes)
         if not wanted:
             return
@@ -393,7 +401,36 @@ class Session:
                 before = getattr(old, "prior", None) or {}
                 mine = (old.alloc_meta, old.alloc_site, old.alloc_stream)
                 state.prior = {id(r): before.get(id(r)) or (r, *mine) for r in state.reads + state.writes}
+                if out is not None and not self._eager:
+                    self._reuse_memory(old, stream, out)
                 return
+
+    def _reuse_memory(self, old: StorageState, stream: StreamState, out: Any) -> None:
+        """A deferred schedule: ``out`` (a new allocation on ``stream``) takes over the memory of the
+        freed block ``old``, as the caching allocator hands it over. Every use of ``old`` that
+        ``stream``'s future work is ordered after (its own stream's, and record_stream's users
+        once they are) runs first, then the memory is poisoned: a legal schedule, and the poison is
+        written at reuse, not at free, so a correct ``record_stream`` program never sees it. Uses
+        of ``old`` on other streams that nothing orders before the reuse (a free race) stay queued
+        and, when they run, read or overwrite the new owner's data, as on the device."""
+        mem = getattr(old, "mem", None)
+        inner = out._inner
+        if mem is None or mem.nbytes() < inner.untyped_storage().nbytes():
+            return  # (a block that had no memory of its own here, or a smaller one: fresh memory)
+        clock = self._clocks.reuse_clock(stream)
+        need: list[int] = []
+        for records in (old.writes, old.reads):
+            for r in records:
+                if ordered_before(r.stream, r.seq, clock):
+                    if len(need) <= r.stream:
+                        need.extend([0] * (r.stream + 1 - len(need)))
+                    need[r.stream] = max(need[r.stream], r.seq)
+        if need:
+            self._scheduler.drain(need)
+        with torch.no_grad():
+            shared = torch.empty(0, dtype=inner.dtype).set_(mem, inner.storage_offset(), inner.size(), inner.stride())
+        poison(shared)
+        out._inner = shared
 
 
 class FakeBackend(Backend):

@@ -274,7 +274,9 @@ def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site
             state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
     elif stream.freed and session._tracked:
         # no kernel writes it (empty, empty_like...): it may be a block its stream freed earlier
-        session._recycle(state, stream)
+        session._recycle(state, stream, out)
+    if not session._eager:
+        state.mem = out._inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
     return out
 
 

@@ -179,10 +179,12 @@ class StorageState:
     """
 
     # ``prior`` (set only on a block the allocator recycled): the freed StorageState whose access
-    # history this one took over, and those records (reports name the old tensor for them)
+    # history this one took over, and those records (reports name the old tensor for them).
+    # ``mem`` (set only under a deferred schedule): the CPU storage holding the values, which a
+    # recycled allocation shares (so a still-queued kernel of the old owner reaches the new one's data)
     __slots__ = (
         "reads", "writes", "nbytes", "alloc_stream", "alloc_site", "alloc_meta", "record_streams", "session", "prior",
-        "__weakref__",
+        "mem", "__weakref__",
     )
 
     def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
