@@ -125,20 +125,12 @@ def cuda_record_kernel() -> str:
     return "triton" if _triton_module else "aten"
 
 
-def _record_cuda(
-    acc: torch.Tensor,
-    ctrl: torch.Tensor,
-    values: torch.Tensor,
-    num_tokens: torch.Tensor,
-    log2phy: torch.Tensor,
-    logcnt: torch.Tensor,
-    layer: int,
-    mode: int,
-) -> None:
+def _record_cuda(acc: torch.Tensor, ctrl: torch.Tensor, values: torch.Tensor, *rest: object) -> None:
+    """``record`` on CUDA tensors (the op's arguments, as :func:`record_op` takes them)."""
     if cuda_record_kernel() == "triton" and _triton_module.supports(acc, values):  # type: ignore[union-attr]
-        _triton_module.record(acc, ctrl, values, num_tokens, log2phy, logcnt, layer, mode)  # type: ignore[union-attr]
+        _triton_module.record(acc, ctrl, values, *rest)  # type: ignore[union-attr]
     else:
-        record_op(acc, ctrl, values, num_tokens, log2phy, logcnt, layer, mode)
+        record_op(acc, ctrl, values, *rest)  # type: ignore[arg-type]
 
 
 for _name, _fn in (("record", record_op), ("take", take_op), ("step", step_op)):

@@ -96,11 +96,14 @@ def run_ranks(argv: Sequence[str], world: int = 2, timeout: float = 120.0, env: 
     return results
 
 
-def rank_results(worker: str | os.PathLike, world: int = 2, timeout: float = 120.0) -> list[dict]:
-    """Run ``worker`` on ``world`` gloo ranks; each must exit 0 and print one ``RESULT <json>``
-    line whose ``rank`` is its own. Returns the parsed results, in rank order."""
+def rank_results(
+    worker: str | os.PathLike, *args: str, world: int = 2, timeout: float = 120.0
+) -> list[dict]:
+    """Run ``worker`` (with command-line ``args``) on ``world`` gloo ranks; each must exit 0 and
+    print one ``RESULT <json>`` line whose ``rank`` is its own. Returns the parsed results, in rank
+    order."""
     parsed = []
-    for r in run_ranks([worker], world=world, timeout=timeout):
+    for r in run_ranks([worker, *args], world=world, timeout=timeout):
         lines = r.lines("RESULT ")
         assert r.returncode == 0 and len(lines) == 1, r.describe()
         data = json.loads(lines[0])

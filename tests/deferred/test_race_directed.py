@@ -6,9 +6,7 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
-import streamkit as sk
 from streamkit import fake
 
 from test_deferred import readme_program

@@ -11,12 +11,11 @@ raises on one rank raises on all.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from _support import run_ranks
+from _support import rank_results
 
 WORKER = Path(__file__).with_name("_ranks_worker.py")
 WORLD = 2
@@ -30,14 +29,7 @@ def results():
     """Every rank's ``RESULT`` (one launch, every scenario, ``SCHEDULES`` schedules)."""
     if not dist.is_available() or not dist.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this torch build")
-    parsed = []
-    for r in run_ranks([WORKER, str(SCHEDULES)], world=WORLD, timeout=240):
-        lines = r.lines("RESULT ")
-        assert r.returncode == 0 and len(lines) == 1, r.describe()
-        data = json.loads(lines[0])
-        assert data["rank"] == r.rank, r.describe()
-        parsed.append(data)
-    return parsed
+    return rank_results(WORKER, str(SCHEDULES), world=WORLD, timeout=240)
 
 
 def _scenario(results, name):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import sys
 import warnings
 from pathlib import Path
 
