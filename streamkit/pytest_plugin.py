@@ -110,9 +110,12 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
                 finally:
                     races = list(s.races)
         except Exception as error:
+            explanation = ""
+            if not isinstance(entry, str) and schedule != "eager":
+                token, explanation = _shrunk(pyfuncitem, testargs, entry, detect, token)
             raise AssertionError(
                 f"streamkit_explore: failed under schedule {token} (run {n} of {len(runs)}):"
-                f" {type(error).__name__}: {error}\n"
+                f" {type(error).__name__}: {error}\n{explanation}"
                 f"rerun that schedule alone with: pytest {pyfuncitem.nodeid!r} --streamkit-replay={token}"
             ) from error
         if isinstance(entry, str) and getattr(s, "fingerprint_matched", True) is False:
@@ -125,6 +128,28 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
             found = fake.directed(races)[: len(runs) - 1]
             runs = runs[:1] + found + runs[1 : len(runs) - len(found)]
     return True
+
+
+def _shrunk(pyfuncitem: Any, testargs: dict, entry: tuple, detect: str, token: str) -> tuple[str, str]:
+    """The failing run again, shrunk as ``fake.explore`` shrinks (at most ``fake.SHRINK_RUNS`` more
+    runs of the test body): its full token (fingerprint and constraint form, so the replay survives
+    unrelated edits of the test) and an explanation line; the short token if it can't be shrunk."""
+    explore = importlib.import_module("streamkit._backends.fake._explore")
+    fake_backend = _backend.load_backend("fake")
+
+    def body() -> None:
+        if "fake_session" in testargs:
+            testargs["fake_session"] = fake_backend.session  # (the run's own session, opened by _run)
+        pyfuncitem.obj(**testargs)
+
+    schedule, seed, depth, target = entry
+    failure = explore._run(body, schedule, seed, detect, depth, target)
+    if failure.error is None:  # (didn't fail again: the body depends on more than the schedule)
+        return token, ""
+    explore._shrink(body, failure, explore.Run("eager", 0), detect, explore.SHRINK_RUNS)
+    if not failure.constraints:
+        return token, f"{failure.explanation}\n" if failure.explanation else ""
+    return failure.token, f"shrunk to {len(failure.constraints)} ordering(s):\n  {failure.explanation}\n"
 
 
 def pytest_generate_tests(metafunc: Any) -> None:

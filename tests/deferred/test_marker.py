@@ -42,6 +42,27 @@ def test_a_racy_test_fails_with_its_replay_token_and_the_token_reruns_that_sched
     pytester.runpytest("-p", "no:cacheprovider", f"--streamkit-replay=adversarial:{seed}").assert_outcomes(failed=1)
 
 
+def test_a_failure_is_shrunk_and_its_full_token_replays_after_an_unrelated_edit(pytester):
+    pytester.makepyfile(test_racy=RACY.format(wait=""))
+    out = pytester.runpytest("-p", "no:cacheprovider").stdout.str()
+    # the explanation names both kernels by op, stream and line (mul_ at line 7, sum at line 10)
+    assert "shrunk to 1 ordering(s):" in out, out
+    assert "ran aten.sum on side (test_racy.py:10) before aten.mul_ on default (test_racy.py:7)" in out, out
+    token = re.findall(r"alone with: pytest \S+ --streamkit-replay=(\S+)", out)[-1]
+    assert token.startswith("race:0.2:1.1/") and token.count("/") == 2  # fingerprint and constraint form
+    # an unrelated edit above the racy lines, with device work of its own: the token still reproduces
+    # the wrong value (through its schedule, or else its constraint form: test_shrink.py covers that)
+    pytester.makepyfile(test_racy=RACY.format(wait="").replace(
+        "    side = sk.Stream()",
+        "    scratch = torch.zeros(8, device=fake_session.device)  # unrelated work\n"
+        "    scratch.add_(1)\n"
+        "    side = sk.Stream()",
+    ))
+    again = pytester.runpytest("-p", "no:cacheprovider", f"--streamkit-replay={token}")
+    again.assert_outcomes(failed=1)
+    again.stdout.fnmatch_lines(["*(run 1 of 1): AssertionError: assert nan == 2048.0*"])
+
+
 def test_the_fixed_test_passes_under_every_schedule(pytester):
     pytester.makepyfile(test_fixed=RACY.format(wait="side.wait_stream(sk.current_stream())"))
     pytester.runpytest("-p", "no:cacheprovider", "--streamkit-schedules=10").assert_outcomes(passed=1)
