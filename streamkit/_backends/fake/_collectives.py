@@ -114,20 +114,34 @@ def _works(result: Any) -> list:
     return [r for r in items if hasattr(r, "wait") and not isinstance(r, (torch.Tensor, list, tuple))]
 
 
+def is_async(plan: Any, args: Any, kwargs: dict) -> bool:
+    """Whether the c10d call was made with ``async_op=True`` (its schema's argument, or default)."""
+    async_index, async_default, _ = _arguments(plan.op)
+    return bool(_value(plan.op, args, kwargs, async_index, async_default))
+
+
+def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Run a c10d op and wait for gloo's own work (the ordering is the clocks'): what a collective
+    kernel does when it runs."""
+    result = call(*args, **kwargs)
+    for work in _works(result):
+        work.wait()
+    return result
+
+
 def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
     """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
     Work follow the rules above."""
     stream = session._current_stream()
-    async_index, async_default, _ = _arguments(plan.op)
-    is_async = bool(_value(plan.op, args, kwargs, async_index, async_default))
+    asynchronous = is_async(plan, args, kwargs)
     with session._lock:
-        if is_async:
+        if asynchronous:
             issuing = stream
             stream = _group_stream(session, plan, args, kwargs)
             if session._tracked:
                 merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
         kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
-        end = list(stream.clock) if is_async and session._tracked else None
+        end = list(stream.clock) if asynchronous and session._tracked else None
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
     # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
     # issue order on every rank)
@@ -135,11 +149,20 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
     works = _works(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
-    if is_async:
+    if asynchronous:
         stash = [tensor for tensor, _ in accesses]
         for work in works:
             _register(work, session, end, stash)
     return result
+
+
+def replay(session: Any, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
+    """A captured ``async_op=False`` collective, replayed on ``stream``: issued and run now, after
+    what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
+    captured order, so peers agree)."""
+    with session._lock:
+        kernel = session._issue(op, call, stream, site, args, kwargs, accesses)
+    session._scheduler.run_now(kernel)
 
 
 def _register(work: Any, session: Any, clock: list[int] | None, stash: list) -> None:

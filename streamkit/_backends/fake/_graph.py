@@ -19,6 +19,7 @@ waits for all of them.
 
 from __future__ import annotations
 
+import functools
 import sys
 import weakref
 from contextlib import contextmanager
@@ -27,7 +28,7 @@ from typing import Any, Iterator
 import torch
 
 from ..._errors import GraphCaptureError, GraphError, SessionClosedError
-from . import _handles
+from . import _collectives, _handles
 from ._clocks import StreamState, merge
 from ._deferred import _AtOnce, _placeholders, _refreeze, layout, poison
 from ._report import label_stream
@@ -171,18 +172,17 @@ class FakeGraph:
                 record = node[1]
                 accesses = []
                 for ref, lo, hi, shape, dtype, access in record.touches:
-                    state = ref()
-                    if state is None or state.session is None:  # (a freed block's state may sit in its stream's pool)
-                        raise GraphError(
-                            f"Graph.replay(): a tensor of shape {tuple(shape)}, dtype {dtype} that {record.op} at"
-                            f" {_where(record.site)} used at capture has been freed; the replay would use memory the"
-                            " caching allocator may have handed to another tensor (keep a graph's inputs alive as"
-                            " long as the graph)"
-                        )
-                    accesses.append((_Access(lo, hi, state, shape, dtype), access))
+                    accesses.append((_Access(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
                 session._launch(
                     record.op, record.runner, streams[record.role], site, [_MARK, *record.args], record.kwargs, accesses
                 )
+            elif kind == "collective":
+                record = node[1]
+                accesses = [
+                    (_Access(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
+                    for ref, lo, hi, shape, dtype, access in record.touches
+                ]
+                _collectives.replay(session, record.op, record.runner, streams[record.role], site, record.args, record.kwargs, accesses)
             elif kind == "mark":
                 marks[node[2]] = list(streams[node[1]].clock)
             else:
@@ -197,6 +197,28 @@ class FakeGraph:
         self.pool = []  # (the pool's memory: freed now, as far as no tensor still refers to it)
         self.roles = 0
         self.captured = False
+
+
+def _alive(ref: Any, record: "_Record", shape: Any, dtype: torch.dtype) -> Any:
+    """The StorageState a captured access refers to, or GraphError if its tensor was freed."""
+    state = ref()
+    if state is None or state.session is None:  # (a freed block's state may sit in its stream's pool)
+        raise GraphError(
+            f"Graph.replay(): a tensor of shape {tuple(shape)}, dtype {dtype} that {record.op} at"
+            f" {_where(record.site)} used at capture has been freed; the replay would use memory the"
+            " caching allocator may have handed to another tensor (keep a graph's inputs alive as"
+            " long as the graph)"
+        )
+    return state
+
+
+def _tensors_in(value: Any, found: list) -> list:
+    if isinstance(value, torch.Tensor):
+        found.append(value)
+    elif type(value) is list or type(value) is tuple:
+        for v in value:
+            _tensors_in(v, found)
+    return found
 
 
 def _where(site: Any) -> str:
@@ -295,6 +317,48 @@ class Capture:
         kernel = CapturedKernel(op, stream, 0, site)
         kernel.record = record
         return kernel, result
+
+    def collective(self, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
+        """A c10d collective issued while capturing: ``None`` when the current stream is outside the
+        capture (ordinary work); else recorded (an ``async_op=False`` one) and its return value.
+
+        CUDA graphs capture NCCL collectives on the capture stream (NCCL >= 2.9.6), and every rank
+        replays its graph's collectives in the captured order. Nothing runs on the captured memory
+        at capture; the value handed back (the op's ``Work``) comes from the same collective run on
+        scratch copies, so every rank still takes part in it at capture, in issue order."""
+        session = self.session
+        stream = session._current_stream()
+        role = self.roles.get(stream)
+        if role is None:
+            if stream.idx == 0:
+                self._fail(
+                    f"{plan.op} issued on the default stream while a graph capture is underway (CUDA:"
+                    " cudaErrorStreamCaptureImplicit); issue it inside the `with sk.graph(...)` block or after it"
+                )
+            return None
+        self._check_valid()
+        if _collectives.is_async(plan, args, kwargs):
+            self._fail(
+                f"{plan.op} with async_op=True at {_where(site)} during a graph capture: the fake device captures"
+                " collectives with async_op=False only (they run on the capture stream, as NCCL captures them)"
+            )
+        tensors = _tensors_in(list(new_args) + list(new_kwargs.values()), [])
+        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
+        touches = [
+            (weakref.ref(t._st), t._lo, t._hi, tuple(t.shape), t.dtype, kind) for t, kind in accesses if t._hi > t._lo
+        ]
+        runner = functools.partial(_collectives.run_and_wait, plan.call)
+        record = _Record(
+            plan.op, role, runner, _refreeze(list(new_args), frozen),
+            {k: _refreeze(v, frozen) for k, v in new_kwargs.items()}, site, touches,
+        )
+        self.nodes.append(("collective", record))
+        self.vc[role][role] += 1
+        scratch = {id(t): t.clone() for t in tensors}
+        with _NoTorchFunction():
+            return _collectives.run_and_wait(
+                plan.call, *_refreeze(list(new_args), scratch), **{k: _refreeze(v, scratch) for k, v in new_kwargs.items()}
+            )
 
     def adopt(self, tensor: Any, kernel: Any) -> None:
         """A tensor allocated on a captured stream: memory of the graph's pool, kept with the graph;

@@ -657,16 +657,12 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     from . import _collectives  # (imported on first use: only collectives need it)
 
     session = _session()
-    if session._capture is not None:
-        from ..._errors import GraphCaptureError
-
-        raise GraphCaptureError(
-            f"{plan.op} during a graph capture: the fake device doesn't capture collectives; run it outside the"
-            " `with sk.graph(...)` block"
-        )
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     site = capture_site(sys._getframe(2)) if session._tracked else None
-    result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
+    capture = session._capture
+    result = None if capture is None else capture.collective(plan, args, kwargs, new_args, new_kwargs, accesses, site)
+    if result is None:
+        result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
     if isinstance(result, tuple) and result and plan.arg_kinds and plan.arg_kinds[0] == WRITE:
         # The first result is the output argument itself: hand back the caller's fake tensors.
         return (args[0] if args else kwargs[plan.op._schema.arguments[0].name],) + tuple(result[1:])

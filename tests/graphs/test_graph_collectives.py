@@ -1,0 +1,25 @@
+"""Collectives inside a captured graph (a tensor-parallel decode step, as vLLM captures it), on
+two gloo ranks: each replay runs the captured all_reduce again, on every rank, in captured order."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch.distributed as dist
+from _support import rank_results
+
+WORKER = str(Path(__file__).with_name("_collective_worker.py"))
+
+
+@pytest.mark.parametrize("schedule", ["eager", "random"])
+def test_a_captured_all_reduce_replays_on_every_rank(schedule):
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
+    results = rank_results(WORKER, schedule, world=2, timeout=120)
+    for data in results:
+        assert data["races"] == 0
+        # x = i + 1 everywhere: x @ weight_r = 4 (i + 1)(r + 1); summed over ranks 1 and 2: 12 (i + 1)
+        assert data["replayed"] == [[[13.0 * (i + 1)] * 4] * 2 for i in range(3)], data
+        assert data["replayed"] == data["eager"]
+        assert "async_op=True" in data["async_error"] and "during a graph capture" in data["async_error"]
