@@ -250,6 +250,8 @@ def test_reading_an_output_on_another_stream_without_a_wait_is_a_race():
             g.replay()
         y.sum()  # the default stream reads y, written by the replay on side
         assert [(r.first.kind, r.second.kind) for r in s.races] == [("write", "read")]
+        # the fix names the stream replay() ran on (ordering it orders the whole replay)
+        assert s.races[0].fix.startswith("sk.default_stream().wait_stream(side) after test_graphs.py:"), s.races[0].fix
 
 
 def test_replays_on_different_streams_are_serialized():

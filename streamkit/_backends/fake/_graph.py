@@ -31,7 +31,7 @@ from ..._errors import GraphCaptureError, GraphError, SessionClosedError
 from . import _collectives, _handles
 from ._clocks import StreamState, merge
 from ._deferred import _AtOnce, _placeholders, _refreeze, layout, poison
-from ._report import label_stream
+from ._report import label_stream, stream_description
 from ._sites import capture_site, short_location, user_stack
 from ._tracking import WRITE, Kernel
 
@@ -127,6 +127,7 @@ class FakeGraph:
         self.roles = 0
         self.captured = False
         self.streams: list[StreamState] = []
+        self.labels: list[str] = []  # (the replay streams' descriptions in reports)
 
     def __repr__(self) -> str:
         state = f"{sum(1 for n in self.nodes if n[0] == 'kernel')} kernels" if self.captured else "empty"
@@ -140,9 +141,7 @@ class FakeGraph:
             role = len(self.streams)
             state = _handles.new_stream(session, 0, self.site).state
             what = "its capture stream" if role == 0 else f"fork #{role}"
-            label_stream(
-                state, f"the replay of the graph made at {location} ({what})", "<the stream g.replay() ran on>", "graph"
-            )
+            self.labels.append(f"the replay of the graph made at {location} ({what})")
             self.streams.append(state)
         return self.streams
 
@@ -159,6 +158,11 @@ class FakeGraph:
                 " replay it before or after the capture"
             )
         streams = self._replay_streams(session)
+        # A fix names the stream replay() ran on: ordering it orders the replay (it starts after
+        # that stream's earlier work, and that stream's later work waits for all of it).
+        on = stream_description(stream)[1]
+        for label, state in zip(self.labels, streams):
+            label_stream(state, label, on, "graph")
         with session._lock:
             start = list(stream.clock)
             for s in streams:
