@@ -272,11 +272,9 @@ class Capture:
         return role
 
     # -- hooks of the session -------------------------------------------------------------------
-    def launch(
-        self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list, sync: Any
-    ) -> tuple[Kernel, Any] | None:
-        """Record a kernel issued to a captured stream: ``(kernel, outputs)``; ``None`` for a stream
-        outside the capture (ordinary work)."""
+    def _role(self, op: Any, stream: StreamState) -> int | None:
+        """The role of ``stream`` in the capture (None: not captured, ordinary work); the default
+        stream can't be used while a capture is underway."""
         role = self.roles.get(stream)
         if role is None:
             if stream.idx == 0:
@@ -287,6 +285,16 @@ class Capture:
                 )
             return None
         self._check_valid()
+        return role
+
+    def launch(
+        self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list, sync: Any
+    ) -> tuple[Kernel, Any] | None:
+        """Record a kernel issued to a captured stream: ``(kernel, outputs)``; ``None`` for a stream
+        outside the capture (ordinary work)."""
+        role = self._role(op, stream)
+        if role is None:
+            return None
         if sync is not None:
             self._fail(
                 f"{op} makes the host wait for a stream that is capturing ({_SYNCS.get(sync, sync)}) at {_where(site)};"
@@ -309,15 +317,7 @@ class Capture:
             )
         fills: list = []
         result = _placeholders(template, tensors, fills, ())  # poisoned memory of the graph's pool
-        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
-        args = _refreeze(list(args), frozen)
-        kwargs = {k: _refreeze(v, frozen) for k, v in kwargs.items()} if kwargs else {}
-        touches = [
-            (weakref.ref(t._st), t._lo, t._hi, tuple(t.shape), t.dtype, kind) for t, kind in accesses if t._hi > t._lo
-        ]
-        record = _Record(op, role, _Runner(call, fills), args, kwargs, site, touches)
-        self.nodes.append(("kernel", record))
-        self.vc[role][role] += 1
+        record = self._record("kernel", op, role, _Runner(call, fills), args, kwargs, tensors, accesses, site)
         kernel = CapturedKernel(op, stream, 0, site)
         kernel.record = record
         return kernel, result
@@ -330,39 +330,39 @@ class Capture:
         replays its graph's collectives in the captured order. Nothing runs on the captured memory
         at capture; the value handed back (the op's ``Work``) comes from the same collective run on
         scratch copies, so every rank still takes part in it at capture, in issue order."""
-        session = self.session
-        stream = session._current_stream()
-        role = self.roles.get(stream)
+        role = self._role(plan.op, self.session._current_stream())
         if role is None:
-            if stream.idx == 0:
-                self._fail(
-                    f"{plan.op} issued on the default stream while a graph capture is underway (CUDA:"
-                    " cudaErrorStreamCaptureImplicit); issue it inside the `with sk.graph(...)` block or after it"
-                )
             return None
-        self._check_valid()
         if _collectives.is_async(plan, args, kwargs):
             self._fail(
                 f"{plan.op} with async_op=True at {_where(site)} during a graph capture: the fake device captures"
                 " collectives with async_op=False only (they run on the capture stream, as NCCL captures them)"
             )
         tensors = _tensors_in(list(new_args) + list(new_kwargs.values()), [])
-        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
-        touches = [
-            (weakref.ref(t._st), t._lo, t._hi, tuple(t.shape), t.dtype, kind) for t, kind in accesses if t._hi > t._lo
-        ]
         runner = functools.partial(_collectives.run_and_wait, plan.call)
-        record = _Record(
-            plan.op, role, runner, _refreeze(list(new_args), frozen),
-            {k: _refreeze(v, frozen) for k, v in new_kwargs.items()}, site, touches,
-        )
-        self.nodes.append(("collective", record))
-        self.vc[role][role] += 1
+        self._record("collective", plan.op, role, runner, new_args, new_kwargs, tensors, accesses, site)
         scratch = {id(t): t.clone() for t in tensors}
         with _NoTorchFunction():
             return _collectives.run_and_wait(
                 plan.call, *_refreeze(list(new_args), scratch), **{k: _refreeze(v, scratch) for k, v in new_kwargs.items()}
             )
+
+    def _record(
+        self, kind: str, op: Any, role: int, runner: Any, args: Any, kwargs: Any, tensors: list, accesses: list, site: Any
+    ) -> "_Record":
+        """Append a captured node: the arguments frozen (views with the layout of now, as a replay
+        must see them) and the memory it touches."""
+        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
+        touches = [
+            (weakref.ref(t._st), t._lo, t._hi, tuple(t.shape), t.dtype, how) for t, how in accesses if t._hi > t._lo
+        ]
+        record = _Record(
+            op, role, runner, _refreeze(list(args), frozen),
+            {k: _refreeze(v, frozen) for k, v in kwargs.items()} if kwargs else {}, site, touches,
+        )
+        self.nodes.append((kind, record))
+        self.vc[role][role] += 1
+        return record
 
     def adopt(self, tensor: Any, kernel: Any) -> None:
         """A tensor allocated on a captured stream: memory of the graph's pool, kept with the graph;
