@@ -101,7 +101,12 @@ def rank_results(
 ) -> list[dict]:
     """Run ``worker`` (with command-line ``args``) on ``world`` gloo ranks; each must exit 0 and
     print one ``RESULT <json>`` line whose ``rank`` is its own. Returns the parsed results, in rank
-    order."""
+    order. Skips the calling test (with the reason) where this torch has no gloo."""
+    import pytest
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available in this torch build")
     parsed = []
     for r in run_ranks([worker, *args], world=world, timeout=timeout):
         lines = r.lines("RESULT ")
@@ -110,3 +115,14 @@ def rank_results(
         assert data["rank"] == r.rank, r.describe()
         parsed.append(data)
     return parsed
+
+
+def rank_entries(results: list[dict], key: str) -> list[dict]:
+    """Every rank's ``results[rank][key]``, in rank order; a rank that reported an error for ``key``
+    (an ``{"error": traceback}`` entry) fails the test with it."""
+    out = []
+    for data in results:
+        entry = data[key]
+        assert "error" not in entry, f"rank {data['rank']} {key} failed:\n{entry['error']}"
+        out.append(entry)
+    return out

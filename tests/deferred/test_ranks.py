@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch.distributed as dist
-from _support import rank_results
+from _support import rank_entries, rank_results
 
 WORKER = Path(__file__).with_name("_ranks_worker.py")
 WORLD = 2
@@ -27,23 +27,14 @@ RIGHT = [2.0 * i + 100.0 for i in range(N)]  # the heat summed over both ranks
 @pytest.fixture(scope="module")
 def results():
     """Every rank's ``RESULT`` (one launch, every scenario, ``SCHEDULES`` schedules)."""
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
     return rank_results(WORKER, str(SCHEDULES), world=WORLD, timeout=240)
 
 
-def _scenario(results, name):
-    out = []
-    for data in results:
-        entry = data[name]
-        assert "error" not in entry, f"rank {data['rank']} {name}:\n{entry['error']}"
-        out.append(entry)
-    return out
 
 
 @pytest.mark.parametrize("variant", ["merged", "early", "no-join"])
 def test_pr4214_variants_give_wrong_heat_within_two_schedules_on_both_ranks(results, variant):
-    entries = _scenario(results, variant)
+    entries = rank_entries(results, variant)
     for rank, entry in enumerate(entries):
         assert entry["type"] == "RankExploration" and entry["runs"] == SCHEDULES
         assert entry["eager"] == RIGHT
@@ -64,7 +55,7 @@ def test_pr4214_variants_give_wrong_heat_within_two_schedules_on_both_ranks(resu
 
 @pytest.mark.parametrize("name", ["fixed", "collector"])
 def test_fixed_pattern_and_heat_collector_are_right_under_every_schedule_on_both_ranks(results, name):
-    entries = _scenario(results, name)
+    entries = rank_entries(results, name)
     for entry in entries:
         assert entry["ok"] and entry["runs"] == SCHEDULES and entry["wrong"] == 0
         assert entry["failed_everywhere"] == 0
@@ -79,7 +70,7 @@ def test_fixed_pattern_and_heat_collector_are_right_under_every_schedule_on_both
 
 def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
     # rank 1 alone misses the fork wait: it runs the race-directed slot, rank 0 runs lazy:0 there
-    r0, r1 = _scenario(results, "lopsided")
+    r0, r1 = rank_entries(results, "lopsided")
     assert r0["all_tokens"] == r1["all_tokens"]
     directed = [t for t in r1["tokens"] if t.startswith("race:")]
     assert directed and r1["tokens"][: len(directed)] == directed
@@ -99,7 +90,7 @@ def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
 def test_unordered_collectives_on_one_group_keep_their_issue_order_under_every_schedule(results):
     # an all_reduce on a side stream and an all_gather on the default stream, nothing ordering
     # them: collectives run at issue under every schedule (NCCL serializes them the same way)
-    for rank, entry in enumerate(_scenario(results, "two-streams")):
+    for rank, entry in enumerate(rank_entries(results, "two-streams")):
         assert entry["ok"] and entry["runs"] == SCHEDULES, entry["tokens"]
         assert entry["eager"] == [[3.0] * 4, [10.0] * 4 + [20.0] * 4]
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
-from _support import marker_line, rank_results
+from _support import marker_line, rank_entries, rank_results
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 WORLD = 2
@@ -26,18 +25,9 @@ def worker_line(marker: str) -> int:
 
 @pytest.fixture(scope="module")
 def results():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
     return rank_results(WORKER, world=WORLD, timeout=TIMEOUT_S)
 
 
-def _scenario(results, key):
-    per_rank = []
-    for data in results:
-        entry = data[key]
-        assert "error" not in entry, f"rank {data['rank']} {key} failed:\n{entry['error']}"
-        per_rank.append(entry)
-    return per_rank
 
 
 def _check(access, *, op_contains, kind, stream, marker):
@@ -50,7 +40,7 @@ def _check(access, *, op_contains, kind, stream, marker):
 
 
 def test_all_gather_on_side_stream_without_wait_is_reported(results):
-    for rank, entry in enumerate(_scenario(results, "all_gather/racy")):
+    for rank, entry in enumerate(rank_entries(results, "all_gather/racy")):
         races = entry["races"]
         assert len(races) == 1, f"rank {rank}: " + "\n\n".join(r["text"] for r in races)
         _check(races[0]["first"], op_contains="fill_", kind="write", stream="default", marker="ag-produce")
@@ -59,14 +49,14 @@ def test_all_gather_on_side_stream_without_wait_is_reported(results):
 
 
 def test_all_gather_fixed_is_clean_and_correct(results):
-    for rank, entry in enumerate(_scenario(results, "all_gather/fixed")):
+    for rank, entry in enumerate(rank_entries(results, "all_gather/fixed")):
         assert entry["races"] == [], f"rank {rank}: " + "\n\n".join(r["text"] for r in entry["races"])
         assert entry["values"] == [1.0] * N + [2.0] * N
         assert entry["kernels"] >= 1  # the collective is a kernel on the side stream
 
 
 def test_all_reduce_on_side_stream_without_wait_is_reported(results):
-    for rank, entry in enumerate(_scenario(results, "all_reduce/racy")):
+    for rank, entry in enumerate(rank_entries(results, "all_reduce/racy")):
         races = entry["races"]
         assert len(races) == 1, f"rank {rank}: " + "\n\n".join(r["text"] for r in races)
         _check(races[0]["first"], op_contains="fill_", kind="write", stream="default", marker="ar-produce")
@@ -75,14 +65,14 @@ def test_all_reduce_on_side_stream_without_wait_is_reported(results):
 
 
 def test_all_reduce_fixed_is_clean_and_correct(results):
-    for rank, entry in enumerate(_scenario(results, "all_reduce/fixed")):
+    for rank, entry in enumerate(rank_entries(results, "all_reduce/fixed")):
         assert entry["races"] == [], f"rank {rank}: " + "\n\n".join(r["text"] for r in entry["races"])
         assert entry["values"] == [3.0] * N
         assert entry["kernels"] >= 1
 
 
 def test_reading_all_reduce_output_without_wait_is_reported(results):
-    for rank, entry in enumerate(_scenario(results, "all_reduce_consumer/racy")):
+    for rank, entry in enumerate(rank_entries(results, "all_reduce_consumer/racy")):
         races = entry["races"]
         assert len(races) == 1, f"rank {rank}: " + "\n\n".join(r["text"] for r in races)
         _check(races[0]["first"], op_contains="allreduce", kind="write", stream="side", marker="arc-collective")
@@ -90,6 +80,6 @@ def test_reading_all_reduce_output_without_wait_is_reported(results):
 
 
 def test_reading_all_reduce_output_after_wait_is_clean(results):
-    for rank, entry in enumerate(_scenario(results, "all_reduce_consumer/fixed")):
+    for rank, entry in enumerate(rank_entries(results, "all_reduce_consumer/fixed")):
         assert entry["races"] == [], f"rank {rank}: " + "\n\n".join(r["text"] for r in entry["races"])
         assert entry["values"] == [3.0 * N]

@@ -15,8 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
-from _support import marker_line, rank_results
+from _support import marker_line, rank_entries, rank_results
 
 WORKER = Path(__file__).with_name("_c10d_worker.py")
 WORLD = 2
@@ -33,8 +32,6 @@ PG_STREAM = "process group 'default_pg' stream"
 
 @pytest.fixture(scope="module")
 def results():
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
     return rank_results(WORKER, world=WORLD, timeout=TIMEOUT_S)
 
 
@@ -122,19 +119,12 @@ def test_async_issue_on_side_then_wait_on_compute_stream_is_clean(results, kind)
         assert entry["races"] == [], _texts(entry["races"])
 
 
-def _single(results, key):
-    out = []
-    for data in results:
-        entry = data[key]
-        assert "error" not in entry, f"rank {data['rank']} {key} failed:\n{entry['error']}"
-        out.append(entry)
-    return out
 
 
 # CUDA: each process group keeps its own NCCL stream per device (ProcessGroupNCCL.hpp ncclStreams_)
 def test_each_process_group_has_its_own_stream(results):
     # waiting for the second group's all_reduce orders nothing of the default group's
-    for entry in _single(results, "two_groups"):
+    for entry in rank_entries(results, "two_groups"):
         assert entry["values"] == [3.0] * 8
         races = entry["races"]
         assert len(races) == 1, races
@@ -144,7 +134,7 @@ def test_each_process_group_has_its_own_stream(results):
 
 
 def test_raise_mode_raises_at_the_touch_before_it_runs(results):
-    for entry in _single(results, "raise_mode"):
+    for entry in rank_entries(results, "raise_mode"):
         race = entry["error_race"]
         assert race is not None
         assert race["first"]["op"].startswith("c10d.allreduce_.") and race["first"]["stream"].startswith(PG_STREAM)
@@ -153,19 +143,19 @@ def test_raise_mode_raises_at_the_touch_before_it_runs(results):
 
 
 def test_works_streamkit_did_not_issue_pass_through(results):
-    for entry in _single(results, "host_work"):
+    for entry in rank_entries(results, "host_work"):
         assert entry["patched"] and entry["values"] == [3.0] * 4
 
 
 def test_work_wait_is_restored_when_the_last_session_that_patched_it_ends(results):
-    for entry in _single(results, "host_work"):
+    for entry in rank_entries(results, "host_work"):
         assert entry["restored"]
 
 
 # CUDA: syncStream orders the NCCL stream after the issuing stream only (ProcessGroupNCCL.cpp syncStream)
 @pytest.mark.eager_only("the collective races the side stream's write; the values asserted are the eager order's")
 def test_process_group_stream_waits_only_for_the_issuing_stream(results):
-    for entry in _single(results, "input_from_other_stream"):
+    for entry in rank_entries(results, "input_from_other_stream"):
         assert entry["values"] == [3.0] * 4
         races = entry["races"]
         assert len(races) == 1, races

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch.distributed as dist
 from _support import rank_results
 
 WORKER = str(Path(__file__).with_name("_collective_worker.py"))
@@ -14,8 +13,6 @@ WORKER = str(Path(__file__).with_name("_collective_worker.py"))
 
 @pytest.mark.parametrize("schedule", ["eager", "random"])
 def test_a_captured_all_reduce_replays_on_every_rank(schedule):
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this torch build")
     results = rank_results(WORKER, schedule, world=2, timeout=120)
     for data in results:
         assert data["races"] == 0
