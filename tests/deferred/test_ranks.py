@@ -30,8 +30,6 @@ def results():
     return rank_results(WORKER, str(SCHEDULES), world=WORLD, timeout=240)
 
 
-
-
 @pytest.mark.parametrize("variant", ["merged", "early", "no-join"])
 def test_pr4214_variants_give_wrong_heat_within_two_schedules_on_both_ranks(results, variant):
     entries = rank_entries(results, variant)

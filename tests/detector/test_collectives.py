@@ -28,8 +28,6 @@ def results():
     return rank_results(WORKER, world=WORLD, timeout=TIMEOUT_S)
 
 
-
-
 def _check(access, *, op_contains, kind, stream, marker):
     assert op_contains in access["op"], access
     assert access["kind"] == kind, access

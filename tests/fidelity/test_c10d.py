@@ -119,8 +119,6 @@ def test_async_issue_on_side_then_wait_on_compute_stream_is_clean(results, kind)
         assert entry["races"] == [], _texts(entry["races"])
 
 
-
-
 # CUDA: each process group keeps its own NCCL stream per device (ProcessGroupNCCL.hpp ncclStreams_)
 def test_each_process_group_has_its_own_stream(results):
     # waiting for the second group's all_reduce orders nothing of the default group's

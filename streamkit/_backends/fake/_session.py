@@ -610,7 +610,6 @@ class FakeBackend(Backend):
             st.record_streams = set(st.record_streams)
         st.record_streams.add(state.idx)
 
-
     # graphs (_graph)
     def new_graph(self) -> "_graph.FakeGraph":
         return _graph.new_graph(_active.current or _active.get())
