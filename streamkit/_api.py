@@ -214,7 +214,7 @@ def default_stream() -> Stream:
 
 
 def _not_active(stream: "Stream") -> None:
-    active = _backend_module._active[-1]
+    active = _backend_module.active_backend()
     raise BackendMismatchError(
         f"switch(stream): {stream!r} belongs to the {stream._backend.name} backend, but the active backend is"
         f" {active.name} (a fake session or use_backend() block is open), so work inside the block would not run on"
@@ -238,7 +238,8 @@ class switch:
         if stream is not None and enabled:
             if type(stream) is not Stream:
                 _expect(stream, Stream, "switch(stream)")
-            if _backend_module._active and _backend_module._active[-1] is not stream._backend:
+            active = _backend_module.active_backend()
+            if active is not None and active is not stream._backend:
                 _not_active(stream)
             self._stream = stream
             self._context: Any = stream._backend.stream_context(stream._handle)

@@ -5,7 +5,7 @@
 1 if there was any race, 2 if the script itself failed, 0 otherwise.
 
 - A ``fake.session(...)`` the script opens is a scope of the checker's session (its ``detect``
-  still decides whether a race raises in the script); see ``CheckedBlock``.
+  still decides whether a race raises in the script); see ``streamkit._checker_scope.CheckedBlock``.
 - When the script is done, its globals are dropped and cycles collected as if by the script's last
   executed line: a race found then (memory freed while a side stream may still read it) names that
   line, not the checker.
@@ -298,7 +298,7 @@ def _after_fork_in_child() -> None:
 
 
 def _run_checked_child(report_dir: str, run: Callable[[], int]) -> int:
-    from ._backends.fake._session import checker_session
+    from ._checker_scope import checker_session
 
     log = _ChildLog(report_dir, eager=True)
     undo = _install_spawn_hook(report_dir)  # grandchildren are checked too
@@ -386,7 +386,7 @@ def _read_child_reports(report_dir: str) -> list[ChildReport]:
 # -- the command -------------------------------------------------------------------------------------
 def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None) -> int:
     """Run ``path`` with ``args`` on the fake backend; print reports to ``out``; return the exit code."""
-    from ._backends.fake._session import checker_session
+    from ._checker_scope import checker_session
 
     out = out or sys.stdout
     if not os.path.isfile(path):

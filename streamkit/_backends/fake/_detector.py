@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._clocks import StreamState, ordered_before
-from ._tracking import READ, WRITE, AccessKind, AccessRecord, Kernel, StorageState, new_record
+from ._tracking import READ, WRITE, AccessKind, AccessRecord, Kernel, new_record
+
+if TYPE_CHECKING:
+    from ._allocator import StorageState
 
 #: ``report(earlier, earlier_kind, kernel, kind, tensor, state)``: an unordered pair was found
-Report = Callable[[AccessRecord, AccessKind, Kernel, AccessKind, Any, StorageState], None]
+Report = Callable[[AccessRecord, AccessKind, Kernel, AccessKind, Any, "StorageState"], None]
 
 
 class Detector:

@@ -23,7 +23,8 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _active, _tensor
+from . import _tensor
+from ._fake_backend import BACKEND
 from ._sites import capture_site
 from ._tracking import READ as _READ_KIND
 
@@ -190,7 +191,7 @@ def _method(func: Any) -> Any:
             return _disabled(func, _TYPES, args, kwargs)
         if fast is _learning_lock:
             return _learn(func, _TYPES, args, kwargs, key)
-        session = _active.current or _active.get()
+        session = BACKEND.current or BACKEND.get()
         pair = fast.pair
         if pair is not None and n == 2:
             a, b = args
@@ -260,7 +261,7 @@ _clone = torch.Tensor.clone  # what aten._to_copy does for a same-device copy, a
 def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
     """``Tensor.cpu()``: a blocking D2H copy on the current stream, as the dispatch path issues it
     (same op, same read, same host sync), minus the dispatch round trip."""
-    session = _active.current or _active.get()
+    session = BACKEND.current or BACKEND.get()
     if (
         type(self) is not _FAKE or _mode_enabled() or not _function_enabled()
         or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))

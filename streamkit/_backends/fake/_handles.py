@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 from ..._errors import SessionClosedError
-from . import _active
 from ._clocks import EventState, StreamState
 
 
@@ -98,7 +97,7 @@ def _bind(handle: Any, session: Any) -> Any:
         state = session._default_stream
     elif handle.home is session:
         state = handle.home_state
-    elif session is not _active.explicit():
+    elif session is not session.backend.explicit():
         # The process-wide default session is active and the handle is of an explicit session,
         # which has ended: refuse rather than run its work on a stream of the default session.
         kind = "stream" if type(handle) is FakeStream else "event"

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ._report import RaceError
+from ..._errors import RaceError
 from ._sites import capture_site
 
 _T = torch.Tensor

@@ -8,14 +8,17 @@ import re
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..._errors import StreamkitError
+from ..._errors import RaceError  # noqa: F401  (fake.RaceError: exported here too)
 from ._clocks import StreamState
 from ._sites import short_location, user_stack
-from ._tracking import AccessKind, AccessRecord, Kernel, StorageState
+from ._tracking import AccessKind, AccessRecord, Kernel
+
+if TYPE_CHECKING:
+    from ._allocator import StorageState
 
 _ASSIGN = re.compile(r"^\s*(?:self\.)?([A-Za-z_]\w*)\s*(?::[^=]+)?=\s*[\w.]*Stream\(")
 
@@ -131,15 +134,6 @@ class Race:
             f"  fix: {self.fix}",
         ]
         return "\n".join(line for line in lines if line)
-
-
-class RaceError(StreamkitError):
-    """Two accesses to overlapping device memory, at least one a write, with no happens-before
-    between them. ``str(err)`` is the full report; ``err.race`` is the :class:`Race`."""
-
-    def __init__(self, race: Race) -> None:
-        super().__init__(str(race))
-        self.race = race
 
 
 def suggest_fix(first: Access, second: Access) -> str:

@@ -15,9 +15,11 @@ from typing import Any
 import torch
 
 from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
-from . import _active, _pinned
+from . import _allocator, _pinned
+from ._allocator import StorageState
+from ._fake_backend import BACKEND
 from ._sites import capture_site
-from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
+from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, byte_range, new_record, plan_for
 
 DEVICE_TYPE = "fake"
 DEVICE: torch.device = torch.device("cpu")  # torch.device("fake", 0) once ensure_registered() ran
@@ -66,7 +68,7 @@ def ensure_registered() -> None:
         if name == "privateuseone":
             torch.utils.backend_registration._setup_privateuseone_for_python_backend(rename=DEVICE_TYPE)
         global DEVICE
-        DEVICE = torch.device(DEVICE_TYPE, 0)
+        DEVICE = BACKEND.torch_device = torch.device(DEVICE_TYPE, 0)
         _library = torch.library.Library("_", "IMPL", "PrivateUse1")
         _library.fallback(_factory_fallback)
         # torch.tensor(data, device="fake") copies into a fake tensor with Python dispatch turned off:
@@ -95,7 +97,7 @@ def _pin_memory_kernel(tensor: torch.Tensor, device: Any = None) -> torch.Tensor
 
 
 def _session() -> Any:
-    return _active.current or _active.get()
+    return BACKEND.current or BACKEND.get()
 
 
 class observing:
@@ -274,7 +276,7 @@ def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site
             state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
     elif stream.freed and session._tracked:
         # no kernel writes it (empty, empty_like...): it may be a block its stream freed earlier
-        session._recycle(state, stream, out)
+        _allocator.recycle(session, state, stream, out)
     if not session._eager:
         state.mem = out._inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
     return out
@@ -287,7 +289,7 @@ def peek(tensor: torch.Tensor) -> torch.Tensor:
     """
     if type(tensor) is not FakeDeviceTensor:
         raise TypeError(f"peek(tensor): expected a fake-device tensor, got a tensor on {getattr(tensor, 'device', None)}")
-    session = tensor._st.session or _active.current
+    session = tensor._st.session or BACKEND.current
     if session is not None and not session._eager and not session.closed:
         session._scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
     return tensor._inner
@@ -406,7 +408,7 @@ def _choose_direct_handler(plan: OpPlan) -> Any:
 
 def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
-    session = _active.current or _active.get()
+    session = BACKEND.current or BACKEND.get()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session._current_stream()
     site = capture_site(sys._getframe(2)) if session._tracked else None
@@ -443,7 +445,7 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
                     # it grew: resize_output allocated a new block on the current stream (and
                     # freed the old one) before the kernel ran
                     meta = (tuple(original.shape), original.dtype)
-                    _reallocate(session, state, old_nbytes, stream, kernel, site, meta, original._lo, original._hi, False)
+                    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, meta, original._lo, original._hi, False)
                 else:
                     state.writes.append(new_record((original._lo, original._hi, stream.idx, kernel.seq, kernel)))
         return original
@@ -498,33 +500,6 @@ class _Block:
         self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
 
 
-def _reallocate(
-    session: Any, state: StorageState, old_nbytes: int, stream: Any, kernel: Any, site: Any, meta: Any,
-    lo: int, hi: int, copied: bool,
-) -> None:
-    """``state``'s storage got a new block, allocated on ``stream`` (``resize_`` growth, a resized
-    ``out=``), which ``kernel`` writes over ``[lo, hi)``. The old block is freed now, as CUDA frees it
-    (free check and pool of its own allocation stream); ``copied``: ``kernel`` read the old block
-    (``resize_`` copies it), else the kernel never touched it."""
-    old = StorageState(session, old_nbytes, state.alloc_stream, state.alloc_site, state.alloc_meta)
-    if copied:
-        old.reads, old.writes = state.reads, state.writes
-    else:
-        old.reads = [r for r in state.reads if r.kernel is not kernel]
-        old.writes = [r for r in state.writes if r.kernel is not kernel]
-    old.record_streams = state.record_streams
-    old.prior = getattr(state, "prior", None)
-    state.reads = []
-    state.writes = [new_record((lo, hi, stream.idx, kernel.seq, kernel))] if hi > lo else []
-    state.alloc_stream, state.alloc_site, state.alloc_meta = stream, site, meta
-    state.record_streams = ()
-    state.prior = None
-    state.nbytes = max(state.nbytes, hi)
-    if not old_nbytes:
-        old.session = None  # no memory was there: nothing to free
-    del old  # the free check runs here
-
-
 def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: Any) -> FakeDeviceTensor:
     """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
     copies the old bytes into it (one kernel that reads the old block and writes the new one, as
@@ -546,7 +521,7 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
     accesses = [(_Block(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
     kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     new_nbytes = inner.untyped_storage().nbytes()
-    _reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
+    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
     _refresh(self)
     return self
 
