@@ -54,7 +54,7 @@ class StorageState:
         "mem", "__weakref__",
     )
 
-    def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
+    def __init__(self, session: "Engine", nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
         self.reads: list[AccessRecord] = []
         self.writes: list[AccessRecord] = []
         self.nbytes = nbytes

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import _report
 from ._clocks import StreamState, merge
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _Work = None  # torch._C._distributed_c10d.Work, once dist is in use
 _original: dict[str, Any] = {}  # "wait"/"synchronize" -> the unpatched method
@@ -48,7 +51,7 @@ class _Pending:
 
     __slots__ = ("work", "session", "clock", "stash")
 
-    def __init__(self, work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
+    def __init__(self, work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
         self.work = work  # the Work itself until the first wait(), then a weak reference
         self.session = session
         self.clock = clock  # the process-group stream's clock after the collective (None: untracked)
@@ -81,7 +84,7 @@ def _value(op: Any, args: Any, kwargs: dict, index: int | None, default: Any = N
     return kwargs.get(op._schema.arguments[index].name, default)
 
 
-def _group_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamState:
+def _group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> StreamState:
     """The stream of the op's process group in ``session`` (made on first use). Call with the
     session lock held."""
     group = _value(plan.op, args, kwargs, _arguments(plan.op)[2])
@@ -129,7 +132,7 @@ def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
+def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
     """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
     Work follow the rules above."""
     stream = session._current_stream()
@@ -156,7 +159,7 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
     return result
 
 
-def replay(session: Any, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
+def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
     """A captured ``async_op=False`` collective, replayed on ``stream``: issued and run now, after
     what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
     captured order, so peers agree)."""
@@ -165,7 +168,7 @@ def replay(session: Any, op: Any, call: Any, stream: StreamState, site: Any, arg
     session._scheduler.run_now(kernel)
 
 
-def _register(work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
+def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
     _install()
     _users.add(session)
     if isinstance(work, torch.ScriptObject):
@@ -205,7 +208,7 @@ def _install() -> None:
 _users: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def session_ended(session: Any) -> None:
+def session_ended(session: "Engine") -> None:
     """``session`` has ended: when no open session needs them any more, put the original
     ``Work.wait``/``Work.synchronize`` back and forget the works of ended sessions."""
     global _Work

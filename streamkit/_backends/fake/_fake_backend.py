@@ -75,7 +75,7 @@ class FakeBackend(Backend):
         """The open explicit session (``with fake.session():``), or ``None``."""
         return active_scope(self)
 
-    def enter(self, session: Any) -> None:
+    def enter(self, session: "Engine") -> None:
         """``session`` becomes the active one (sessions don't nest)."""
         with self._state_lock:
             if session.closed:
@@ -88,7 +88,7 @@ class FakeBackend(Backend):
             activate(self, session)
             self.current = session
 
-    def leave(self, session: Any) -> None:
+    def leave(self, session: "Engine") -> None:
         """``session`` has ended: the default session is active again."""
         with self._state_lock:
             deactivate(self, session)

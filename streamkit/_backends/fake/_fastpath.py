@@ -19,7 +19,7 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -27,6 +27,9 @@ from . import _tensor
 from ._fake_backend import BACKEND
 from ._sites import capture_site
 from ._tracking import READ as _READ_KIND
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _SCALARS = (int, float, bool)
 _T = torch.Tensor
@@ -222,7 +225,7 @@ def _method(func: Any) -> Any:
     return method
 
 
-def _unwrap_general(fast: FastPlan, args: tuple, session: Any) -> tuple[Any, Any]:
+def _unwrap_general(fast: FastPlan, args: tuple, session: "Engine") -> tuple[Any, Any]:
     """``(inner arguments, accesses)`` for any learned plan; ``(None, None)`` when an argument
     belongs elsewhere (another session, a CPU tensor in a list) and dispatch must handle the call."""
     inner = list(args)

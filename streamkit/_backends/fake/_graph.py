@@ -23,7 +23,7 @@ import functools
 import sys
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
@@ -34,6 +34,9 @@ from ._deferred import _AtOnce, _placeholders, _refreeze, layout, poison
 from ._report import label_stream, stream_description
 from ._sites import capture_site, short_location, user_stack
 from ._tracking import WRITE, Kernel
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _InferenceMode = torch._C._InferenceMode
@@ -119,7 +122,7 @@ class FakeGraph:
     streams. Nodes: ``("kernel", record)``, ``("mark", role, id)`` (an event recorded in the capture),
     ``("wait", role, id)`` (a wait on it), ``("join", role, source_role)`` (``wait_stream``)."""
 
-    def __init__(self, session: Any, site: Any) -> None:
+    def __init__(self, session: "Engine", site: Any) -> None:
         self.session = session
         self.site = site
         self.nodes: list = []
@@ -134,7 +137,7 @@ class FakeGraph:
         return f"<fake graph {state}>"
 
     # -- replay ------------------------------------------------------------------------------
-    def _replay_streams(self, session: Any) -> list[StreamState]:
+    def _replay_streams(self, session: "Engine") -> list[StreamState]:
         where = user_stack(self.site)
         location = short_location(where[-1] if where else None)
         while len(self.streams) < self.roles:
@@ -145,7 +148,7 @@ class FakeGraph:
             self.streams.append(state)
         return self.streams
 
-    def replay(self, session: Any, stream: StreamState, site: Any) -> None:
+    def replay(self, session: "Engine", stream: StreamState, site: Any) -> None:
         if session is not self.session:
             raise SessionClosedError(
                 f"this graph was captured in another fake session ({self.session!r}); capture it again in this one"
@@ -235,7 +238,7 @@ class Capture:
     stream); ``vc[role]``: a vector clock over roles in captured operations, for the join check at
     the end; ``events``: events recorded in the capture -> (mark id, clock)."""
 
-    def __init__(self, session: Any, graph: FakeGraph, stream: StreamState, site: Any) -> None:
+    def __init__(self, session: "Engine", graph: FakeGraph, stream: StreamState, site: Any) -> None:
         self.session = session
         self.graph = graph
         self.site = site
@@ -481,7 +484,7 @@ def _code_name(stream: StreamState) -> str:
     return stream_description(stream)[1]
 
 
-def _capture_stream(session: Any) -> Any:
+def _capture_stream(session: "Engine") -> Any:
     """``sk.graph``'s own side stream in ``session`` (``torch.cuda.graph.default_capture_stream``)."""
     handle = getattr(session, "_graph_stream", None)
     if handle is None or handle.home is not session:
@@ -492,7 +495,7 @@ def _capture_stream(session: Any) -> Any:
 
 
 @contextmanager
-def capture(session: Any, graph: FakeGraph, stream: Any, pool: Any, site: Any) -> Iterator[None]:
+def capture(session: "Engine", graph: FakeGraph, stream: Any, pool: Any, site: Any) -> Iterator[None]:
     """``with sk.graph(g, stream, pool)`` on fake (see :class:`streamkit.graph`)."""
     if not isinstance(graph, FakeGraph):
         raise TypeError(f"graph capture: expected a fake graph, got {type(graph).__name__}")
@@ -534,9 +537,9 @@ def capture(session: Any, graph: FakeGraph, stream: Any, pool: Any, site: Any) -
         context.__exit__(None, None, None)
 
 
-def new_graph(session: Any) -> FakeGraph:
+def new_graph(session: "Engine") -> FakeGraph:
     return FakeGraph(session, capture_site(sys._getframe(3)))
 
 
-def replay(session: Any, graph: FakeGraph, stream: StreamState) -> None:
+def replay(session: "Engine", graph: FakeGraph, stream: StreamState) -> None:
     graph.replay(session, stream, capture_site(sys._getframe(3)) if session._tracked else None)

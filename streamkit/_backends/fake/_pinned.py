@@ -13,12 +13,15 @@ clock: a host read before the host synchronized with a copy that writes it is a 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..._errors import RaceError
 from ._sites import capture_site
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _T = torch.Tensor
 DEVICE_TYPE = "fake"
@@ -156,7 +159,7 @@ def pinned_copy(tensor: torch.Tensor) -> PinnedHostTensor:
     return values.as_subclass(PinnedHostTensor)
 
 
-def written_by(host: torch.Tensor, session: Any, kernel: Any) -> PinnedHostTensor:
+def written_by(host: torch.Tensor, session: "Engine", kernel: Any) -> PinnedHostTensor:
     """``host`` (a CPU tensor) as a pinned tensor that ``kernel`` (an asynchronous D2H copy) writes."""
     pinned = host if type(host) is PinnedHostTensor else host.as_subclass(PinnedHostTensor)
     if session._tracked:
@@ -164,7 +167,7 @@ def written_by(host: torch.Tensor, session: Any, kernel: Any) -> PinnedHostTenso
     return pinned
 
 
-def read_by(pinned: PinnedHostTensor, session: Any, kernel: Any) -> None:
+def read_by(pinned: PinnedHostTensor, session: "Engine", kernel: Any) -> None:
     """``kernel`` (an asynchronous H2D copy) reads ``pinned``: the host must not write it until it is done."""
     if session._tracked:
         pinned._sk_readers = _unfinished(pinned._sk_readers) + [(session, kernel)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +20,9 @@ from ._allocator import StorageState
 from ._fake_backend import BACKEND
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, byte_range, new_record, plan_for
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 DEVICE_TYPE = "fake"
 DEVICE: torch.device = torch.device("cpu")  # torch.device("fake", 0) once ensure_registered() ran
@@ -252,7 +255,7 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
     return out
 
 
-def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
+def wrap_fresh(session: "Engine", inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
     shape = inner.shape
     dtype = inner.dtype
@@ -306,7 +309,7 @@ def _mixed(plan: OpPlan, t: torch.Tensor) -> None:
     )
 
 
-def _check_session(session: Any, t: FakeDeviceTensor) -> None:
+def _check_session(session: "Engine", t: FakeDeviceTensor) -> None:
     owner = t._st.session
     if owner is not None and owner is not session:
         if owner.closed:
@@ -314,7 +317,7 @@ def _check_session(session: Any, t: FakeDeviceTensor) -> None:
         raise SessionClosedError(f"this tensor belongs to another fake session ({owner!r}), not the active {session!r}")
 
 
-def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: Any) -> Any:
+def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: "Engine") -> Any:
     tp = type(value)
     if tp is FakeDeviceTensor:
         if value._st.session is not session:
@@ -332,7 +335,7 @@ def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: 
     return value
 
 
-def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: Any) -> tuple[list, dict, list]:
+def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: "Engine") -> tuple[list, dict, list]:
     accesses: list = []
     kinds = plan.arg_kinds
     nk = len(kinds)
@@ -420,7 +423,7 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     return out
 
 
-def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: Any, stream: Any, kernel: Any, site: Any) -> Any:
+def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: "Engine", stream: Any, kernel: Any, site: Any) -> Any:
     outputs = plan.outputs
     if len(outputs) == 1:
         return _wrap_one(plan, outputs[0], result, args, kwargs, session, stream, kernel, site)
@@ -431,7 +434,7 @@ def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: A
     )
 
 
-def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, session: Any, stream: Any, kernel: Any, site: Any) -> Any:
+def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, session: "Engine", stream: Any, kernel: Any, site: Any) -> Any:
     kind, index = spec
     if kind == "arg":
         original = _arg(plan, args, kwargs, index)
@@ -500,7 +503,7 @@ class _Block:
         self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
 
 
-def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: Any) -> FakeDeviceTensor:
+def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: "Engine") -> FakeDeviceTensor:
     """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
     copies the old bytes into it (one kernel that reads the old block and writes the new one, as
     CUDA's ``resize_bytes_cuda``); otherwise only metadata changes."""
