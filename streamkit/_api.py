@@ -26,11 +26,18 @@ def synchronize() -> None:
     get_backend().synchronize()
 
 
+# Where to get a value of each public handle type, for the error a wrong argument raises.
+_HOW_TO_GET = {
+    "Stream": "create it with streamkit.Stream(...) or take it from streamkit.current_stream()",
+    "Event": "create it with streamkit.Event(...) or take it from stream.record_event()",
+}
+
+
 def _expect(value: Any, cls: type, where: str) -> None:
     if not isinstance(value, cls):
+        how = _HOW_TO_GET.get(cls.__name__, f"create it with streamkit.{cls.__name__}(...)")
         raise TypeError(
-            f"{where}: expected a streamkit.{cls.__name__}, got {type(value).__module__}.{type(value).__qualname__}"
-            f" (create it with streamkit.{cls.__name__}(...) or take it from streamkit.current_stream())"
+            f"{where}: expected a streamkit.{cls.__name__}, got {type(value).__module__}.{type(value).__qualname__} ({how})"
         )
 
 
@@ -232,7 +239,10 @@ class switch:
     ``with sk.switch(side) as s:`` binds ``s`` to ``side``.
     """
 
-    __slots__ = ("_stream", "_context")
+    # _depth: how many times the object is entered now; _inner: the contexts of re-entries (a
+    # backend's stream context remembers one previous stream, so each nested entry needs its own:
+    # torch's StreamContext entered twice restores the wrong stream)
+    __slots__ = ("_stream", "_context", "_depth", "_inner")
 
     def __init__(self, stream: Stream | None, enabled: bool = True) -> None:
         if stream is not None and enabled:
@@ -246,15 +256,31 @@ class switch:
         else:
             self._stream = stream
             self._context = None
+        self._depth = 0
+        self._inner: list | None = None
 
     def __enter__(self) -> Stream | None:
-        if self._context is not None:
-            self._context.__enter__()
+        context = self._context
+        if context is not None:
+            if self._depth:  # entered again inside its own block: a context of its own
+                stream = self._stream
+                assert stream is not None
+                context = stream._backend.stream_context(stream._handle)
+                if self._inner is None:
+                    self._inner = []
+                self._inner.append(context)
+            context.__enter__()
+            self._depth += 1
         return self._stream
 
     def __exit__(self, *exc: Any) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+        context = self._context
+        if context is not None:
+            self._depth -= 1
+            if self._depth:
+                assert self._inner is not None
+                context = self._inner.pop()
+            context.__exit__(*exc)
 
 
 def record_stream(tensor: torch.Tensor, stream: Stream) -> None:

@@ -271,6 +271,11 @@ def set_backend(name: str | None) -> None:
     """Select the backend used when no :func:`use_backend` block or fake session is active
     (``None`` restores the default choice). The selection is process-wide."""
     global _selected
+    if name is not None and not isinstance(name, str):
+        raise TypeError(
+            f"set_backend(name): expected a backend name (str) such as {', '.join(map(repr, _MODULES))}, or None;"
+            f" got {type(name).__name__} {name!r}"
+        )
     if name is not None:
         load_backend(name)  # fail now, not at first use
     _selected = name

@@ -106,7 +106,7 @@ def _bind(handle: Any, session: "Engine") -> Any:
         kind = "stream" if type(handle) is FakeStream else "event"
         raise SessionClosedError(
             f"this {kind} was created in a fake session that has ended ({handle.home!r}) and no fake.session() is"
-            f" open now; use it inside a new fake.session() (it then works as a {kind} of that session)"
+            f" open now; use it inside a new fake.session() (it then works as {'a stream' if kind == 'stream' else 'an event'} of that session)"
             f" or create a new streamkit.{kind.capitalize()}()"
         )
     else:

@@ -291,7 +291,8 @@ def peek(tensor: torch.Tensor) -> torch.Tensor:
     For validators that must not add host syncs; it bypasses race detection.
     """
     if type(tensor) is not FakeDeviceTensor:
-        raise TypeError(f"peek(tensor): expected a fake-device tensor, got a tensor on {getattr(tensor, 'device', None)}")
+        got = f"a tensor on {tensor.device}" if isinstance(tensor, torch.Tensor) else f"{type(tensor).__name__} {tensor!r:.80}"
+        raise TypeError(f"peek(tensor): expected a fake-device tensor (a torch.Tensor on sk.device()), got {got}")
     session = tensor._st.session or BACKEND.current
     if session is not None and not session._eager and not session.closed:
         session._scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
