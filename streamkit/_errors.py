@@ -19,6 +19,11 @@ class RaceError(StreamkitError):
         self.race = race
 
 
+class InternalError(StreamkitError):
+    """A fault inside streamkit itself (a broken invariant), not in the program it runs: please
+    report it with the program that triggered it."""
+
+
 class BackendUnavailableError(StreamkitError):
     """The requested backend cannot be used on this machine; the message says why."""
 

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..._errors import InternalError
+
 #: the schedules ``fake.session(schedule=...)`` accepts
 SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race", "constraints")
 #: ``schedule="pct"``: the default bug depth (priority change points = depth - 1)
@@ -400,7 +402,7 @@ class DeferredScheduler:
             while self.pending and self._blocked(clock):
                 ready = self._ready()
                 if not ready:
-                    raise RuntimeError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
+                    raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
                 self._run(self._pick(ready, clock))
             if self.constraints is not None:
                 self._release()  # (what the kernels just run released)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 import torch
 
 from ..._backend import Backend, activate, active_scope, deactivate
-from ..._errors import EventTimingError, SessionClosedError, StreamkitError, UnrecordedEventWarning
+from ..._errors import EventTimingError, InternalError, SessionClosedError, StreamkitError, UnrecordedEventWarning
 from . import _graph, _handles
 from ._clocks import merge
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
@@ -66,7 +66,7 @@ class FakeBackend(Backend):
                 return explicit
             if self.default is None:
                 if self.default_factory is None:
-                    raise StreamkitError("the fake backend has no session factory: import streamkit.fake, not its modules")
+                    raise InternalError("the fake backend has no session factory: import streamkit.fake, not its modules")
                 self.default = self.default_factory()
             self.current = self.default
             return self.default

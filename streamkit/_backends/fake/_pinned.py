@@ -19,6 +19,7 @@ import torch
 
 from ..._errors import RaceError
 from ._sites import capture_site
+from ._tracking import AccessKind
 
 if TYPE_CHECKING:
     from ._interface import Engine
@@ -136,17 +137,17 @@ def _check(tensor: PinnedHostTensor, write: bool, func: Any, frame: Any) -> None
     conflicts = []
     if tensor._sk_writers:
         tensor._sk_writers = _unfinished(tensor._sk_writers)
-        conflicts += [(entry, "write") for entry in tensor._sk_writers]
+        conflicts += [(entry, AccessKind.WRITE) for entry in tensor._sk_writers]
     if write and tensor._sk_readers:
         tensor._sk_readers = _unfinished(tensor._sk_readers)
-        conflicts += [(entry, "read") for entry in tensor._sk_readers]
+        conflicts += [(entry, AccessKind.READ) for entry in tensor._sk_readers]
     if not conflicts:
         return
     (session, kernel), earlier = max(conflicts, key=lambda found: found[0][1].seq)
     site = capture_site(frame)
     with session._lock:
         race, _ = session._reporter.host_race(
-            kernel, earlier, "host write" if write else "host read", _name(func), site, tensor.shape, tensor.dtype
+            kernel, earlier, AccessKind.HOST_WRITE if write else AccessKind.HOST_READ, _name(func), site, tensor.shape, tensor.dtype
         )
     if session.detect == "raise":
         raise RaceError(race)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
+from ..._errors import BackendMismatchError, BackendUnavailableError, DeviceIndexError, SessionClosedError
 from . import _allocator, _pinned
 from ._allocator import StorageState
 from ._fake_backend import BACKEND
@@ -657,7 +657,10 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["device"] = CPU
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type != "cpu":
-            raise RuntimeError(f"{op}: unexpected argument on {a.device} for the fake device")
+            raise BackendMismatchError(
+                f"{op}: argument on {a.device}: a factory on the fake device takes host (cpu) tensor arguments only;"
+                " move it with .cpu() first"
+            )
     plan = plan_for(op)
     stream = session._current_stream()
     site = capture_site(sys._getframe(1)) if session._tracked else None

@@ -19,17 +19,26 @@ from ._clocks import StreamState
 
 
 class AccessKind(IntEnum):
-    """How an op touches a tensor argument (from its schema), and the kinds a race report names."""
+    """The one vocabulary of accesses: how an op touches a tensor argument (from its schema), how
+    the allocator and the host touch memory, and the words race reports use for each
+    (:attr:`label`, the ``kind`` of a :class:`~streamkit.fake.Access`)."""
 
     NONE = 0  # not at all: a view output aliases it
     READ = 1
     WRITE = 2
     FREE = 3  # the allocator taking the memory back (the last reference was dropped)
+    HOST_READ = 4  # the host reading pinned memory an asynchronous copy may still write
+    HOST_WRITE = 5  # the host writing pinned memory an asynchronous copy may still read
 
     @property
     def label(self) -> str:
-        """The word race reports use: ``"read"``, ``"write"``, ``"free"``."""
-        return self.name.lower()
+        """The words race reports use: ``"read"``, ``"write"``, ``"free"``, ``"host read"``, ``"host write"``."""
+        return _LABELS[self]
+
+
+_LABELS = {kind: kind.name.lower().replace("_", " ") for kind in AccessKind}
+#: every ``Access.kind`` a race report may carry
+ACCESS_KINDS: tuple[str, ...] = tuple(_LABELS[kind] for kind in AccessKind if kind)
 
 
 NONE, READ, WRITE = AccessKind.NONE, AccessKind.READ, AccessKind.WRITE

@@ -63,3 +63,29 @@ def test_the_backend_holds_its_state_as_instance_state():
     with fake.session() as s:
         assert BACKEND.session is s and s.backend is BACKEND
         assert s.device == BACKEND.torch_device == sk.device()
+
+
+def test_one_access_vocabulary_for_records_and_reports():
+    from dataclasses import fields
+
+    from streamkit._backends.fake._clocks import StreamState
+    from streamkit._backends.fake._tracking import ACCESS_KINDS, AccessKind
+
+    assert ACCESS_KINDS == ("read", "write", "free", "host read", "host write")
+    assert [AccessKind(i).label for i in range(1, 6)] == list(ACCESS_KINDS)
+    # the public Access carries strings and streamkit.Streams, no engine state
+    assert [f.name for f in fields(fake.Access)] == ["op", "stream", "kind", "stack", "stream_label", "stream_code"]
+    with fake.session(detect="record") as s:
+        x = torch.zeros(4, device=sk.device())
+        side = sk.Stream()
+        with sk.switch(side):
+            x.add_(1)
+        x.mul_(2)
+    assert s.races
+    for access in [a for r in s.races for a in (r.first, r.second)]:
+        assert access.kind in ACCESS_KINDS
+        assert not any(isinstance(value, StreamState) for value in vars(access).values())
+    race = s.races[-1]  # the mul_ on the default stream after the add_ on side
+    assert race.first.stream == side and race.first.stream_code == "side"
+    assert race.second.stream_label == "the default stream"
+    assert sk.RaceError is fake.RaceError and sk.RaceError.__module__ == "streamkit._errors"
