@@ -143,7 +143,7 @@ def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, ne
             stream = _group_stream(session, plan, args, kwargs)
             if session._tracked:
                 merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
-        kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+        kernel = session._issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
         end = list(stream.clock) if asynchronous and session._tracked else None
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
     # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
@@ -164,7 +164,7 @@ def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any
     what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
     captured order, so peers agree)."""
     with session._lock:
-        kernel = session._issue(op, call, stream, site, args, kwargs, accesses)
+        kernel = session._issue(op, stream, site, accesses).bind(call, args, kwargs)
     session._scheduler.run_now(kernel)
 
 

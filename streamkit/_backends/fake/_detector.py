@@ -32,11 +32,11 @@ class Detector:
         """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``.
 
         An earlier access ``r`` is ordered before this kernel if it is on the same stream (FIFO),
-        or the stream's clock or the host's clock covers it. (Everything is inline: this runs for
-        every tensor argument of every kernel.)
+        or the stream's clock or the host's clock covers it (:func:`._clocks.ordered_before`, asked
+        only when the streams differ). (The rest is inline: this runs for every tensor argument of
+        every kernel.)
         """
         clock = stream.clock
-        n = len(clock)
         host = self.host
         idx = stream.idx
         seq = kernel.seq
@@ -50,7 +50,7 @@ class Detector:
             for r in writes:
                 if r.start < hi and lo < r.end:
                     i = r.stream
-                    if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                    if i != idx and not ordered_before(i, r.seq, clock) and not ordered_before(i, r.seq, host):
                         self.report(r, WRITE, kernel, kind, tensor, state)
             reads = state.reads
             record = new_record((lo, hi, idx, seq, kernel))
@@ -58,7 +58,7 @@ class Detector:
                 for r in reads:
                     if r.start < hi and lo < r.end:
                         i = r.stream
-                        if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                        if i != idx and not ordered_before(i, r.seq, clock) and not ordered_before(i, r.seq, host):
                             self.report(r, READ, kernel, WRITE, tensor, state)
                 if lo == 0 and hi == state.nbytes:  # the whole storage: every earlier access is covered
                     if len(writes) == 1:
@@ -77,7 +77,7 @@ class Detector:
                 state.reads = [record]
             elif len(reads) == 1:
                 r = reads[0]
-                if r.start >= lo and r.end <= hi and (r.stream == idx or (r.stream < n and clock[r.stream] >= r.seq)):
+                if r.start >= lo and r.end <= hi and (r.stream == idx or ordered_before(r.stream, r.seq, clock)):
                     reads[0] = record  # the steady state: the same reader again
                 else:
                     reads.append(record)

@@ -174,17 +174,21 @@ class Session:
     def _stream_context(self, stream: StreamState) -> "_StreamContext":
         return _StreamContext(self._tls, stream)
 
-    def _issue(self, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: Any, accesses: list) -> Kernel:
-        """Issue one kernel on ``stream``: check and record its accesses (raising on a race in
-        ``raise`` mode, before it runs)."""
+    def _issue(self, op: Any, stream: StreamState, site: Any, accesses: list) -> Kernel:
+        """Issue one kernel on ``stream`` (under the lock): check and record its accesses (raising
+        on a race in ``raise`` mode, before it runs). The caller runs it (:meth:`_launch`; a
+        collective's ``run_now``)."""
         if self._pending is not None:
             self._raise_pending()
         self.stats.kernels += 1
         if not self._tracked:
-            return Kernel(op, stream, 0, None).bind(call, args, kwargs)
-        kernel = Kernel(op, stream, self._clocks.issue(stream), site).bind(call, args, kwargs)
+            return Kernel(op, stream, 0, None)
+        clock = stream.clock  # (Clocks.issue, inline: this runs on every op)
+        idx = stream.idx
+        seq = clock[idx] = clock[idx] + 1
+        kernel = Kernel(op, stream, seq, site)
         try:
-            self._detector.check(accesses, stream, kernel)
+            self._check(accesses, stream, kernel)
         except RaceError:
             # The kernel never runs: it must leave no access behind (those checked before the racing one).
             self._forget(kernel, accesses)
@@ -217,22 +221,7 @@ class Session:
         lock = self._lock
         lock.acquire()
         try:
-            # _issue, inline (this runs on every op)
-            if self._pending is not None:
-                self._raise_pending()
-            self.stats.kernels += 1
-            if self._tracked:
-                clock = stream.clock  # Clocks.issue, inline
-                idx = stream.idx
-                seq = clock[idx] = clock[idx] + 1
-                kernel = Kernel(op, stream, seq, site)
-                try:
-                    self._check(accesses, stream, kernel)
-                except RaceError:
-                    self._forget(kernel, accesses)
-                    raise
-            else:
-                kernel = Kernel(op, stream, 0, None)
+            kernel = self._issue(op, stream, site, accesses)
             try:
                 if self._eager:  # the kernel runs right here and keeps no arguments
                     result = call(*args, **kwargs) if kwargs else call(*args)

@@ -33,7 +33,7 @@ from ._clocks import StreamState, merge
 from ._deferred import _AtOnce, _placeholders, _refreeze, layout, poison
 from ._report import label_stream, stream_description
 from ._sites import capture_site, short_location, user_stack
-from ._tracking import WRITE, Kernel
+from ._tracking import WRITE, Kernel, MemoryRange
 
 if TYPE_CHECKING:
     from ._interface import Engine
@@ -107,15 +107,6 @@ class CapturedKernel(Kernel):
     __slots__ = ("record",)
 
 
-class _Access:
-    """An access at replay, as the detector and the reporter see it."""
-
-    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
-
-    def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
-        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
-
-
 class FakeGraph:
     """A fake graph (what ``sk.Graph()`` holds on fake): the captured nodes, the private pool (the
     StorageStates of memory allocated by captured work, kept alive with the graph), and the replay
@@ -179,14 +170,14 @@ class FakeGraph:
                 record = node[1]
                 accesses = []
                 for ref, lo, hi, shape, dtype, access in record.touches:
-                    accesses.append((_Access(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
+                    accesses.append((MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
                 session._launch(
                     record.op, record.runner, streams[record.role], site, [_MARK, *record.args], record.kwargs, accesses
                 )
             elif kind == "collective":
                 record = node[1]
                 accesses = [
-                    (_Access(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
+                    (MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
                     for ref, lo, hi, shape, dtype, access in record.touches
                 ]
                 _collectives.replay(session, record.op, record.runner, streams[record.role], site, record.args, record.kwargs, accesses)

@@ -61,8 +61,8 @@ class Engine(Protocol):
         """Issue a kernel and hand it to the scheduler: ``(kernel, result)``."""
         ...
 
-    def _issue(self, op: Any, call: Any, stream: "StreamState", site: Any, args: Any, kwargs: Any, accesses: list) -> "Kernel":
-        """Issue a kernel without running it (the caller runs it: collectives)."""
+    def _issue(self, op: Any, stream: "StreamState", site: Any, accesses: list) -> "Kernel":
+        """Issue a kernel without running it, under :attr:`_lock` (the caller binds and runs it: collectives)."""
         ...
 
     # -- the host ------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..._errors import RaceError
+from ._clocks import ordered_before
 from ._sites import capture_site
 from ._tracking import AccessKind
 
@@ -126,7 +127,7 @@ def _unfinished(entries: Any) -> list:
             continue  # (a deferred schedule keeps clocks with detect="off": still nothing to report)
         host = session._clocks.host
         idx = kernel.stream.idx
-        if idx < len(host) and host[idx] >= kernel.seq:
+        if ordered_before(idx, kernel.seq, host):
             continue
         left.append((session, kernel))
     return left

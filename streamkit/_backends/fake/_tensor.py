@@ -19,7 +19,7 @@ from . import _allocator, _pinned
 from ._allocator import StorageState
 from ._fake_backend import BACKEND
 from ._sites import capture_site
-from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, byte_range, new_record, plan_for
+from ._tracking import METADATA_MUTATORS, READ, WRITE, MemoryRange, OpPlan, byte_range, new_record, plan_for
 
 if TYPE_CHECKING:
     from ._interface import Engine
@@ -260,20 +260,11 @@ def wrap_fresh(session: "Engine", inner: torch.Tensor, stream: Any, kernel: Any,
     shape = inner.shape
     dtype = inner.dtype
     state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (shape, dtype))
+    out = _new_wrapper(inner, state)
     capture = session._capture
     if capture is not None and capture.owns(stream):  # memory of a graph's private pool
-        out = _new_wrapper(inner, state)
         capture.adopt(out, kernel)
         return out
-    if not inner.storage_offset() and inner.dim() == 1 and inner.stride() == (1,):
-        # _new_wrapper's common case, inline (a fresh output of a hot op)
-        out = _make_wrapper(FakeDeviceTensor, shape, dtype=dtype, device=DEVICE)
-        out._lo = 0
-        out._hi = inner.nbytes
-        out._inner = inner
-        out._st = state
-    else:
-        out = _new_wrapper(inner, state)
     if kernel is not None:
         if session._tracked and out._hi > out._lo:
             state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
@@ -495,15 +486,6 @@ def _refresh(tensor: FakeDeviceTensor) -> None:
     tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
 
 
-class _Block:
-    """Bytes ``[_lo, _hi)`` of a storage, as the detector sees an access (``resize_`` copies a whole block)."""
-
-    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
-
-    def __init__(self, lo: int, hi: int, state: StorageState, shape: Any, dtype: torch.dtype) -> None:
-        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
-
-
 def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: "Engine") -> FakeDeviceTensor:
     """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
     copies the old bytes into it (one kernel that reads the old block and writes the new one, as
@@ -522,7 +504,7 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
         return self
     stream = session._current_stream()
     site = capture_site(sys._getframe(3))
-    accesses = [(_Block(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
+    accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
     kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     new_nbytes = inner.untyped_storage().nbytes()
     _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)

@@ -171,6 +171,17 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
     return (offset * size, (offset + extent) * size)
 
 
+class MemoryRange:
+    """Bytes ``[_lo, _hi)`` of a storage (``_st``), with the shape and dtype reports name: an access
+    as the detector and the reporter see it, where no tensor makes it (a graph replay's captured
+    accesses; ``resize_`` copying a whole block). Same fields as a fake tensor."""
+
+    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
+
+    def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
+        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
+
+
 class Kernel:
     """One unit of device work: the op, the stream and its sequence number there, the issue site;
     and, for a scheduler that runs it later, ``call`` with its (unwrapped) arguments (:meth:`bind`).
