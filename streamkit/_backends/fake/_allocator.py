@@ -13,7 +13,6 @@ the whole pool policy, as CUDA's caching allocator applies it (CUDACachingAlloca
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,7 +21,7 @@ from ..._errors import RaceError
 from ._clocks import StreamState, ordered_before
 from ._deferred import poison
 from ._detector import Detector
-from ._sites import capture_site
+from ._sites import site_here
 from ._tracking import AccessRecord, new_record
 
 if TYPE_CHECKING:
@@ -111,8 +110,8 @@ def free(session: "Engine", state: StorageState) -> None:
             return
         if session.detect != "off":  # (clocks kept for a deferred schedule only)
             earlier, kind = max(pending, key=lambda found: found[0].seq)
-            # (frame 0: free; 1: StorageState.__del__; 2: the code that dropped the last reference)
-            race, new = session._reporter.free_race(earlier, kind, state, capture_site(sys._getframe(2)))
+            # (where the last reference was dropped: the user frames above the finalizer)
+            race, new = session._reporter.free_race(earlier, kind, state, site_here())
             if new and session.detect == "raise" and session._pending is None:
                 session._pending = RaceError(race)
         if not session._eager:

@@ -8,7 +8,6 @@ of it that every op makes.
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 import warnings
@@ -22,7 +21,7 @@ from ..._errors import EventTimingError, InternalError, SessionClosedError, Stre
 from . import _graph, _handles
 from ._clocks import merge
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
-from ._sites import capture_site
+from ._sites import site_here
 
 if TYPE_CHECKING:
     from ._interface import Engine
@@ -129,7 +128,7 @@ class FakeBackend(Backend):
     def new_stream(self, priority: int) -> FakeStream:
         low, high = PRIORITY_RANGE
         s = self.current or self.get()
-        return _handles.new_stream(s, min(max(priority, low), high), capture_site(sys._getframe(2)))
+        return _handles.new_stream(s, min(max(priority, low), high), site_here())
 
     def current_stream(self) -> FakeStream:
         return (self.current or self.get())._current_stream().handle
@@ -258,7 +257,7 @@ class FakeBackend(Backend):
 
     def graph_capture(self, graph: Any, stream: Any, pool: Any) -> Any:
         s = self.current or self.get()
-        return _graph.capture(s, graph, stream, pool, capture_site(sys._getframe(2)))
+        return _graph.capture(s, graph, stream, pool, site_here())
 
     def graph_replay(self, graph: Any) -> None:
         s = self.current or self.get()

@@ -20,7 +20,6 @@ waits for all of them.
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Iterator
@@ -32,7 +31,7 @@ from . import _collectives, _handles
 from ._clocks import StreamState, merge
 from ._deferred import _AtOnce, _placeholders, _refreeze, layout, poison
 from ._report import label_stream, stream_description
-from ._sites import capture_site, short_location, user_stack
+from ._sites import capture_site, short_location, site_here, user_stack
 from ._tracking import WRITE, Kernel, MemoryRange
 
 if TYPE_CHECKING:
@@ -529,8 +528,8 @@ def capture(session: "Engine", graph: FakeGraph, stream: Any, pool: Any, site: A
 
 
 def new_graph(session: "Engine") -> FakeGraph:
-    return FakeGraph(session, capture_site(sys._getframe(3)))
+    return FakeGraph(session, site_here())
 
 
 def replay(session: "Engine", graph: FakeGraph, stream: StreamState) -> None:
-    graph.replay(session, stream, capture_site(sys._getframe(3)) if session._tracked else None)
+    graph.replay(session, stream, site_here() if session._tracked else None)

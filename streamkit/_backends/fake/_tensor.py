@@ -137,7 +137,7 @@ class FakeDeviceTensor(torch.Tensor):
         handler = plan.handler
         if handler is None:
             handler = plan.handler = _choose_handler(plan)
-        return handler(plan, args, kwargs or {})
+        return handler(plan, args, kwargs or {}, _getframe(1))  # (the issue site starts at the op's caller)
 
     # host reads that don't go through an aten op on the wrapper
     def tolist(self) -> Any:
@@ -371,12 +371,12 @@ def _choose_handler(plan: OpPlan) -> Any:
     return _choose_direct_handler(plan)
 
 
-def _decomposed(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _decomposed(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """A CompositeImplicitAutograd op: run its decomposition (its ops come back through dispatch)."""
     out = plan.op.decompose(*args, **kwargs)
     if out is NotImplemented:  # (no composite kernel after all: handle it directly from now on)
         plan.handler = _choose_direct_handler(plan)
-        return plan.handler(plan, args, kwargs)
+        return plan.handler(plan, args, kwargs, frame)
     return out
 
 
@@ -401,12 +401,12 @@ def _choose_direct_handler(plan: OpPlan) -> Any:
     return _kernel
 
 
-def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _kernel(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
     session = BACKEND.current or BACKEND.get()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    site = capture_site(frame) if session._tracked else None
     kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
     out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
     observer = _observer
@@ -453,7 +453,7 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
     return value
 
 
-def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _view(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """A view (new metadata over the same memory) or a metadata query: not a kernel, not an access."""
     session = _session()
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
@@ -466,6 +466,7 @@ def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     return _wrap_outputs(plan, result, args, kwargs, session, None, None, None)
 
 
+_getframe = sys._getframe
 _inference_enabled = torch.is_inference_mode_enabled
 _InferenceMode = torch._C._InferenceMode
 
@@ -486,7 +487,7 @@ def _refresh(tensor: FakeDeviceTensor) -> None:
     tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
 
 
-def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: "Engine") -> FakeDeviceTensor:
+def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: "Engine", frame: Any) -> FakeDeviceTensor:
     """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
     copies the old bytes into it (one kernel that reads the old block and writes the new one, as
     CUDA's ``resize_bytes_cuda``); otherwise only metadata changes."""
@@ -503,7 +504,7 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
         _refresh(self)
         return self
     stream = session._current_stream()
-    site = capture_site(sys._getframe(3))
+    site = capture_site(frame)
     accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
     kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     new_nbytes = inner.untyped_storage().nbytes()
@@ -512,7 +513,7 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
     return self
 
 
-def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _allocation(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``empty_like(x)``, ``x.new_empty(...)``: new memory on the current stream. Not a kernel, and it
     reads nothing of ``x`` (only its metadata)."""
     session = _session()
@@ -521,14 +522,14 @@ def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
         _check_index(new_kwargs["device"], plan.op)
         new_kwargs["device"] = CPU
     stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    site = capture_site(frame) if session._tracked else None
     result = plan.call(*new_args, **new_kwargs)
     if not session._eager:
         _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
     return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
 
 
-def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``t_()``, ``unsqueeze_()``, ``resize_()``...: new metadata for the same tensor, not a kernel."""
     self = args[0]
     session = _session()
@@ -541,24 +542,24 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
         )
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     if plan.name == "resize_":
-        return _resize(plan, self, new_args, new_kwargs, session)
+        return _resize(plan, self, new_args, new_kwargs, session, frame)
     plan.op._op(*new_args, **new_kwargs)
     _refresh(self)
     return self
 
 
-def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _to_copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``.to(...)``/``.cpu()``: to the host it is a D2H copy on the current stream (blocking unless
     ``non_blocking=True``); otherwise an ordinary kernel."""
     device = kwargs.get("device")
     if device is not None:
         _check_index(device, plan.op)
     if device is None or torch.device(device).type != "cpu":
-        return _kernel(plan, args, kwargs)
+        return _kernel(plan, args, kwargs, frame)
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
     stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    site = capture_site(frame) if session._tracked else None
     non_blocking = kwargs.get("non_blocking", False)
     kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
     if non_blocking:
@@ -567,7 +568,7 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     return result
 
 
-def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``dst.copy_(src)``: H2D or D2H when one side is on the host (blocking unless
     ``non_blocking=True``), else a device kernel."""
     dst, src = args[0], args[1]
@@ -575,10 +576,10 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     dst_fake = type(dst) is FakeDeviceTensor
     src_fake = type(src) is FakeDeviceTensor
     if dst_fake and src_fake:
-        return _kernel(plan, args, kwargs)
+        return _kernel(plan, args, kwargs, frame)
     session = _session()
     stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    site = capture_site(frame) if session._tracked else None
     device_side = dst if dst_fake else src
     if device_side._st.session is not session:
         _check_session(session, device_side)
@@ -605,10 +606,10 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
 
 def _copy_kernel(dst: Any, src: Any, non_blocking: bool = False) -> Any:
     """``copy_`` reached below Python dispatch (``torch.tensor(data, device="fake")``)."""
-    return _copy(plan_for(torch.ops.aten.copy_.default), (dst, src, non_blocking), {})
+    return _copy(plan_for(torch.ops.aten.copy_.default), (dst, src, non_blocking), {}, _getframe(1))
 
 
-def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _collective(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """A c10d collective: a kernel reading its inputs and writing its output, on the current stream
     (``async_op=False``) or on its process group's stream (``async_op=True``; see _collectives).
 
@@ -619,7 +620,7 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
 
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    site = capture_site(frame) if session._tracked else None
     capture = session._capture
     result = None if capture is None else capture.collective(plan, args, kwargs, new_args, new_kwargs, accesses, site)
     if result is None:
@@ -645,7 +646,7 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
             )
     plan = plan_for(op)
     stream = session._current_stream()
-    site = capture_site(sys._getframe(1)) if session._tracked else None
+    site = capture_site(_getframe(1)) if session._tracked else None  # (an entry point: its caller)
     if plan.name in _ALLOCATIONS:
         result = op._op(*args, **kwargs)
         if not session._eager:
