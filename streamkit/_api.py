@@ -239,10 +239,10 @@ class switch:
     ``with sk.switch(side) as s:`` binds ``s`` to ``side``.
     """
 
-    # _depth: how many times the object is entered now; _inner: the contexts of re-entries (a
+    # _depth: how many times the object is entered now; _reentries: the contexts of re-entries (a
     # backend's stream context remembers one previous stream, so each nested entry needs its own:
     # torch's StreamContext entered twice restores the wrong stream)
-    __slots__ = ("_stream", "_context", "_depth", "_inner")
+    __slots__ = ("_stream", "_context", "_depth", "_reentries")
 
     def __init__(self, stream: Stream | None, enabled: bool = True) -> None:
         if stream is not None and enabled:
@@ -257,7 +257,7 @@ class switch:
             self._stream = stream
             self._context = None
         self._depth = 0
-        self._inner: list | None = None
+        self._reentries: list | None = None
 
     def __enter__(self) -> Stream | None:
         context = self._context
@@ -266,9 +266,9 @@ class switch:
                 stream = self._stream
                 assert stream is not None
                 context = stream._backend.stream_context(stream._handle)
-                if self._inner is None:
-                    self._inner = []
-                self._inner.append(context)
+                if self._reentries is None:
+                    self._reentries = []
+                self._reentries.append(context)
             context.__enter__()
             self._depth += 1
         return self._stream
@@ -278,8 +278,8 @@ class switch:
         if context is not None:
             self._depth -= 1
             if self._depth:
-                assert self._inner is not None
-                context = self._inner.pop()
+                assert self._reentries is not None
+                context = self._reentries.pop()
             context.__exit__(*exc)
 
 
