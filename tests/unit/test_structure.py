@@ -268,3 +268,20 @@ def test_when_no_backend_loads_the_error_lists_every_reason(registry, monkeypatc
     assert "no streamkit backend is available" in text
     assert "unplugged backend unavailable: the device is unplugged" in text
     assert "broken backend unavailable: importing no_such_module_for_streamkit failed: ModuleNotFoundError" in text
+
+
+def test_no_fake_module_counts_frame_depths():
+    """Issue sites are captured at each entry point from its caller's frame (or walked from where
+    the call is served): no module counts frames through streamkit's own call chain."""
+    fake_dir = REPO / "streamkit" / "_backends" / "fake"
+    found = []
+    for path in sorted(fake_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            depth = node.args[0]
+            if name == "_getframe" and isinstance(depth, ast.Constant) and isinstance(depth.value, int) and depth.value > 1:
+                found.append(f"{path.name}:{node.lineno}: _getframe({depth.value})")
+    assert found == []
