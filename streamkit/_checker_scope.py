@@ -71,11 +71,11 @@ class CheckedBlock(Session):
         host = self._host
         if self.closed:
             raise SessionClosedError(f"{self!r} has ended; open a new fake.session()")
-        if host._checker_block is not None:
+        if host.checker_block is not None:
             raise StreamkitError(
-                f"a fake session is already open ({host._checker_block!r}); fake sessions don't nest: close it first"
+                f"a fake session is already open ({host.checker_block!r}); fake sessions don't nest: close it first"
             )
-        host._checker_block = self
+        host.checker_block = self
         self._saved_detect = host.detect
         if self._detect == "raise":
             host.detect = "raise"  # the host still records every race; now it raises them too
@@ -88,11 +88,11 @@ class CheckedBlock(Session):
                 gc.collect()  # as a session's exit: free what only cycles keep alive, inside the block
         finally:
             host.detect = self._saved_detect
-            host._checker_block = None
+            host.checker_block = None
             self.closed = True
             self._end = len(host.races)
             self._stats_end = host.stats.copy()
-        pending, host._pending = host._pending, None  # set only while detect was "raise": this block's
+        pending, host.pending = host.pending, None  # set only while detect was "raise": this block's
         if pending is not None and exc_type is None:
             raise pending
 
@@ -121,10 +121,10 @@ def checker_session(on_race: Any = None) -> Iterator[Session]:
     inside it becomes a :class:`CheckedBlock` of it. ``on_race(race)`` is called for every new race
     as it is found (a spawned child streams its report this way, so a crash loses nothing)."""
     s = Session("record")
-    s._checker_block = None  # type: ignore[attr-defined]
+    s.checker_block = None  # type: ignore[attr-defined]
     if on_race is not None:
         s.races = _RaceLog(on_race)
-        s._reporter.races = s.races
+        s.reporter.races = s.races
 
     def open_block(
         detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = 0, target: Any = None

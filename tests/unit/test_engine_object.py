@@ -24,7 +24,7 @@ def _members(protocol: type) -> set[str]:
 
 def test_a_session_has_everything_the_engine_interface_names():
     members = _members(_interface.Engine)
-    assert {"_launch", "_host_sync", "_query", "_current_stream", "_lock", "_capture", "_scheduler"} <= members
+    assert {"launch", "host_sync", "query", "current_stream", "lock", "capture", "scheduler"} <= members
     with fake.session() as s:
         missing = sorted(n for n in members if not hasattr(s, n))
         assert missing == []

@@ -101,20 +101,20 @@ class StorageState:
 def free(session: "Engine", state: StorageState) -> None:
     """The last reference to ``state``'s block was dropped while other streams used it: pool it if
     their uses are ordered before its allocation stream, else report the free race."""
-    if session.closed or not session._tracked:
+    if session.closed or not session.tracked:
         return
-    with session._lock:
-        pending = Detector.unordered_at_free(state, session._clocks.reuse_clock(state.alloc_stream))
+    with session.lock:
+        pending = Detector.unordered_at_free(state, session.clocks.reuse_clock(state.alloc_stream))
         if not pending:
             state.pool()  # other streams' uses are ordered before the allocation stream
             return
         if session.detect != "off":  # (clocks kept for a deferred schedule only)
             earlier, kind = max(pending, key=lambda found: found[0].seq)
             # (where the last reference was dropped: the user frames above the finalizer)
-            race, new = session._reporter.free_race(earlier, kind, state, site_here())
-            if new and session.detect == "raise" and session._pending is None:
-                session._pending = RaceError(race)
-        if not session._eager:
+            race, new = session.reporter.free_race(earlier, kind, state, site_here())
+            if new and session.detect == "raise" and session.pending is None:
+                session.pending = RaceError(race)
+        if not session.eager:
             # CUDA's allocator doesn't know about the other streams' pending uses: the block
             # goes back to its stream's pool all the same, and a still-queued kernel of those
             # streams reaches whatever the next owner writes there (eager: nothing is queued, so
@@ -133,7 +133,7 @@ def recycle(session: "Engine", state: StorageState, stream: StreamState, out: An
     wanted = size_class(state.nbytes)
     if not wanted:
         return
-    with session._lock:
+    with session.lock:
         freed = stream.freed
         clock = None
         for i in range(len(freed) - 1, -1, -1):
@@ -142,7 +142,7 @@ def recycle(session: "Engine", state: StorageState, stream: StreamState, out: An
                 continue
             if old.record_streams:
                 if clock is None:
-                    clock = session._clocks.reuse_clock(stream)
+                    clock = session.clocks.reuse_clock(stream)
                 covered = old.record_streams
                 if any(
                     r.stream in covered and not ordered_before(r.stream, r.seq, clock)
@@ -159,7 +159,7 @@ def recycle(session: "Engine", state: StorageState, stream: StreamState, out: An
             before = getattr(old, "prior", None) or {}
             mine = (old.alloc_meta, old.alloc_site, old.alloc_stream)
             state.prior = {id(r): before.get(id(r)) or (r, *mine) for r in state.reads + state.writes}
-            if out is not None and not session._eager:
+            if out is not None and not session.eager:
                 reuse_memory(session, old, stream, out)
             return
 
@@ -173,10 +173,10 @@ def reuse_memory(session: "Engine", old: StorageState, stream: StreamState, out:
     of ``old`` on other streams that nothing orders before the reuse (a free race) stay queued
     and, when they run, read or overwrite the new owner's data, as on the device."""
     mem = getattr(old, "mem", None)
-    inner = out._inner
+    inner = out.sk_inner
     if mem is None or mem.nbytes() < inner.untyped_storage().nbytes():
         return  # (a block that had no memory of its own here, or a smaller one: fresh memory)
-    clock = session._clocks.reuse_clock(stream)
+    clock = session.clocks.reuse_clock(stream)
     need: list[int] = []
     for records in (old.writes, old.reads):
         for r in records:
@@ -185,11 +185,11 @@ def reuse_memory(session: "Engine", old: StorageState, stream: StreamState, out:
                     need.extend([0] * (r.stream + 1 - len(need)))
                 need[r.stream] = max(need[r.stream], r.seq)
     if need:
-        session._scheduler.drain(need)
+        session.scheduler.drain(need)
     with torch.no_grad():
         shared = torch.empty(0, dtype=inner.dtype).set_(mem, inner.storage_offset(), inner.size(), inner.stride())
     poison(shared)
-    out._inner = shared
+    out.sk_inner = shared
 
 
 def reallocate(

@@ -101,7 +101,7 @@ def _group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> Stre
         streams = _pg_streams[session] = {}
     stream = streams.get(name)
     if stream is None:
-        stream = streams[name] = session._clocks.new_stream(0, ())
+        stream = streams[name] = session.clocks.new_stream(0, ())
         shown = desc if desc and desc != "undefined" else name
         _report.label_stream(
             stream,
@@ -135,20 +135,20 @@ def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
 def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
     """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
     Work follow the rules above."""
-    stream = session._current_stream()
+    stream = session.current_stream()
     asynchronous = is_async(plan, args, kwargs)
-    with session._lock:
+    with session.lock:
         if asynchronous:
             issuing = stream
             stream = _group_stream(session, plan, args, kwargs)
-            if session._tracked:
+            if session.tracked:
                 merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
-        kernel = session._issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
-        end = list(stream.clock) if asynchronous and session._tracked else None
+        kernel = session.issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
+        end = list(stream.clock) if asynchronous and session.tracked else None
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
     # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
     # issue order on every rank)
-    result = session._scheduler.run_now(kernel)
+    result = session.scheduler.run_now(kernel)
     works = _works(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
@@ -163,9 +163,9 @@ def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any
     """A captured ``async_op=False`` collective, replayed on ``stream``: issued and run now, after
     what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
     captured order, so peers agree)."""
-    with session._lock:
-        kernel = session._issue(op, stream, site, accesses).bind(call, args, kwargs)
-    session._scheduler.run_now(kernel)
+    with session.lock:
+        kernel = session.issue(op, stream, site, accesses).bind(call, args, kwargs)
+    session.scheduler.run_now(kernel)
 
 
 def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
@@ -249,8 +249,8 @@ def _waited(work: Any, entry: _Pending) -> None:
         return  # another object at a reused address
     session = entry.session
     if not session.closed and entry.clock is not None:
-        with session._lock:
-            merge(session._current_stream().clock, entry.clock)
+        with session.lock:
+            merge(session.current_stream().clock, entry.clock)
     if current is work:
         key = id(work)
         entry.work = weakref.ref(work, lambda _, key=key, entry=entry: _pending.get(key) is entry and _pending.pop(key))

@@ -41,11 +41,11 @@ class Detector:
         idx = stream.idx
         seq = kernel.seq
         for tensor, kind in accesses:
-            lo = tensor._lo
-            hi = tensor._hi
+            lo = tensor.sk_lo
+            hi = tensor.sk_hi
             if hi <= lo:
                 continue
-            state = tensor._st
+            state = tensor.sk_state
             writes = state.writes
             for r in writes:
                 if r.start < hi and lo < r.end:

@@ -60,7 +60,9 @@ class Session:
 
     Use it through :func:`session`. While open it is the active backend of every ``sk.*`` call and
     the home of every tensor created on :attr:`device`. Public: :attr:`detect`, :attr:`races`,
-    :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`; the rest is the engine.
+    :attr:`stats`, :attr:`closed`, :attr:`backend`, :attr:`device`. The engine's interface (used by
+    the fake backend's own modules, public by convention, not API): :class:`._interface.Engine`;
+    names with a leading underscore are the engine's own.
     """
 
     def __init__(
@@ -105,18 +107,18 @@ class Session:
         self.closed = False
         self.backend = BACKEND
         # a deferred schedule needs the clocks (they say what may run) even with detect="off"
-        self._tracked = detect != "off" or schedule != "eager"
-        self._lock = threading.RLock()
-        self._clocks = Clocks()
-        self._scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
-        self._eager = self._scheduler.runs_at_issue
-        self._reporter = Reporter(self.races, self._wrap_stream)
-        self._detector = Detector(self._on_race, self._clocks.host)
-        self._check = self._detector.check  # (bound once: it runs for every kernel)
+        self.tracked = detect != "off" or schedule != "eager"
+        self.lock = threading.RLock()
+        self.clocks = Clocks()
+        self.scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
+        self.eager = self.scheduler.runs_at_issue
+        self.reporter = Reporter(self.races, self._wrap_stream)
+        self.detector = Detector(self._on_race, self.clocks.host)
+        self._check = self.detector.check  # (bound once: it runs for every kernel)
         self._tls = _ThreadState()
-        self._pending: RaceError | None = None
-        self._capture: Any = None  # the graph capture underway (_graph.Capture), if any
-        self._default_stream = self._clocks.new_stream(0, (), DEFAULT_STREAM)
+        self.pending: RaceError | None = None
+        self.capture: Any = None  # the graph capture underway (_graph.Capture), if any
+        self.default_stream = self.clocks.new_stream(0, (), DEFAULT_STREAM)
 
     # -- the public surface -------------------------------------------------------------------
     @property
@@ -129,22 +131,22 @@ class Session:
         # What exists now is not the session's: freeze it, so the collection at exit looks only at
         # objects made inside the session (a full collection with torch loaded takes ~0.3 s).
         # A process that froze objects itself keeps its freeze, and the exit collects everything.
-        self._froze_heap = self._tracked and gc.get_freeze_count() == 0
+        self._froze_heap = self.tracked and gc.get_freeze_count() == 0
         if self._froze_heap:
             gc.freeze()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if not self._eager:
+        if not self.eager:
             # the session ends when the device is idle: what is still queued runs now
-            self._scheduler.drain_all()
-            failed = self._scheduler.take_error()
-            if failed is not None and exc_type is None and self._pending is None:
-                self._pending = failed
+            self.scheduler.drain_all()
+            failed = self.scheduler.take_error()
+            if failed is not None and exc_type is None and self.pending is None:
+                self.pending = failed
             if self._token_fingerprint is not None and exc_type is None:
-                self.fingerprint_matched = check_fingerprint(self._scheduler, self._token_fingerprint, self._token)
+                self.fingerprint_matched = check_fingerprint(self.scheduler, self._token_fingerprint, self._token)
         try:
-            if self._tracked and exc_type is None:
+            if self.tracked and exc_type is None:
                 # Tensors kept alive only by reference cycles (a caught exception's traceback, say)
                 # would otherwise be freed at some later collection: free them now, inside the
                 # session, so their free checks are deterministic.
@@ -154,12 +156,12 @@ class Session:
                 gc.unfreeze()
         self.backend.leave(self)
         self.closed = True
-        for stream in self._clocks.streams:
+        for stream in self.clocks.streams:
             stream.freed.clear()  # (pooled blocks reference kernels, which reference their streams)
         collectives = sys.modules.get(__package__ + "._collectives")
         if collectives is not None:  # (loaded only once a collective ran on the fake device)
             collectives.session_ended(self)
-        pending, self._pending = self._pending, None
+        pending, self.pending = self.pending, None
         if pending is not None and exc_type is None:
             raise pending
 
@@ -167,21 +169,21 @@ class Session:
         return f"<fake session detect={self.detect!r} {'closed' if self.closed else 'open'}>"
 
     # -- the engine, used by the dispatch handlers and the fast path --------------------------
-    def _current_stream(self) -> StreamState:
+    def current_stream(self) -> StreamState:
         """The calling thread's current stream."""
-        return self._tls.stream or self._default_stream
+        return self._tls.stream or self.default_stream
 
-    def _stream_context(self, stream: StreamState) -> "_StreamContext":
+    def stream_context(self, stream: StreamState) -> "_StreamContext":
         return _StreamContext(self._tls, stream)
 
-    def _issue(self, op: Any, stream: StreamState, site: Any, accesses: list) -> Kernel:
+    def issue(self, op: Any, stream: StreamState, site: Any, accesses: list) -> Kernel:
         """Issue one kernel on ``stream`` (under the lock): check and record its accesses (raising
-        on a race in ``raise`` mode, before it runs). The caller runs it (:meth:`_launch`; a
+        on a race in ``raise`` mode, before it runs). The caller runs it (:meth:`launch`; a
         collective's ``run_now``)."""
-        if self._pending is not None:
+        if self.pending is not None:
             self._raise_pending()
         self.stats.kernels += 1
-        if not self._tracked:
+        if not self.tracked:
             return Kernel(op, stream, 0, None)
         clock = stream.clock  # (Clocks.issue, inline: this runs on every op)
         idx = stream.idx
@@ -198,96 +200,96 @@ class Session:
     def _forget(self, kernel: Kernel, accesses: list) -> None:
         """Drop the records of a kernel that never ran."""
         for tensor, _ in accesses:
-            state = tensor._st
+            state = tensor.sk_state
             state.reads = [r for r in state.reads if r.kernel is not kernel]
             state.writes = [r for r in state.writes if r.kernel is not kernel]
 
-    def _launch(
+    def launch(
         self, op: Any, call: Any, stream: StreamState | None, site: Any, args: Any, kwargs: Any, accesses: list,
         sync: str | None = None,
     ) -> tuple[Kernel, Any]:
         """Issue a kernel on ``stream`` (``None``: the current stream; it is ``kernel.stream``) and
-        hand it to the scheduler: ``(kernel, result)``. See :meth:`_issue`.
+        hand it to the scheduler: ``(kernel, result)``. See :meth:`issue`.
 
         ``sync`` names the host synchronization that follows the kernel (a ``Stats`` field), if any:
         bincount and friends wait for their output size, as on CUDA.
         """
         if stream is None:
-            stream = self._tls.stream or self._default_stream
-        if self._capture is not None:  # a graph capture records the kernels of captured streams
-            captured = self._capture.launch(op, call, stream, site, args, kwargs, accesses, sync)
+            stream = self._tls.stream or self.default_stream
+        if self.capture is not None:  # a graph capture records the kernels of captured streams
+            captured = self.capture.launch(op, call, stream, site, args, kwargs, accesses, sync)
             if captured is not None:
                 return captured
-        lock = self._lock
+        lock = self.lock
         lock.acquire()
         try:
-            kernel = self._issue(op, stream, site, accesses)
+            kernel = self.issue(op, stream, site, accesses)
             try:
-                if self._eager:  # the kernel runs right here and keeps no arguments
+                if self.eager:  # the kernel runs right here and keeps no arguments
                     result = call(*args, **kwargs) if kwargs else call(*args)
                 else:
-                    result = self._scheduler.submit(kernel.bind(call, args, kwargs), sync)
+                    result = self.scheduler.submit(kernel.bind(call, args, kwargs), sync)
             except BaseException:
                 # The op refused its arguments (dtypes, shapes): as on a device, the host raised
                 # before anything was launched, so the kernel leaves no trace.
                 self.stats.kernels -= 1
-                if self._tracked:
+                if self.tracked:
                     self._forget(kernel, accesses)
                 raise
             if sync is not None:
-                self._host_sync(stream.clock, sync)
+                self.host_sync(stream.clock, sync)
             return kernel, result
         finally:
             lock.release()
 
-    def _host_sync(self, clock: Any, kind: str) -> None:
+    def host_sync(self, clock: Any, kind: str) -> None:
         """The host waited for the work ordered by ``clock`` (``kind``: the ``Stats`` field to count
         it under); a free race reported meanwhile is raised now."""
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
-        if not self._eager:
+        if not self.eager:
             self._drained(clock)
-        if self._tracked:
-            with self._lock:
-                self._clocks.host_waits_for(clock)
-        if self._pending is not None:
+        if self.tracked:
+            with self.lock:
+                self.clocks.host_waits_for(clock)
+        if self.pending is not None:
             self._raise_pending()
 
-    def _host_sync_all(self) -> None:
+    def host_sync_all(self) -> None:
         self.stats.device_syncs += 1
-        if not self._eager:
+        if not self.eager:
             self._drained(None)
-        if self._tracked:
-            with self._lock:
-                self._clocks.host_waits_for_all()
-        if self._pending is not None:
+        if self.tracked:
+            with self.lock:
+                self.clocks.host_waits_for_all()
+        if self.pending is not None:
             self._raise_pending()
 
     def _drained(self, clock: Any) -> None:
         """A deferred schedule: run what the host waits for (``None``: everything); a kernel that
         failed when it ran raises now."""
         if clock is None:
-            self._scheduler.drain_all()
+            self.scheduler.drain_all()
         else:
-            self._scheduler.drain(clock)
-        failed = self._scheduler.take_error()
+            self.scheduler.drain(clock)
+        failed = self.scheduler.take_error()
         if failed is not None:
             raise failed
 
-    def _query(self, clock: Any) -> bool:
+    def query(self, clock: Any) -> bool:
         """``query()``: whether the work ordered by ``clock`` has run (a deferred schedule runs one
         kernel of it first, so polling makes progress); a True answer is a host sync in the clocks."""
-        done = self._eager or self._scheduler.progress(clock)
-        if done and self._tracked:
-            with self._lock:
-                self._clocks.host_waits_for(clock)
-        if not self._eager:
-            failed = self._scheduler.take_error()
+        done = self.eager or self.scheduler.progress(clock)
+        if done and self.tracked:
+            with self.lock:
+                self.clocks.host_waits_for(clock)
+        if not self.eager:
+            failed = self.scheduler.take_error()
             if failed is not None:
                 raise failed
         return done
 
     def _raise_pending(self) -> None:
-        pending, self._pending = self._pending, None
+        pending, self.pending = self.pending, None
         raise pending
 
     def _wrap_stream(self, state: StreamState) -> Stream:
@@ -296,15 +298,15 @@ class Session:
     def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
         if self.detect == "off":
             return  # (clocks kept for a deferred schedule only)
-        race, _ = self._reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
+        race, _ = self.reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
         if self.detect == "raise":
             raise RaceError(race)
 
-    def _on_free(self, state: StorageState) -> None:
+    def on_free(self, state: StorageState) -> None:
         """The allocator's free check of ``state`` (see :func:`._allocator.free`)."""
         _allocator.free(self, state)
 
-    def _record_stream(self, tensor: torch.Tensor, state: StreamState) -> None:
+    def record_stream(self, tensor: torch.Tensor, state: StreamState) -> None:
         """``record_stream(tensor, stream)``: the allocator keeps ``tensor``'s block until the work
         issued to ``state`` so far is done."""
         if type(tensor) is not FakeDeviceTensor:
@@ -312,10 +314,10 @@ class Session:
                 f"record_stream(tensor): tensor is on {tensor.device}, not on the fake device;"
                 " only device memory is managed by the stream-ordered allocator"
             )
-        owner = tensor._st.session
+        owner = tensor.sk_state.session
         if owner is not None and owner is not self:
-            _tensor._check_session(self, tensor)
-        st = tensor._st
+            _tensor.check_session(self, tensor)
+        st = tensor.sk_state
         if type(st.record_streams) is tuple:
             st.record_streams = set(st.record_streams)
         st.record_streams.add(state.idx)

@@ -120,9 +120,9 @@ class FakeBackend(Backend):
 
     def synchronize(self) -> None:
         s = self.current or self.get()
-        if s._capture is not None:
-            s._capture.host_sync("sk.synchronize()")
-        s._host_sync_all()
+        if s.capture is not None:
+            s.capture.host_sync("sk.synchronize()")
+        s.host_sync_all()
 
     # streams
     def new_stream(self, priority: int) -> FakeStream:
@@ -131,20 +131,20 @@ class FakeBackend(Backend):
         return _handles.new_stream(s, min(max(priority, low), high), site_here())
 
     def current_stream(self) -> FakeStream:
-        return (self.current or self.get())._current_stream().handle
+        return (self.current or self.get()).current_stream().handle
 
     def default_stream(self) -> FakeStream:
         return DEFAULT_STREAM
 
     def stream_context(self, stream: FakeStream) -> "_StreamContext":
         s = self.current or self.get()
-        return s._stream_context(resolve(stream, s))
+        return s.stream_context(resolve(stream, s))
 
     def stream_wait_event(self, stream: FakeStream, event: FakeEvent) -> None:
         s = self.current or self.get()
         state = resolve(event, s)
         target = resolve(stream, s)
-        if s._capture is not None and s._capture.wait_event(target, state, state.clock is not None):
+        if s.capture is not None and s.capture.wait_event(target, state, state.clock is not None):
             return
         if state.clock is None:
             warnings.warn(
@@ -157,36 +157,36 @@ class FakeBackend(Backend):
             )
             return
         s.stats.event_waits += 1
-        if s._tracked:
-            with s._lock:
-                s._clocks.wait(target, state)
+        if s.tracked:
+            with s.lock:
+                s.clocks.wait(target, state)
 
     def stream_wait_stream(self, stream: FakeStream, other: FakeStream) -> None:
         s = self.current or self.get()
         target = resolve(stream, s)
         source = resolve(other, s)
-        if s._capture is not None and s._capture.wait_stream(target, source):
+        if s.capture is not None and s.capture.wait_stream(target, source):
             return
         s.stats.event_records += 1  # as on CUDA: an event recorded on `other`, then waited on
         s.stats.event_waits += 1
-        if s._tracked:
-            with s._lock:
+        if s.tracked:
+            with s.lock:
                 merge(target.clock, source.clock)  # (the host's part is in every stream's effective clock)
 
     def stream_synchronize(self, stream: FakeStream) -> None:
         s = self.current or self.get()
         state = resolve(stream, s)
-        if s._capture is not None:
-            s._capture.host_sync("Stream.synchronize()", stream=state)
-        s._host_sync(state.clock, "stream_syncs")
+        if s.capture is not None:
+            s.capture.host_sync("Stream.synchronize()", stream=state)
+        s.host_sync(state.clock, "stream_syncs")
 
     def stream_query(self, stream: FakeStream) -> bool:
         # Eager: all issued work has run. A True answer lets the host rely on that work.
         s = self.current or self.get()
         state = resolve(stream, s)
-        if s._capture is not None:
-            s._capture.host_sync("Stream.query()", stream=state)
-        return s._query(state.clock)
+        if s.capture is not None:
+            s.capture.host_sync("Stream.query()", stream=state)
+        return s.query(state.clock)
 
     def stream_priority(self, stream: FakeStream) -> int:
         return stream.priority
@@ -205,18 +205,18 @@ class FakeBackend(Backend):
         s = self.current or self.get()
         state = resolve(event, s)
         target = resolve(stream, s)
-        if s._capture is not None and s._capture.record(state, target):
+        if s.capture is not None and s.capture.record(state, target):
             return
         s.stats.event_records += 1
         event.recorded = True
-        with s._lock:
-            s._clocks.record(state, target, time.perf_counter())
+        with s.lock:
+            s.clocks.record(state, target, time.perf_counter())
 
     def event_synchronize(self, event: FakeEvent) -> None:
         s = self.current or self.get()
         state = resolve(event, s)
-        if s._capture is not None:
-            s._capture.host_sync("Event.synchronize()", event=state)
+        if s.capture is not None:
+            s.capture.host_sync("Event.synchronize()", event=state)
         if state.clock is None:
             warnings.warn(
                 UnrecordedEventWarning(
@@ -226,16 +226,16 @@ class FakeBackend(Backend):
                 stacklevel=3,
             )
             return
-        s._host_sync(state.clock, "event_syncs")
+        s.host_sync(state.clock, "event_syncs")
 
     def event_query(self, event: FakeEvent) -> bool:
         s = self.current or self.get()
         state = resolve(event, s)
-        if s._capture is not None:
-            s._capture.host_sync("Event.query()", event=state)
+        if s.capture is not None:
+            s.capture.host_sync("Event.query()", event=state)
         if state.clock is None:
             return True
-        return s._query(state.clock)
+        return s.query(state.clock)
 
     def event_elapsed_time(self, start: FakeEvent, end: FakeEvent) -> float:
         s = self.current or self.get()
@@ -249,7 +249,7 @@ class FakeBackend(Backend):
     # memory
     def record_stream(self, tensor: torch.Tensor, stream: FakeStream) -> None:
         s = self.current or self.get()
-        s._record_stream(tensor, resolve(stream, s))
+        s.record_stream(tensor, resolve(stream, s))
 
     # graphs (_graph)
     def new_graph(self) -> "_graph.FakeGraph":
@@ -261,10 +261,10 @@ class FakeBackend(Backend):
 
     def graph_replay(self, graph: Any) -> None:
         s = self.current or self.get()
-        _graph.replay(s, graph, s._current_stream())
+        _graph.replay(s, graph, s.current_stream())
 
     def graph_reset(self, graph: Any) -> None:
-        capture = (self.current or self.get())._capture
+        capture = (self.current or self.get()).capture
         if capture is not None and graph is capture.graph:
             raise _graph.GraphCaptureError("Graph.reset() inside its own capture block; leave the block first")
         graph.reset()

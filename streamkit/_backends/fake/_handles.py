@@ -41,7 +41,7 @@ class FakeStream:
         self.state: Any = None
 
     def _new_state(self, session: "Engine") -> StreamState:
-        return session._clocks.new_stream(self.priority, self.site, self)
+        return session.clocks.new_stream(self.priority, self.site, self)
 
     def __repr__(self) -> str:
         if self is DEFAULT_STREAM:
@@ -75,7 +75,7 @@ DEFAULT_STREAM = FakeStream(0, (), None)
 
 def new_stream(session: "Engine", priority: int, site: Any) -> FakeStream:
     handle = FakeStream(priority, site, session)
-    with session._lock:
+    with session.lock:
         handle.home_state = handle.state = handle._new_state(session)
     handle.session = session
     return handle
@@ -97,7 +97,7 @@ def resolve(handle: Any, session: "Engine") -> Any:
 
 def _bind(handle: Any, session: "Engine") -> Any:
     if handle is DEFAULT_STREAM:
-        state = session._default_stream
+        state = session.default_stream
     elif handle.home is session:
         state = handle.home_state
     elif session is not session.backend.explicit():
@@ -110,7 +110,7 @@ def _bind(handle: Any, session: "Engine") -> Any:
             f" or create a new streamkit.{kind.capitalize()}()"
         )
     else:
-        with session._lock:
+        with session.lock:
             if handle.session is session:
                 return handle.state
             state = handle._new_state(session)

@@ -34,51 +34,51 @@ class Engine(Protocol):
     def device(self) -> "torch.device": ...
 
     # -- the engine's state its users read -----------------------------------------------------
-    _tracked: bool  #: accesses are tracked (detection on, or a deferred schedule)
-    _eager: bool  #: the scheduler runs each kernel at issue
-    _lock: threading.RLock  #: guards the clocks, access tables and pools
-    _clocks: "Clocks"
-    _scheduler: Any  #: EagerScheduler or a deferred one (``submit``, ``run_now``, ``drain``...)
-    _reporter: "Reporter"
-    _capture: Any  #: the graph capture underway (``_graph.Capture``), or None
-    _pending: Any  #: a RaceError found meanwhile (a free race), raised at the next launch or sync
-    _default_stream: "StreamState"
+    tracked: bool  #: accesses are tracked (detection on, or a deferred schedule)
+    eager: bool  #: the scheduler runs each kernel at issue
+    lock: threading.RLock  #: guards the clocks, access tables and pools
+    clocks: "Clocks"
+    scheduler: Any  #: EagerScheduler or a deferred one (``submit``, ``run_now``, ``drain``...)
+    reporter: "Reporter"
+    capture: Any  #: the graph capture underway (``_graph.Capture``), or None
+    pending: Any  #: a RaceError found meanwhile (a free race), raised at the next launch or sync
+    default_stream: "StreamState"
 
     # -- streams -------------------------------------------------------------------------------
-    def _current_stream(self) -> "StreamState":
+    def current_stream(self) -> "StreamState":
         """The calling thread's current stream."""
         ...
 
-    def _stream_context(self, stream: "StreamState") -> ContextManager[None]:
+    def stream_context(self, stream: "StreamState") -> ContextManager[None]:
         """Make ``stream`` the calling thread's current stream inside the block."""
         ...
 
     # -- kernels -------------------------------------------------------------------------------
-    def _launch(
+    def launch(
         self, op: Any, call: Any, stream: "StreamState | None", site: Any, args: Any, kwargs: Any, accesses: list,
         sync: str | None = None,
     ) -> "tuple[Kernel, Any]":
         """Issue a kernel and hand it to the scheduler: ``(kernel, result)``."""
         ...
 
-    def _issue(self, op: Any, stream: "StreamState", site: Any, accesses: list) -> "Kernel":
+    def issue(self, op: Any, stream: "StreamState", site: Any, accesses: list) -> "Kernel":
         """Issue a kernel without running it, under :attr:`_lock` (the caller binds and runs it: collectives)."""
         ...
 
     # -- the host ------------------------------------------------------------------------------
-    def _host_sync(self, clock: Any, kind: str) -> None:
+    def host_sync(self, clock: Any, kind: str) -> None:
         """The host waited for the work ordered by ``clock`` (counted under ``Stats.<kind>``)."""
         ...
 
-    def _host_sync_all(self) -> None:
+    def host_sync_all(self) -> None:
         """The host waited for the whole device."""
         ...
 
-    def _query(self, clock: Any) -> bool:
+    def query(self, clock: Any) -> bool:
         """Whether the work ordered by ``clock`` has run (``True`` is a host sync)."""
         ...
 
     # -- memory --------------------------------------------------------------------------------
-    def _record_stream(self, tensor: "torch.Tensor", state: "StreamState") -> None:
+    def record_stream(self, tensor: "torch.Tensor", state: "StreamState") -> None:
         """``record_stream(tensor, stream)``."""
         ...

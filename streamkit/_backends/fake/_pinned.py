@@ -123,9 +123,9 @@ def _unfinished(entries: Any) -> list:
     """The copies the host has not synchronized with (tracked, in an open session)."""
     left = []
     for session, kernel in entries:
-        if session.closed or not session._tracked or session.detect == "off":
+        if session.closed or not session.tracked or session.detect == "off":
             continue  # (a deferred schedule keeps clocks with detect="off": still nothing to report)
-        host = session._clocks.host
+        host = session.clocks.host
         idx = kernel.stream.idx
         if ordered_before(idx, kernel.seq, host):
             continue
@@ -146,8 +146,8 @@ def _check(tensor: PinnedHostTensor, write: bool, func: Any, frame: Any) -> None
         return
     (session, kernel), earlier = max(conflicts, key=lambda found: found[0][1].seq)
     site = capture_site(frame)
-    with session._lock:
-        race, _ = session._reporter.host_race(
+    with session.lock:
+        race, _ = session.reporter.host_race(
             kernel, earlier, AccessKind.HOST_WRITE if write else AccessKind.HOST_READ, _name(func), site, tensor.shape, tensor.dtype
         )
     if session.detect == "raise":
@@ -164,12 +164,12 @@ def pinned_copy(tensor: torch.Tensor) -> PinnedHostTensor:
 def written_by(host: torch.Tensor, session: "Engine", kernel: Any) -> PinnedHostTensor:
     """``host`` (a CPU tensor) as a pinned tensor that ``kernel`` (an asynchronous D2H copy) writes."""
     pinned = host if type(host) is PinnedHostTensor else host.as_subclass(PinnedHostTensor)
-    if session._tracked:
+    if session.tracked:
         pinned._sk_writers = _unfinished(pinned._sk_writers) + [(session, kernel)]
     return pinned
 
 
 def read_by(pinned: PinnedHostTensor, session: "Engine", kernel: Any) -> None:
     """``kernel`` (an asynchronous H2D copy) reads ``pinned``: the host must not write it until it is done."""
-    if session._tracked:
+    if session.tracked:
         pinned._sk_readers = _unfinished(pinned._sk_readers) + [(session, kernel)]

@@ -127,7 +127,7 @@ class FakeDeviceTensor(torch.Tensor):
 
     # The CPU tensor with the values, the storage's access table, and the byte range in it.
     # (Slots: set on every new wrapper and read on every access; instances keep a __dict__ too.)
-    __slots__ = ("_inner", "_st", "_lo", "_hi")
+    __slots__ = ("sk_inner", "sk_state", "sk_lo", "sk_hi")
 
     # __torch_function__ and the fast method stand-ins are installed by _fastpath (install_methods)
 
@@ -178,15 +178,15 @@ class FakeDeviceTensor(torch.Tensor):
             return memo[id(self)]
         with torch.no_grad():
             storages = memo.setdefault("streamkit.fake", {})
-            copied = storages.get(id(self._st))
+            copied = storages.get(id(self.sk_state))
             if copied is None:
-                copied = storages[id(self._st)] = _copy_storage(self)
-                memo.setdefault("streamkit.fake.keep", []).append(self._st)  # (ids stay unique while memo lives)
-            inner = self._inner
+                copied = storages[id(self.sk_state)] = _copy_storage(self)
+                memo.setdefault("streamkit.fake.keep", []).append(self.sk_state)  # (ids stay unique while memo lives)
+            inner = self.sk_inner
             view = torch.empty(0, dtype=inner.dtype).set_(
-                copied._inner.untyped_storage(), inner.storage_offset(), inner.size(), inner.stride()
+                copied.sk_inner.untyped_storage(), inner.storage_offset(), inner.size(), inner.stride()
             )
-            new = _new_wrapper(view, copied._st)
+            new = _new_wrapper(view, copied.sk_state)
             if self.requires_grad:
                 new.requires_grad_()
             if self.grad is not None:
@@ -198,7 +198,7 @@ class FakeDeviceTensor(torch.Tensor):
     def data_ptr(self) -> int:
         """The address of this tensor's first element: distinct per live storage, stable, offset by
         the view's storage offset (as on CUDA); 0 when empty. (It is the CPU memory holding the values.)"""
-        return self._inner.data_ptr()
+        return self.sk_inner.data_ptr()
 
     def record_stream(self, stream: Any) -> None:
         """``Tensor.record_stream``: the same as ``streamkit.record_stream(self, stream)``."""
@@ -217,9 +217,9 @@ _pinned.DEVICE_TENSOR = FakeDeviceTensor
 
 def _copy_storage(tensor: FakeDeviceTensor) -> FakeDeviceTensor:
     """A copy of ``tensor``'s whole storage (as bytes): one clone kernel on the current stream."""
-    inner = tensor._inner
+    inner = tensor.sk_inner
     nbytes = inner.untyped_storage().nbytes()
-    whole = _new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor._st)
+    whole = _new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor.sk_state)
     return whole.clone()
 
 
@@ -242,16 +242,16 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
     if inner.dim() == 1 and inner.stride() == (1,) and not inner.storage_offset():
         # the common case, cheaper: passing strides and offset costs more than the rest of the call
         out = _make_wrapper(FakeDeviceTensor, inner.shape, dtype=inner.dtype, device=DEVICE)
-        out._lo = 0
-        out._hi = inner.nbytes
+        out.sk_lo = 0
+        out.sk_hi = inner.nbytes
     else:
         out = _make_wrapper(
             FakeDeviceTensor, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
             dtype=inner.dtype, device=DEVICE,
         )
-        out._lo, out._hi = byte_range(inner)
-    out._inner = inner
-    out._st = state
+        out.sk_lo, out.sk_hi = byte_range(inner)
+    out.sk_inner = inner
+    out.sk_state = state
     return out
 
 
@@ -261,18 +261,18 @@ def wrap_fresh(session: "Engine", inner: torch.Tensor, stream: Any, kernel: Any,
     dtype = inner.dtype
     state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (shape, dtype))
     out = _new_wrapper(inner, state)
-    capture = session._capture
+    capture = session.capture
     if capture is not None and capture.owns(stream):  # memory of a graph's private pool
         capture.adopt(out, kernel)
         return out
     if kernel is not None:
-        if session._tracked and out._hi > out._lo:
-            state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
-    elif stream.freed and session._tracked:
+        if session.tracked and out.sk_hi > out.sk_lo:
+            state.writes.append(new_record((out.sk_lo, out.sk_hi, stream.idx, kernel.seq, kernel)))
+    elif stream.freed and session.tracked:
         # no kernel writes it (empty, empty_like...): it may be a block its stream freed earlier
         _allocator.recycle(session, state, stream, out)
-    if not session._eager:
-        state.mem = out._inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
+    if not session.eager:
+        state.mem = out.sk_inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
     return out
 
 
@@ -284,10 +284,10 @@ def peek(tensor: torch.Tensor) -> torch.Tensor:
     if type(tensor) is not FakeDeviceTensor:
         got = f"a tensor on {tensor.device}" if isinstance(tensor, torch.Tensor) else f"{type(tensor).__name__} {tensor!r:.80}"
         raise TypeError(f"peek(tensor): expected a fake-device tensor (a torch.Tensor on sk.device()), got {got}")
-    session = tensor._st.session or BACKEND.current
-    if session is not None and not session._eager and not session.closed:
-        session._scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
-    return tensor._inner
+    session = tensor.sk_state.session or BACKEND.current
+    if session is not None and not session.eager and not session.closed:
+        session.scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
+    return tensor.sk_inner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -301,8 +301,8 @@ def _mixed(plan: OpPlan, t: torch.Tensor) -> None:
     )
 
 
-def _check_session(session: "Engine", t: FakeDeviceTensor) -> None:
-    owner = t._st.session
+def check_session(session: "Engine", t: FakeDeviceTensor) -> None:
+    owner = t.sk_state.session
     if owner is not None and owner is not session:
         if owner.closed:
             raise SessionClosedError(f"this tensor belongs to a fake session that has ended ({owner!r})")
@@ -312,11 +312,11 @@ def _check_session(session: "Engine", t: FakeDeviceTensor) -> None:
 def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: "Engine") -> Any:
     tp = type(value)
     if tp is FakeDeviceTensor:
-        if value._st.session is not session:
-            _check_session(session, value)
+        if value.sk_state.session is not session:
+            check_session(session, value)
         if kind:
             accesses.append((value, kind))
-        return value._inner
+        return value.sk_inner
     if tp is list or tp is tuple:
         if not value:
             return value
@@ -335,12 +335,12 @@ def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: "Engine") -> tuple[l
     for i, a in enumerate(args):
         tp = type(a)
         if tp is FakeDeviceTensor:
-            if a._st.session is not session:
-                _check_session(session, a)
+            if a.sk_state.session is not session:
+                check_session(session, a)
             k = kinds[i] if i < nk else READ
             if k:
                 accesses.append((a, k))
-            new_args[i] = a._inner
+            new_args[i] = a.sk_inner
         elif tp is list or tp is tuple or isinstance(a, torch.Tensor):
             new_args[i] = _unwrap_value(plan, a, kinds[i] if i < nk else READ, accesses, session)
     if kwargs:
@@ -405,9 +405,9 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
     session = BACKEND.current or BACKEND.get()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session._current_stream()
-    site = capture_site(frame) if session._tracked else None
-    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
+    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
     out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
     observer = _observer
     if observer is not None and observer[0] == threading.get_ident():
@@ -430,23 +430,23 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
     kind, index = spec
     if kind == "arg":
         original = _arg(plan, args, kwargs, index)
-        if type(original) is FakeDeviceTensor and original._inner.shape != original.shape:
+        if type(original) is FakeDeviceTensor and original.sk_inner.shape != original.shape:
             # an out= argument the op resized (factories such as arange fill an empty one)
-            state = original._st
+            state = original.sk_state
             old_nbytes = state.nbytes
             _refresh(original)
-            if kernel is not None and session._tracked and original._hi > original._lo:
-                if original._inner.untyped_storage().nbytes() > old_nbytes:
+            if kernel is not None and session.tracked and original.sk_hi > original.sk_lo:
+                if original.sk_inner.untyped_storage().nbytes() > old_nbytes:
                     # it grew: resize_output allocated a new block on the current stream (and
                     # freed the old one) before the kernel ran
                     meta = (tuple(original.shape), original.dtype)
-                    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, meta, original._lo, original._hi, False)
+                    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, meta, original.sk_lo, original.sk_hi, False)
                 else:
-                    state.writes.append(new_record((original._lo, original._hi, stream.idx, kernel.seq, kernel)))
+                    state.writes.append(new_record((original.sk_lo, original.sk_hi, stream.idx, kernel.seq, kernel)))
         return original
     if type(value) is torch.Tensor:
         if kind == "view":
-            return _new_wrapper(value, _arg(plan, args, kwargs, index)._st)
+            return _new_wrapper(value, _arg(plan, args, kwargs, index).sk_state)
         return wrap_fresh(session, value, stream, kernel, site)
     if type(value) is list or type(value) is tuple:
         return type(value)(_wrap_one(plan, spec, v, args, kwargs, session, stream, kernel, site) for v in value)
@@ -481,32 +481,32 @@ def _normal_tensors(result: Any) -> bool:
 
 def _refresh(tensor: FakeDeviceTensor) -> None:
     """Make the wrapper's own sizes/strides follow its CPU tensor after an in-place change."""
-    inner = tensor._inner
-    tensor.data = _new_wrapper(inner, tensor._st)
-    tensor._lo, tensor._hi = byte_range(inner)
-    tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
+    inner = tensor.sk_inner
+    tensor.data = _new_wrapper(inner, tensor.sk_state)
+    tensor.sk_lo, tensor.sk_hi = byte_range(inner)
+    tensor.sk_state.nbytes = max(tensor.sk_state.nbytes, inner.untyped_storage().nbytes())
 
 
 def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: "Engine", frame: Any) -> FakeDeviceTensor:
     """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
     copies the old bytes into it (one kernel that reads the old block and writes the new one, as
     CUDA's ``resize_bytes_cuda``); otherwise only metadata changes."""
-    inner = self._inner
+    inner = self.sk_inner
     size = new_args[1] if len(new_args) > 1 else new_kwargs["size"]
     numel = 1
     for n in size:
         numel *= int(n)
     needed = (inner.storage_offset() + numel) * inner.element_size() if numel else 0
-    state = self._st
+    state = self.sk_state
     old_nbytes = inner.untyped_storage().nbytes()
-    if not session._tracked or needed <= old_nbytes:
+    if not session.tracked or needed <= old_nbytes:
         plan.op._op(*new_args, **new_kwargs)
         _refresh(self)
         return self
-    stream = session._current_stream()
+    stream = session.current_stream()
     site = capture_site(frame)
     accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
-    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     new_nbytes = inner.untyped_storage().nbytes()
     _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
     _refresh(self)
@@ -521,10 +521,10 @@ def _allocation(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     if new_kwargs.get("device") is not None:
         _check_index(new_kwargs["device"], plan.op)
         new_kwargs["device"] = CPU
-    stream = session._current_stream()
-    site = capture_site(frame) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
     result = plan.call(*new_args, **new_kwargs)
-    if not session._eager:
+    if not session.eager:
         _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
     return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
 
@@ -533,8 +533,8 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``t_()``, ``unsqueeze_()``, ``resize_()``...: new metadata for the same tensor, not a kernel."""
     self = args[0]
     session = _session()
-    if self._st.session is not session:
-        _check_session(session, self)
+    if self.sk_state.session is not session:
+        check_session(session, self)
     if plan.name == "set_":
         raise NotImplementedError(
             "Tensor.set_() on a fake-device tensor is not supported (it would swap the memory that race"
@@ -558,10 +558,10 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
         return _kernel(plan, args, kwargs, frame)
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session._current_stream()
-    site = capture_site(frame) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
     non_blocking = kwargs.get("non_blocking", False)
-    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
+    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
     if non_blocking:
         # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
         return _pinned.written_by(result, session, kernel)
@@ -578,24 +578,24 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     if dst_fake and src_fake:
         return _kernel(plan, args, kwargs, frame)
     session = _session()
-    stream = session._current_stream()
-    site = capture_site(frame) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
     device_side = dst if dst_fake else src
-    if device_side._st.session is not session:
-        _check_session(session, device_side)
+    if device_side.sk_state.session is not session:
+        check_session(session, device_side)
     pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
         accesses = [(dst, WRITE)]
-        if non_blocking and not session._eager and type(src) is not pinned:
+        if non_blocking and not session.eager and type(src) is not pinned:
             src = src.clone()  # pageable memory is staged at issue: later host writes don't reach the copy
-        new_args = [dst._inner, src, non_blocking]
+        new_args = [dst.sk_inner, src, non_blocking]
         sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
-        new_args = [dst, src._inner, non_blocking]
+        new_args = [dst, src.sk_inner, non_blocking]
         # into pageable memory a non-blocking D2H copy is synchronous all the same (cudaMemcpyAsync)
         sync = None if non_blocking and type(dst) is pinned else "blocking_copies"
-    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
+    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
     if non_blocking:
         if not dst_fake and type(dst) is pinned:
             _pinned.written_by(dst, session, kernel)
@@ -620,8 +620,8 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
 
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    site = capture_site(frame) if session._tracked else None
-    capture = session._capture
+    site = capture_site(frame) if session.tracked else None
+    capture = session.capture
     result = None if capture is None else capture.collective(plan, args, kwargs, new_args, new_kwargs, accesses, site)
     if result is None:
         result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
@@ -645,12 +645,12 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
                 " move it with .cpu() first"
             )
     plan = plan_for(op)
-    stream = session._current_stream()
-    site = capture_site(_getframe(1)) if session._tracked else None  # (an entry point: its caller)
+    stream = session.current_stream()
+    site = capture_site(_getframe(1)) if session.tracked else None  # (an entry point: its caller)
     if plan.name in _ALLOCATIONS:
         result = op._op(*args, **kwargs)
-        if not session._eager:
+        if not session.eager:
             _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
         return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
-    kernel, result = session._launch(op, op._op, stream, site, list(args), kwargs, [])
+    kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)

@@ -176,10 +176,10 @@ class MemoryRange:
     as the detector and the reporter see it, where no tensor makes it (a graph replay's captured
     accesses; ``resize_`` copying a whole block). Same fields as a fake tensor."""
 
-    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
+    __slots__ = ("sk_lo", "sk_hi", "sk_state", "shape", "dtype")
 
     def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
-        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
+        self.sk_lo, self.sk_hi, self.sk_state, self.shape, self.dtype = lo, hi, state, shape, dtype
 
 
 class Kernel:
