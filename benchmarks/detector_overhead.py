@@ -52,11 +52,11 @@ class FloorTensor(torch.Tensor):
     """The cheapest Python wrapper tensor: ``__torch_function__`` unwraps, calls, wraps. No streams,
     no clocks, no tracking. The step on it measures what interception alone costs."""
 
-    __slots__ = ("_inner",)
+    __slots__ = ("sk_inner",)
 
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
-        inner = [a._inner if type(a) is cls else [t._inner for t in a] if type(a) is list else a for a in args]
+        inner = [a.sk_inner if type(a) is cls else [t.sk_inner for t in a] if type(a) is list else a for a in args]
         result = func(*inner, **(kwargs or {}))
         if type(result) is not torch.Tensor or func is torch.Tensor.cpu:
             return result
@@ -69,7 +69,7 @@ class FloorTensor(torch.Tensor):
 
 def floor_wrap(t: torch.Tensor) -> FloorTensor:
     out = torch.Tensor._make_wrapper_subclass(FloorTensor, t.shape, dtype=t.dtype)
-    out._inner = t
+    out.sk_inner = t
     return out
 
 
@@ -171,7 +171,7 @@ def main() -> None:
         p2 = timed(lambda: plain_step(host_ids, spare_counters))
         floor_ratios.append(f / min(p1, p2))
     one_step = torch.stack([torch.bincount(i, minlength=EXPERTS) for i in host_ids])
-    floor_total = torch.stack([c._inner for c in floor_counters])
+    floor_total = torch.stack([c.sk_inner for c in floor_counters])
     assert torch.equal(floor_total, one_step * (args.rounds + 1)), "floor step computed different counts"
 
     # Deferred: the step under schedule="random" vs the eager tracked step, block by block.

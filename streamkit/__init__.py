@@ -32,6 +32,8 @@ from ._errors import (
     GraphCaptureError,
     GraphError,
     GraphUnsupportedError,
+    InternalError,
+    RaceError,
     SessionClosedError,
     StreamkitError,
     StreamkitWarning,
@@ -39,10 +41,10 @@ from ._errors import (
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._backends.fake import Race, RaceError
+    from ._backends.fake import Race
 
-# The fake backend's report types, imported on first use so that `import streamkit` loads no backend.
-_LAZY = {"RaceError": "streamkit._backends.fake", "Race": "streamkit._backends.fake"}
+# The fake backend's report type, imported on first use so that `import streamkit` loads no backend.
+_LAZY = {"Race": "streamkit._backends.fake"}
 
 
 def __getattr__(name: str) -> Any:
@@ -71,6 +73,7 @@ __all__ = [
     "GraphCaptureError",
     "GraphError",
     "GraphUnsupportedError",
+    "InternalError",
     "Race",
     "RaceError",
     "SessionClosedError",

@@ -26,11 +26,18 @@ def synchronize() -> None:
     get_backend().synchronize()
 
 
+# Where to get a value of each public handle type, for the error a wrong argument raises.
+_HOW_TO_GET = {
+    "Stream": "create it with streamkit.Stream(...) or take it from streamkit.current_stream()",
+    "Event": "create it with streamkit.Event(...) or take it from stream.record_event()",
+}
+
+
 def _expect(value: Any, cls: type, where: str) -> None:
     if not isinstance(value, cls):
+        how = _HOW_TO_GET.get(cls.__name__, f"create it with streamkit.{cls.__name__}(...)")
         raise TypeError(
-            f"{where}: expected a streamkit.{cls.__name__}, got {type(value).__module__}.{type(value).__qualname__}"
-            f" (create it with streamkit.{cls.__name__}(...) or take it from streamkit.current_stream())"
+            f"{where}: expected a streamkit.{cls.__name__}, got {type(value).__module__}.{type(value).__qualname__} ({how})"
         )
 
 
@@ -214,7 +221,7 @@ def default_stream() -> Stream:
 
 
 def _not_active(stream: "Stream") -> None:
-    active = _backend_module._active[-1]
+    active = _backend_module.active_backend()
     raise BackendMismatchError(
         f"switch(stream): {stream!r} belongs to the {stream._backend.name} backend, but the active backend is"
         f" {active.name} (a fake session or use_backend() block is open), so work inside the block would not run on"
@@ -232,28 +239,48 @@ class switch:
     ``with sk.switch(side) as s:`` binds ``s`` to ``side``.
     """
 
-    __slots__ = ("_stream", "_context")
+    # _depth: how many times the object is entered now; _reentries: the contexts of re-entries (a
+    # backend's stream context remembers one previous stream, so each nested entry needs its own:
+    # torch's StreamContext entered twice restores the wrong stream)
+    __slots__ = ("_stream", "_context", "_depth", "_reentries")
 
     def __init__(self, stream: Stream | None, enabled: bool = True) -> None:
         if stream is not None and enabled:
             if type(stream) is not Stream:
                 _expect(stream, Stream, "switch(stream)")
-            if _backend_module._active and _backend_module._active[-1] is not stream._backend:
+            active = _backend_module.active_backend()
+            if active is not None and active is not stream._backend:
                 _not_active(stream)
             self._stream = stream
             self._context: Any = stream._backend.stream_context(stream._handle)
         else:
             self._stream = stream
             self._context = None
+        self._depth = 0
+        self._reentries: list | None = None
 
     def __enter__(self) -> Stream | None:
-        if self._context is not None:
-            self._context.__enter__()
+        context = self._context
+        if context is not None:
+            if self._depth:  # entered again inside its own block: a context of its own
+                stream = self._stream
+                assert stream is not None
+                context = stream._backend.stream_context(stream._handle)
+                if self._reentries is None:
+                    self._reentries = []
+                self._reentries.append(context)
+            context.__enter__()
+            self._depth += 1
         return self._stream
 
     def __exit__(self, *exc: Any) -> None:
-        if self._context is not None:
-            self._context.__exit__(*exc)
+        context = self._context
+        if context is not None:
+            self._depth -= 1
+            if self._depth:
+                assert self._reentries is not None
+                context = self._reentries.pop()
+            context.__exit__(*exc)
 
 
 def record_stream(tensor: torch.Tensor, stream: Stream) -> None:

@@ -161,7 +161,10 @@ _MODULES: dict[str, str] = {
 _lock = threading.RLock()
 _classes: dict[str, type[Backend]] = {}
 _import_errors: dict[str, str] = {}
-_active: list[Backend] = []  # process-wide stack: use_backend() blocks and fake sessions push here
+#: the process-wide record of what is active: ``(backend, scope)`` entries, innermost last, pushed by
+#: use_backend() blocks (scope ``None``) and by backends whose activity is scoped (an open fake
+#: session is the fake backend's scope)
+_active: list[tuple[Backend, Any]] = []
 _selected: str | None = None  # set_backend()
 
 
@@ -251,7 +254,7 @@ def get_backend(name: str | None = None) -> Backend:
             raise TypeError(f"get_backend(name): expected a backend name (str) or None, got {type(name).__name__}")
         return load_backend(name)
     if _active:
-        return _active[-1]
+        return _active[-1][0]
     chosen = _selected or os.environ.get("STREAMKIT_BACKEND") or None
     if chosen:
         return load_backend(chosen)
@@ -268,26 +271,47 @@ def set_backend(name: str | None) -> None:
     """Select the backend used when no :func:`use_backend` block or fake session is active
     (``None`` restores the default choice). The selection is process-wide."""
     global _selected
+    if name is not None and not isinstance(name, str):
+        raise TypeError(
+            f"set_backend(name): expected a backend name (str) such as {', '.join(map(repr, _MODULES))}, or None;"
+            f" got {type(name).__name__} {name!r}"
+        )
     if name is not None:
         load_backend(name)  # fail now, not at first use
     _selected = name
 
 
-def activate(backend: Backend) -> None:
+def activate(backend: Backend, scope: Any = None) -> None:
     """Make ``backend`` the active one (process-wide) until :func:`deactivate`: for backends whose
-    activity is scoped, such as a fake session. Most code wants :func:`use_backend`."""
+    activity is scoped, such as a fake session (``scope``: what is active within the backend, read
+    back with :func:`active_scope`). Most code wants :func:`use_backend`."""
     with _lock:
-        _active.append(backend)
+        _active.append((backend, scope))
 
 
-def deactivate(backend: Backend) -> None:
-    """Undo the innermost :func:`activate` of ``backend`` (scopes may end out of strict order when
-    used from several threads)."""
+def deactivate(backend: Backend, scope: Any = None) -> None:
+    """Undo the innermost :func:`activate` of ``backend`` with ``scope`` (scopes may end out of
+    strict order when used from several threads)."""
     with _lock:
         for i in range(len(_active) - 1, -1, -1):
-            if _active[i] is backend:
+            if _active[i][0] is backend and _active[i][1] is scope:
                 del _active[i]
                 return
+
+
+def active_backend() -> Backend | None:
+    """The innermost active backend (a :func:`use_backend` block or an open scope), or ``None``."""
+    stack = _active
+    return stack[-1][0] if stack else None
+
+
+def active_scope(backend: Backend) -> Any:
+    """The innermost scope :func:`activate` pushed with ``backend`` (``None``: none is open)."""
+    with _lock:
+        for entry_backend, scope in reversed(_active):
+            if entry_backend is backend and scope is not None:
+                return scope
+    return None
 
 
 @contextmanager

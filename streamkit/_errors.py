@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class StreamkitError(RuntimeError):
     """Base class of streamkit's own errors."""
+
+
+class RaceError(StreamkitError):
+    """Two accesses to overlapping device memory, at least one a write, with no happens-before
+    between them (the fake backend's race detector). ``str(err)`` is the full report; ``err.race``
+    is the :class:`streamkit.fake.Race`."""
+
+    def __init__(self, race: Any) -> None:
+        super().__init__(str(race))
+        self.race = race
+
+
+class InternalError(StreamkitError):
+    """A fault inside streamkit itself (a broken invariant), not in the program it runs: please
+    report it with the program that triggered it."""
 
 
 class BackendUnavailableError(StreamkitError):

@@ -5,7 +5,7 @@
 1 if there was any race, 2 if the script itself failed, 0 otherwise.
 
 - A ``fake.session(...)`` the script opens is a scope of the checker's session (its ``detect``
-  still decides whether a race raises in the script); see ``CheckedBlock``.
+  still decides whether a race raises in the script); see ``streamkit._checker_scope.CheckedBlock``.
 - When the script is done, its globals are dropped and cycles collected as if by the script's last
   executed line: a race found then (memory freed while a side stream may still read it) names that
   line, not the checker.
@@ -298,7 +298,7 @@ def _after_fork_in_child() -> None:
 
 
 def _run_checked_child(report_dir: str, run: Callable[[], int]) -> int:
-    from ._backends.fake._session import checker_session
+    from ._checker_scope import checker_session
 
     log = _ChildLog(report_dir, eager=True)
     undo = _install_spawn_hook(report_dir)  # grandchildren are checked too
@@ -386,9 +386,16 @@ def _read_child_reports(report_dir: str) -> list[ChildReport]:
 # -- the command -------------------------------------------------------------------------------------
 def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None) -> int:
     """Run ``path`` with ``args`` on the fake backend; print reports to ``out``; return the exit code."""
-    from ._backends.fake._session import checker_session
+    from ._checker_scope import checker_session
 
     out = out or sys.stdout
+    if os.path.isdir(path):
+        print(
+            f"streamkit check: script: {path!r} is a directory; expected a Python script file"
+            " (python -m streamkit check path/to/script.py [args...])",
+            file=out,
+        )
+        return 2
     if not os.path.isfile(path):
         print(f"streamkit check: no such script: {path}", file=out)
         return 2
@@ -401,6 +408,26 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
     owner = os.getpid()
     undo = _install_spawn_hook(report_dir)
     _install_fork_hook()
+    real_exit = os._exit
+
+    def exit_now(status: int) -> Any:
+        """``os._exit`` while the script runs: it would end the process before the report is
+        printed, so in the checker's own process the report comes first, and the exit status is
+        the checker's (1 if there was a race). Forked children exit as they asked."""
+        if os.getpid() != owner or _run["session"] is None:
+            real_exit(status)
+        code = 1
+        try:
+            if status:
+                print(f"streamkit check: {path} exited with status {status} (os._exit)", file=out)
+            code = _report(path, _run["session"], _read_child_reports(report_dir), bool(status), out)
+            shutil.rmtree(report_dir, ignore_errors=True)
+            for stream in (out, sys.stdout, sys.stderr):
+                stream.flush()
+        finally:
+            real_exit(code)
+
+    os._exit = exit_now
     try:
         with checker_session(_on_race) as s:
             _run.update(dir=report_dir, session=s, log=None)
@@ -419,12 +446,19 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
             return code
         children = _read_child_reports(report_dir)
     finally:
+        os._exit = real_exit
         undo()
         if os.getpid() == owner:
             shutil.rmtree(report_dir, ignore_errors=True)
         sys.argv = saved_argv
         if sys.path and sys.path[0] == script_dir:
             del sys.path[0]
+    return _report(path, s, children, failed, out)
+
+
+def _report(path: str, s: Any, children: list[ChildReport], failed: bool, out: TextIO) -> int:
+    """Print the races of the checker's session ``s`` and of ``children``, and the summary; the
+    exit code: 1 if there was any race, 2 if the script failed, 0 otherwise."""
     races = [(None, str(race)) for race in s.races]
     races += [(child.label, text) for child in children for text in child.races]
     for i, (label, text) in enumerate(races, 1):
@@ -459,7 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="run a script inside a fake session and report every race (exit 1 if any)")
-    check.add_argument("script", help="the Python script to run, unmodified")
+    # (optional for argparse, so that a missing script is reported as such, not as "script, args")
+    check.add_argument("script", nargs="?", help="the Python script to run, unmodified")
     check.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
     conformance = sub.add_parser(
         "conformance",
@@ -475,4 +510,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .conformance import run
 
         return run(ns.backend, verbose=ns.verbose)
+    if ns.script is None:
+        check.error("the following argument is required: script (python -m streamkit check SCRIPT [ARGS...])")
     return check_script(ns.script, ns.args)

@@ -139,11 +139,11 @@ def _shrunk(pyfuncitem: Any, testargs: dict, entry: tuple, detect: str, token: s
 
     def body() -> None:
         if "fake_session" in testargs:
-            testargs["fake_session"] = fake_backend.session  # (the run's own session, opened by _run)
+            testargs["fake_session"] = fake_backend.session  # (the run's own session, opened by run_schedule)
         pyfuncitem.obj(**testargs)
 
     schedule, seed, depth, target = entry
-    failure = explore._run(body, schedule, seed, detect, depth, target)
+    failure = explore.run_schedule(body, schedule, seed, detect, depth, target)
     if failure.error is None:  # (didn't fail again: the body depends on more than the schedule)
         return token, ""
     explore._shrink(body, failure, explore.Run("eager", 0), detect, explore.SHRINK_RUNS)

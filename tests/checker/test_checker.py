@@ -16,7 +16,7 @@ import torch
 
 import streamkit as sk
 from streamkit import fake
-from streamkit._backends.fake._session import CheckedBlock, checker_session
+from streamkit._checker_scope import CheckedBlock, checker_session
 from streamkit.check import _last_line, check_script
 
 from _support import REPO, child_env, free_port, marker_line

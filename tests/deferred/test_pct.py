@@ -58,8 +58,8 @@ def test_pct_runs_the_highest_priority_stream_so_depth_one_never_interleaves():
         with fake.session(detect="record", schedule="pct", seed=seed, depth=1) as s:
             x = torch.zeros(4, device=sk.device())
             x.add_(1.0)
-            pending = s._scheduler.pending
-            host, stream0 = s._scheduler.priority[-1], s._scheduler.priority.get(0)
+            pending = s.scheduler.pending
+            host, stream0 = s.scheduler.priority[-1], s.scheduler.priority.get(0)
         assert stream0 is not None  # (drawn at the first issue, when its kernel was ready)
         orders.add(stream0 > host)
         assert pending == 0 if stream0 > host else pending == 2

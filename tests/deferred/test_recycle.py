@@ -64,10 +64,10 @@ def test_a_block_ordered_before_the_reuse_is_shared_and_poisoned_at_reuse():
                 total = x.sum()  # queued (lazy): it must run before the reuse poisons the memory
             x.record_stream(side)
             sk.current_stream().wait_stream(side)
-            ptr = x._inner.untyped_storage().data_ptr()
+            ptr = x.sk_inner.untyped_storage().data_ptr()
             del x
             y = torch.empty(N, device=sk.device())
-            assert y._inner.untyped_storage().data_ptr() == ptr  # the same memory
+            assert y.sk_inner.untyped_storage().data_ptr() == ptr  # the same memory
             assert y.cpu().isnan().all()  # poisoned at reuse
             assert total.item() == float(N)  # the old owner's read ran first
 
@@ -77,5 +77,5 @@ def test_eager_recycling_keeps_fresh_memory():
         x = torch.full((N,), 1.0, device=sk.device())
         del x
         y = torch.empty(N, device=sk.device())
-        assert y._st.prior  # the allocator handed over the block's history
-        assert getattr(y._st, "mem", None) is None  # and no memory: eager has nothing queued to reach it
+        assert y.sk_state.prior  # the allocator handed over the block's history
+        assert getattr(y.sk_state, "mem", None) is None  # and no memory: eager has nothing queued to reach it

@@ -142,7 +142,7 @@ def test_shrinking_stops_at_its_bound_and_shrink_false_keeps_every_deviation(mon
 def ran_order(token, fn):
     with fake.session(detect="record", schedule=token) as s:
         values = fn()
-    return values, [(k.stream.idx, k.seq) for k in s._scheduler.ran]
+    return values, [(k.stream.idx, k.seq) for k in s.scheduler.ran]
 
 
 def test_tokens_round_trip_and_replay_bit_for_bit():

@@ -22,7 +22,6 @@ import torch.distributed as dist
 
 import streamkit as sk
 from streamkit import fake
-from streamkit._backends.fake._report import stream_description
 
 N = 4
 COLLECTIVES = ("all_reduce", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "all_to_all_single")
@@ -216,7 +215,7 @@ def host_work(rank, world):
 def _describe(access, names):
     name = next((label for label, stream in names.items() if stream == access.stream), None)
     if name is None:
-        name = stream_description(access.stream_state)[0]
+        name = access.stream_label
     return {"op": access.op, "kind": access.kind, "stream": name, "lineno": access.lineno}
 
 

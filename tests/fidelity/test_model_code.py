@@ -193,9 +193,9 @@ def test_copies_and_half_made_storage_states_print_nothing(fake_session, monkeyp
     x = torch.ones(4, device=fake_session.device)
     module = torch.nn.Linear(2, 2).to(fake_session.device)
     copies = [copy.deepcopy(x), copy.deepcopy(module), copy.copy(module)]
-    state_type = type(x._st)  # (private: the access table torch's generic copy used to half-copy)
+    state_type = type(x.sk_state)  # (private: the access table torch's generic copy used to half-copy)
     with pytest.raises(TypeError, match="deepcopy the tensor"):
-        copy.copy(x._st)
+        copy.copy(x.sk_state)
     half_made = state_type.__new__(state_type)
     del half_made, copies
     assert unraisable == []

@@ -122,7 +122,7 @@ def test_a_kernel_that_raised_leaves_no_access_behind():
         with sk.switch(side):
             with pytest.raises(sk.RaceError):
                 torch.cat([a, b])  # a is checked (fine), b races: the cat never runs
-        assert a._st.reads == [] or all(r[2] != side._handle.idx for r in a._st.reads)
+        assert a.sk_state.reads == [] or all(r[2] != side._handle.idx for r in a.sk_state.reads)
         del a  # no free race: side never touched a
     assert s.races[1:] == []
 

@@ -75,7 +75,7 @@ def test_the_import_walk_sees_function_level_and_relative_imports(graph):
     # guards the walker itself: these edges exist (one relative, one at function level)
     assert "streamkit._backend" in graph["streamkit._api"]
     assert "streamkit._backends.fake._tensor" in graph["streamkit._backends.fake._fastpath"]
-    assert "streamkit._backends.fake._session" in graph["streamkit.check"]
+    assert "streamkit._checker_scope" in graph["streamkit.check"]
 
 
 def test_no_module_imports_another_in_a_cycle(graph):
@@ -268,3 +268,111 @@ def test_when_no_backend_loads_the_error_lists_every_reason(registry, monkeypatc
     assert "no streamkit backend is available" in text
     assert "unplugged backend unavailable: the device is unplugged" in text
     assert "broken backend unavailable: importing no_such_module_for_streamkit failed: ModuleNotFoundError" in text
+
+
+# -- the private-attribute rule -------------------------------------------------------------------
+FAKE_PACKAGE = REPO / "streamkit" / "_backends" / "fake"
+#: modules that use the fake engine besides the backend's own (the checker's scope)
+ENGINE_USERS = (REPO / "streamkit" / "_checker_scope.py",)
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def _defined_privates(tree: ast.Module) -> set[str]:
+    """The private names a module defines: its globals, class members, attributes it assigns
+    (``obj._x = ...``) and ``__slots__`` entries."""
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+            names.add(node.attr)
+        elif isinstance(node, ast.alias) and node.asname:
+            names.add(node.asname)
+        elif isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__slots__" for t in node.targets):
+            names |= {c.value for c in ast.walk(node.value) if isinstance(c, ast.Constant) and isinstance(c.value, str)}
+    return {n for n in names if _private(n)}
+
+
+def _root(node: ast.AST) -> str | None:
+    """The name an attribute chain starts from (``torch`` in ``torch.ops.aten._to_copy``)."""
+    while isinstance(node, (ast.Attribute, ast.Subscript, ast.Call)):
+        node = node.func if isinstance(node, ast.Call) else node.value
+    return node.id if isinstance(node, ast.Name) else None
+
+
+def _external_names(tree: ast.Module) -> set[str]:
+    """Names a module binds to modules and objects outside the project (``import torch``,
+    ``from typing import Any``)."""
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names if not a.name.startswith("streamkit")}
+        elif isinstance(node, ast.ImportFrom) and not node.level and not (node.module or "").startswith("streamkit"):
+            names |= {a.asname or a.name for a in node.names}
+    return names
+
+
+def _project_trees() -> dict[str, ast.Module]:
+    return {name: ast.parse(path.read_text(), str(path)) for name, path in _modules().items()}
+
+
+def test_no_fake_module_reads_another_modules_private_attributes():
+    """The engine is called, not reached into: a fake backend module reads no private name
+    (``x._name``, ``from m import _name``) that only another project module defines. (Private
+    names of torch and the standard library, such as ``torch._C``, are out of scope: no project
+    module defines them.)"""
+    trees = _project_trees()
+    defined = {name: _defined_privates(tree) for name, tree in trees.items()}
+    paths = _modules()
+    checked = [n for n, p in paths.items() if p.parent == FAKE_PACKAGE or p in ENGINE_USERS]
+    assert len(checked) > 10, checked  # (guards the walk itself)
+    found = []
+    for name in checked:
+        own = defined[name]
+        elsewhere = set().union(*(names for other, names in defined.items() if other != name))
+        external = _external_names(trees[name])
+        package = name.split(".")[:-1] if paths[name].name != "__init__.py" else name.split(".")
+        for node in ast.walk(trees[name]):
+            if isinstance(node, ast.Attribute) and _private(node.attr):
+                if _root(node.value) in external:
+                    continue  # torch._C, sys._getframe: not the project's
+                if node.attr in elsewhere and node.attr not in own:
+                    found.append(f"{paths[name].relative_to(REPO)}:{node.lineno}: .{node.attr}")
+            elif isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("streamkit")):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                module = ".".join(base + (node.module.split(".") if node.module else []))
+                for alias in node.names:
+                    if _private(alias.name) and f"{module}.{alias.name}" not in paths:  # (a module is no attribute)
+                        found.append(f"{paths[name].relative_to(REPO)}:{node.lineno}: import {alias.name}")
+    assert found == [], "private names of other modules read:\n" + "\n".join(found)
+
+
+def test_the_private_attribute_rule_sees_a_violation(tmp_path):
+    # guards the rule itself: a module assigning a private attribute, another reading it
+    owner = ast.parse("class A:\n    def __init__(self):\n        self._secret = 1\n")
+    reader = ast.parse("def f(a):\n    return a._secret\n")
+    assert "_secret" in _defined_privates(owner) and "_secret" not in _defined_privates(reader)
+    reads = [n.attr for n in ast.walk(reader) if isinstance(n, ast.Attribute) and _private(n.attr)]
+    assert reads == ["_secret"]
+
+
+def test_no_fake_module_counts_frame_depths():
+    """Issue sites are captured at each entry point from its caller's frame (or walked from where
+    the call is served): no module counts frames through streamkit's own call chain."""
+    fake_dir = REPO / "streamkit" / "_backends" / "fake"
+    found = []
+    for path in sorted(fake_dir.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(node, ast.Call) or not node.args:
+                continue
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else ""
+            depth = node.args[0]
+            if name == "_getframe" and isinstance(depth, ast.Constant) and isinstance(depth.value, int) and depth.value > 1:
+                found.append(f"{path.name}:{node.lineno}: _getframe({depth.value})")
+    assert found == []

@@ -64,6 +64,6 @@ def test_wrappers_report_the_layout_of_their_values(fake_session):
         inner = peek(t)
         assert (t.shape, t.stride(), t.storage_offset(), t.dtype) == (inner.shape, inner.stride(), inner.storage_offset(), inner.dtype)
         size = inner.element_size()
-        assert t._lo == inner.storage_offset() * size
+        assert t.sk_lo == inner.storage_offset() * size
         extent = 1 + sum((n - 1) * st for n, st in zip(inner.shape, inner.stride())) if inner.numel() else 0
-        assert t._hi - t._lo == extent * size  # the bounding byte range of the elements
+        assert t.sk_hi - t.sk_lo == extent * size  # the bounding byte range of the elements

@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from . import _report
 from ._clocks import StreamState, merge
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _Work = None  # torch._C._distributed_c10d.Work, once dist is in use
 _original: dict[str, Any] = {}  # "wait"/"synchronize" -> the unpatched method
@@ -48,7 +51,7 @@ class _Pending:
 
     __slots__ = ("work", "session", "clock", "stash")
 
-    def __init__(self, work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
+    def __init__(self, work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
         self.work = work  # the Work itself until the first wait(), then a weak reference
         self.session = session
         self.clock = clock  # the process-group stream's clock after the collective (None: untracked)
@@ -81,7 +84,7 @@ def _value(op: Any, args: Any, kwargs: dict, index: int | None, default: Any = N
     return kwargs.get(op._schema.arguments[index].name, default)
 
 
-def _group_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamState:
+def _group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> StreamState:
     """The stream of the op's process group in ``session`` (made on first use). Call with the
     session lock held."""
     group = _value(plan.op, args, kwargs, _arguments(plan.op)[2])
@@ -98,7 +101,7 @@ def _group_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamSta
         streams = _pg_streams[session] = {}
     stream = streams.get(name)
     if stream is None:
-        stream = streams[name] = session._clocks.new_stream(0, ())
+        stream = streams[name] = session.clocks.new_stream(0, ())
         shown = desc if desc and desc != "undefined" else name
         _report.label_stream(
             stream,
@@ -129,23 +132,23 @@ def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
+def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
     """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
     Work follow the rules above."""
-    stream = session._current_stream()
+    stream = session.current_stream()
     asynchronous = is_async(plan, args, kwargs)
-    with session._lock:
+    with session.lock:
         if asynchronous:
             issuing = stream
             stream = _group_stream(session, plan, args, kwargs)
-            if session._tracked:
+            if session.tracked:
                 merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
-        kernel = session._issue(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
-        end = list(stream.clock) if asynchronous and session._tracked else None
+        kernel = session.issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
+        end = list(stream.clock) if asynchronous and session.tracked else None
     # Run outside the lock: it blocks on peers, and other threads must keep issuing.
     # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
     # issue order on every rank)
-    result = session._scheduler.run_now(kernel)
+    result = session.scheduler.run_now(kernel)
     works = _works(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
@@ -156,16 +159,16 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
     return result
 
 
-def replay(session: Any, op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
+def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
     """A captured ``async_op=False`` collective, replayed on ``stream``: issued and run now, after
     what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
     captured order, so peers agree)."""
-    with session._lock:
-        kernel = session._issue(op, call, stream, site, args, kwargs, accesses)
-    session._scheduler.run_now(kernel)
+    with session.lock:
+        kernel = session.issue(op, stream, site, accesses).bind(call, args, kwargs)
+    session.scheduler.run_now(kernel)
 
 
-def _register(work: Any, session: Any, clock: list[int] | None, stash: list) -> None:
+def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
     _install()
     _users.add(session)
     if isinstance(work, torch.ScriptObject):
@@ -205,7 +208,7 @@ def _install() -> None:
 _users: "weakref.WeakSet[Any]" = weakref.WeakSet()
 
 
-def session_ended(session: Any) -> None:
+def session_ended(session: "Engine") -> None:
     """``session`` has ended: when no open session needs them any more, put the original
     ``Work.wait``/``Work.synchronize`` back and forget the works of ended sessions."""
     global _Work
@@ -246,8 +249,8 @@ def _waited(work: Any, entry: _Pending) -> None:
         return  # another object at a reused address
     session = entry.session
     if not session.closed and entry.clock is not None:
-        with session._lock:
-            merge(session._current_stream().clock, entry.clock)
+        with session.lock:
+            merge(session.current_stream().clock, entry.clock)
     if current is work:
         key = id(work)
         entry.work = weakref.ref(work, lambda _, key=key, entry=entry: _pending.get(key) is entry and _pending.pop(key))

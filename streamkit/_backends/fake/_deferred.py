@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from ..._errors import InternalError
+
 #: the schedules ``fake.session(schedule=...)`` accepts
 SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race", "constraints")
 #: ``schedule="pct"``: the default bug depth (priority change points = depth - 1)
@@ -41,7 +43,7 @@ _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _InferenceMode = torch._C._InferenceMode
 
 
-class _AtOnce(Exception):
+class AtOnce(Exception):
     """The kernel can't be deferred."""
 
 
@@ -113,27 +115,27 @@ def _template(result: Any, metas: dict, descs: dict) -> Any:
             if result is meta:
                 shape, stride = descs[slot]
                 if tuple(result.shape) != shape or result.stride() != stride:
-                    raise _AtOnce  # a resized out= argument
+                    raise AtOnce  # a resized out= argument
                 return ("arg", slot)
         if result._is_view():
-            raise _AtOnce  # a view of an input: its memory is the input's
+            raise AtOnce  # a view of an input: its memory is the input's
         return ("fresh", tuple(result.shape), result.stride(), result.dtype)
     if type(result) is list or type(result) is tuple:
         return (type(result), tuple(_template(r, metas, descs) for r in result))
     if result is None:
         return None
-    raise _AtOnce  # a host value (a scalar): the host needs it now
+    raise AtOnce  # a host value (a scalar): the host needs it now
 
 
 def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
     """``(template, tensors)``: the outputs' layout from a meta evaluation, cached by the arguments'
-    metadata; raises ``_AtOnce`` when the kernel can't be deferred."""
+    metadata; raises ``AtOnce`` when the kernel can't be deferred."""
     slots: dict = {}
     tensors: list = []
     try:
         key = (call, _describe(tuple(args), slots, tensors), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
     except TypeError:
-        raise _AtOnce from None
+        raise AtOnce from None
     template = _meta_cache.get(key)
     if template is None:
         metas: dict = {}
@@ -152,11 +154,11 @@ def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
             _meta_cache.clear()  # (programs with ever-new shapes: start over rather than grow)
         _meta_cache[key] = template
     if template is False:
-        raise _AtOnce
+        raise AtOnce
     return template, tensors
 
 
-def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
+def placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
     if template is None:
         return None
     tag = template[0]
@@ -167,14 +169,14 @@ def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any
         out = poison(torch.empty_strided(shape, stride, dtype=dtype))
         fills.append((path, out))
         return out
-    return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
+    return tag(placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
 
 
-def _refreeze(value: Any, frozen: dict) -> Any:
+def refreeze(value: Any, frozen: dict) -> Any:
     if isinstance(value, torch.Tensor):
         return frozen.get(id(value), value)
     if type(value) is list or type(value) is tuple:
-        return type(value)(_refreeze(v, frozen) for v in value)
+        return type(value)(refreeze(v, frozen) for v in value)
     return value
 
 
@@ -237,16 +239,16 @@ class DeferredScheduler:
             return self.run_now(kernel)
         try:
             template, tensors = layout(kernel.call, kernel.args, kernel.kwargs)
-        except _AtOnce:
+        except AtOnce:
             return self.run_now(kernel)
         fills: list = []
-        result = _placeholders(template, tensors, fills, ())
+        result = placeholders(template, tensors, fills, ())
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
         # of an argument, such as unsqueeze_ or .data =, doesn't reach it)
         frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
-        kernel.args = _refreeze(kernel.args, frozen)
+        kernel.args = refreeze(kernel.args, frozen)
         if kernel.kwargs:
-            kernel.kwargs = {k: _refreeze(v, frozen) for k, v in kernel.kwargs.items()}
+            kernel.kwargs = {k: refreeze(v, frozen) for k, v in kernel.kwargs.items()}
         kernel.deps = list(kernel.stream.clock)
         kernel.fills = fills
         self.order += 1
@@ -396,23 +398,23 @@ class DeferredScheduler:
 
     def drain(self, clock: Any) -> None:
         """Run kernels until every kernel ordered by ``clock`` has run."""
-        with self.session._lock:
+        with self.session.lock:
             while self.pending and self._blocked(clock):
                 ready = self._ready()
                 if not ready:
-                    raise RuntimeError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
+                    raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
                 self._run(self._pick(ready, clock))
             if self.constraints is not None:
                 self._release()  # (what the kernels just run released)
 
     def drain_all(self) -> None:
-        with self.session._lock:
+        with self.session.lock:
             while self.pending:
                 self._run(self._pick(self._ready(), ()))
 
     def progress(self, clock: Any) -> bool:
         """``query()``: run one kernel ``clock`` waits for (if any); whether all of them have run."""
-        with self.session._lock:
+        with self.session.lock:
             if self.pending and self._blocked(clock):
                 ready = self._ready()
                 def needed(k: Any) -> bool:

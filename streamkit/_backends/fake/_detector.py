@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._clocks import StreamState, ordered_before
-from ._tracking import READ, WRITE, AccessKind, AccessRecord, Kernel, StorageState, new_record
+from ._tracking import READ, WRITE, AccessKind, AccessRecord, Kernel, new_record
+
+if TYPE_CHECKING:
+    from ._allocator import StorageState
 
 #: ``report(earlier, earlier_kind, kernel, kind, tensor, state)``: an unordered pair was found
-Report = Callable[[AccessRecord, AccessKind, Kernel, AccessKind, Any, StorageState], None]
+Report = Callable[[AccessRecord, AccessKind, Kernel, AccessKind, Any, "StorageState"], None]
 
 
 class Detector:
@@ -29,25 +32,25 @@ class Detector:
         """Check and record every ``(tensor, READ | WRITE)`` access of ``kernel``.
 
         An earlier access ``r`` is ordered before this kernel if it is on the same stream (FIFO),
-        or the stream's clock or the host's clock covers it. (Everything is inline: this runs for
-        every tensor argument of every kernel.)
+        or the stream's clock or the host's clock covers it (:func:`._clocks.ordered_before`, asked
+        only when the streams differ). (The rest is inline: this runs for every tensor argument of
+        every kernel.)
         """
         clock = stream.clock
-        n = len(clock)
         host = self.host
         idx = stream.idx
         seq = kernel.seq
         for tensor, kind in accesses:
-            lo = tensor._lo
-            hi = tensor._hi
+            lo = tensor.sk_lo
+            hi = tensor.sk_hi
             if hi <= lo:
                 continue
-            state = tensor._st
+            state = tensor.sk_state
             writes = state.writes
             for r in writes:
                 if r.start < hi and lo < r.end:
                     i = r.stream
-                    if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                    if i != idx and not ordered_before(i, r.seq, clock) and not ordered_before(i, r.seq, host):
                         self.report(r, WRITE, kernel, kind, tensor, state)
             reads = state.reads
             record = new_record((lo, hi, idx, seq, kernel))
@@ -55,7 +58,7 @@ class Detector:
                 for r in reads:
                     if r.start < hi and lo < r.end:
                         i = r.stream
-                        if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                        if i != idx and not ordered_before(i, r.seq, clock) and not ordered_before(i, r.seq, host):
                             self.report(r, READ, kernel, WRITE, tensor, state)
                 if lo == 0 and hi == state.nbytes:  # the whole storage: every earlier access is covered
                     if len(writes) == 1:
@@ -74,7 +77,7 @@ class Detector:
                 state.reads = [record]
             elif len(reads) == 1:
                 r = reads[0]
-                if r.start >= lo and r.end <= hi and (r.stream == idx or (r.stream < n and clock[r.stream] >= r.seq)):
+                if r.start >= lo and r.end <= hi and (r.stream == idx or ordered_before(r.stream, r.seq, clock)):
                     reads[0] = record  # the steady state: the same reader again
                 else:
                     reads.append(record)

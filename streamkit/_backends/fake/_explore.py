@@ -26,7 +26,7 @@ from ._report import Race
 from ._session import session
 from ._tensor import FakeDeviceTensor
 from ._tokens import (  # noqa: F401  (TOKEN_FORMAT, Token, parse_token, read_token: the public token API)
-    TOKEN_FORMAT, Constraints, KernelId, ReplayFallbackWarning, Token, _encode, _Namer, explanation, fingerprint, parse_token,
+    TOKEN_FORMAT, Constraints, KernelId, ReplayFallbackWarning, Token, encode_constraints, Namer, explanation, fingerprint, parse_token,
     read_token,
 )
 
@@ -81,7 +81,7 @@ class Run:
         short = self.short_token
         if self.fingerprint is None and not self.constraints:
             return short
-        return f"{short}/{self.fingerprint or '-'}" + (f"/{_encode(self.constraints)}" if self.constraints else "")
+        return f"{short}/{self.fingerprint or '-'}" + (f"/{encode_constraints(self.constraints)}" if self.constraints else "")
 
     def __repr__(self) -> str:
         outcome = "ok" if self.ok else (f"raised {self.error!r}" if self.error is not None else "wrong values")
@@ -133,7 +133,7 @@ class Exploration:
 def _to_host(value: Any) -> Any:
     """The host copy of returned values: fake tensors read once the device is idle."""
     if isinstance(value, FakeDeviceTensor):
-        return value._inner.clone()  # (after the session drained: the device's final memory)
+        return value.sk_inner.clone()  # (after the session drained: the device's final memory)
     if isinstance(value, torch.Tensor):
         return value.detach().clone()
     if isinstance(value, list):
@@ -166,7 +166,7 @@ def same_values(a: Any, b: Any) -> bool:
     return bool(a == b)
 
 
-def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH, target: Any = None) -> Run:
+def run_schedule(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH, target: Any = None) -> Run:
     run = Run(schedule, seed, depth, None if schedule == "constraints" else target)
     try:
         with session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
@@ -174,7 +174,7 @@ def _run(fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: in
                 values = fn()
             finally:
                 run.races = s.races
-                scheduler = s._scheduler
+                scheduler = s.scheduler
                 if not scheduler.runs_at_issue and scheduler.trace is not None:
                     run._trace = (scheduler.trace, scheduler.ran)
         run.values = _to_host(values)  # (the session drained at exit)
@@ -192,7 +192,7 @@ def _identify(run: Run) -> list[KernelId] | None:
     """The run's kernels named in issue order; None if it wasn't recorded (eager, or too long)."""
     if not run._trace:
         return None
-    namer = _Namer()
+    namer = Namer()
     return [namer(k) for k in run._trace[0]]
 
 
@@ -276,7 +276,7 @@ def _shrink(fn: Callable[[], Any], failure: Run, reference: Run, detect: str, bu
             if failure.shrink_runs >= budget:
                 return False
             failure.shrink_runs += 1
-            cache[key] = _failed(_run(fn, "constraints", 0, detect, target=Constraints([pairs[i] for i in key])), reference)
+            cache[key] = _failed(run_schedule(fn, "constraints", 0, detect, target=Constraints([pairs[i] for i in key])), reference)
         return cache[key]
 
     if not pairs or not fails(list(range(len(pairs)))):
@@ -344,7 +344,7 @@ def explore(
     if type(shrink) is not bool and (type(shrink) is not int or shrink < 0):
         raise ValueError(f"explore(shrink): expected True, False or a number of runs >= 0, got {shrink!r}")
     budget = SHRINK_RUNS if shrink is True else int(shrink)
-    reference = _run(fn, "eager", 0, detect)
+    reference = run_schedule(fn, "eager", 0, detect)
     if reference.error is not None:
         raise reference.error
     runs: list[Run] = []
@@ -352,7 +352,7 @@ def explore(
     runs_planned = directed(reference.races)[:schedules]
     runs_planned += plan(schedules - len(runs_planned), seed)
     for name, s, depth, target in runs_planned:
-        run = _run(fn, name, s, detect, depth, target)
+        run = run_schedule(fn, name, s, detect, depth, target)
         if run.error is None:
             run.ok = same_values(reference.values, run.values)
         runs.append(run)
@@ -374,10 +374,10 @@ def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
     (``replayed_by == "constraints"``), with a :class:`ReplayFallbackWarning`; a ``"constraints/..."``
     token runs that form directly."""
     t = read_token(token)
-    reference = _run(fn, "eager", 0, detect)
+    reference = run_schedule(fn, "eager", 0, detect)
     by = "constraints" if t.schedule == "constraints" else "schedule"
     if by == "schedule":
-        run = _run(fn, t.schedule, t.seed, detect, t.depth, t.target)
+        run = run_schedule(fn, t.schedule, t.seed, detect, t.depth, t.target)
         ids = _identify(run)
         if t.fingerprint is not None and ids is not None:
             now = fingerprint(ids)
@@ -396,7 +396,7 @@ def replay(fn: Callable[[], Any], token: str, detect: str = "record") -> Run:
                 )
     if by == "constraints":
         rule = Constraints(t.constraints)
-        run = _run(fn, "constraints", 0, detect, target=rule)
+        run = run_schedule(fn, "constraints", 0, detect, target=rule)
         lost = rule.unmatched()
         if lost:
             warnings.warn(

@@ -19,13 +19,17 @@ from __future__ import annotations
 import sys
 import threading
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from . import _active, _tensor
+from . import _tensor
+from ._fake_backend import BACKEND
 from ._sites import capture_site
 from ._tracking import READ as _READ_KIND
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _SCALARS = (int, float, bool)
 _T = torch.Tensor
@@ -117,7 +121,7 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
     if plan.returns_self and out is args[0] and positions and positions[0] == 0 and not lists:
         return FastPlan(plan.op, tuple(tensors), True, plan.host_sync)
     if plan.outputs == [("fresh", None)] and type(out) is _FAKE:
-        if all(out._st is not t._st for t in inputs):
+        if all(out.sk_state is not t.sk_state for t in inputs):
             return FastPlan(plan.op, tuple(tensors), False, plan.host_sync, tuple(lists))
     return None
 
@@ -190,13 +194,13 @@ def _method(func: Any) -> Any:
             return _disabled(func, _TYPES, args, kwargs)
         if fast is _learning_lock:
             return _learn(func, _TYPES, args, kwargs, key)
-        session = _active.current or _active.get()
+        session = BACKEND.current or BACKEND.get()
         pair = fast.pair
         if pair is not None and n == 2:
             a, b = args
-            if a._st.session is not session or b._st.session is not session:
+            if a.sk_state.session is not session or b.sk_state.session is not session:
                 return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
-            inner = [a._inner, b._inner]
+            inner = [a.sk_inner, b.sk_inner]
             accesses = [(a, pair[0]), (b, pair[1])]
         else:
             inner, accesses = _unwrap_general(fast, args, session)
@@ -207,8 +211,8 @@ def _method(func: Any) -> Any:
             # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
             return _disabled(func, _TYPES, args, kwargs)
         # (from __torch_function__, frame 1 is streamkit's: the walk skips it)
-        site = capture_site(_getframe(1)) if session._tracked else None
-        kernel, result = session._launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync)
+        site = capture_site(_getframe(1)) if session.tracked else None
+        kernel, result = session.launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync)
         if fast.returns_self:
             return args[0]
         for p, _ in fast.tensors:
@@ -221,24 +225,24 @@ def _method(func: Any) -> Any:
     return method
 
 
-def _unwrap_general(fast: FastPlan, args: tuple, session: Any) -> tuple[Any, Any]:
+def _unwrap_general(fast: FastPlan, args: tuple, session: "Engine") -> tuple[Any, Any]:
     """``(inner arguments, accesses)`` for any learned plan; ``(None, None)`` when an argument
     belongs elsewhere (another session, a CPU tensor in a list) and dispatch must handle the call."""
     inner = list(args)
     accesses = []
     for p, kind in fast.tensors:
         t = args[p]
-        if t._st.session is not session:
+        if t.sk_state.session is not session:
             return None, None
-        inner[p] = t._inner
+        inner[p] = t.sk_inner
         if kind:
             accesses.append((t, kind))
     for p, kind in fast.lists:
         items = args[p]
         for t in items:
-            if type(t) is not _FAKE or t._st.session is not session:
+            if type(t) is not _FAKE or t.sk_state.session is not session:
                 return None, None
-        inner[p] = [t._inner for t in items]
+        inner[p] = [t.sk_inner for t in items]
         if kind:
             accesses += [(t, kind) for t in items]
     return inner, accesses
@@ -260,15 +264,15 @@ _clone = torch.Tensor.clone  # what aten._to_copy does for a same-device copy, a
 def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) -> torch.Tensor:
     """``Tensor.cpu()``: a blocking D2H copy on the current stream, as the dispatch path issues it
     (same op, same read, same host sync), minus the dispatch round trip."""
-    session = _active.current or _active.get()
+    session = BACKEND.current or BACKEND.get()
     if (
         type(self) is not _FAKE or _mode_enabled() or not _function_enabled()
-        or self._st.session is not session or (_grad_enabled() and _any_requires_grad(self))
+        or self.sk_state.session is not session or (_grad_enabled() and _any_requires_grad(self))
     ):
         return _tensor_cpu(self, memory_format=memory_format)
-    site = capture_site(_getframe(1)) if session._tracked else None
+    site = capture_site(_getframe(1)) if session.tracked else None
     kwargs = {"memory_format": memory_format}
-    _, result = session._launch(_to_copy, _clone, None, site, [self._inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
+    _, result = session.launch(_to_copy, _clone, None, site, [self.sk_inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
     return result
 
 

@@ -8,7 +8,7 @@ layout from the cached meta evaluation (:func:`~._deferred.layout`), and its fre
 poisoned placeholders (memory of the graph's private pool) that every replay fills. Nothing a
 captured kernel touches is recorded in the access tables at capture: it hasn't run.
 
-Replay issues each captured kernel through ``Session._launch`` on one *replay stream* per captured
+Replay issues each captured kernel through ``Session.launch`` on one *replay stream* per captured
 stream (made once per graph), so the detector checks every replay as ordinary work and a deferred
 schedule queues it like any kernel. The replay streams start after all work issued to the replay's
 stream before ``replay()`` and after the previous replay of the graph (``cudaGraphLaunch``: "each
@@ -20,20 +20,22 @@ waits for all of them.
 from __future__ import annotations
 
 import functools
-import sys
 import weakref
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
 from ..._errors import GraphCaptureError, GraphError, SessionClosedError
 from . import _collectives, _handles
 from ._clocks import StreamState, merge
-from ._deferred import _AtOnce, _placeholders, _refreeze, layout, poison
+from ._deferred import AtOnce, placeholders, refreeze, layout, poison
 from ._report import label_stream, stream_description
-from ._sites import capture_site, short_location, user_stack
-from ._tracking import WRITE, Kernel
+from ._sites import capture_site, short_location, site_here, user_stack
+from ._tracking import WRITE, Kernel, MemoryRange
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _InferenceMode = torch._C._InferenceMode
@@ -104,22 +106,13 @@ class CapturedKernel(Kernel):
     __slots__ = ("record",)
 
 
-class _Access:
-    """An access at replay, as the detector and the reporter see it."""
-
-    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
-
-    def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
-        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
-
-
 class FakeGraph:
     """A fake graph (what ``sk.Graph()`` holds on fake): the captured nodes, the private pool (the
     StorageStates of memory allocated by captured work, kept alive with the graph), and the replay
     streams. Nodes: ``("kernel", record)``, ``("mark", role, id)`` (an event recorded in the capture),
     ``("wait", role, id)`` (a wait on it), ``("join", role, source_role)`` (``wait_stream``)."""
 
-    def __init__(self, session: Any, site: Any) -> None:
+    def __init__(self, session: "Engine", site: Any) -> None:
         self.session = session
         self.site = site
         self.nodes: list = []
@@ -134,7 +127,7 @@ class FakeGraph:
         return f"<fake graph {state}>"
 
     # -- replay ------------------------------------------------------------------------------
-    def _replay_streams(self, session: Any) -> list[StreamState]:
+    def _replay_streams(self, session: "Engine") -> list[StreamState]:
         where = user_stack(self.site)
         location = short_location(where[-1] if where else None)
         while len(self.streams) < self.roles:
@@ -145,14 +138,14 @@ class FakeGraph:
             self.streams.append(state)
         return self.streams
 
-    def replay(self, session: Any, stream: StreamState, site: Any) -> None:
+    def replay(self, session: "Engine", stream: StreamState, site: Any) -> None:
         if session is not self.session:
             raise SessionClosedError(
                 f"this graph was captured in another fake session ({self.session!r}); capture it again in this one"
             )
         if not self.captured:
             raise GraphError("Graph.replay() without a preceding successful capture: capture it with `with sk.graph(g):` first")
-        if session._capture is not None:
+        if session.capture is not None:
             raise GraphCaptureError(
                 "Graph.replay() while a capture is underway: the fake device doesn't capture replays into another graph;"
                 " replay it before or after the capture"
@@ -163,7 +156,7 @@ class FakeGraph:
         on = stream_description(stream)[1]
         for label, state in zip(self.labels, streams):
             label_stream(state, label, on, "graph")
-        with session._lock:
+        with session.lock:
             start = list(stream.clock)
             for s in streams:
                 merge(start, s.clock)  # after the previous replay of this graph
@@ -176,23 +169,23 @@ class FakeGraph:
                 record = node[1]
                 accesses = []
                 for ref, lo, hi, shape, dtype, access in record.touches:
-                    accesses.append((_Access(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
-                session._launch(
+                    accesses.append((MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
+                session.launch(
                     record.op, record.runner, streams[record.role], site, [_MARK, *record.args], record.kwargs, accesses
                 )
             elif kind == "collective":
                 record = node[1]
                 accesses = [
-                    (_Access(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
+                    (MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
                     for ref, lo, hi, shape, dtype, access in record.touches
                 ]
                 _collectives.replay(session, record.op, record.runner, streams[record.role], site, record.args, record.kwargs, accesses)
             elif kind == "mark":
                 marks[node[2]] = list(streams[node[1]].clock)
             else:
-                with session._lock:
+                with session.lock:
                     merge(streams[node[1]].clock, marks[node[2]] if kind == "wait" else streams[node[2]].clock)
-        with session._lock:
+        with session.lock:
             for s in streams:
                 merge(stream.clock, s.clock)  # later work on the replay's stream waits for the whole graph
 
@@ -231,11 +224,11 @@ def _where(site: Any) -> str:
 
 
 class Capture:
-    """A capture underway (``session._capture``). ``roles``: captured streams -> role (0: the capture
+    """A capture underway (``session.capture``). ``roles``: captured streams -> role (0: the capture
     stream); ``vc[role]``: a vector clock over roles in captured operations, for the join check at
     the end; ``events``: events recorded in the capture -> (mark id, clock)."""
 
-    def __init__(self, session: Any, graph: FakeGraph, stream: StreamState, site: Any) -> None:
+    def __init__(self, session: "Engine", graph: FakeGraph, stream: StreamState, site: Any) -> None:
         self.session = session
         self.graph = graph
         self.site = site
@@ -310,13 +303,13 @@ class Capture:
             )
         try:
             template, tensors = layout(call, args, kwargs)
-        except _AtOnce:
+        except AtOnce:
             self._fail(
                 f"{op} at {_where(site)} can't be captured on the fake device: its outputs' layout isn't known without"
                 " running it (no meta kernel, an output that is a view of an input, or a host value)"
             )
         fills: list = []
-        result = _placeholders(template, tensors, fills, ())  # poisoned memory of the graph's pool
+        result = placeholders(template, tensors, fills, ())  # poisoned memory of the graph's pool
         record = self._record("kernel", op, role, _Runner(call, fills), args, kwargs, tensors, accesses, site)
         kernel = CapturedKernel(op, stream, 0, site)
         kernel.record = record
@@ -330,7 +323,7 @@ class Capture:
         replays its graph's collectives in the captured order. Nothing runs on the captured memory
         at capture; the value handed back (the op's ``Work``) comes from the same collective run on
         scratch copies, so every rank still takes part in it at capture, in issue order."""
-        role = self._role(plan.op, self.session._current_stream())
+        role = self._role(plan.op, self.session.current_stream())
         if role is None:
             return None
         if _collectives.is_async(plan, args, kwargs):
@@ -344,7 +337,7 @@ class Capture:
         scratch = {id(t): t.clone() for t in tensors}
         with _NoTorchFunction():
             return _collectives.run_and_wait(
-                plan.call, *_refreeze(list(new_args), scratch), **{k: _refreeze(v, scratch) for k, v in new_kwargs.items()}
+                plan.call, *refreeze(list(new_args), scratch), **{k: refreeze(v, scratch) for k, v in new_kwargs.items()}
             )
 
     def _record(
@@ -354,11 +347,11 @@ class Capture:
         must see them) and the memory it touches."""
         frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
         touches = [
-            (weakref.ref(t._st), t._lo, t._hi, tuple(t.shape), t.dtype, how) for t, how in accesses if t._hi > t._lo
+            (weakref.ref(t.sk_state), t.sk_lo, t.sk_hi, tuple(t.shape), t.dtype, how) for t, how in accesses if t.sk_hi > t.sk_lo
         ]
         record = _Record(
-            op, role, runner, _refreeze(list(args), frozen),
-            {k: _refreeze(v, frozen) for k, v in kwargs.items()} if kwargs else {}, site, touches,
+            op, role, runner, refreeze(list(args), frozen),
+            {k: refreeze(v, frozen) for k, v in kwargs.items()} if kwargs else {}, site, touches,
         )
         self.nodes.append((kind, record))
         self.vc[role][role] += 1
@@ -367,13 +360,13 @@ class Capture:
     def adopt(self, tensor: Any, kernel: Any) -> None:
         """A tensor allocated on a captured stream: memory of the graph's pool, kept with the graph;
         written at each replay by ``kernel`` (None: an allocation, garbage until written)."""
-        state = tensor._st
+        state = tensor.sk_state
         self.pool.append(state)
         if kernel is None:
-            poison(tensor._inner)
-        elif type(kernel) is CapturedKernel and tensor._hi > tensor._lo:
+            poison(tensor.sk_inner)
+        elif type(kernel) is CapturedKernel and tensor.sk_hi > tensor.sk_lo:
             kernel.record.touches.append(
-                (weakref.ref(state), tensor._lo, tensor._hi, tuple(tensor.shape), tensor.dtype, WRITE)
+                (weakref.ref(state), tensor.sk_lo, tensor.sk_hi, tuple(tensor.shape), tensor.dtype, WRITE)
             )
 
     def record(self, event: Any, stream: StreamState) -> bool:
@@ -481,18 +474,18 @@ def _code_name(stream: StreamState) -> str:
     return stream_description(stream)[1]
 
 
-def _capture_stream(session: Any) -> Any:
+def _capture_stream(session: "Engine") -> Any:
     """``sk.graph``'s own side stream in ``session`` (``torch.cuda.graph.default_capture_stream``)."""
-    handle = getattr(session, "_graph_stream", None)
+    handle = getattr(session, "graph_stream", None)
     if handle is None or handle.home is not session:
         handle = _handles.new_stream(session, 0, ())
         label_stream(handle.state, "sk.graph's capture stream", "<sk.graph's capture stream>", "graph")
-        session._graph_stream = handle
+        session.graph_stream = handle
     return handle
 
 
 @contextmanager
-def capture(session: Any, graph: FakeGraph, stream: Any, pool: Any, site: Any) -> Iterator[None]:
+def capture(session: "Engine", graph: FakeGraph, stream: Any, pool: Any, site: Any) -> Iterator[None]:
     """``with sk.graph(g, stream, pool)`` on fake (see :class:`streamkit.graph`)."""
     if not isinstance(graph, FakeGraph):
         raise TypeError(f"graph capture: expected a fake graph, got {type(graph).__name__}")
@@ -504,12 +497,12 @@ def capture(session: Any, graph: FakeGraph, stream: Any, pool: Any, site: Any) -
         raise GraphError(
             "This graph already owns a captured graph. To capture a new graph, create a new sk.Graph() (or call reset())"
         )
-    if session._capture is not None:
+    if session.capture is not None:
         raise GraphCaptureError(
             "a graph capture is already underway in this fake session; capture one graph at a time"
             " (torch.cuda.graph documents the same restriction)"
         )
-    session._host_sync_all()  # torch.cuda.graph.__enter__ synchronizes the device first
+    session.host_sync_all()  # torch.cuda.graph.__enter__ synchronizes the device first
     if stream is None:
         stream = _capture_stream(session)
     state = _handles.resolve(stream, session)
@@ -519,24 +512,24 @@ def capture(session: Any, graph: FakeGraph, stream: Any, pool: Any, site: Any) -
             " the default stream.) Pass stream=sk.Stream() or leave stream=None (sk.graph's own side stream)"
         )
     current = Capture(session, graph, state, site)
-    session._capture = current
-    context = session._stream_context(state)
+    session.capture = current
+    context = session.stream_context(state)
     context.__enter__()
     try:
         yield
     except BaseException:
-        session._capture = None  # the capture is abandoned: the graph stays empty
+        session.capture = None  # the capture is abandoned: the graph stays empty
         raise
     else:
-        session._capture = None
+        session.capture = None
         current.finish()
     finally:
         context.__exit__(None, None, None)
 
 
-def new_graph(session: Any) -> FakeGraph:
-    return FakeGraph(session, capture_site(sys._getframe(3)))
+def new_graph(session: "Engine") -> FakeGraph:
+    return FakeGraph(session, site_here())
 
 
-def replay(session: Any, graph: FakeGraph, stream: StreamState) -> None:
-    graph.replay(session, stream, capture_site(sys._getframe(3)) if session._tracked else None)
+def replay(session: "Engine", graph: FakeGraph, stream: StreamState) -> None:
+    graph.replay(session, stream, site_here() if session.tracked else None)

@@ -17,11 +17,13 @@ Nothing ever runs silently on another stream.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..._errors import SessionClosedError
-from . import _active
 from ._clocks import EventState, StreamState
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 
 class FakeStream:
@@ -35,11 +37,11 @@ class FakeStream:
         self.site = site
         self.home = home
         self.home_state: StreamState | None = None
-        self.session: Any = None
+        self.session: "Engine | None" = None
         self.state: Any = None
 
-    def _new_state(self, session: Any) -> StreamState:
-        return session._clocks.new_stream(self.priority, self.site, self)
+    def _new_state(self, session: "Engine") -> StreamState:
+        return session.clocks.new_stream(self.priority, self.site, self)
 
     def __repr__(self) -> str:
         if self is DEFAULT_STREAM:
@@ -57,10 +59,10 @@ class FakeEvent:
         self.recorded = False  # in any session (a wait in a session where it was not is still a no-op)
         self.home = home
         self.home_state: EventState | None = None
-        self.session: Any = None
+        self.session: "Engine | None" = None
         self.state: Any = None
 
-    def _new_state(self, session: Any) -> EventState:
+    def _new_state(self, session: "Engine") -> EventState:
         return EventState(self.enable_timing)
 
     def __repr__(self) -> str:
@@ -71,44 +73,44 @@ class FakeEvent:
 DEFAULT_STREAM = FakeStream(0, (), None)
 
 
-def new_stream(session: Any, priority: int, site: Any) -> FakeStream:
+def new_stream(session: "Engine", priority: int, site: Any) -> FakeStream:
     handle = FakeStream(priority, site, session)
-    with session._lock:
+    with session.lock:
         handle.home_state = handle.state = handle._new_state(session)
     handle.session = session
     return handle
 
 
-def new_event(session: Any, enable_timing: bool) -> FakeEvent:
+def new_event(session: "Engine", enable_timing: bool) -> FakeEvent:
     handle = FakeEvent(enable_timing, session)
     handle.home_state = handle.state = handle._new_state(session)
     handle.session = session
     return handle
 
 
-def resolve(handle: Any, session: Any) -> Any:
+def resolve(handle: Any, session: "Engine") -> Any:
     """``handle``'s state in ``session`` (the active session), binding it on first use there."""
     if handle.session is session:
         return handle.state
     return _bind(handle, session)
 
 
-def _bind(handle: Any, session: Any) -> Any:
+def _bind(handle: Any, session: "Engine") -> Any:
     if handle is DEFAULT_STREAM:
-        state = session._default_stream
+        state = session.default_stream
     elif handle.home is session:
         state = handle.home_state
-    elif session is not _active.explicit():
+    elif session is not session.backend.explicit():
         # The process-wide default session is active and the handle is of an explicit session,
         # which has ended: refuse rather than run its work on a stream of the default session.
         kind = "stream" if type(handle) is FakeStream else "event"
         raise SessionClosedError(
             f"this {kind} was created in a fake session that has ended ({handle.home!r}) and no fake.session() is"
-            f" open now; use it inside a new fake.session() (it then works as a {kind} of that session)"
+            f" open now; use it inside a new fake.session() (it then works as {'a stream' if kind == 'stream' else 'an event'} of that session)"
             f" or create a new streamkit.{kind.capitalize()}()"
         )
     else:
-        with session._lock:
+        with session.lock:
             if handle.session is session:
                 return handle.state
             state = handle._new_state(session)

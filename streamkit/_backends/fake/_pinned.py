@@ -13,12 +13,17 @@ clock: a host read before the host synchronized with a copy that writes it is a 
 from __future__ import annotations
 
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ._report import RaceError
+from ..._errors import RaceError
+from ._clocks import ordered_before
 from ._sites import capture_site
+from ._tracking import AccessKind
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 _T = torch.Tensor
 DEVICE_TYPE = "fake"
@@ -118,11 +123,11 @@ def _unfinished(entries: Any) -> list:
     """The copies the host has not synchronized with (tracked, in an open session)."""
     left = []
     for session, kernel in entries:
-        if session.closed or not session._tracked or session.detect == "off":
+        if session.closed or not session.tracked or session.detect == "off":
             continue  # (a deferred schedule keeps clocks with detect="off": still nothing to report)
-        host = session._clocks.host
+        host = session.clocks.host
         idx = kernel.stream.idx
-        if idx < len(host) and host[idx] >= kernel.seq:
+        if ordered_before(idx, kernel.seq, host):
             continue
         left.append((session, kernel))
     return left
@@ -133,17 +138,17 @@ def _check(tensor: PinnedHostTensor, write: bool, func: Any, frame: Any) -> None
     conflicts = []
     if tensor._sk_writers:
         tensor._sk_writers = _unfinished(tensor._sk_writers)
-        conflicts += [(entry, "write") for entry in tensor._sk_writers]
+        conflicts += [(entry, AccessKind.WRITE) for entry in tensor._sk_writers]
     if write and tensor._sk_readers:
         tensor._sk_readers = _unfinished(tensor._sk_readers)
-        conflicts += [(entry, "read") for entry in tensor._sk_readers]
+        conflicts += [(entry, AccessKind.READ) for entry in tensor._sk_readers]
     if not conflicts:
         return
     (session, kernel), earlier = max(conflicts, key=lambda found: found[0][1].seq)
     site = capture_site(frame)
-    with session._lock:
-        race, _ = session._reporter.host_race(
-            kernel, earlier, "host write" if write else "host read", _name(func), site, tensor.shape, tensor.dtype
+    with session.lock:
+        race, _ = session.reporter.host_race(
+            kernel, earlier, AccessKind.HOST_WRITE if write else AccessKind.HOST_READ, _name(func), site, tensor.shape, tensor.dtype
         )
     if session.detect == "raise":
         raise RaceError(race)
@@ -156,15 +161,15 @@ def pinned_copy(tensor: torch.Tensor) -> PinnedHostTensor:
     return values.as_subclass(PinnedHostTensor)
 
 
-def written_by(host: torch.Tensor, session: Any, kernel: Any) -> PinnedHostTensor:
+def written_by(host: torch.Tensor, session: "Engine", kernel: Any) -> PinnedHostTensor:
     """``host`` (a CPU tensor) as a pinned tensor that ``kernel`` (an asynchronous D2H copy) writes."""
     pinned = host if type(host) is PinnedHostTensor else host.as_subclass(PinnedHostTensor)
-    if session._tracked:
+    if session.tracked:
         pinned._sk_writers = _unfinished(pinned._sk_writers) + [(session, kernel)]
     return pinned
 
 
-def read_by(pinned: PinnedHostTensor, session: Any, kernel: Any) -> None:
+def read_by(pinned: PinnedHostTensor, session: "Engine", kernel: Any) -> None:
     """``kernel`` (an asynchronous H2D copy) reads ``pinned``: the host must not write it until it is done."""
-    if session._tracked:
+    if session.tracked:
         pinned._sk_readers = _unfinished(pinned._sk_readers) + [(session, kernel)]

@@ -28,7 +28,7 @@ from typing import Any, Callable
 
 from . import _explore
 from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, _run, directed, plan, same_values
+from ._explore import Exploration, Run, run_schedule, directed, plan, same_values
 
 
 @dataclass(repr=False)
@@ -168,7 +168,7 @@ def explore_group(fn: Callable[[], Any], schedules: int, seed: int, detect: str,
     import torch.distributed as dist
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    reference = _run(fn, "eager", 0, detect)
+    reference = run_schedule(fn, "eager", 0, detect)
     errors = _gather(None if reference.error is None else f"{type(reference.error).__name__}: {reference.error}", group)
     if reference.error is not None:
         raise reference.error
@@ -179,7 +179,7 @@ def explore_group(fn: Callable[[], Any], schedules: int, seed: int, detect: str,
     runs: list[RankRun] = []
     failure = None
     for name, s, depth, target in slots(own, _gather(own, group), schedules, seed):
-        run = _as_rank_run(_run(fn, name, s, detect, depth, target), rank)
+        run = _as_rank_run(run_schedule(fn, name, s, detect, depth, target), rank)
         if run.error is None:
             run.ok = same_values(reference.values, run.values)
         outcomes = _gather((run.ok, run.token), group)

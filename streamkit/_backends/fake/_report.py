@@ -8,14 +8,17 @@ import re
 import traceback
 import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from ..._errors import StreamkitError
+from ..._errors import RaceError  # noqa: F401  (fake.RaceError: exported here too)
 from ._clocks import StreamState
 from ._sites import short_location, user_stack
-from ._tracking import AccessKind, AccessRecord, Kernel, StorageState
+from ._tracking import AccessKind, AccessRecord, Kernel
+
+if TYPE_CHECKING:
+    from ._allocator import StorageState
 
 _ASSIGN = re.compile(r"^\s*(?:self\.)?([A-Za-z_]\w*)\s*(?::[^=]+)?=\s*[\w.]*Stream\(")
 
@@ -49,13 +52,17 @@ def stream_description(state: StreamState) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Access:
-    """One access to device memory by a kernel (or the allocator, for kind ``"free"``)."""
+    """One access to device memory by a kernel (or the allocator, for kind ``"free"``; or the
+    host, for ``"host read"`` / ``"host write"`` of pinned memory)."""
 
     op: str
     stream: Any  # streamkit.Stream; None for the host
-    kind: str  # "read" | "write" | "free" | "host read" | "host write"
+    kind: str  # one of ACCESS_KINDS: "read" | "write" | "free" | "host read" | "host write"
     stack: list[traceback.FrameSummary] = field(repr=False)
-    stream_state: StreamState | None = field(repr=False, compare=False)
+    #: how reports name the stream: ``"stream #1 'side' (created at a.py:8)"``, ``"the host"``
+    stream_label: str = field(default="the host", repr=False, compare=False)
+    #: the stream as code names it: ``"side"``, ``"sk.default_stream()"`` (``""`` for the host)
+    stream_code: str = field(default="", repr=False, compare=False)
 
     @property
     def frame(self) -> traceback.FrameSummary | None:
@@ -113,8 +120,8 @@ class Race:
     kernels: tuple | None = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
-        first_label, _ = stream_description(self.first.stream_state)
-        second_label = "the host" if self.second.stream_state is None else stream_description(self.second.stream_state)[0]
+        first_label = self.first.stream_label
+        second_label = self.second.stream_label
         shape = tuple(self.tensor.shape)
         lines = [
             f"stream race on a tensor of shape {shape}, dtype {self.tensor.dtype}"
@@ -133,25 +140,17 @@ class Race:
         return "\n".join(line for line in lines if line)
 
 
-class RaceError(StreamkitError):
-    """Two accesses to overlapping device memory, at least one a write, with no happens-before
-    between them. ``str(err)`` is the full report; ``err.race`` is the :class:`Race`."""
-
-    def __init__(self, race: Race) -> None:
-        super().__init__(str(race))
-        self.race = race
-
-
-def suggest_fix(first: Access, second: Access) -> str:
-    _, first_name = stream_description(first.stream_state)
-    if second.stream_state is None:  # a host access to pinned memory an asynchronous copy uses
+def suggest_fix(first: Access, second: Access, first_stream: StreamState, second_stream: StreamState | None) -> str:
+    """The wait that orders ``second`` (on ``second_stream``; ``None``: the host) after ``first``."""
+    first_name = first.stream_code
+    if second_stream is None:  # a host access to pinned memory an asynchronous copy uses
         return (
             f"synchronize the host with {first_name} after {first.location} and before {second.location}:"
             f" {first_name}.synchronize(), or record an event on {first_name} after the copy and call its"
             " synchronize(), or sk.synchronize()"
         )
-    _, second_name = stream_description(second.stream_state)
-    if _LABELS.get(first.stream_state, ("", "", ""))[2] == "collective":
+    second_name = second.stream_code
+    if _LABELS.get(first_stream, ("", "", ""))[2] == "collective":
         if second.kind == "free":
             return (
                 f"call .wait() on the Work that the collective at {first.location} returned with {second_name} (the"
@@ -162,7 +161,7 @@ def suggest_fix(first: Access, second: Access) -> str:
             f" {second.location}, with the stream of {second.location} current (wait() makes the current stream"
             f" wait for the collective)"
         )
-    if _LABELS.get(second.stream_state, ("", "", ""))[2] == "collective":
+    if _LABELS.get(second_stream, ("", "", ""))[2] == "collective":
         return (
             f"make the stream that issues the collective at {second.location} wait for {first_name} (wait_stream or"
             f" an event) after {first.location} and before the collective: {second_name} waits only for the"
@@ -194,15 +193,19 @@ class Reporter:
         self._seen: set[tuple] = set()
 
     def _access(self, op: Any, stream: StreamState, kind: AccessKind, site: Sequence[tuple]) -> Access:
-        return Access(str(op), self._wrap_stream(stream), kind.label, user_stack(site), stream)
+        label, code = stream_description(stream)
+        return Access(str(op), self._wrap_stream(stream), kind.label, user_stack(site), label, code)
 
     def _tensor_info(self, shape: tuple, dtype: torch.dtype, state: StorageState) -> TensorInfo:
         alloc = user_stack(state.alloc_site) if state.alloc_site else []
         label, _ = stream_description(state.alloc_stream)
         return TensorInfo(tuple(shape), dtype, short_location(alloc[-1] if alloc else None), label)
 
-    def _add(self, first: Access, second: Access, info: TensorInfo, kernels: tuple | None = None) -> tuple[Race, bool]:
-        race = Race(first, second, info, suggest_fix(first, second), kernels)
+    def _add(
+        self, first: Access, second: Access, info: TensorInfo, first_stream: StreamState, second_stream: StreamState | None,
+        kernels: tuple | None = None,
+    ) -> tuple[Race, bool]:
+        race = Race(first, second, info, suggest_fix(first, second, first_stream, second_stream), kernels)
         key = (first.op, first.location, first.kind, second.op, second.location, second.kind)
         if key in self._seen:
             return race, False
@@ -230,18 +233,19 @@ class Reporter:
                 f" {short_location(alloc[-1] if alloc else None)} on {stream_description(stream)[0]})",
             )
         kernels = ((earlier.kernel.stream.idx, earlier.kernel.seq), (kernel.stream.idx, kernel.seq))
-        return self._add(first, second, info, kernels)
+        return self._add(first, second, info, earlier.kernel.stream, kernel.stream, kernels)
 
     def host_race(
-        self, kernel: Kernel, earlier_kind: str, kind: str, op: str, site: Sequence[tuple], shape: Any, dtype: torch.dtype
+        self, kernel: Kernel, earlier_kind: AccessKind, kind: AccessKind, op: str, site: Sequence[tuple], shape: Any,
+        dtype: torch.dtype,
     ) -> tuple[Race, bool]:
-        """The host accessed pinned memory (``kind``: ``"host read"``/``"host write"``, by ``op`` at
-        ``site``) that ``kernel``, an asynchronous copy, may still be using."""
-        first = self._access(kernel.op, kernel.stream, AccessKind[earlier_kind.upper()], kernel.site)
-        second = Access(op, None, kind, user_stack(site), None)
+        """The host accessed pinned memory (``kind``: HOST_READ or HOST_WRITE, by ``op`` at ``site``)
+        that ``kernel``, an asynchronous copy, may still be using (``earlier_kind``: READ or WRITE)."""
+        first = self._access(kernel.op, kernel.stream, earlier_kind, kernel.site)
+        second = Access(op, None, kind.label, user_stack(site))
         frames = user_stack(kernel.site) if kernel.site else []
         info = TensorInfo(tuple(shape), dtype, short_location(frames[-1] if frames else None), "pinned host memory")
-        return self._add(first, second, info)
+        return self._add(first, second, info, kernel.stream, None)
 
     def free_race(self, earlier: AccessRecord, earlier_kind: AccessKind, state: StorageState, site: Sequence[tuple]) -> tuple[Race, bool]:
         """The last reference to ``state``'s memory was dropped (at ``site``) while ``earlier`` may
@@ -249,4 +253,4 @@ class Reporter:
         first = self._access(earlier.kernel.op, earlier.kernel.stream, earlier_kind, earlier.kernel.site)
         second = self._access("the caching allocator (last reference dropped)", state.alloc_stream, AccessKind.FREE, site)
         shape, dtype = state.alloc_meta or ((state.nbytes,), torch.uint8)
-        return self._add(first, second, self._tensor_info(shape, dtype, state))
+        return self._add(first, second, self._tensor_info(shape, dtype, state), earlier.kernel.stream, state.alloc_stream)

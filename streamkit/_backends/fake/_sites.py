@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import linecache
 import os
+import sys
 import sysconfig
 import traceback
 from typing import Any, Sequence
@@ -45,6 +46,15 @@ _MAX_SKIPPED = 64
 # against the live frames, so it is exact.
 _site_cache: dict[tuple, tuple] = {}
 _SITE_CACHE_SIZE = 4096
+
+
+def site_here() -> tuple:
+    """The issue site of the API call being served, walked outwards from the function that calls
+    this: torch's and streamkit's frames are skipped, so no frame depth is counted. For calls that
+    are not per-op (stream and graph creation, replay, a free race): the walk's cache is keyed by
+    its starting frame, here streamkit's own. Per-op entry points pass their caller's frame to
+    :func:`capture_site` instead."""
+    return capture_site(sys._getframe(1))
 
 
 def capture_site(frame: Any, depth: int = STACK_DEPTH) -> tuple:

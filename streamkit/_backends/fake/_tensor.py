@@ -10,14 +10,19 @@ from __future__ import annotations
 import copy
 import sys
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
-from . import _active, _pinned
+from ..._errors import BackendMismatchError, BackendUnavailableError, DeviceIndexError, SessionClosedError
+from . import _allocator, _pinned
+from ._allocator import StorageState
+from ._fake_backend import BACKEND
 from ._sites import capture_site
-from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
+from ._tracking import METADATA_MUTATORS, READ, WRITE, MemoryRange, OpPlan, byte_range, new_record, plan_for
+
+if TYPE_CHECKING:
+    from ._interface import Engine
 
 DEVICE_TYPE = "fake"
 DEVICE: torch.device = torch.device("cpu")  # torch.device("fake", 0) once ensure_registered() ran
@@ -66,7 +71,7 @@ def ensure_registered() -> None:
         if name == "privateuseone":
             torch.utils.backend_registration._setup_privateuseone_for_python_backend(rename=DEVICE_TYPE)
         global DEVICE
-        DEVICE = torch.device(DEVICE_TYPE, 0)
+        DEVICE = BACKEND.torch_device = torch.device(DEVICE_TYPE, 0)
         _library = torch.library.Library("_", "IMPL", "PrivateUse1")
         _library.fallback(_factory_fallback)
         # torch.tensor(data, device="fake") copies into a fake tensor with Python dispatch turned off:
@@ -95,7 +100,7 @@ def _pin_memory_kernel(tensor: torch.Tensor, device: Any = None) -> torch.Tensor
 
 
 def _session() -> Any:
-    return _active.current or _active.get()
+    return BACKEND.current or BACKEND.get()
 
 
 class observing:
@@ -122,7 +127,7 @@ class FakeDeviceTensor(torch.Tensor):
 
     # The CPU tensor with the values, the storage's access table, and the byte range in it.
     # (Slots: set on every new wrapper and read on every access; instances keep a __dict__ too.)
-    __slots__ = ("_inner", "_st", "_lo", "_hi")
+    __slots__ = ("sk_inner", "sk_state", "sk_lo", "sk_hi")
 
     # __torch_function__ and the fast method stand-ins are installed by _fastpath (install_methods)
 
@@ -132,7 +137,7 @@ class FakeDeviceTensor(torch.Tensor):
         handler = plan.handler
         if handler is None:
             handler = plan.handler = _choose_handler(plan)
-        return handler(plan, args, kwargs or {})
+        return handler(plan, args, kwargs or {}, _getframe(1))  # (the issue site starts at the op's caller)
 
     # host reads that don't go through an aten op on the wrapper
     def tolist(self) -> Any:
@@ -173,15 +178,15 @@ class FakeDeviceTensor(torch.Tensor):
             return memo[id(self)]
         with torch.no_grad():
             storages = memo.setdefault("streamkit.fake", {})
-            copied = storages.get(id(self._st))
+            copied = storages.get(id(self.sk_state))
             if copied is None:
-                copied = storages[id(self._st)] = _copy_storage(self)
-                memo.setdefault("streamkit.fake.keep", []).append(self._st)  # (ids stay unique while memo lives)
-            inner = self._inner
+                copied = storages[id(self.sk_state)] = _copy_storage(self)
+                memo.setdefault("streamkit.fake.keep", []).append(self.sk_state)  # (ids stay unique while memo lives)
+            inner = self.sk_inner
             view = torch.empty(0, dtype=inner.dtype).set_(
-                copied._inner.untyped_storage(), inner.storage_offset(), inner.size(), inner.stride()
+                copied.sk_inner.untyped_storage(), inner.storage_offset(), inner.size(), inner.stride()
             )
-            new = _new_wrapper(view, copied._st)
+            new = _new_wrapper(view, copied.sk_state)
             if self.requires_grad:
                 new.requires_grad_()
             if self.grad is not None:
@@ -193,7 +198,7 @@ class FakeDeviceTensor(torch.Tensor):
     def data_ptr(self) -> int:
         """The address of this tensor's first element: distinct per live storage, stable, offset by
         the view's storage offset (as on CUDA); 0 when empty. (It is the CPU memory holding the values.)"""
-        return self._inner.data_ptr()
+        return self.sk_inner.data_ptr()
 
     def record_stream(self, stream: Any) -> None:
         """``Tensor.record_stream``: the same as ``streamkit.record_stream(self, stream)``."""
@@ -212,9 +217,9 @@ _pinned.DEVICE_TENSOR = FakeDeviceTensor
 
 def _copy_storage(tensor: FakeDeviceTensor) -> FakeDeviceTensor:
     """A copy of ``tensor``'s whole storage (as bytes): one clone kernel on the current stream."""
-    inner = tensor._inner
+    inner = tensor.sk_inner
     nbytes = inner.untyped_storage().nbytes()
-    whole = _new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor._st)
+    whole = _new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor.sk_state)
     return whole.clone()
 
 
@@ -237,46 +242,37 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
     if inner.dim() == 1 and inner.stride() == (1,) and not inner.storage_offset():
         # the common case, cheaper: passing strides and offset costs more than the rest of the call
         out = _make_wrapper(FakeDeviceTensor, inner.shape, dtype=inner.dtype, device=DEVICE)
-        out._lo = 0
-        out._hi = inner.nbytes
+        out.sk_lo = 0
+        out.sk_hi = inner.nbytes
     else:
         out = _make_wrapper(
             FakeDeviceTensor, inner.size(), strides=inner.stride(), storage_offset=inner.storage_offset(),
             dtype=inner.dtype, device=DEVICE,
         )
-        out._lo, out._hi = byte_range(inner)
-    out._inner = inner
-    out._st = state
+        out.sk_lo, out.sk_hi = byte_range(inner)
+    out.sk_inner = inner
+    out.sk_state = state
     return out
 
 
-def wrap_fresh(session: Any, inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
+def wrap_fresh(session: "Engine", inner: torch.Tensor, stream: Any, kernel: Any, site: Any) -> FakeDeviceTensor:
     """A tensor in new memory, allocated on ``stream``; ``kernel`` (if any) wrote it."""
     shape = inner.shape
     dtype = inner.dtype
     state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (shape, dtype))
-    capture = session._capture
+    out = _new_wrapper(inner, state)
+    capture = session.capture
     if capture is not None and capture.owns(stream):  # memory of a graph's private pool
-        out = _new_wrapper(inner, state)
         capture.adopt(out, kernel)
         return out
-    if not inner.storage_offset() and inner.dim() == 1 and inner.stride() == (1,):
-        # _new_wrapper's common case, inline (a fresh output of a hot op)
-        out = _make_wrapper(FakeDeviceTensor, shape, dtype=dtype, device=DEVICE)
-        out._lo = 0
-        out._hi = inner.nbytes
-        out._inner = inner
-        out._st = state
-    else:
-        out = _new_wrapper(inner, state)
     if kernel is not None:
-        if session._tracked and out._hi > out._lo:
-            state.writes.append(new_record((out._lo, out._hi, stream.idx, kernel.seq, kernel)))
-    elif stream.freed and session._tracked:
+        if session.tracked and out.sk_hi > out.sk_lo:
+            state.writes.append(new_record((out.sk_lo, out.sk_hi, stream.idx, kernel.seq, kernel)))
+    elif stream.freed and session.tracked:
         # no kernel writes it (empty, empty_like...): it may be a block its stream freed earlier
-        session._recycle(state, stream, out)
-    if not session._eager:
-        state.mem = out._inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
+        _allocator.recycle(session, state, stream, out)
+    if not session.eager:
+        state.mem = out.sk_inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
     return out
 
 
@@ -286,11 +282,12 @@ def peek(tensor: torch.Tensor) -> torch.Tensor:
     For validators that must not add host syncs; it bypasses race detection.
     """
     if type(tensor) is not FakeDeviceTensor:
-        raise TypeError(f"peek(tensor): expected a fake-device tensor, got a tensor on {getattr(tensor, 'device', None)}")
-    session = tensor._st.session or _active.current
-    if session is not None and not session._eager and not session.closed:
-        session._scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
-    return tensor._inner
+        got = f"a tensor on {tensor.device}" if isinstance(tensor, torch.Tensor) else f"{type(tensor).__name__} {tensor!r:.80}"
+        raise TypeError(f"peek(tensor): expected a fake-device tensor (a torch.Tensor on sk.device()), got {got}")
+    session = tensor.sk_state.session or BACKEND.current
+    if session is not None and not session.eager and not session.closed:
+        session.scheduler.drain_all()  # (a deferred schedule: what is queued runs first)
+    return tensor.sk_inner
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,22 +301,22 @@ def _mixed(plan: OpPlan, t: torch.Tensor) -> None:
     )
 
 
-def _check_session(session: Any, t: FakeDeviceTensor) -> None:
-    owner = t._st.session
+def check_session(session: "Engine", t: FakeDeviceTensor) -> None:
+    owner = t.sk_state.session
     if owner is not None and owner is not session:
         if owner.closed:
             raise SessionClosedError(f"this tensor belongs to a fake session that has ended ({owner!r})")
         raise SessionClosedError(f"this tensor belongs to another fake session ({owner!r}), not the active {session!r}")
 
 
-def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: Any) -> Any:
+def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: "Engine") -> Any:
     tp = type(value)
     if tp is FakeDeviceTensor:
-        if value._st.session is not session:
-            _check_session(session, value)
+        if value.sk_state.session is not session:
+            check_session(session, value)
         if kind:
             accesses.append((value, kind))
-        return value._inner
+        return value.sk_inner
     if tp is list or tp is tuple:
         if not value:
             return value
@@ -330,7 +327,7 @@ def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: 
     return value
 
 
-def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: Any) -> tuple[list, dict, list]:
+def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: "Engine") -> tuple[list, dict, list]:
     accesses: list = []
     kinds = plan.arg_kinds
     nk = len(kinds)
@@ -338,12 +335,12 @@ def _unwrap(plan: OpPlan, args: Any, kwargs: dict, session: Any) -> tuple[list, 
     for i, a in enumerate(args):
         tp = type(a)
         if tp is FakeDeviceTensor:
-            if a._st.session is not session:
-                _check_session(session, a)
+            if a.sk_state.session is not session:
+                check_session(session, a)
             k = kinds[i] if i < nk else READ
             if k:
                 accesses.append((a, k))
-            new_args[i] = a._inner
+            new_args[i] = a.sk_inner
         elif tp is list or tp is tuple or isinstance(a, torch.Tensor):
             new_args[i] = _unwrap_value(plan, a, kinds[i] if i < nk else READ, accesses, session)
     if kwargs:
@@ -374,12 +371,12 @@ def _choose_handler(plan: OpPlan) -> Any:
     return _choose_direct_handler(plan)
 
 
-def _decomposed(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _decomposed(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """A CompositeImplicitAutograd op: run its decomposition (its ops come back through dispatch)."""
     out = plan.op.decompose(*args, **kwargs)
     if out is NotImplemented:  # (no composite kernel after all: handle it directly from now on)
         plan.handler = _choose_direct_handler(plan)
-        return plan.handler(plan, args, kwargs)
+        return plan.handler(plan, args, kwargs, frame)
     return out
 
 
@@ -404,13 +401,13 @@ def _choose_direct_handler(plan: OpPlan) -> Any:
     return _kernel
 
 
-def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _kernel(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
-    session = _active.current or _active.get()
+    session = BACKEND.current or BACKEND.get()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
-    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
+    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
     out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
     observer = _observer
     if observer is not None and observer[0] == threading.get_ident():
@@ -418,7 +415,7 @@ def _kernel(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     return out
 
 
-def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: Any, stream: Any, kernel: Any, site: Any) -> Any:
+def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: "Engine", stream: Any, kernel: Any, site: Any) -> Any:
     outputs = plan.outputs
     if len(outputs) == 1:
         return _wrap_one(plan, outputs[0], result, args, kwargs, session, stream, kernel, site)
@@ -429,34 +426,34 @@ def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: A
     )
 
 
-def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, session: Any, stream: Any, kernel: Any, site: Any) -> Any:
+def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, session: "Engine", stream: Any, kernel: Any, site: Any) -> Any:
     kind, index = spec
     if kind == "arg":
         original = _arg(plan, args, kwargs, index)
-        if type(original) is FakeDeviceTensor and original._inner.shape != original.shape:
+        if type(original) is FakeDeviceTensor and original.sk_inner.shape != original.shape:
             # an out= argument the op resized (factories such as arange fill an empty one)
-            state = original._st
+            state = original.sk_state
             old_nbytes = state.nbytes
             _refresh(original)
-            if kernel is not None and session._tracked and original._hi > original._lo:
-                if original._inner.untyped_storage().nbytes() > old_nbytes:
+            if kernel is not None and session.tracked and original.sk_hi > original.sk_lo:
+                if original.sk_inner.untyped_storage().nbytes() > old_nbytes:
                     # it grew: resize_output allocated a new block on the current stream (and
                     # freed the old one) before the kernel ran
                     meta = (tuple(original.shape), original.dtype)
-                    _reallocate(session, state, old_nbytes, stream, kernel, site, meta, original._lo, original._hi, False)
+                    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, meta, original.sk_lo, original.sk_hi, False)
                 else:
-                    state.writes.append(new_record((original._lo, original._hi, stream.idx, kernel.seq, kernel)))
+                    state.writes.append(new_record((original.sk_lo, original.sk_hi, stream.idx, kernel.seq, kernel)))
         return original
     if type(value) is torch.Tensor:
         if kind == "view":
-            return _new_wrapper(value, _arg(plan, args, kwargs, index)._st)
+            return _new_wrapper(value, _arg(plan, args, kwargs, index).sk_state)
         return wrap_fresh(session, value, stream, kernel, site)
     if type(value) is list or type(value) is tuple:
         return type(value)(_wrap_one(plan, spec, v, args, kwargs, session, stream, kernel, site) for v in value)
     return value
 
 
-def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _view(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """A view (new metadata over the same memory) or a metadata query: not a kernel, not an access."""
     session = _session()
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
@@ -469,6 +466,7 @@ def _view(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     return _wrap_outputs(plan, result, args, kwargs, session, None, None, None)
 
 
+_getframe = sys._getframe
 _inference_enabled = torch.is_inference_mode_enabled
 _InferenceMode = torch._C._InferenceMode
 
@@ -483,75 +481,39 @@ def _normal_tensors(result: Any) -> bool:
 
 def _refresh(tensor: FakeDeviceTensor) -> None:
     """Make the wrapper's own sizes/strides follow its CPU tensor after an in-place change."""
-    inner = tensor._inner
-    tensor.data = _new_wrapper(inner, tensor._st)
-    tensor._lo, tensor._hi = byte_range(inner)
-    tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
+    inner = tensor.sk_inner
+    tensor.data = _new_wrapper(inner, tensor.sk_state)
+    tensor.sk_lo, tensor.sk_hi = byte_range(inner)
+    tensor.sk_state.nbytes = max(tensor.sk_state.nbytes, inner.untyped_storage().nbytes())
 
 
-class _Block:
-    """Bytes ``[_lo, _hi)`` of a storage, as the detector sees an access (``resize_`` copies a whole block)."""
-
-    __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
-
-    def __init__(self, lo: int, hi: int, state: StorageState, shape: Any, dtype: torch.dtype) -> None:
-        self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype
-
-
-def _reallocate(
-    session: Any, state: StorageState, old_nbytes: int, stream: Any, kernel: Any, site: Any, meta: Any,
-    lo: int, hi: int, copied: bool,
-) -> None:
-    """``state``'s storage got a new block, allocated on ``stream`` (``resize_`` growth, a resized
-    ``out=``), which ``kernel`` writes over ``[lo, hi)``. The old block is freed now, as CUDA frees it
-    (free check and pool of its own allocation stream); ``copied``: ``kernel`` read the old block
-    (``resize_`` copies it), else the kernel never touched it."""
-    old = StorageState(session, old_nbytes, state.alloc_stream, state.alloc_site, state.alloc_meta)
-    if copied:
-        old.reads, old.writes = state.reads, state.writes
-    else:
-        old.reads = [r for r in state.reads if r.kernel is not kernel]
-        old.writes = [r for r in state.writes if r.kernel is not kernel]
-    old.record_streams = state.record_streams
-    old.prior = getattr(state, "prior", None)
-    state.reads = []
-    state.writes = [new_record((lo, hi, stream.idx, kernel.seq, kernel))] if hi > lo else []
-    state.alloc_stream, state.alloc_site, state.alloc_meta = stream, site, meta
-    state.record_streams = ()
-    state.prior = None
-    state.nbytes = max(state.nbytes, hi)
-    if not old_nbytes:
-        old.session = None  # no memory was there: nothing to free
-    del old  # the free check runs here
-
-
-def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: Any) -> FakeDeviceTensor:
+def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: dict, session: "Engine", frame: Any) -> FakeDeviceTensor:
     """``x.resize_(size)``: past the storage's size it allocates a new block on the current stream and
     copies the old bytes into it (one kernel that reads the old block and writes the new one, as
     CUDA's ``resize_bytes_cuda``); otherwise only metadata changes."""
-    inner = self._inner
+    inner = self.sk_inner
     size = new_args[1] if len(new_args) > 1 else new_kwargs["size"]
     numel = 1
     for n in size:
         numel *= int(n)
     needed = (inner.storage_offset() + numel) * inner.element_size() if numel else 0
-    state = self._st
+    state = self.sk_state
     old_nbytes = inner.untyped_storage().nbytes()
-    if not session._tracked or needed <= old_nbytes:
+    if not session.tracked or needed <= old_nbytes:
         plan.op._op(*new_args, **new_kwargs)
         _refresh(self)
         return self
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(3))
-    accesses = [(_Block(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
-    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    stream = session.current_stream()
+    site = capture_site(frame)
+    accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
+    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
     new_nbytes = inner.untyped_storage().nbytes()
-    _reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
+    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
     _refresh(self)
     return self
 
 
-def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _allocation(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``empty_like(x)``, ``x.new_empty(...)``: new memory on the current stream. Not a kernel, and it
     reads nothing of ``x`` (only its metadata)."""
     session = _session()
@@ -559,20 +521,20 @@ def _allocation(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     if new_kwargs.get("device") is not None:
         _check_index(new_kwargs["device"], plan.op)
         new_kwargs["device"] = CPU
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
     result = plan.call(*new_args, **new_kwargs)
-    if not session._eager:
+    if not session.eager:
         _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
     return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
 
 
-def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``t_()``, ``unsqueeze_()``, ``resize_()``...: new metadata for the same tensor, not a kernel."""
     self = args[0]
     session = _session()
-    if self._st.session is not session:
-        _check_session(session, self)
+    if self.sk_state.session is not session:
+        check_session(session, self)
     if plan.name == "set_":
         raise NotImplementedError(
             "Tensor.set_() on a fake-device tensor is not supported (it would swap the memory that race"
@@ -580,33 +542,33 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
         )
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     if plan.name == "resize_":
-        return _resize(plan, self, new_args, new_kwargs, session)
+        return _resize(plan, self, new_args, new_kwargs, session, frame)
     plan.op._op(*new_args, **new_kwargs)
     _refresh(self)
     return self
 
 
-def _to_copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _to_copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``.to(...)``/``.cpu()``: to the host it is a D2H copy on the current stream (blocking unless
     ``non_blocking=True``); otherwise an ordinary kernel."""
     device = kwargs.get("device")
     if device is not None:
         _check_index(device, plan.op)
     if device is None or torch.device(device).type != "cpu":
-        return _kernel(plan, args, kwargs)
+        return _kernel(plan, args, kwargs, frame)
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
     non_blocking = kwargs.get("non_blocking", False)
-    kernel, result = session._launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
+    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
     if non_blocking:
         # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
         return _pinned.written_by(result, session, kernel)
     return result
 
 
-def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``dst.copy_(src)``: H2D or D2H when one side is on the host (blocking unless
     ``non_blocking=True``), else a device kernel."""
     dst, src = args[0], args[1]
@@ -614,26 +576,26 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     dst_fake = type(dst) is FakeDeviceTensor
     src_fake = type(src) is FakeDeviceTensor
     if dst_fake and src_fake:
-        return _kernel(plan, args, kwargs)
+        return _kernel(plan, args, kwargs, frame)
     session = _session()
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(2)) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(frame) if session.tracked else None
     device_side = dst if dst_fake else src
-    if device_side._st.session is not session:
-        _check_session(session, device_side)
+    if device_side.sk_state.session is not session:
+        check_session(session, device_side)
     pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
         accesses = [(dst, WRITE)]
-        if non_blocking and not session._eager and type(src) is not pinned:
+        if non_blocking and not session.eager and type(src) is not pinned:
             src = src.clone()  # pageable memory is staged at issue: later host writes don't reach the copy
-        new_args = [dst._inner, src, non_blocking]
+        new_args = [dst.sk_inner, src, non_blocking]
         sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
         accesses = [(src, READ)]
-        new_args = [dst, src._inner, non_blocking]
+        new_args = [dst, src.sk_inner, non_blocking]
         # into pageable memory a non-blocking D2H copy is synchronous all the same (cudaMemcpyAsync)
         sync = None if non_blocking and type(dst) is pinned else "blocking_copies"
-    kernel, _ = session._launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
+    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
     if non_blocking:
         if not dst_fake and type(dst) is pinned:
             _pinned.written_by(dst, session, kernel)
@@ -644,10 +606,10 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict) -> Any:
 
 def _copy_kernel(dst: Any, src: Any, non_blocking: bool = False) -> Any:
     """``copy_`` reached below Python dispatch (``torch.tensor(data, device="fake")``)."""
-    return _copy(plan_for(torch.ops.aten.copy_.default), (dst, src, non_blocking), {})
+    return _copy(plan_for(torch.ops.aten.copy_.default), (dst, src, non_blocking), {}, _getframe(1))
 
 
-def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
+def _collective(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """A c10d collective: a kernel reading its inputs and writing its output, on the current stream
     (``async_op=False``) or on its process group's stream (``async_op=True``; see _collectives).
 
@@ -658,8 +620,8 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict) -> Any:
 
     session = _session()
     new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    site = capture_site(sys._getframe(2)) if session._tracked else None
-    capture = session._capture
+    site = capture_site(frame) if session.tracked else None
+    capture = session.capture
     result = None if capture is None else capture.collective(plan, args, kwargs, new_args, new_kwargs, accesses, site)
     if result is None:
         result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
@@ -678,14 +640,17 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         kwargs["device"] = CPU
     for a in args:
         if isinstance(a, torch.Tensor) and a.device.type != "cpu":
-            raise RuntimeError(f"{op}: unexpected argument on {a.device} for the fake device")
+            raise BackendMismatchError(
+                f"{op}: argument on {a.device}: a factory on the fake device takes host (cpu) tensor arguments only;"
+                " move it with .cpu() first"
+            )
     plan = plan_for(op)
-    stream = session._current_stream()
-    site = capture_site(sys._getframe(1)) if session._tracked else None
+    stream = session.current_stream()
+    site = capture_site(_getframe(1)) if session.tracked else None  # (an entry point: its caller)
     if plan.name in _ALLOCATIONS:
         result = op._op(*args, **kwargs)
-        if not session._eager:
+        if not session.eager:
             _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
         return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
-    kernel, result = session._launch(op, op._op, stream, site, list(args), kwargs, [])
+    kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)

@@ -69,7 +69,7 @@ def _op_name(op: Any) -> str:
     return name
 
 
-class _Namer:
+class Namer:
     """Names the kernels of one run, in issue order (occurrences are counted per run)."""
 
     def __init__(self) -> None:
@@ -128,7 +128,7 @@ class Constraints:
             raise ValueError(
                 f"session(target): schedule=\"constraints\" takes pairs (a, b) of fake.KernelId, got {pairs!r}"
             ) from None
-        self._namer = _Namer()
+        self._namer = Namer()
         self._waiting: dict = {}  # b.key -> keys of the kernels it still waits for
         self._blocks: dict = {}  # a.key -> keys of the kernels waiting for it
         for a, b in self.pairs:
@@ -167,7 +167,7 @@ class Constraints:
         return [(a, b) for a, b in self.pairs if a.key not in self._matched or b.key not in self._matched]
 
 
-def _encode(pairs: Sequence[tuple[KernelId, KernelId]]) -> str:
+def encode_constraints(pairs: Sequence[tuple[KernelId, KernelId]]) -> str:
     data = json.dumps([[list(a), list(b)] for a, b in pairs], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(zlib.compress(data, 9)).decode().rstrip("=")
 
@@ -273,7 +273,7 @@ def check_fingerprint(scheduler: Any, expected: str, schedule: str) -> bool:
     token's fingerprint; warns :class:`ReplayFallbackWarning` if not."""
     if scheduler.trace is None:
         return True  # (too long to record: unchecked)
-    namer = _Namer()
+    namer = Namer()
     now = fingerprint([namer(k) for k in scheduler.trace])
     if now == expected:
         return True

@@ -1,5 +1,6 @@
-"""Op tracking: what an op reads and writes (from its schema), the per-storage access table, the
-kernel record, and the scheduler that runs kernels.
+"""Op tracking: what an op reads and writes (from its schema), the access records, the kernel
+record, and the scheduler that runs kernels. (The per-storage access table is the allocator's
+block record, :class:`._allocator.StorageState`.)
 
 Identity of memory is a storage plus a byte range, so overlapping views conflict and disjoint
 slices do not. A strided view is tracked by its bounding byte range (conservative: interleaved
@@ -18,17 +19,26 @@ from ._clocks import StreamState
 
 
 class AccessKind(IntEnum):
-    """How an op touches a tensor argument (from its schema), and the kinds a race report names."""
+    """The one vocabulary of accesses: how an op touches a tensor argument (from its schema), how
+    the allocator and the host touch memory, and the words race reports use for each
+    (:attr:`label`, the ``kind`` of a :class:`~streamkit.fake.Access`)."""
 
     NONE = 0  # not at all: a view output aliases it
     READ = 1
     WRITE = 2
     FREE = 3  # the allocator taking the memory back (the last reference was dropped)
+    HOST_READ = 4  # the host reading pinned memory an asynchronous copy may still write
+    HOST_WRITE = 5  # the host writing pinned memory an asynchronous copy may still read
 
     @property
     def label(self) -> str:
-        """The word race reports use: ``"read"``, ``"write"``, ``"free"``."""
-        return self.name.lower()
+        """The words race reports use: ``"read"``, ``"write"``, ``"free"``, ``"host read"``, ``"host write"``."""
+        return _LABELS[self]
+
+
+_LABELS = {kind: kind.name.lower().replace("_", " ") for kind in AccessKind}
+#: every ``Access.kind`` a race report may carry
+ACCESS_KINDS: tuple[str, ...] = tuple(_LABELS[kind] for kind in AccessKind if kind)
 
 
 NONE, READ, WRITE = AccessKind.NONE, AccessKind.READ, AccessKind.WRITE
@@ -161,76 +171,15 @@ def byte_range(t: torch.Tensor) -> tuple[int, int]:
     return (offset * size, (offset + extent) * size)
 
 
-#: the caching allocator rounds sizes up to multiples of this (CUDACachingAllocator ``kMinBlockSize``)
-BLOCK_ROUND = 512
+class MemoryRange:
+    """Bytes ``[_lo, _hi)`` of a storage (``_st``), with the shape and dtype reports name: an access
+    as the detector and the reporter see it, where no tensor makes it (a graph replay's captured
+    accesses; ``resize_`` copying a whole block). Same fields as a fake tensor."""
 
+    __slots__ = ("sk_lo", "sk_hi", "sk_state", "shape", "dtype")
 
-def size_class(nbytes: int) -> int:
-    """The allocator's size class of an allocation of ``nbytes``: blocks of one class are interchangeable."""
-    return (nbytes + BLOCK_ROUND - 1) // BLOCK_ROUND
-
-
-class StorageState:
-    """The access table of one storage: accesses not yet superseded, and allocator facts.
-
-    Records are :class:`AccessRecord`. A write drops the records it covers (any later access that
-    conflicts with them conflicts with the write too); a read drops earlier reads it covers that
-    happen before it.
-    """
-
-    # ``prior`` (set only on a block the allocator recycled): the freed StorageState whose access
-    # history this one took over, and those records (reports name the old tensor for them).
-    # ``mem`` (set only under a deferred schedule): the CPU storage holding the values, which a
-    # recycled allocation shares (so a still-queued kernel of the old owner reaches the new one's data)
-    __slots__ = (
-        "reads", "writes", "nbytes", "alloc_stream", "alloc_site", "alloc_meta", "record_streams", "session", "prior",
-        "mem", "__weakref__",
-    )
-
-    def __init__(self, session: Any, nbytes: int, alloc_stream: StreamState, alloc_site: Any, alloc_meta: Any = None) -> None:
-        self.reads: list[AccessRecord] = []
-        self.writes: list[AccessRecord] = []
-        self.nbytes = nbytes
-        self.alloc_stream = alloc_stream
-        self.alloc_site = alloc_site
-        self.alloc_meta = alloc_meta  # (shape, dtype) of the tensor that allocated it
-        self.record_streams: set[int] | tuple = ()  # a set once record_stream is called
-        self.session = session
-
-    def __reduce_ex__(self, protocol: int) -> Any:
-        raise TypeError("a fake storage's access table can't be copied or pickled (deepcopy the tensor instead)")
-
-    def __del__(self) -> None:
-        # The last tensor on this storage is gone: the caching allocator may hand the memory to a
-        # new allocation on the allocation stream right away. (Never raises nor prints: a state
-        # half-made by copy/pickle, as torch.compile's tracing may make, has no session.)
-        try:
-            session = self.session
-        except AttributeError:
-            return
-        if session is None:
-            return
-        alloc = self.alloc_stream.idx
-        covered = self.record_streams
-        # The common case: only the allocation stream, or streams record_stream covers, touched it.
-        for records in (self.writes, self.reads):
-            for r in records:
-                if r.stream != alloc and r.stream not in covered:
-                    try:
-                        session._on_free(self)
-                    except Exception:  # never raise from a finalizer
-                        pass
-                    return
-        if (self.writes or self.reads) and not session.closed:
-            self.session = None  # self.pool(), inline: this runs for every freed temporary
-            self.alloc_stream.freed.append(self)
-
-    def pool(self) -> None:
-        """Into the allocation stream's pool, history and all: the next allocation there of this
-        size takes it over (this object outlives its finalizer; it is not called again). Dropping
-        the session reference keeps the pool from holding the session alive."""
-        self.session = None
-        self.alloc_stream.freed.append(self)
+    def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
+        self.sk_lo, self.sk_hi, self.sk_state, self.shape, self.dtype = lo, hi, state, shape, dtype
 
 
 class Kernel:

@@ -1,0 +1,148 @@
+"""The checker's scope: the session ``python -m streamkit check`` runs a script in, and what a
+``fake.session()`` opened by that script is (a :class:`CheckedBlock`, a scope of the checker's
+session). While the checker's session is open it installs its own session factory on the fake
+backend, so ``fake.session()`` itself knows nothing of the checker."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from ._backends.fake._engine import DETECT_MODES, Session
+from ._backends.fake._fake_backend import BACKEND, FakeBackend
+from ._backends.fake._report import Race
+from ._backends.fake._stats import Stats
+from ._errors import SessionClosedError, StreamkitError, StreamkitWarning
+
+
+class CheckedBlock(Session):
+    """What ``fake.session(detect)`` gives a script that runs under the checker: a scope of the
+    checker's open session (one device: same streams, tensors and race detector), not a session
+    of its own.
+
+    - ``detect="raise"``: a race inside the block raises :class:`~streamkit.RaceError` as in a
+      session of its own (and the checker reports it too); ``"record"`` and ``"off"`` don't raise
+      (under the checker, an ``"off"`` block is checked like ``"record"``).
+    - :attr:`races`: the races found while the block was open (a list made on each read; the
+      checker's report has them all); :attr:`stats`: what the device did while it was open.
+    - Blocks don't nest, as sessions don't; streams made inside stay usable after the block (they
+      belong to the checker's session, which closes when the script ends).
+    """
+
+    def __init__(self, host: Session, detect: str = "raise") -> None:  # no Session.__init__: no device of its own
+        if detect not in DETECT_MODES:
+            raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
+        self._host = host
+        self._detect = detect
+        self.closed = False
+        self._start = len(host.races)
+        self._end: int | None = None
+        self._stats_start = host.stats.copy()
+        self._stats_end: Stats | None = None
+        self._saved_detect = host.detect
+
+    @property
+    def detect(self) -> str:  # type: ignore[override]
+        return self._detect
+
+    @property
+    def races(self) -> list[Race]:  # type: ignore[override]
+        return list(self._host.races[self._start:self._end])
+
+    @property
+    def stats(self) -> Stats:  # type: ignore[override]
+        return (self._stats_end or self._host.stats) - self._stats_start
+
+    @property
+    def backend(self) -> "FakeBackend":  # type: ignore[override]
+        return self._host.backend
+
+    @property
+    def host(self) -> Session:
+        """The checker's session this block is a scope of."""
+        return self._host
+
+    def __getattr__(self, name: str) -> Any:  # the engine is the host's
+        return getattr(self._host, name)
+
+    def __enter__(self) -> "CheckedBlock":
+        host = self._host
+        if self.closed:
+            raise SessionClosedError(f"{self!r} has ended; open a new fake.session()")
+        if host.checker_block is not None:
+            raise StreamkitError(
+                f"a fake session is already open ({host.checker_block!r}); fake sessions don't nest: close it first"
+            )
+        host.checker_block = self
+        self._saved_detect = host.detect
+        if self._detect == "raise":
+            host.detect = "raise"  # the host still records every race; now it raises them too
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        host = self._host
+        try:
+            if exc_type is None:
+                gc.collect()  # as a session's exit: free what only cycles keep alive, inside the block
+        finally:
+            host.detect = self._saved_detect
+            host.checker_block = None
+            self.closed = True
+            self._end = len(host.races)
+            self._stats_end = host.stats.copy()
+        pending, host.pending = host.pending, None  # set only while detect was "raise": this block's
+        if pending is not None and exc_type is None:
+            raise pending
+
+    def __repr__(self) -> str:
+        return f"<fake session detect={self._detect!r} {'closed' if self.closed else 'open'}, inside the checker's session>"
+
+
+class _RaceLog(list):
+    """``session.races`` of a checker session: calls ``on_race(race)`` for each race appended."""
+
+    def __init__(self, on_race: Any) -> None:
+        super().__init__()
+        self._on_race = on_race
+
+    def append(self, race: Race) -> None:
+        super().append(race)
+        try:
+            self._on_race(race)
+        except Exception:  # a report that can't be written must not break the checked program
+            pass
+
+
+@contextmanager
+def checker_session(on_race: Any = None) -> Iterator[Session]:
+    """The checker's session (``detect="record"``): a ``fake.session()`` the checked script opens
+    inside it becomes a :class:`CheckedBlock` of it. ``on_race(race)`` is called for every new race
+    as it is found (a spawned child streams its report this way, so a crash loses nothing)."""
+    s = Session("record")
+    s.checker_block = None  # type: ignore[attr-defined]
+    if on_race is not None:
+        s.races = _RaceLog(on_race)
+        s.reporter.races = s.races
+
+    def open_block(
+        detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = 0, target: Any = None
+    ) -> CheckedBlock:
+        if schedule not in (None, "eager"):
+            warnings.warn(
+                StreamkitWarning(
+                    f"fake.session(schedule={schedule!r}) under `python -m streamkit check`: the checker runs"
+                    " the script on its own eager session; run fake.explore() outside the checker to explore schedules"
+                ),
+                stacklevel=4,
+            )
+        return CheckedBlock(s, detect)
+
+    saved = BACKEND.new_session
+    with s:
+        BACKEND.new_session = open_block
+        try:
+            yield s
+        finally:
+            BACKEND.new_session = saved

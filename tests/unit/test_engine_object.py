@@ -1,0 +1,91 @@
+"""The fake engine as one typed object: the interface its users type against, the one record of
+what is active, and the session factory the checker installs."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+import streamkit as sk
+from streamkit import _backend, fake
+from streamkit._backends.fake import _interface
+from streamkit._backends.fake._engine import Session
+from streamkit._backends.fake._fake_backend import BACKEND
+from streamkit._checker_scope import CheckedBlock, checker_session
+
+
+def _members(protocol: type) -> set[str]:
+    names = set(protocol.__annotations__)
+    names |= {n for n, v in vars(protocol).items() if callable(v) or isinstance(v, property)}
+    return {n for n in names if not n.startswith("__")}
+
+
+def test_a_session_has_everything_the_engine_interface_names():
+    members = _members(_interface.Engine)
+    assert {"launch", "host_sync", "query", "current_stream", "lock", "capture", "scheduler"} <= members
+    with fake.session() as s:
+        missing = sorted(n for n in members if not hasattr(s, n))
+        assert missing == []
+    with checker_session():
+        with fake.session() as block:
+            assert isinstance(block, CheckedBlock)
+            assert sorted(n for n in members if not hasattr(block, n)) == []
+
+
+def test_the_open_session_is_recorded_once_in_the_registry_stack():
+    assert importlib.util.find_spec("streamkit._backends.fake._active") is None
+    with fake.session() as s:
+        assert _backend.active_scope(BACKEND) is s
+        assert sk.get_backend() is BACKEND and BACKEND.current is s
+        assert [scope for backend, scope in _backend._active if backend is BACKEND] == [s]
+    assert _backend.active_scope(BACKEND) is None
+    assert all(backend is not BACKEND or scope is not s for backend, scope in _backend._active)
+    assert BACKEND.current is not s  # the default session (or none yet) again
+
+
+def test_the_checker_installs_its_session_factory_only_while_its_session_is_open():
+    plain = BACKEND.new_session
+    with checker_session() as host:
+        assert BACKEND.new_session is not plain
+        with fake.session(detect="record") as block:
+            assert isinstance(block, CheckedBlock) and block.host is host
+            x = torch.zeros(2, device=sk.device())
+            x.add_(1)
+    assert BACKEND.new_session is plain
+    with fake.session() as s:
+        assert type(s) is Session
+
+
+def test_the_backend_holds_its_state_as_instance_state():
+    assert isinstance(BACKEND, fake.FakeBackend)
+    with fake.session() as s:
+        assert BACKEND.session is s and s.backend is BACKEND
+        assert s.device == BACKEND.torch_device == sk.device()
+
+
+def test_one_access_vocabulary_for_records_and_reports():
+    from dataclasses import fields
+
+    from streamkit._backends.fake._clocks import StreamState
+    from streamkit._backends.fake._tracking import ACCESS_KINDS, AccessKind
+
+    assert ACCESS_KINDS == ("read", "write", "free", "host read", "host write")
+    assert [AccessKind(i).label for i in range(1, 6)] == list(ACCESS_KINDS)
+    # the public Access carries strings and streamkit.Streams, no engine state
+    assert [f.name for f in fields(fake.Access)] == ["op", "stream", "kind", "stack", "stream_label", "stream_code"]
+    with fake.session(detect="record") as s:
+        x = torch.zeros(4, device=sk.device())
+        side = sk.Stream()
+        with sk.switch(side):
+            x.add_(1)
+        x.mul_(2)
+    assert s.races
+    for access in [a for r in s.races for a in (r.first, r.second)]:
+        assert access.kind in ACCESS_KINDS
+        assert not any(isinstance(value, StreamState) for value in vars(access).values())
+    race = s.races[-1]  # the mul_ on the default stream after the add_ on side
+    assert race.first.stream == side and race.first.stream_code == "side"
+    assert race.second.stream_label == "the default stream"
+    assert sk.RaceError is fake.RaceError and sk.RaceError.__module__ == "streamkit._errors"
