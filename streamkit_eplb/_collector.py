@@ -487,6 +487,14 @@ class HeatCollector:
             )
         torch.ops.streamkit_eplb.step(self._acc, self._ctrl)
 
+    def clear_pass(self) -> None:
+        """Zero the pass being counted (every layer), keeping the older passes: one kernel on the
+        current stream, graph-safe. vLLM's ``expert_load_pass.zero_()`` for a dummy step. With
+        ``ring="layer"`` there is no common pass: use :meth:`reset`."""
+        if self.ring == "layer":
+            raise RuntimeError("HeatCollector.clear_pass(): this collector has ring='layer' (no common pass); use reset()")
+        self._acc.index_fill_(0, self._ctrl[1:2], 0)
+
     def reset(self) -> None:
         """Zero every counter of every pass: one kernel (``zero_``) on the current stream (two with
         ``ring="layer"``, which also rewinds the per-layer ring positions, as vllm-ascend's

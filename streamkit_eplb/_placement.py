@@ -53,6 +53,11 @@ def _int_arg(value: Any, name: str, where: str) -> int:
     return value
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def _as_id_tensor(value: Any, name: str, where: str) -> torch.Tensor:
     """An int64 CPU tensor of expert ids from a tensor, array or (nested) list; errors name ``name``."""
     if isinstance(value, torch.Tensor):
@@ -62,13 +67,13 @@ def _as_id_tensor(value: Any, name: str, where: str) -> torch.Tensor:
             raise TypeError(f"{where}({name}): expected a tensor or a list of integer expert ids, got {type(value).__name__} {value!r}")
         try:
             table = torch.as_tensor(value)
-        except (TypeError, ValueError, RuntimeError) as exc:
+        except (TypeError, ValueError, RuntimeError):
             raise ValueError(
-                f"{where}({name}): expected a rectangular tensor or list of integer expert ids,"
-                f" got {type(value).__name__} ({exc})"
+                f"{where}({name}): expected a (P,) or (num_layers, P) map of integer expert ids (rows of"
+                f" equal length), got {_short(value)}"
             ) from None
     if table.numel() == 0:
-        raise ValueError(f"{where}({name}): expected at least one slot, got an empty map of shape {tuple(table.shape)}")
+        raise ValueError(f"{where}({name}): expected at least one slot (a non-empty map of integer expert ids), got {_short(value)} of shape {tuple(table.shape)}")
     if table.dtype.is_floating_point or table.dtype.is_complex or table.dtype == torch.bool:
         raise TypeError(f"{where}({name}): expected integer expert ids, got {table.dtype}")
     return table.to("cpu", torch.int64)

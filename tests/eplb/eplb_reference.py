@@ -211,8 +211,17 @@ def vllm_map_and_record(topk_ids, load_view, log2phy, logcnt, enabled: bool, num
 
 
 class VllmEplb:
-    """vLLM's ``EplbState`` accounting for one model, all ranks simulated in one process (global
-    physical ids: the all-reduce of ``expert_load_pass`` is the sum of the ranks' passes)."""
+    """vLLM's ``EplbState`` accounting for one model on one EP rank (vllm/distributed/eplb/eplb_state.py).
+
+    ``record``: the fused map-and-record kernel into ``expert_load_pass`` (global physical slots),
+    gated by ``should_record_tensor`` (allocated as ``ones``: the first step records).
+    ``step(is_dummy)``: a dummy step zeroes the pass; otherwise, if ``_should_record_current_step()``
+    (``interval - expert_rearrangement_step <= window_size``), the pass is copied into the window
+    ring and zeroed (if not, it is left as it is); then ``expert_rearrangement_step += 1``, which
+    starts at 3/4 of the interval; at the interval it is reset and ``rearrange()`` maps the window
+    with the *current* ``physical_to_logical_map``, sums it (the input of the policy), commits the
+    new maps and keeps the window; last, the gate is set for the next step.
+    """
 
     def __init__(self, phy2log: torch.Tensor, num_logical: int, window: int, interval: int, replica: str = "hash") -> None:
         self.num_logical = num_logical
@@ -223,10 +232,10 @@ class VllmEplb:
         self.load_pass = torch.zeros(layers, slots, dtype=torch.int64)
         self.load_window = torch.zeros(window, layers, slots, dtype=torch.int64)
         self.window_step = 0
-        self.rearrangement_step = max(0, interval - interval // 4)  # starts at 3/4 of the interval
+        self.rearrangement_step = max(0, interval - interval // 4)
         self.set_map(phy2log)
-        self.record_enabled = self.should_record()
-        self.rearrangements: list[torch.Tensor] = []  # the global_expert_load_window of each
+        self.record_enabled = True  # should_record_tensor = torch.ones(())
+        self.rearrangements: list[torch.Tensor] = []  # the policy's input at every rearrangement
 
     def set_map(self, phy2log: torch.Tensor) -> None:
         self.phy2log = phy2log.clone()
@@ -247,24 +256,25 @@ class VllmEplb:
         return vllm_map_and_record(topk_ids, self.load_pass[layer], self.log2phy[layer], self.logcnt[layer],
                                    self.record_enabled, num_unpadded, self.replica)
 
-    def step(self, is_dummy: bool, rebalance_fn) -> bool:  # noqa: ANN001
-        """``EplbState.step``; returns True when it rearranged (``rebalance_fn(load) -> phy2log``)."""
+    def step(self, is_dummy: bool, policy) -> torch.Tensor | None:  # noqa: ANN001
+        """``EplbState.step``; returns the policy's input when it rearranged
+        (``policy(load, old_phy2log) -> new phy2log``)."""
         if is_dummy:
             self.load_pass.zero_()
         else:
-            self.load_window[self.window_step] = self.load_pass
-            self.window_step = (self.window_step + 1) % self.window_size
-            self.load_pass.zero_()
+            if self.should_record():
+                self.load_window[self.window_step] = self.load_pass
+                self.load_pass.zero_()
+                self.window_step = (self.window_step + 1) % self.window_size
         self.rearrangement_step += 1
-        rearranged = False
+        load = None
         if self.rearrangement_step >= self.interval:
             self.rearrangement_step = 0
             load = self.rearrange_input()
             self.rearrangements.append(load)
-            self.set_map(rebalance_fn(load))  # the window is kept: stale passes, new map
-            rearranged = True
+            self.set_map(policy(load, self.phy2log))  # the window is kept
         self.record_enabled = self.should_record()
-        return rearranged
+        return load
 
     def rearrange_input(self) -> torch.Tensor:
         window = self.load_window.sum(0)
@@ -274,45 +284,57 @@ class VllmEplb:
 
 # -- vllm-ascend's accounting --------------------------------------------------------------------
 class AscendEplb:
-    """vllm-ascend's dynamic EPLB load accounting for ``world`` ranks of rank-local experts: each
-    MoE layer adds its ``expert_tokens`` (``group_list_type == 0``: cumulative) into a per-layer
-    ring slot; the ring of a layer advances when that layer has run (``num_iterations`` entries);
-    only steps inside a heat-collection interval count; the gathered tensors are FlashLB's
-    ``(iter, L, world, E_local)`` and the summed ``moe_load`` ``(L, world, E_local)``."""
+    """vllm-ascend's dynamic-EPLB load accounting, ``world`` ranks of ``experts`` local slots.
 
-    def __init__(self, world: int, layers: int, experts: int, num_iterations: int, collect_every: int) -> None:
+    Per MoE layer and rank (``AscendFusedMoE`` forward, gated by the step's
+    ``eplb_heat_collection_status``): ``expert_tokens`` (``group_list_type != 1``: a running sum,
+    diffed back) is added to ``moe_load``; with ``multi_stage`` (FlashLB) ``moe_load`` is
+    ``(num_iter, E)`` per layer and the layer's own ``load_counter`` picks the row
+    (``index_add_`` into ``load_counter % num_iter``, then ``load_counter += 1``; a wrapped row keeps
+    adding). ``clear_all_moe_loads`` zeroes both. ``compute_and_set_moe_load`` stacks the layers,
+    all-gathers the ranks and permutes: ``(L, world, E)``, or FlashLB's ``(num_iter, L, world, E)``.
+    The updator's cycle: ``cur_iterations`` counts steps; at ``interval - 1`` (end of that step) the
+    load is gathered; at ``interval + algorithm_interval + num_moe_layers`` everything is cleared.
+    """
+
+    def __init__(self, world: int, layers: int, experts: int, num_iter: int | None,
+                 interval: int, algorithm_interval: int) -> None:
         self.world, self.layers, self.experts = world, layers, experts
-        self.num_iterations = num_iterations
-        self.collect_every = collect_every
-        self.ring = torch.zeros(world, num_iterations, layers, experts, dtype=torch.int64)
-        self.position = [0] * layers  # per-layer ring position
-        self.step_index = 0
+        self.multi_stage = num_iter is not None
+        self.num_iter = num_iter or 1
+        self.moe_load = torch.zeros(world, layers, self.num_iter, experts, dtype=torch.int64)
+        self.load_counter = torch.zeros(world, layers, dtype=torch.int64)
+        self.interval = interval
+        self.algorithm_interval = algorithm_interval
+        self.cur_iterations = 0
+        self.gathered: list[torch.Tensor] = []  # shared_dict["moe_load"] at every wake-up
 
-    def collecting(self) -> bool:
-        return self.step_index % self.collect_every == 0
-
-    def layer(self, rank: int, layer: int, expert_tokens: torch.Tensor, cumulative: bool) -> None:
+    def layer(self, rank: int, layer: int, expert_tokens: torch.Tensor, group_list_type: int, collecting: bool) -> None:
+        if not collecting:  # _EXTRA_CTX.eplb_heat_collection_status
+            return
         tokens = expert_tokens.to(torch.int64)
-        if cumulative:
-            tokens = torch.diff(tokens, prepend=tokens.new_zeros(1))
-        if self.collecting():
-            self.ring[rank, self.position[layer], layer] += tokens
+        if group_list_type != 1:
+            tokens = torch.cat([tokens[:1], tokens[1:] - tokens[:-1]])
+        if self.multi_stage:
+            row = int(self.load_counter[rank, layer]) % self.num_iter
+            self.moe_load[rank, layer, row] += tokens
+            self.load_counter[rank, layer] += 1
+        else:
+            self.moe_load[rank, layer, 0] += tokens
 
-    def end_layer_pass(self, layer: int) -> None:
-        if self.collecting():
-            self.position[layer] = (self.position[layer] + 1) % self.num_iterations
-            self.ring[:, self.position[layer], layer] = 0
-
-    def end_step(self) -> None:
-        self.step_index += 1
-
-    def flashlb_load(self) -> torch.Tensor:
-        """``(iter, L, world, E)``, oldest entry first per layer."""
-        out = torch.empty(self.num_iterations, self.layers, self.world, self.experts, dtype=torch.int64)
-        for layer in range(self.layers):
-            order = [(self.position[layer] + 1 + i) % self.num_iterations for i in range(self.num_iterations)]
-            out[:, layer] = self.ring[:, order, layer].permute(1, 0, 2)
-        return out
-
-    def moe_load(self) -> torch.Tensor:
-        return self.flashlb_load().sum(0)
+    def forward_end(self) -> bool:
+        """``EplbUpdator.forward_end``; True when this step gathered ``moe_load``."""
+        gathered = False
+        if self.cur_iterations == self.interval - 1:  # wakeup_eplb_worker_flag
+            stacked = self.moe_load  # (world, L, iter, E): torch.stack of every rank's layers
+            if self.multi_stage:
+                self.gathered.append(stacked.permute(2, 1, 0, 3).clone())  # (iter, L, world, E)
+            else:
+                self.gathered.append(stacked[:, :, 0].permute(1, 0, 2).clone())  # (L, world, E)
+            gathered = True
+        self.cur_iterations += 1
+        if self.cur_iterations == self.interval + self.algorithm_interval + self.layers:
+            self.moe_load.zero_()  # clear_all_moe_loads
+            self.load_counter.zero_()
+            self.cur_iterations = 0
+        return gathered
