@@ -324,7 +324,8 @@ def collect_and_report(collector) -> None:
     try:
         heat = handle.wait()
     except CollectError as exc:
-        say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
+        cause = exc.__cause__
+        say("RAISED", f"{time.monotonic() - start:.2f} {type(cause).__name__} {str(cause).splitlines()[0][:200] if str(cause) else ''}")
     else:
         say("RETURNED", repr(heat))
     say("DONE")
@@ -347,18 +348,23 @@ def scenario_peer_death(backend: str) -> None:
     os._exit(0)
 
 
-def scenario_peer_stall(backend: str) -> None:
-    """Rank 1 stays alive but never joins the collect: rank 0's wait() raises within the PG timeout."""
+def scenario_peer_stall(backend: str, flag_dir: str = "") -> None:
+    """Rank 1 stays alive but never joins the collect: rank 0's wait() raises while rank 1 still
+    stalls (it marks its return in ``flag_dir``), so the group's timeout bounded the wait."""
     timeout_s = 3.0
+    flag = os.path.join(flag_dir or ".", f"stall_over_{os.getppid()}")
     with environment(backend):
         dev = sk.device()
         c = HeatCollector(2, 4, group=short_group(timeout_s))
         if RANK != 0:
             say("STALLING")
             time.sleep(timeout_s + 2.0)
+            with open(flag, "w"):
+                pass
             os._exit(0)
         c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
         collect_and_report(c)
+        say("PEER_STILL_STALLING", str(not os.path.exists(flag)))
     os._exit(0)
 
 
