@@ -365,6 +365,43 @@ def _improve(weight: np.ndarray, phy2log: np.ndarray, nodes: int, ranks: int, ma
     return out
 
 
+def _occurrence(blocks: np.ndarray, num_log: int) -> np.ndarray:
+    """``occ[r, j]``: how many earlier entries of row ``r`` hold the same value as ``blocks[r, j]``."""
+    rows, width = blocks.shape
+    key = (np.arange(rows)[:, None] * (num_log + 2) + blocks + 1).ravel()
+    order = np.argsort(key, kind="stable")
+    sorted_key = key[order]
+    first = np.r_[True, sorted_key[1:] != sorted_key[:-1]]
+    run_start = np.maximum.accumulate(np.where(first, np.arange(key.size), 0))
+    occ = np.empty(key.size, dtype=np.int64)
+    occ[order] = np.arange(key.size) - run_start
+    return occ.reshape(rows, width)
+
+
+def _keep_slots(new: np.ndarray, old: np.ndarray, num_log: int) -> np.ndarray:
+    """``new`` (ranks, slots per rank) reordered inside every rank so that each expert that ``old``
+    had on that rank keeps its old slot (as many of its copies as both have); the other experts
+    fill the freed slots in order."""
+    ranks, width = new.shape
+    rows = np.arange(ranks)[:, None]
+
+    def counts(blocks: np.ndarray) -> np.ndarray:
+        c = np.zeros((ranks, num_log + 1), dtype=np.int64)
+        np.add.at(c, (np.broadcast_to(rows, blocks.shape), np.where(blocks >= 0, blocks, num_log)), 1)
+        c[:, num_log] = 0  # empty slots are never kept
+        return c
+
+    new_count, old_count = counts(new), counts(old)
+    old_ids = np.where(old >= 0, old, num_log)
+    new_ids = np.where(new >= 0, new, num_log)
+    keep = _occurrence(old, num_log) < new_count[rows, old_ids]  # old slots whose expert stays
+    moving = _occurrence(new, num_log) >= old_count[rows, new_ids]  # new entries without a kept slot
+    out = np.where(keep, old, 0)
+    # per rank as many free slots as moving entries: zip them in (rank, position) order
+    out[np.nonzero(~keep)] = new[np.nonzero(moving)]
+    return out
+
+
 def _migrate(new: np.ndarray, old: np.ndarray, weight: np.ndarray, nodes: int, ranks: int) -> np.ndarray:
     """``new`` with its rank contents reassigned to old ranks (inside nodes, nodes to nodes) and its
     slots reordered inside ranks so that experts stay where they were; layers whose ``old``
@@ -388,14 +425,16 @@ def _migrate(new: np.ndarray, old: np.ndarray, weight: np.ndarray, nodes: int, r
         """Greedy max-overlap assignment of new blocks (rows) to old blocks (columns); identity if
         that keeps at least as much."""
         n = overlap.shape[0]
-        target = np.full(n, -1)
-        taken = np.zeros(n, dtype=bool)
-        for flat in np.argsort(-overlap, axis=None, kind="stable"):
-            i, j = divmod(int(flat), n)
-            if target[i] < 0 and not taken[j]:
-                target[i], taken[j] = j, True
-        if overlap[np.arange(n), target].sum() <= np.trace(overlap):
-            return np.arange(n)
+        target = np.arange(n)
+        if n > 1:
+            work = overlap.astype(np.float64)
+            for _ in range(n):
+                i, j = divmod(int(np.argmax(work)), n)
+                target[i] = j
+                work[i, :] = -1.0
+                work[:, j] = -1.0
+            if overlap[np.arange(n), target].sum() <= np.trace(overlap):
+                return np.arange(n)
         return target
 
     for layer in range(layers):
@@ -403,7 +442,11 @@ def _migrate(new: np.ndarray, old: np.ndarray, weight: np.ndarray, nodes: int, r
             out[layer] = old[layer]
             continue
         c_new, c_old = counts(new[layer]), counts(old[layer])
-        overlap = np.minimum(c_new[:, None, :], c_old[None, :, :]).sum(axis=2)  # (new rank, old rank)
+        # (new rank, old rank): experts in common, sum_e min(new[e], old[e]) = sum_t [new >= t] . [old >= t]
+        overlap = np.zeros((ranks, ranks))
+        for t in range(1, int(min(c_new.max(), c_old.max())) + 1):
+            overlap += (c_new >= t).astype(np.float64) @ (c_old >= t).astype(np.float64).T
+        overlap = overlap.astype(np.int64)
         blocks = new[layer].reshape(ranks, per_rank)
         # nodes onto nodes, then ranks onto ranks inside each node pair
         node_overlap = overlap.reshape(nodes, ranks_per_node, nodes, ranks_per_node).sum(axis=(1, 3))
@@ -417,16 +460,7 @@ def _migrate(new: np.ndarray, old: np.ndarray, weight: np.ndarray, nodes: int, r
             for i in range(ranks_per_node):
                 placed[target_node * ranks_per_node + rank_target[i]] = blocks[node * ranks_per_node + i]
         # inside every rank: an expert already there keeps its slot
-        old_blocks = old[layer].reshape(ranks, per_rank)
-        for rank in range(ranks):
-            incoming = list(placed[rank])
-            row = [EMPTY - 1] * per_rank
-            for pos, expert in enumerate(old_blocks[rank]):
-                if expert >= 0 and expert in incoming:
-                    incoming.remove(expert)
-                    row[pos] = int(expert)
-            fill = iter(incoming)
-            placed[rank] = [next(fill) if e == EMPTY - 1 else e for e in row]
+        placed = _keep_slots(placed, old[layer].reshape(ranks, per_rank), num_log)
         out[layer] = placed.reshape(-1)
     return out
 
