@@ -11,7 +11,7 @@ placement), of the two references, the lowest per-layer balancedness (mean / max
 layers where ``rebalance`` is worse than the references (must be 0), and the expert weights moved
 with and without ``old=``.
 
-usage: python benchmarks/rebalance.py [--repeat 5] [--layers 58]
+usage: python benchmarks/rebalance.py [--repeat 9] [--layers 58]
 """
 
 from __future__ import annotations
@@ -38,13 +38,16 @@ CONFIGS = [("8 nodes, 32 ranks (hierarchical)", GROUPS, 8), ("1 node, 32 ranks",
 ISSUE = {"8 nodes, 32 ranks (hierarchical)": (0.033, 0.032), "1 node, 32 ranks": (0.114, 0.034), "global (1 group, 4 nodes)": (0.114, 0.034)}
 
 
-def best_of(repeat: int, fn) -> float:  # noqa: ANN001
-    times = []
+def best_of(repeat: int, fns: dict) -> dict:  # noqa: ANN001
+    """The fastest of ``repeat`` runs of every function, run round-robin (so a busy moment of the
+    machine hits them all alike)."""
+    times: dict = {name: [] for name in fns}
     for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: min(values) for name, values in times.items()}
 
 
 def zipf_loads(layers: int, seed: int) -> torch.Tensor:
@@ -55,7 +58,7 @@ def zipf_loads(layers: int, seed: int) -> torch.Tensor:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--repeat", type=int, default=9)
     parser.add_argument("--layers", type=int, default=58)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -69,14 +72,14 @@ def main() -> None:
     for name, groups, nodes in CONFIGS:
         shape = (SLOTS, groups, nodes, RANKS)
         old = rebalance(previous, *shape)
-        t = {
-            "default": best_of(args.repeat, lambda: rebalance(weight, *shape)),
-            "deepseek": best_of(args.repeat, lambda: rebalance(weight, *shape, algorithm="deepseek")),
-            "vllm": best_of(args.repeat, lambda: rebalance(weight, *shape, algorithm="vllm")),
-            "old": best_of(args.repeat, lambda: rebalance(weight, *shape, old=old)),
-            "ds_ref": best_of(max(1, args.repeat // 2), lambda: deepseek_rebalance(weight, *shape)),
-            "vllm_ref": best_of(max(1, args.repeat // 2), lambda: vllm_rebalance(weight, *shape)),
-        }
+        t = best_of(args.repeat, {
+            "default": lambda: rebalance(weight, *shape),
+            "deepseek": lambda: rebalance(weight, *shape, algorithm="deepseek"),
+            "vllm": lambda: rebalance(weight, *shape, algorithm="vllm"),
+            "old": lambda: rebalance(weight, *shape, old=old),
+            "vllm_ref": lambda: vllm_rebalance(weight, *shape),
+        })
+        t.update(best_of(max(1, args.repeat // 3), {"ds_ref": lambda: deepseek_rebalance(weight, *shape)}))
         before, vllm_then = ISSUE[name]
         print(f"{name:<34} {t['default']:>8.4f} {t['deepseek']:>9.4f} {t['vllm']:>7.4f} {t['old']:>7.4f} |"
               f" {t['ds_ref']:>12.4f} {t['vllm_ref']:>9.4f} | {before:>13.3f} {vllm_then:>11.3f}")

@@ -229,19 +229,28 @@ def _pack(weight: np.ndarray, order: np.ndarray, num_packs: int, acc_dtype: type
     per_pack = n // num_packs
     if per_pack == 1:
         return np.tile(np.arange(n, dtype=np.int64), (rows, 1)), np.zeros((rows, n), dtype=np.int64)
-    pack_load = np.zeros((rows, num_packs), dtype=acc_dtype)
-    filled = np.zeros((rows, num_packs), dtype=np.int64)
+    ordered = np.take_along_axis(weight, order, axis=1).astype(acc_dtype)
+    # pack loads, a full pack set to inf (vLLM does the same; DeepSeek skips full packs: equivalent)
+    load = np.zeros(rows * num_packs, dtype=acc_dtype)
+    filled = np.zeros(rows * num_packs, dtype=np.int64)
+    pack_sorted = np.empty((rows, n), dtype=np.int64)
+    slot_sorted = np.empty((rows, n), dtype=np.int64)
+    base = np.arange(rows) * num_packs
+    view = load.reshape(rows, num_packs)
+    for k in range(n):
+        pack = view.argmin(axis=1)
+        flat = base + pack
+        position = filled[flat]
+        pack_sorted[:, k] = pack
+        slot_sorted[:, k] = position
+        load[flat] += ordered[:, k]
+        filled[flat] = position + 1
+        if k + 1 >= per_pack:  # a pack can be full from here on
+            load[flat[position + 1 == per_pack]] = np.inf
     pack_of = np.empty((rows, n), dtype=np.int64)
     slot_of = np.empty((rows, n), dtype=np.int64)
-    every = np.arange(rows)
-    full = np.inf
-    for k in range(n):
-        item = order[:, k]
-        pack = np.argmin(np.where(filled < per_pack, pack_load, full), axis=1)
-        pack_of[every, item] = pack
-        slot_of[every, item] = filled[every, pack]
-        pack_load[every, pack] += weight[every, item].astype(acc_dtype)
-        filled[every, pack] += 1
+    np.put_along_axis(pack_of, order, pack_sorted, axis=1)
+    np.put_along_axis(slot_of, order, slot_sorted, axis=1)
     return pack_of, slot_of
 
 
