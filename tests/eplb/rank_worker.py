@@ -301,6 +301,28 @@ def _engines_and_placements(session) -> None:
     assert after.placement_version == 1 and torch.equal(after.phy2log, new.phy2log)
     assert history.add(after) is True and len(history) == 1
     assert after.load.sum().item() == 2 * WORLD
+    # a main model and its drafter: collect_all reduces both in one all_reduce, Heats as separate collects
+    import streamkit_eplb._collector as col
+    from streamkit_eplb import collect_all
+
+    def model_pair():
+        main = HeatCollector(layers, slots, group=dist.group.WORLD, window=2, reduce="sum", log2phy=placement)
+        draft = HeatCollector(1, 4, group=dist.group.WORLD, reduce="sum")
+        main.record(1, topk_ids=torch.tensor([[0, 3], [2, 1]]).to(dev))
+        draft.record(0, torch.tensor([RANK, 1, 2, 3]).to(dev))
+        return main, draft
+
+    separate = [c.collect().wait() for c in model_pair()]
+    calls = []
+    real = col.dist.all_reduce
+    col.dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        together = [h.wait() for h in collect_all(list(model_pair()))]
+    finally:
+        col.dist.all_reduce = real
+    assert len(calls) == 1, calls
+    assert all(torch.equal(x.load, y.load) and torch.equal(x.passes, y.passes) for x, y in zip(separate, together))
+    assert together[1].load[0, 0].tolist() == [sum(range(WORLD)), WORLD, 2 * WORLD, 3 * WORLD]
     say("ENGINES", "ok")
 
 
