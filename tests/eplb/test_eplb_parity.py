@@ -263,7 +263,7 @@ def test_heatmap_ticks_are_integers_at_any_scale():
     pytest.importorskip("matplotlib")
     from streamkit_eplb._plot import figure
 
-    for experts, ep_size in ((100_000, None), (100_000, 1_000), (24, 4)):
+    for experts, ep_size in ((100_000, None), (24, 4)):
         heat = Heat(torch.randint(0, 5, (3, 1, experts)), reduce="sum", num_ranks=1)
         fig = figure([(heat, "t")], ep_size=ep_size)
         fig.canvas.draw()

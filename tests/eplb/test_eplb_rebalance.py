@@ -127,7 +127,7 @@ def engine_problems(draw):
     if groups % nodes == 0 and logical // nodes > slots // nodes:
         slots = ranks * -(-logical // ranks)  # room for every node's experts
         slots += ranks * (-(-logical // nodes) * nodes - logical > 0)
-    layers = draw(st.integers(1, 3))
+    layers = draw(st.integers(1, 2))
     kind = draw(st.sampled_from(["uniform", "zipf", "ties", "equal", "zero", "hot"]))
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     if kind == "uniform":
@@ -152,26 +152,21 @@ def _fits(slots, groups, nodes, logical):
 
 
 @given(engine_problems())
-def test_deepseek_and_vllm_algorithms_are_reproduced_exactly(problem):
-    weight, slots, groups, nodes, ranks = problem
-    if not _fits(slots, groups, nodes, weight.shape[1]):
-        return
-    assert torch.equal(rebalance(weight, slots, groups, nodes, ranks, algorithm="deepseek").phy2log,
-                       deepseek_rebalance(weight, slots, groups, nodes, ranks))
-    assert torch.equal(rebalance(weight, slots, groups, nodes, ranks, algorithm="vllm").phy2log,
-                       vllm_rebalance(weight, slots, groups, nodes, ranks))
-
-
-@given(engine_problems())
-def test_default_is_valid_and_never_worse_than_deepseek_or_vllm_on_any_layer(problem):
+def test_engine_algorithms_reproduced_and_the_default_never_worse_on_any_layer(problem):
+    """``algorithm="deepseek"`` / ``"vllm"`` give the engines' phy2log exactly; the default is valid
+    and its peak rank load is never above either engine's on any layer (ties included)."""
     weight, slots, groups, nodes, ranks = problem
     layers, logical = weight.shape
     if not _fits(slots, groups, nodes, logical):
         return
+    deepseek = deepseek_rebalance(weight, slots, groups, nodes, ranks)
+    vllm = vllm_rebalance(weight, slots, groups, nodes, ranks)
+    assert torch.equal(rebalance(weight, slots, groups, nodes, ranks, algorithm="deepseek").phy2log, deepseek)
+    assert torch.equal(rebalance(weight, slots, groups, nodes, ranks, algorithm="vllm").phy2log, vllm)
     ours = rebalance(weight, slots, groups, nodes, ranks)
     _check_valid(ours, layers, logical, slots, ranks)
     peak = peak_rank_load(weight, ours.phy2log, ranks)
-    for theirs in (deepseek_rebalance(weight, slots, groups, nodes, ranks), vllm_rebalance(weight, slots, groups, nodes, ranks)):
+    for theirs in (deepseek, vllm):
         assert bool((peak <= peak_rank_load(weight, theirs, ranks) * (1 + 1e-12)).all()), (peak, theirs)
     if groups % nodes == 0:  # hierarchical: every group stays on one node
         node_of_slot = torch.arange(slots) // (slots // nodes)
