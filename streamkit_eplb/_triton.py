@@ -38,6 +38,9 @@ def _record_ids(
     current = tl.load(ctrl_ptr + 1)
     limit = tl.load(limit_ptr)
     ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
+    # the scalars are broadcast to blocks first: Triton's CPU interpreter refuses a mask made with a scalar
+    enabled = tl.zeros([BLOCK], tl.int64) + enabled
+    limit = tl.zeros([BLOCK], tl.int64) + limit
     keep = inside & (ids != -1) & ((offs // per_row) < limit) & (enabled != 0)
     if MAPPED:
         known = (ids >= 0) & (ids < num_logical)
