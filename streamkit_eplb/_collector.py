@@ -541,8 +541,7 @@ class HeatCollector:
                     f"{where}(phy2log): expected a Placement or a physical-to-logical map (P,) / (num_layers, P)"
                     f" of integer expert ids, got the string {phy2log!r}"
                 )
-            table = torch.as_tensor(phy2log) if isinstance(phy2log, torch.Tensor) else phy2log
-            one_row = isinstance(table, torch.Tensor) and table.dim() == 1
+            one_row = isinstance(phy2log, torch.Tensor) and phy2log.dim() == 1
             rows = self.num_layers if selected is None else len(selected)
             placement = Placement.from_phy2log(phy2log, self._placement.num_logical if self._maps else None,
                                                num_layers=rows if one_row else None)
@@ -579,7 +578,7 @@ class HeatCollector:
         # the complete new placement (other layers unchanged)
         if selected is None:
             full = placement
-            changed = list(range(self.num_layers)) if selected is None else selected
+            changed = list(range(self.num_layers))
         else:
             if self._placement is None:
                 raise ValueError(
