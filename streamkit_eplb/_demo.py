@@ -219,7 +219,7 @@ def _closed_loop(rank: int, cfg: DemoConfig, marks: dict, spawned_at: float) -> 
         marks["setup"] = time.time()
         before = phase()
         marks["phase 1 (before)"] = time.time()
-        placement = rebalance(before.to_vllm(), P, 1, 1, R)
+        placement = rebalance(before.to_vllm(), P, 1, 1, R, old=initial)  # keeps experts in place where it can
         predicted = before.predicted_balancedness(placement, R)
         collector.set_placement(placement)
         collector.enabled = False  # the weight-update step: routed, not counted
@@ -243,6 +243,8 @@ def _closed_loop(rank: int, cfg: DemoConfig, marks: dict, spawned_at: float) -> 
     for layer in range(L):
         say(f"{layer:>5}  {float(b0[layer]):>7.3f}  {float(predicted[layer]):>9.3f}  {float(b1[layer]):>7.3f}")
     say(f"{'mean':>5}  {float(b0.mean()):>7.3f}  {float(predicted.mean()):>9.3f}  {float(b1.mean()):>7.3f}")
+    say(f"rebalance: {placement.moved} of {placement.phy2log.numel()} expert slots change (weights to move;"
+        f" {rebalance(before.to_vllm(), P, 1, 1, R).moved_from(initial)} without old=)")
     say(f"vLLM balancedness (sum of means / sum of maxes): before {float(before.balancedness(ep_size=R, kind='vllm')):.3f},"
         f" after {float(after.balancedness(ep_size=R, kind='vllm')):.3f}")
     say(f"(balancedness = mean/max over the {R} EP ranks of the tokens their slots serve; 1.0 is perfect)")

@@ -6,6 +6,8 @@ Every scenario runs as subprocesses with their own timeout: a failure is a faile
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from streamkit_eplb._buggy import marker_lines
@@ -93,6 +95,8 @@ def test_demo_closes_the_loop_and_plots_before_and_after(streamkit_backend, eplb
     assert all(0.0 < float(v) <= 1.0 for row in table for v in row[1:])
     mean = next(line.split() for line in text.splitlines() if line.strip().startswith("mean"))
     assert float(mean[3]) > float(mean[1])  # rebalancing helped on skewed traffic
+    moved = re.search(r"rebalance: (\d+) of (\d+) expert slots change \(weights to move; (\d+) without old=\)", text)
+    assert moved and int(moved[1]) <= int(moved[3]) <= int(moved[2]), text  # old= never moves more
     assert "rank 0 time: spawn" in text and "imports" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
