@@ -81,7 +81,8 @@ class Heat:
       sum over the ranks, vLLM's all-reduced load).
     * ``invalid``: int64 ``(num_layers, R)``: routed ids that were out of range, excluded.
     * ``window``: 0, 1, 2, ... per collector.
-    * ``passes``: int64 ``(W, num_layers, R, num_experts)`` (oldest pass first; ``load`` is its sum),
+    * ``passes``: int64 ``(W, num_layers, R, num_experts)`` (oldest pass first, or the ring rows in
+      storage order for a ``ring="layer"`` collector; ``load`` is their sum),
       or ``None`` when collected with ``passes=False``.
     * ``placement_version`` and ``phy2log`` (int64 ``(L, P)`` or ``None`` if the collector knew no
       placement): the placement the window was counted under.
