@@ -11,7 +11,10 @@
 2. CUDA (when ``"cuda" in sk.available_backends()``): the record op's device time against one MoE
    layer's (router + top-k + grouped expert matmuls emulated with bf16 matmuls), the collector's
    overhead as a fraction of a decode step (goal <= 1%), and ``record()``/``step()`` captured in a
-   ``torch.cuda.CUDAGraph`` and replayed with the enable flag toggled between replays.
+   ``torch.cuda.CUDAGraph`` and replayed with the enable flag toggled between replays; and a
+   graph-captured decode step with vLLM-style accounting (one ``scatter_add_`` per layer and the
+   window copy per step) beside one with ``record(..., return_physical=True)`` + ``step()``.
+   Without CUDA this part prints why it was skipped.
 
 usage: python benchmarks/collector.py [--calls 50] [--window 16] [--skip-ranks]
 """
@@ -214,7 +217,8 @@ def bench_cuda() -> None:
                     c.step()
             return run
 
-        from streamkit_eplb._ops import _KERNEL_ENV, cuda_record_kernel
+        from streamkit_eplb import cuda_record_kernel
+        from streamkit_eplb._ops import _KERNEL_ENV
 
         def captured_ms(fn) -> float:  # noqa: ANN001
             warm = torch.cuda.Stream()
@@ -239,6 +243,36 @@ def bench_cuda() -> None:
         os.environ.pop(_KERNEL_ENV, None)
         if len(kernels) == 1:
             print("  (Triton is not importable: the one-launch record kernel was not measured)")
+        # Beside vLLM's own accounting on the same device, both graph-captured: vLLM adds each layer's
+        # routed physical ids with one scatter_add_ into expert_load_pass (its map-and-record kernel
+        # also maps; here the ids are mapped beforehand, so this is its cheapest form) and, per step,
+        # copies the pass into its window and zeroes it. The collector maps and records in one op
+        # (record(..., return_physical=True)) and step() clears the next ring row.
+        load_pass = torch.zeros(LAYERS, SLOTS, dtype=torch.int32, device=dev)
+        load_window = torch.zeros(16, LAYERS, SLOTS, dtype=torch.int32, device=dev)
+        physical = c.record(0, topk_ids=ids, num_tokens=n, return_physical=True).long().flatten()
+        c.reset()
+        ones = torch.ones_like(physical, dtype=torch.int32)
+
+        def decode_vllm() -> None:
+            for layer in range(LAYERS):
+                moe_layer()
+                load_pass[layer].scatter_add_(0, physical, ones)
+            load_window[0].copy_(load_pass)
+            load_pass.zero_()
+
+        def decode_mapped() -> None:
+            for layer in range(LAYERS):
+                moe_layer()
+                c.record(layer, topk_ids=ids, num_tokens=n, return_physical=True)
+            c.step()
+
+        vllm_ms, ours_ms = captured_ms(decode_vllm), captured_ms(decode_mapped)
+        print(f"  graph-captured decode step with vLLM-style accounting (1 scatter_add_ per layer + window copy):"
+              f" {vllm_ms:.3f} ms (+{100 * (vllm_ms - base) / base:.2f}%)")
+        print(f"  graph-captured decode step with record(return_physical=True) per layer + step()"
+              f" ({cuda_record_kernel()}): {ours_ms:.3f} ms (+{100 * (ours_ms - base) / base:.2f}%)")
+        c.reset()
         # graph capture: records and the step, replayed with the enable flag toggled between replays
         c.reset()
         static_ids = ids.clone()

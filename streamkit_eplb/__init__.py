@@ -14,13 +14,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["CollectError", "Heat", "HeatCollector", "HeatHandle", "HeatHistory", "Placement", "balancedness_of", "rebalance"]
+__all__ = [
+    "CollectError", "Heat", "HeatCollector", "HeatHandle", "HeatHistory", "Placement", "balancedness_of",
+    "collect_all", "cuda_record_kernel", "rebalance",
+]
 
 # Imported lazily, so `python -m streamkit_eplb demo` starts its ranks without importing torch first.
 _HOMES = {
     "CollectError": "._collector",
     "HeatCollector": "._collector",
     "HeatHandle": "._collector",
+    "collect_all": "._collector",
+    "cuda_record_kernel": "._ops",
     "Heat": "._heat",
     "HeatHistory": "._heat",
     "balancedness_of": "._heat",
@@ -29,7 +34,8 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ._collector import CollectError, HeatCollector, HeatHandle
+    from ._collector import CollectError, HeatCollector, HeatHandle, collect_all
+    from ._ops import cuda_record_kernel
     from ._heat import Heat, HeatHistory, balancedness_of
     from ._placement import Placement, rebalance
 

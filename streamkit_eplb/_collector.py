@@ -36,7 +36,7 @@ from . import _ops
 from ._heat import Heat
 from ._placement import Placement
 
-__all__ = ["CollectError", "HeatCollector", "HeatHandle"]
+__all__ = ["CollectError", "HeatCollector", "HeatHandle", "collect_all"]
 
 # torch >= 2.10 renamed all_gather_into_tensor (now deprecated) to all_gather_single; same c10d op.
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -44,8 +44,9 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 _NO_LIMIT = 2**62  # num_tokens when the caller gives none: every row counts
 
 
-class CollectError(RuntimeError):
-    """A ``collect()`` failed (typically its collective: a peer died or timed out).
+class CollectError(sk.StreamkitError):
+    """A ``collect()`` failed (typically its collective: a peer died or timed out); a
+    :class:`streamkit.StreamkitError` (so a ``RuntimeError``).
 
     Raised by :meth:`HeatHandle.wait`; ``__cause__`` is the original error. No partial
     :class:`Heat` is ever returned; the counters of that window were not cleared.
@@ -66,6 +67,8 @@ def _positive_int(value: Any, name: str) -> int:
 
 _ID_DTYPES = (torch.int32, torch.int64)
 _REDUCES = ("gather", "sum")
+_REPLICAS = ("hash", "modulo")
+_RINGS = ("step", "layer")
 
 
 def _as_log2phy(log2phy: Any, num_layers: int, num_experts: int) -> Placement:
@@ -100,12 +103,7 @@ def _as_log2phy(log2phy: Any, num_layers: int, num_experts: int) -> Placement:
                 raise ValueError(f"HeatCollector(log2phy): layer {layer} names a physical slot twice")
             logical = torch.arange(slots.shape[0]).unsqueeze(1).expand_as(slots)
             phy2log[layer, slots[slots >= 0]] = logical[slots >= 0]
-        if bool((phy2log < 0).any()):
-            layer, slot = (phy2log < 0).nonzero()[0].tolist()
-            raise ValueError(
-                f"HeatCollector(log2phy): physical slot {slot} of layer {layer} holds no logical expert;"
-                f" every slot in [0, num_experts={num_experts}) must appear exactly once"
-            )
+        # a slot no logical expert names stays -1: an empty slot (elastic expert parallelism)
         placement = Placement.from_phy2log(phy2log, table.shape[1])
     if placement.num_physical != num_experts or placement.num_layers != num_layers:
         raise ValueError(
@@ -134,11 +132,18 @@ class HeatCollector:
       for global physical ids, vLLM).
     * ``log2phy``: a :class:`Placement` or vLLM's ``logical_to_physical_map`` (``(N, R)`` or
       ``(L, N, R)``, ``-1`` pads): ``record(topk_ids=...)`` then receives *logical* ids and counts
-      the physical slot each token goes to, replica chosen as vLLM does (the id's flat position in
-      ``topk_ids`` modulo the expert's replica count). The placement also becomes the collector's
-      current placement (version 0).
+      the physical slot each token goes to, the replica chosen by ``replica``. The placement also
+      becomes the collector's current placement (version 0). Slots no expert occupies are empty
+      (``-1`` in ``phy2log``: elastic expert parallelism).
+    * ``replica``: ``"hash"`` (default; vLLM's current rule: replica
+      ``((token * 2654435769) & 0xFFFFFFFF) % replicas`` of the token's row index) or ``"modulo"``
+      (vLLM v0.11: the id's flat position in ``topk_ids`` modulo the replica count).
     * ``dtype``: the device counters, ``torch.int32`` (default; they hold up to 2**31-1 tokens per
       pass, layer and slot between collects) or ``torch.int64``. Heats are always int64.
+    * ``ring``: ``"step"`` (default): :meth:`step` starts a new pass for every layer at once;
+      ``"layer"``: every ``record`` of a layer writes that layer's next ring row and advances it
+      (vllm-ascend's ``load_counter``: ``moe_load[counter % window] += tokens``; rows that wrap keep
+      adding until :meth:`reset`); ``collect()`` then returns the rows in storage order.
     """
 
     def __init__(
@@ -152,6 +157,8 @@ class HeatCollector:
         reduce: str = "gather",
         log2phy: Any = None,
         dtype: torch.dtype = torch.int32,
+        replica: str = "hash",
+        ring: str = "step",
     ) -> None:
         self.num_layers = _positive_int(num_layers, "num_layers")
         self.num_experts = _positive_int(num_experts, "num_experts")
@@ -161,6 +168,12 @@ class HeatCollector:
         self.reduce = reduce
         if dtype not in (torch.int32, torch.int64):
             raise TypeError(f"HeatCollector(dtype): expected torch.int32 or torch.int64, got {dtype}")
+        if replica not in _REPLICAS:
+            raise ValueError(f"HeatCollector(replica): expected 'hash' (vLLM's current rule) or 'modulo' (vLLM v0.11), got {replica!r}")
+        if ring not in _RINGS:
+            raise ValueError(f"HeatCollector(ring): expected 'step' (one pass index) or 'layer' (one ring per layer), got {ring!r}")
+        self.replica = replica
+        self.ring = ring
         backend = sk.get_backend()
         if stream is None:
             eplb_side = sk.Stream()  # named so in race reports: stream #n 'eplb_side'
@@ -177,6 +190,7 @@ class HeatCollector:
         self._placement = _as_log2phy(log2phy, self.num_layers, self.num_experts) if log2phy is not None else None
         self._maps = self._placement is not None
         self._version = 0
+        self._layer_versions = [0] * self.num_layers
         self._backend = backend
         self._is_fake = backend.name == "fake"
         self._stream = stream
@@ -195,11 +209,11 @@ class HeatCollector:
         self._next_window = 0
         self._enabled = True
         self._last_done: sk.Event | None = None  # the previous collect's event (staging free again)
-        self._ready = sk.Event()
         W, L, C = self.window, self.num_layers, self.num_experts + 1
         dev = self._device
         self._acc = torch.zeros((W, L, C), dtype=dtype, device=dev)
-        self._ctrl = torch.tensor([1, 0], dtype=torch.int64).to(dev)  # [enabled, pass index]
+        # [enabled, pass index] (+ one ring position per layer with ring="layer")
+        self._ctrl = torch.tensor([1, 0] + ([0] * L if ring == "layer" else []), dtype=torch.int64).to(dev)
         self._flag = self._ctrl[0:1]
         self._no_limit = torch.tensor(_NO_LIMIT, dtype=torch.int64).to(dev)
         if self._maps:
@@ -216,6 +230,8 @@ class HeatCollector:
             if self._world > 1 and reduce == "gather"
             else None
         )
+        self._own = _Buffers(self._staging, self._gather)
+        self._fused: dict[tuple[int, ...], _Buffers] = {}  # collect_all's buffers, by the collectors' ids
         if self._world > 1:
             self._check_peers(dtype)
 
@@ -264,7 +280,7 @@ class HeatCollector:
     def __repr__(self) -> str:
         return (
             f"HeatCollector(num_layers={self.num_layers}, num_experts={self.num_experts}, window={self.window},"
-            f" reduce={self.reduce!r}, world_size={self._world}, rank={self._rank}, device={self._device},"
+            f" reduce={self.reduce!r}, ring={self.ring!r}, world_size={self._world}, rank={self._rank}, device={self._device},"
             f" placement_version={self._version}, next_window={self._next_window})"
         )
 
@@ -277,7 +293,7 @@ class HeatCollector:
     def _check_peers(self, dtype: torch.dtype) -> None:
         """One small all_gather of the shape and options: disagreeing ranks fail here, all of them."""
         fields = [self.num_layers, self.num_experts, self.window, _REDUCES.index(self.reduce),
-                  0 if dtype == torch.int32 else 1, int(self._maps)]
+                  0 if dtype == torch.int32 else 1, int(self._maps), _REPLICAS.index(self.replica), _RINGS.index(self.ring)]
         mine = torch.tensor(fields, dtype=torch.int64).to(self._device)
         n = len(fields)
         everyone = torch.empty((n * self._world,), dtype=torch.int64, device=self._device)
@@ -293,7 +309,7 @@ class HeatCollector:
         if any(row != rows[self._rank] for row in rows):
             listing = ", ".join(f"rank {r}: {row[2:]}" for r, row in enumerate(rows))
             raise ValueError(
-                "HeatCollector: the ranks of the group disagree on (window, reduce, dtype, log2phy given) -"
+                "HeatCollector: the ranks of the group disagree on (window, reduce, dtype, log2phy given, replica, ring) -"
                 f" {listing}; every rank must construct its collector with the same options"
             )
 
@@ -320,7 +336,8 @@ class HeatCollector:
         topk_ids: torch.Tensor | None = None,
         cumulative: bool = False,
         num_tokens: torch.Tensor | None = None,
-    ) -> None:
+        return_physical: bool = False,
+    ) -> torch.Tensor | None:
         """Add one layer's load to the current pass: **one kernel on the current stream**.
 
         Exactly one of:
@@ -334,10 +351,15 @@ class HeatCollector:
           mapped to physical slots. ``num_tokens``: optional 0-dim integer device tensor; rows of
           ``topk_ids`` at or beyond it are padding (graph-padded batches) and not counted.
 
+        ``return_physical=True`` (with ``log2phy``): the same kernel also maps every id to the
+        physical slot it was counted on and returns them, a new tensor shaped and typed like
+        ``topk_ids`` (``-1`` for padding and ids without a slot), for the engine to route with:
+        vLLM's ``eplb_map_to_physical_and_record`` in one call. Otherwise returns ``None``.
+
         Out-of-range ids raise ``ValueError`` on the fake backend; on real devices (where the check
         would cost a host sync) they are excluded and counted in ``Heat.invalid``. Nothing is counted
-        while :attr:`enabled` is False. Never blocks the host and never allocates a collector buffer;
-        the input is read on the current stream, where it was made.
+        while :attr:`enabled` is False. Never blocks the host and never allocates a collector buffer
+        (only the returned ids); the input is read on the current stream, where it was made.
         """
         if isinstance(layer, bool):
             raise TypeError("HeatCollector.record(layer): expected an int, got bool")
@@ -356,6 +378,8 @@ class HeatCollector:
             )
         if not isinstance(cumulative, bool):
             raise TypeError(f"HeatCollector.record(cumulative): expected a bool, got {type(cumulative).__name__}")
+        if not isinstance(return_physical, bool):
+            raise TypeError(f"HeatCollector.record(return_physical): expected a bool, got {type(return_physical).__name__}")
         E = self.num_experts
         limit = self._no_limit
         if counts is not None:
@@ -379,8 +403,11 @@ class HeatCollector:
                     f"HeatCollector.record(topk_ids): expected an int32 or int64 tensor (-1 is padding),"
                     f" got {topk_ids.dtype}"
                 )
-            if topk_ids.dim() == 0:
-                raise ValueError("HeatCollector.record(topk_ids): expected shape (num_tokens, top_k) or (num_tokens,), got a 0-dim tensor")
+            if topk_ids.dim() not in (1, 2):
+                raise ValueError(
+                    "HeatCollector.record(topk_ids): expected shape (num_tokens, top_k) or (num_tokens,),"
+                    f" got a {topk_ids.dim()}-dim tensor of shape {tuple(topk_ids.shape)}"
+                )
             if num_tokens is not None:
                 self._check_tensor("num_tokens", num_tokens)
                 if num_tokens.dim() != 0:
@@ -391,8 +418,25 @@ class HeatCollector:
                 limit = num_tokens
             if self._is_fake:
                 self._validate_topk_fake(layer, topk_ids, num_tokens)
-            values, mode = topk_ids, (_ops.MODE_IDS_MAPPED if self._maps else _ops.MODE_IDS)
-        torch.ops.streamkit_eplb.record(self._acc, self._ctrl, values, limit, self._log2phy, self._logcnt, layer, mode)
+            if not self._maps:
+                mode = _ops.MODE_IDS
+            else:
+                mode = _ops.MODE_IDS_HASHED if self.replica == "hash" else _ops.MODE_IDS_MAPPED
+            values = topk_ids
+        if return_physical:
+            if counts is not None or not self._maps:
+                raise ValueError(
+                    "HeatCollector.record(return_physical): needs topk_ids of logical experts and a collector"
+                    " built with log2phy= (there is nothing to map otherwise)"
+                )
+            if self.ring == "layer":
+                raise ValueError("HeatCollector.record(return_physical): not supported with ring='layer'")
+            out = torch.empty_like(values)
+            torch.ops.streamkit_eplb.record_map(self._acc, self._ctrl, values, limit, self._log2phy, self._logcnt, out, layer, mode)
+            return out
+        op = torch.ops.streamkit_eplb.record_layer if self.ring == "layer" else torch.ops.streamkit_eplb.record
+        op(self._acc, self._ctrl, values, limit, self._log2phy, self._logcnt, layer, mode)
+        return None
 
     def _validate_counts_fake(self, layer: int, counts: torch.Tensor, cumulative: bool) -> None:
         from streamkit import fake
@@ -434,55 +478,165 @@ class HeatCollector:
     # -- passes, reset, placement ---------------------------------------------------------------
     def step(self) -> None:
         """Start a new pass: one kernel on the current stream advances the device pass index modulo
-        ``window`` and clears the pass it now points at (the oldest one). Graph-safe."""
+        ``window`` and clears the pass it now points at (the oldest one). Graph-safe. Not used with
+        ``ring="layer"``, where every record advances its own layer's ring."""
+        if self.ring == "layer":
+            raise RuntimeError(
+                "HeatCollector.step(): this collector has ring='layer': every record() advances its layer's"
+                " ring row, there is no common pass to start (construct it with ring='step' to use step())"
+            )
         torch.ops.streamkit_eplb.step(self._acc, self._ctrl)
 
-    def reset(self) -> None:
-        """Zero every counter of every pass: one kernel (``zero_``) on the current stream.
-        The counts since the last ``collect()`` are discarded (vllm-ascend clears after a weight update)."""
-        self._acc.zero_()
+    def clear_pass(self) -> None:
+        """Zero the pass being counted (every layer), keeping the older passes: one kernel on the
+        current stream, graph-safe. vLLM's ``expert_load_pass.zero_()`` for a dummy step. With
+        ``ring="layer"`` there is no common pass: use :meth:`reset`."""
+        if self.ring == "layer":
+            raise RuntimeError("HeatCollector.clear_pass(): this collector has ring='layer' (no common pass); use reset()")
+        self._acc.index_fill_(0, self._ctrl[1:2], 0)
 
-    def set_placement(self, phy2log: Any) -> int:
+    def reset(self) -> None:
+        """Zero every counter of every pass: one kernel (``zero_``) on the current stream (two with
+        ``ring="layer"``, which also rewinds the per-layer ring positions, as vllm-ascend's
+        ``clear_all_moe_loads`` does). The counts since the last ``collect()`` are discarded."""
+        self._acc.zero_()
+        if self.ring == "layer":
+            self._ctrl[2:].zero_()
+
+    @property
+    def layer_versions(self) -> tuple[int, ...]:
+        """Per layer, the :attr:`placement_version` of the :meth:`set_placement` that last changed it
+        (0: the construction placement)."""
+        return tuple(self._layer_versions)
+
+    def set_placement(self, phy2log: Any, *, layers: Any = None, keep_window: bool = False) -> int:
         """Record a new placement; returns its version (the previous one + 1).
 
-        ``phy2log``: a :class:`Placement` or a physical-to-logical map ``(P,)`` / ``(L, P)``. With
-        ``log2phy`` given at construction, ``P`` must be ``num_experts`` and record's mapping is
-        updated in place (device buffers of fixed shape, sized for any placement of the slots, so
-        captured graphs stay valid). Without it the map is metadata:
-        ``P`` is ``num_experts`` (global slots) or ``world_size * num_experts`` (rank-local slots,
-        rank-major). The counters are cleared (:meth:`reset`): counts of the old placement never
-        reach a Heat of the new one. ``collect()`` first to keep them.
+        ``phy2log``: a :class:`Placement` or a physical-to-logical map ``(P,)`` / ``(L, P)`` (``-1``:
+        an empty slot). With ``log2phy`` given at construction, ``P`` must be ``num_experts`` and
+        record's mapping is updated in place (device buffers of fixed shape, sized for any placement
+        of the slots, so captured graphs stay valid). Without it the map is metadata: ``P`` is
+        ``num_experts`` (global slots) or ``world_size * num_experts`` (rank-local slots, rank-major).
+
+        ``layers``: commit only these layers (an int or a sequence of layer indices; async EPLB
+        commits layer by layer): ``phy2log`` then holds either every layer or just these, in this
+        order; the other layers keep their placement, and :attr:`layer_versions` records the new
+        version for these layers only.
+
+        ``keep_window=False`` (default): the counters of the committed layers are cleared, so counts
+        of the old placement never reach a Heat of the new one; ``collect()`` first to keep them.
+        ``keep_window=True`` keeps them, as vLLM keeps its window across a rearrangement: the passes
+        counted under the old placement are then read (``to_vllm()``) through the new map, which is
+        what vLLM computes and not the true logical load.
         """
+        where = "HeatCollector.set_placement"
+        if not isinstance(keep_window, bool):
+            raise TypeError(f"{where}(keep_window): expected a bool, got {type(keep_window).__name__}")
+        selected = self._layers_arg(layers, where)
         if isinstance(phy2log, Placement):
             placement = phy2log
         else:
+            if isinstance(phy2log, str):
+                raise TypeError(
+                    f"{where}(phy2log): expected a Placement or a physical-to-logical map (P,) / (num_layers, P)"
+                    f" of integer expert ids, got the string {phy2log!r}"
+                )
+            one_row = isinstance(phy2log, torch.Tensor) and phy2log.dim() == 1
+            rows = self.num_layers if selected is None else len(selected)
             placement = Placement.from_phy2log(phy2log, self._placement.num_logical if self._maps else None,
-                                               num_layers=self.num_layers if torch.as_tensor(phy2log).dim() == 1 else None)
-        if placement.num_layers == 1 and self.num_layers > 1:
-            placement = Placement.from_phy2log(placement.phy2log[0], placement.num_logical, num_layers=self.num_layers)
-        if placement.num_layers != self.num_layers:
+                                               num_layers=rows if one_row else None)
+        expected_rows = (self.num_layers,) if selected is None else (self.num_layers, len(selected))
+        if placement.num_layers == 1 and 1 not in expected_rows:
+            placement = Placement.from_phy2log(placement.phy2log[0], placement.num_logical, num_layers=expected_rows[-1])
+        if placement.num_layers not in expected_rows:
+            wanted = " or ".join(map(str, sorted(set(expected_rows))))
             raise ValueError(
-                f"HeatCollector.set_placement(phy2log): {placement.num_layers} layers, the collector has {self.num_layers}"
-            )
-        allowed = (self.num_experts,) if self._maps else (self.num_experts, self._world * self.num_experts)
-        if placement.num_physical not in allowed:
-            raise ValueError(
-                f"HeatCollector.set_placement(phy2log): {placement.num_physical} physical slots; expected"
-                f" {' or '.join(map(str, allowed))} (num_experts{'' if self._maps else ', or world_size * num_experts'})"
+                f"{where}(phy2log): {placement.num_layers} layers; expected {wanted}"
+                f" (the collector has {self.num_layers}{'' if selected is None else f', layers= names {len(selected)}'})"
             )
         if self._maps:
-            if placement.num_logical != self._placement.num_logical:
+            allowed = [self.num_experts]
+            what = "num_experts (the collector's physical slots)"
+        else:
+            allowed = sorted({self.num_experts, self._world * self.num_experts})
+            what = ("num_experts" if len(allowed) == 1 else
+                    "num_experts (global slots) or world_size * num_experts (rank-local slots)")
+        if placement.num_physical not in allowed:
+            raise ValueError(
+                f"{where}(phy2log): {placement.num_physical} physical slots; expected"
+                f" {' or '.join(map(str, allowed))}: {what}"
+            )
+        if self._maps and placement.num_logical != self._placement.num_logical:
+            raise ValueError(
+                f"{where}(phy2log): {placement.num_logical} logical experts, the"
+                f" collector maps {self._placement.num_logical}"
+            )
+        if selected is not None and placement.num_layers != self.num_layers:
+            rows_of = {layer: row for row, layer in enumerate(selected)}
+        else:
+            rows_of = None
+        # the complete new placement (other layers unchanged)
+        if selected is None:
+            full = placement
+            changed = list(range(self.num_layers))
+        else:
+            if self._placement is None:
                 raise ValueError(
-                    f"HeatCollector.set_placement(phy2log): {placement.num_logical} logical experts, the"
-                    f" collector maps {self._placement.num_logical}"
+                    f"{where}(layers): the collector has no placement yet to update layer by layer; commit"
+                    " every layer first (pass phy2log for all layers without layers=)"
                 )
-            padded = self._padded_log2phy(placement)
-            self._log2phy.copy_(padded.to(self._device))
-            self._logcnt.copy_(placement.logcnt.to(self._device))
-        self._placement = placement
+            if self._placement.num_physical != placement.num_physical:
+                raise ValueError(
+                    f"{where}(phy2log): {placement.num_physical} slots per layer, the current placement has"
+                    f" {self._placement.num_physical}"
+                )
+            merged = self._placement.phy2log.clone()
+            for layer in selected:
+                merged[layer] = placement.phy2log[rows_of[layer] if rows_of is not None else layer]
+            num_logical = max(self._placement.num_logical, placement.num_logical)
+            full = Placement.from_phy2log(merged, num_logical)
+            changed = selected
         self._version += 1
-        self.reset()
+        for layer in changed:
+            self._layer_versions[layer] = self._version
+        if self._maps:
+            padded = self._padded_log2phy(full)
+            if selected is None:
+                self._log2phy.copy_(padded.to(self._device))
+                self._logcnt.copy_(full.logcnt.to(self._device))
+            else:
+                index = torch.tensor(changed, dtype=torch.int64).to(self._device)
+                self._log2phy.index_copy_(0, index, padded[changed].to(self._device))
+                self._logcnt.index_copy_(0, index, full.logcnt[changed].to(self._device))
+        self._placement = full
+        if not keep_window:
+            if selected is None:
+                self.reset()
+            else:
+                index = torch.tensor(changed, dtype=torch.int64).to(self._device)
+                self._acc.index_fill_(1, index, 0)
+                if self.ring == "layer":
+                    self._ctrl.index_fill_(0, index + 2, 0)
         return self._version
+
+    def _layers_arg(self, layers: Any, where: str) -> list[int] | None:
+        if layers is None:
+            return None
+        items = [layers] if isinstance(layers, int) and not isinstance(layers, bool) else layers
+        try:
+            chosen = [operator.index(layer) for layer in items if not isinstance(layer, bool)]
+            if len(chosen) != len(list(items)):
+                raise TypeError
+        except TypeError:
+            raise TypeError(f"{where}(layers): expected an int or a sequence of ints (layer indices), got {layers!r}") from None
+        if not chosen:
+            raise ValueError(f"{where}(layers): expected at least one layer index, got {layers!r}")
+        bad = [layer for layer in chosen if not 0 <= layer < self.num_layers]
+        if bad:
+            raise IndexError(f"{where}(layers): {bad} out of range [0, {self.num_layers})")
+        if len(set(chosen)) != len(chosen):
+            raise ValueError(f"{where}(layers): a layer is named twice in {chosen}")
+        return chosen
 
     def _padded_log2phy(self, placement: Placement) -> torch.Tensor:
         width = self.num_experts - placement.num_logical + 1  # the most replicas one expert can have
@@ -491,78 +645,192 @@ class HeatCollector:
         return padded
 
     # -- collect ----------------------------------------------------------------------------
-    def _host_buffer(self, numel: int) -> torch.Tensor:
-        # Pinned, so the device-to-host copy is really asynchronous (into pageable memory it is
-        # synchronous, on CUDA and on fake alike).
-        if self._is_fake:  # (the fake device has no pinned allocator behind pin_memory=True)
-            return torch.empty((numel,), dtype=self._acc.dtype).pin_memory()
-        try:
-            return torch.empty((numel,), dtype=self._acc.dtype, pin_memory=True)
-        except RuntimeError:  # pragma: no cover - no pinned allocator for this device
-            return torch.empty((numel,), dtype=self._acc.dtype)
-
     def collect(self, *, passes: bool = True, reset: bool = True) -> "HeatHandle":
         """Close the current window and start aggregating it; returns a :class:`HeatHandle`.
 
         ``passes=True``: the payload is the whole ring of ``window`` passes (``Heat.passes`` is
-        ``(window, L, R, E)``, oldest first); ``passes=False``: only their sum (``Heat.passes`` is
-        ``None``; vLLM's payload size). ``reset=True`` clears the counters after the copy (every
-        token in exactly one Heat); ``reset=False`` leaves them (a sliding window read).
-        The host does not wait. If the collective fails, ``HeatHandle.wait()`` raises and the
-        counters are kept.
+        ``(window, L, R, E)``, oldest first; in storage order with ``ring="layer"``);
+        ``passes=False``: only their sum (``Heat.passes`` is ``None``; vLLM's payload size).
+        ``reset=True`` clears the counters after the copy (every token in exactly one Heat);
+        ``reset=False`` leaves them (a sliding window read). The host does not wait. If the
+        collective fails, ``HeatHandle.wait()`` raises and the counters are kept.
         """
-        if not isinstance(passes, bool) or not isinstance(reset, bool):
-            raise TypeError("HeatCollector.collect(passes, reset): expected bools")
-        window = self._next_window
-        self._next_window += 1
-        rows = self.window if passes else 1
-        n = rows * self.num_layers * (self.num_experts + 1)
-        world_rows = self._world if self.reduce == "gather" else 1
-        host = self._host_buffer(world_rows * n)
-        side = self._stream
-        current = sk.current_stream()
-        if self._last_done is not None:
-            current.wait_event(self._last_done)  # the previous collect's gather has read the staging buffer
-        torch.ops.streamkit_eplb.take(self._acc, self._ctrl, self._staging, passes)
-        self._ready.record(current)
-        side.wait_event(self._ready)
-        meta = (self._shape(rows, world_rows), passes, self._version, self._placement, self.reduce, self._world)
-        with sk.switch(side):
-            payload = self._staging[:n]
-            source = payload
-            if self._world > 1:
-                try:
-                    if self.reduce == "sum":
-                        dist.all_reduce(payload, group=self._group)
-                    else:
-                        source = self._gather[: self._world * n]
-                        _all_gather(source, payload, group=self._group)
-                except sk.StreamkitError:
-                    raise  # a streamkit error (e.g. a race report) is a bug to see now
-                except Exception as exc:  # noqa: BLE001 - a dead or slow peer: report it from wait()
-                    return HeatHandle(window, meta, None, None, exc)
-            host.copy_(source, non_blocking=True)
-            done = side.record_event()
-        # the buffers were allocated on the constructing stream: keep their memory until the side
-        # stream is done with them, even if the collector is freed first
-        sk.record_stream(self._staging, side)
-        if source is not payload:
-            sk.record_stream(source, side)
-        self._last_done = done
-        if reset:
-            self._acc.zero_()
-        return HeatHandle(window, meta, host, done, None)
+        return _collect([self], passes, reset, self._own, "HeatCollector.collect")[0]
+
+    def _payload_numel(self, passes: bool) -> int:
+        return (self.window if passes else 1) * self.num_layers * (self.num_experts + 1)
 
     def _shape(self, rows: int, world_rows: int) -> tuple[int, int, int, int]:
         return (world_rows, rows, self.num_layers, self.num_experts + 1)
+
+    # -- state (sleep / wake) ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The collector's device buffers by name, the live tensors themselves (as
+        ``nn.Module.state_dict`` returns them): ``counters`` (the ring), ``control`` (enable flag,
+        pass index, per-layer ring positions), ``log2phy`` and ``logcnt`` (the mapping). Register
+        them with an engine's buffers (``module.register_buffer``) so its sleep/wake restores them,
+        or copy them out and back with :meth:`load_state_dict`."""
+        return {"counters": self._acc, "control": self._ctrl, "log2phy": self._log2phy, "logcnt": self._logcnt}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Copy ``state`` (from :meth:`state_dict`, e.g. saved to the host before a sleep) into the
+        device buffers in place, on the current stream (one copy per buffer; captured graphs stay
+        valid). Every key of :meth:`state_dict` is required, with the same shape and dtype. The
+        host-side placement and versions are not part of it (they survive a device sleep)."""
+        where = "HeatCollector.load_state_dict"
+        if not isinstance(state, dict):
+            raise TypeError(f"{where}(state): expected a dict of tensors from state_dict(), got {type(state).__name__}")
+        mine = self.state_dict()
+        missing, extra = sorted(set(mine) - set(state)), sorted(set(state) - set(mine))
+        if missing or extra:
+            raise ValueError(f"{where}(state): keys differ from state_dict()'s: missing {missing}, unexpected {extra}")
+        for name, buffer in mine.items():
+            value = state[name]
+            if not isinstance(value, torch.Tensor) or value.shape != buffer.shape or value.dtype != buffer.dtype:
+                got = f"{value.dtype} {tuple(value.shape)}" if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"{where}(state[{name!r}]): expected {buffer.dtype} {tuple(buffer.shape)}, got {got}")
+        for name, buffer in mine.items():
+            value = state[name]
+            buffer.copy_(value if value.device == buffer.device else value.to(buffer.device, non_blocking=True))
+
+
+class _Buffers:
+    """A staging buffer (and gather output) one collect reuses, and the event after which it is free."""
+
+    __slots__ = ("staging", "gather", "last_done", "ready")
+
+    def __init__(self, staging: torch.Tensor, gather: torch.Tensor | None) -> None:
+        self.staging = staging
+        self.gather = gather
+        self.last_done: sk.Event | None = None
+        self.ready = sk.Event()
+
+
+def _host_buffer(collector: HeatCollector, numel: int) -> torch.Tensor:
+    # Pinned, so the device-to-host copy is really asynchronous (into pageable memory it is
+    # synchronous, on CUDA and on fake alike).
+    dtype = collector._acc.dtype
+    if collector._is_fake:  # (the fake device has no pinned allocator behind pin_memory=True)
+        return torch.empty((numel,), dtype=dtype).pin_memory()
+    try:
+        return torch.empty((numel,), dtype=dtype, pin_memory=True)
+    except RuntimeError:  # pragma: no cover - no pinned allocator for this device
+        return torch.empty((numel,), dtype=dtype)
+
+
+def _collect(collectors: list[HeatCollector], passes: bool, reset: bool, buffers: _Buffers, where: str) -> list["HeatHandle"]:
+    """Take every collector's counters into ``buffers.staging`` (one after the other), reduce or
+    gather that in one collective on the first collector's side stream, copy it to one host tensor."""
+    if not isinstance(passes, bool) or not isinstance(reset, bool):
+        raise TypeError(f"{where}(passes, reset): expected bools, got passes={passes!r}, reset={reset!r}")
+    first = collectors[0]
+    sizes = [c._payload_numel(passes) for c in collectors]
+    total = sum(sizes)
+    world, reduce = first._world, first.reduce
+    world_rows = world if reduce == "gather" else 1
+    host = _host_buffer(first, world_rows * total)
+    side = first._stream
+    current = sk.current_stream()
+    if buffers.last_done is not None:
+        current.wait_event(buffers.last_done)  # the previous collect's collective has read the staging buffer
+    offset = 0
+    metas = []
+    for c, n in zip(collectors, sizes):
+        torch.ops.streamkit_eplb.take(c._acc, c._ctrl, buffers.staging[offset:offset + n], passes, c.ring == "step")
+        rows = c.window if passes else 1
+        metas.append((c._next_window, (c._shape(rows, world_rows), passes, c._version, c._placement, c.reduce, c._world)))
+        c._next_window += 1
+        offset += n
+    buffers.ready.record(current)
+    side.wait_event(buffers.ready)
+    with sk.switch(side):
+        payload = buffers.staging[:total]
+        source = payload
+        if world > 1:
+            try:
+                if reduce == "sum":
+                    dist.all_reduce(payload, group=first._group)
+                else:
+                    source = buffers.gather[: world * total]
+                    _all_gather(source, payload, group=first._group)
+            except sk.StreamkitError:
+                raise  # a streamkit error (e.g. a race report) is a bug to see now
+            except Exception as exc:  # noqa: BLE001 - a dead or slow peer: report it from wait()
+                return [HeatHandle(window, meta, None, None, exc) for window, meta in metas]
+        host.copy_(source, non_blocking=True)
+        done = side.record_event()
+    # the buffers were allocated on the constructing stream: keep their memory until the side
+    # stream is done with them, even if the collector is freed first
+    sk.record_stream(buffers.staging, side)
+    if source is not payload:
+        sk.record_stream(source, side)
+    buffers.last_done = done
+    for c in collectors:
+        c._last_done = done
+        if reset:
+            c.reset()
+    # no view of `host` here: touching it before the copy lands is a host read the fake backend reports
+    handles, offset = [], 0
+    for (window, meta), n in zip(metas, sizes):
+        handles.append(HeatHandle(window, meta, host, done, None, (offset, n, total)))
+        offset += n
+    return handles
+
+
+def collect_all(collectors: Any, *, passes: bool = True, reset: bool = True) -> list["HeatHandle"]:
+    """:meth:`HeatCollector.collect` of several collectors with **one** collective (e.g. a main
+    model's and its drafter's): their payloads are concatenated into one buffer, all-reduced or
+    all-gathered once, and copied to the host once. Returns one :class:`HeatHandle` per collector,
+    in order; each Heat is exactly what that collector's own ``collect()`` would have returned.
+
+    The collectors must share the process group (the same object), ``reduce``, ``dtype`` and
+    backend, and every rank must pass its collectors in the same order. The first collector's side
+    stream runs the collective.
+    """
+    where = "collect_all"
+    if isinstance(collectors, HeatCollector):
+        collectors = [collectors]
+    try:
+        items = list(collectors)
+    except TypeError:
+        raise TypeError(f"{where}(collectors): expected a sequence of HeatCollector, got {type(collectors).__name__}") from None
+    if not items:
+        raise ValueError(f"{where}(collectors): expected at least one HeatCollector, got an empty sequence")
+    for c in items:
+        if not isinstance(c, HeatCollector):
+            raise TypeError(f"{where}(collectors): expected HeatCollector items, got {type(c).__name__}")
+    if len({id(c) for c in items}) != len(items):
+        raise ValueError(f"{where}(collectors): a collector is listed twice")
+    first = items[0]
+    for c in items[1:]:
+        for what, mine, theirs in (("group", c._group, first._group), ("reduce", c.reduce, first.reduce),
+                                   ("dtype", c._acc.dtype, first._acc.dtype), ("backend", c._backend.name, first._backend.name)):
+            if mine is not theirs and mine != theirs:
+                raise ValueError(
+                    f"{where}(collectors): every collector needs the same {what}; the first has {theirs!r},"
+                    f" another {mine!r}"
+                )
+    if len(items) == 1:
+        return _collect(items, passes, reset, first._own, where)
+    key = tuple(id(c) for c in items)
+    total = sum(c._payload_numel(True) for c in items)
+    entry = first._fused.get(key)
+    if entry is None or entry.staging.numel() != total:
+        dev, dtype = first._device, first._acc.dtype
+        gather = torch.empty((first._world * total,), dtype=dtype, device=dev) if first._world > 1 and first.reduce == "gather" else None
+        entry = _Buffers(torch.zeros((total,), dtype=dtype, device=dev), gather)
+        first._fused[key] = entry
+    return _collect(items, passes, reset, entry, where)
 
 
 class HeatHandle:
     """One pending :meth:`HeatCollector.collect`: :meth:`done` polls it, :meth:`wait` returns its Heat."""
 
-    __slots__ = ("_meta", "_window", "_host", "_event", "_error", "_heat")
+    __slots__ = ("_meta", "_window", "_host", "_event", "_error", "_heat", "_part")
 
-    def __init__(self, window: int, meta: Any, host: torch.Tensor | None, event: Any, error: BaseException | None) -> None:
+    def __init__(self, window: int, meta: Any, host: torch.Tensor | None, event: Any, error: BaseException | None,
+                 part: tuple[int, int, int] | None = None) -> None:
+        self._part = part  # (offset, numel, row length) of this collector's payload in `host` rows
         self._window = window
         self._meta = meta
         self._host = host
@@ -587,6 +855,10 @@ class HeatHandle:
         :class:`CollectError` if the collect failed, ``TimeoutError`` if ``timeout`` seconds pass
         first. Calling it again returns the same Heat.
         """
+        if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float))):
+            raise TypeError(f"HeatHandle.wait(timeout): expected None or a number of seconds >= 0, got {type(timeout).__name__} {timeout!r}")
+        if timeout is not None and not timeout >= 0:  # also refuses nan
+            raise ValueError(f"HeatHandle.wait(timeout): expected None or a number of seconds >= 0, got {timeout!r}")
         if self._error is not None:
             raise CollectError(
                 f"HeatCollector.collect() of window {self._window} failed, no Heat for it:"
@@ -603,7 +875,9 @@ class HeatHandle:
                     time.sleep(0.0005)
                 self._event.synchronize()  # completes at once; orders the host after the copy
             (world_rows, rows, layers, cols), passes, version, placement, reduce, world = self._meta
-            raw = self._host.view(world_rows, rows, layers, cols).to(torch.int64).permute(1, 2, 0, 3)  # (W, L, R, C)
+            offset, n, total = self._part
+            mine = self._host.view(world_rows, total)[:, offset:offset + n]
+            raw = mine.reshape(world_rows, rows, layers, cols).to(torch.int64).permute(1, 2, 0, 3)  # (W, L, R, C)
             experts = cols - 1
             series = raw[..., :experts].contiguous()
             load = series.sum(0)

@@ -28,6 +28,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 DEFAULT_OUT = "eplb_heatmap.png"
+MAX_SEED = 2**32 - 1  # seeds are combined with layer and rank numbers into torch.manual_seed (< 2**64)
+MAX_SLOTS = 65_536
+MAX_RANK_BYTES = 2 * 2**30
+LIMITS = {"ranks": 64, "layers": 4_096, "experts": MAX_SLOTS, "top_k": 1_024, "steps": 1_000_000,
+          "window": 1_000_000, "tokens": 1_000_000, "hidden": 65_536}
 RACE_FOUND = 3  # a --buggy rank's exit code when the fake backend reported the race
 
 
@@ -49,11 +54,32 @@ class DemoConfig:
     timeout: float = 120.0
 
     def validate(self) -> None:
+        """Every argument, before any rank starts: a bad one is one line naming it, never a
+        traceback per rank."""
         for name in ("ranks", "layers", "experts", "steps", "window", "tokens", "top_k", "hidden"):
             if getattr(self, name) <= 0:
                 raise SystemExit(f"demo: --{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.redundant < 0:
             raise SystemExit(f"demo: --redundant must be >= 0, got {self.redundant}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise SystemExit(f"demo: --seed must lie in [0, {MAX_SEED}] (2**32 - 1), got {self.seed}")
+        for name, limit in LIMITS.items():
+            if getattr(self, name) > limit:
+                raise SystemExit(
+                    f"demo: --{name.replace('_', '-')} must be <= {limit:,} (this demo simulates every rank on the"
+                    f" CPU), got {getattr(self, name):,}"
+                )
+        if self.experts + self.redundant > MAX_SLOTS:
+            raise SystemExit(
+                f"demo: --experts + --redundant must be <= {MAX_SLOTS:,} expert slots, got"
+                f" {self.experts + self.redundant:,}"
+            )
+        need = self.rank_bytes()
+        if need > MAX_RANK_BYTES:
+            raise SystemExit(
+                f"demo: these sizes need about {need / 2**30:.1f} GiB per rank (limit {MAX_RANK_BYTES / 2**30:.0f} GiB):"
+                " lower --layers, --tokens, --experts, --window or --hidden"
+            )
         if self.top_k > self.experts:
             raise SystemExit(f"demo: --top-k ({self.top_k}) cannot exceed --experts ({self.experts})")
         if not math.isfinite(self.skew) or self.skew < 0:
@@ -67,6 +93,15 @@ class DemoConfig:
             )
         if not self.buggy:
             self._check_out()
+
+    def rank_bytes(self) -> int:
+        """About how many bytes one rank allocates for these sizes (the largest tensors)."""
+        slots = self.experts + self.redundant
+        noise = 4 * self.layers * self.tokens * self.experts  # float32 routing noise per step
+        model = 4 * self.layers * self.hidden * (self.hidden + 2 * self.experts)
+        counters = 4 * self.window * self.layers * (slots + 1) * 3  # ring, staging, host copy
+        logits = 4 * self.tokens * self.experts * 4
+        return noise + model + counters + logits
 
     def _check_out(self) -> None:
         """Fail before the simulation, not after it, if the heat map cannot be written."""
@@ -184,7 +219,7 @@ def _closed_loop(rank: int, cfg: DemoConfig, marks: dict, spawned_at: float) -> 
         marks["setup"] = time.time()
         before = phase()
         marks["phase 1 (before)"] = time.time()
-        placement = rebalance(before.to_vllm(), P, 1, 1, R)
+        placement = rebalance(before.to_vllm(), P, 1, 1, R, old=initial)  # keeps experts in place where it can
         predicted = before.predicted_balancedness(placement, R)
         collector.set_placement(placement)
         collector.enabled = False  # the weight-update step: routed, not counted
@@ -208,6 +243,8 @@ def _closed_loop(rank: int, cfg: DemoConfig, marks: dict, spawned_at: float) -> 
     for layer in range(L):
         say(f"{layer:>5}  {float(b0[layer]):>7.3f}  {float(predicted[layer]):>9.3f}  {float(b1[layer]):>7.3f}")
     say(f"{'mean':>5}  {float(b0.mean()):>7.3f}  {float(predicted.mean()):>9.3f}  {float(b1.mean()):>7.3f}")
+    say(f"rebalance: {placement.moved} of {placement.phy2log.numel()} expert slots change (weights to move;"
+        f" {rebalance(before.to_vllm(), P, 1, 1, R).moved_from(initial)} without old=)")
     say(f"vLLM balancedness (sum of means / sum of maxes): before {float(before.balancedness(ep_size=R, kind='vllm')):.3f},"
         f" after {float(after.balancedness(ep_size=R, kind='vllm')):.3f}")
     say(f"(balancedness = mean/max over the {R} EP ranks of the tokens their slots serve; 1.0 is perfect)")
@@ -348,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", dest="top_k", type=int, default=d.top_k, help="experts per token")
     demo.add_argument("--hidden", type=int, default=d.hidden, help="hidden size of the synthetic layers")
     demo.add_argument("--out", default=d.out, help=f"heat-map PNG path (default {d.out}), checked before the run")
-    demo.add_argument("--seed", type=int, default=d.seed)
+    demo.add_argument("--seed", type=int, default=d.seed, help=f"random seed, 0 to {MAX_SEED}")
     demo.add_argument("--timeout", type=float, default=d.timeout, help="kill the ranks after this many seconds")
     demo.add_argument("--buggy", action="store_true", help="run the reverted (racy) pattern, print the race report, exit 1")
     return parser

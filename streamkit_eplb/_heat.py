@@ -81,7 +81,8 @@ class Heat:
       sum over the ranks, vLLM's all-reduced load).
     * ``invalid``: int64 ``(num_layers, R)``: routed ids that were out of range, excluded.
     * ``window``: 0, 1, 2, ... per collector.
-    * ``passes``: int64 ``(W, num_layers, R, num_experts)`` (oldest pass first; ``load`` is its sum),
+    * ``passes``: int64 ``(W, num_layers, R, num_experts)`` (oldest pass first, or the ring rows in
+      storage order for a ``ring="layer"`` collector; ``load`` is their sum),
       or ``None`` when collected with ``passes=False``.
     * ``placement_version`` and ``phy2log`` (int64 ``(L, P)`` or ``None`` if the collector knew no
       placement): the placement the window was counted under.
@@ -143,8 +144,8 @@ class Heat:
                     f"Heat(phy2log): {phy2log.shape[1]} slots, expected num_experts={load.shape[2]} or"
                     f" num_ranks*num_experts={num_ranks * load.shape[2]}"
                 )
-            if phy2log.numel() and int(phy2log.min()) < 0:
-                raise ValueError("Heat(phy2log): logical ids cannot be negative")
+            if phy2log.numel() and int(phy2log.min()) < -1:
+                raise ValueError("Heat(phy2log): logical ids must be >= 0, or -1 for an empty slot")
         self.load = load
         self.invalid = invalid
         self.window = window
@@ -230,7 +231,7 @@ class Heat:
                 f" num_layers={self.num_layers}, got {tuple(mapping.shape)}"
             )
         if num_logical is None:
-            num_logical = int(mapping.max()) + 1 if mapping.numel() else 1
+            num_logical = max(int(mapping.max()) + 1, 1) if mapping.numel() else 1
         if not isinstance(num_logical, int) or isinstance(num_logical, bool) or num_logical <= 0:
             raise ValueError(f"logical(num_logical): expected an int > 0, got {num_logical!r}")
         num_physical = mapping.shape[1]
@@ -244,14 +245,14 @@ class Heat:
                 f" num_experts={self.num_experts} (global physical ids) or world_size*num_experts="
                 f"{self.world_size * self.num_experts} (local experts per rank)"
             )
-        if mapping.numel() and (int(mapping.min()) < 0 or int(mapping.max()) >= num_logical):
+        if mapping.numel() and (int(mapping.min()) < -1 or int(mapping.max()) >= num_logical):
             raise ValueError(
-                f"logical(physical_to_logical): ids must lie in [0, num_logical={num_logical}),"
-                f" got values in [{int(mapping.min())}, {int(mapping.max())}]"
+                f"logical(physical_to_logical): ids must lie in [0, num_logical={num_logical}) or be -1 (an"
+                f" empty slot), got values in [{int(mapping.min())}, {int(mapping.max())}]"
             )
-        out = torch.zeros(self.num_layers, num_logical, dtype=torch.int64)
-        out.scatter_add_(1, mapping.contiguous(), physical)
-        return out
+        out = torch.zeros(self.num_layers, num_logical + 1, dtype=torch.int64)  # last column: empty slots
+        out.scatter_add_(1, torch.where(mapping >= 0, mapping, num_logical).contiguous(), physical)
+        return out[:, :num_logical].contiguous()
 
     def predicted_balancedness(self, placement: Placement, num_ranks: int | None = None, *, kind: str = "layer") -> torch.Tensor:
         """The balancedness this window's logical load would have under ``placement``, every logical
@@ -275,15 +276,27 @@ class Heat:
         sum + all_reduce) and passes to ``rebalance_experts`` as ``global_expert_load_window``."""
         return self.logical()
 
-    def to_vllm_ascend(self) -> dict[str, torch.Tensor | None]:
-        """vllm-ascend's inputs: ``{"moe_load": (L, world, E_local), "per_step": (W, L, world, E_local) or None}``.
+    def to_vllm_ascend(self, *, multi_stage: bool = False) -> dict[str, torch.Tensor]:
+        """vllm-ascend's ``shared_dict`` entry: ``{"moe_load": tensor}``, int64, as
+        ``EplbUpdator.compute_and_set_moe_load`` builds it (each rank's per-layer load all-gathered,
+        ``torch.stack(...).permute(1, 0, 2)``):
 
-        ``moe_load`` is ``shared_dict["moe_load"]`` as ``EplbUpdator.compute_and_set_moe_load``
-        builds it (each rank's ``expert_tokens`` summed per layer, all-gathered); ``per_step`` is the
-        series of passes FlashLB takes (one per ``step()``). Needs ``reduce="gather"``."""
+        * ``multi_stage=False``: ``(L, world, E_local)``, the window's load (``self.load``).
+        * ``multi_stage=True`` (FlashLB, ``eplb_policy_type == 3``): ``(num_iter, L, world, E_local)``,
+          the ring rows (``self.passes``; collect a ``ring="layer"`` collector with ``window=num_iter``
+          to get vllm-ascend's per-layer rows, storage order) as that method permutes them
+          (``permute(2, 0, 1, 3)``).
+
+        Needs ``reduce="gather"`` (and ``passes`` for ``multi_stage``)."""
+        if not isinstance(multi_stage, bool):
+            raise TypeError(f"to_vllm_ascend(multi_stage): expected a bool, got {type(multi_stage).__name__} {multi_stage!r}")
         if self.reduce != "gather":
             raise ValueError("to_vllm_ascend(): needs per-rank rows; collect with HeatCollector(reduce='gather')")
-        return {"moe_load": self.load.clone(), "per_step": None if self.passes is None else self.passes.clone()}
+        if not multi_stage:
+            return {"moe_load": self.load.clone()}
+        if self.passes is None:
+            raise ValueError("to_vllm_ascend(multi_stage=True): this Heat has no passes; collect with passes=True")
+        return {"moe_load": self.passes.clone()}
 
     def to_sglang(self) -> dict[str, Any]:
         """An SGLang dump: ``{"logical_count": (L, num_logical) int64, "window": int,
@@ -312,12 +325,24 @@ class Heat:
         (``kind="layer"``, ``ep_size`` as in :meth:`balancedness`), the routed tokens and the invalid
         ids; plus vLLM's one-number balancedness, the window and the placement version. ``labels``
         are added to every sample."""
-        if not prefix or not prefix.replace("_", "a").replace(":", "a").isalnum() or prefix[0].isdigit():
-            raise ValueError(f"prometheus(prefix): not a valid metric name prefix: {prefix!r}")
+        if not isinstance(prefix, str):
+            raise TypeError(
+                f"prometheus(prefix): expected a metric name prefix string ([a-zA-Z_:][a-zA-Z0-9_:]*),"
+                f" got {type(prefix).__name__} {prefix!r}"
+            )
+        if not prefix or not prefix.replace("_", "a").replace(":", "a").isalnum() or not prefix.isascii() or prefix[0].isdigit():
+            raise ValueError(f"prometheus(prefix): not a valid metric name prefix ([a-zA-Z_:][a-zA-Z0-9_:]*): {prefix!r}")
+        if labels is not None and not isinstance(labels, dict):
+            raise TypeError(
+                f"prometheus(labels): expected a dict of label name -> value (e.g. {{'model': 'demo'}}) or None,"
+                f" got {type(labels).__name__} {labels!r}"
+            )
         base = dict(labels or {})
         for key in base:
-            if not key or not key.replace("_", "a").isalnum() or key[0].isdigit():
-                raise ValueError(f"prometheus(labels): not a valid label name: {key!r}")
+            if not isinstance(key, str):
+                raise TypeError(f"prometheus(labels): label names must be strings, got {type(key).__name__} {key!r}")
+            if not key or not key.replace("_", "a").isalnum() or not key.isascii() or key[0].isdigit() or key.startswith("__"):
+                raise ValueError(f"prometheus(labels): not a valid label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __): {key!r}")
 
         def fmt(extra: dict[str, str]) -> str:
             items = {**base, **extra}

@@ -30,10 +30,85 @@ _LIB.define(
     "record(Tensor(a!) acc, Tensor ctrl, Tensor values, Tensor num_tokens, Tensor log2phy, Tensor logcnt,"
     " int layer, int mode) -> ()"
 )
-_LIB.define("take(Tensor acc, Tensor ctrl, Tensor(a!) staging, bool passes) -> ()")
+# record + the physical id of every routed id written to `out` (vLLM's map-and-record in one kernel)
+_LIB.define(
+    "record_map(Tensor(a!) acc, Tensor ctrl, Tensor values, Tensor num_tokens, Tensor log2phy, Tensor logcnt,"
+    " Tensor(b!) out, int layer, int mode) -> ()"
+)
+# record into the layer's own ring position ctrl[2 + layer] and advance it (vllm-ascend's per-layer ring)
+_LIB.define(
+    "record_layer(Tensor(a!) acc, Tensor(b!) ctrl, Tensor values, Tensor num_tokens, Tensor log2phy,"
+    " Tensor logcnt, int layer, int mode) -> ()"
+)
+_LIB.define("take(Tensor acc, Tensor ctrl, Tensor(a!) staging, bool passes, bool rotate) -> ()")
 _LIB.define("step(Tensor(a!) acc, Tensor(b!) ctrl) -> ()")
 
-from ._modes import MODE_COUNTS, MODE_CUMULATIVE, MODE_IDS, MODE_IDS_MAPPED  # noqa: E402,F401  (re-exported)
+from ._modes import (  # noqa: E402,F401  (re-exported)
+    KNUTH,
+    MAPPED_MODES,
+    MODE_COUNTS,
+    MODE_CUMULATIVE,
+    MODE_IDS,
+    MODE_IDS_HASHED,
+    MODE_IDS_MAPPED,
+)
+
+
+def physical_ids(values: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, layer: int, mode: int) -> torch.Tensor:
+    """The physical slot of every routed logical id of ``values`` (flattened, int64); ``-1`` for
+    padding (``-1``), ids outside ``[0, num_logical)`` and experts without a replica. The replica is
+    vLLM's choice: ``MODE_IDS_HASHED`` hashes the token index (vLLM's current kernel),
+    ``MODE_IDS_MAPPED`` takes the flat position modulo the replica count (vLLM v0.11)."""
+    ids = values.reshape(-1).to(torch.int64)
+    n = ids.numel()
+    rows = values.shape[0] if values.dim() > 0 else 1
+    per_row = max(n // max(rows, 1), 1)
+    position = torch.arange(n, device=ids.device)
+    num_logical = logcnt.shape[1]
+    known = (ids >= 0) & (ids < num_logical)
+    logical = ids.clamp(0, num_logical - 1)
+    replicas = logcnt[layer].index_select(0, logical)
+    if mode == MODE_IDS_HASHED:
+        token = position // per_row
+        replica = torch.bitwise_and(token * KNUTH, 0xFFFFFFFF) % replicas.clamp(min=1)
+    else:
+        replica = position % replicas.clamp(min=1)
+    physical = log2phy[layer].index_select(0, logical).gather(1, replica.unsqueeze(1)).squeeze(1)
+    return torch.where(known & (replicas > 0), physical, torch.full_like(physical, -1))
+
+
+def _add(acc: torch.Tensor, pass_index: torch.Tensor, enabled: torch.Tensor, values: torch.Tensor,
+         num_tokens: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor, layer: int, mode: int) -> torch.Tensor | None:
+    """Add one layer's load into ``acc[pass_index, layer]`` times ``enabled`` (0-dim device tensors);
+    returns the physical ids for the mapped modes."""
+    _window, num_layers, cols = acc.shape
+    experts = cols - 1
+    flat_acc = acc.view(-1)
+    base = (pass_index * num_layers + layer) * cols  # 0-dim device tensor: no host read
+    enabled = enabled.to(acc.dtype)
+    if mode in (MODE_COUNTS, MODE_CUMULATIVE):
+        counts = values.to(torch.int64)
+        if mode == MODE_CUMULATIVE:
+            counts = torch.diff(counts, prepend=counts.new_zeros(1))
+        index = base + torch.arange(experts, device=acc.device)
+        flat_acc.index_add_(0, index, counts.to(acc.dtype) * enabled)
+        return None
+    ids = values.reshape(-1).to(torch.int64)
+    n = ids.numel()
+    if n == 0:
+        return ids
+    rows = values.shape[0] if values.dim() > 0 else 1
+    per_row = n // rows
+    position = torch.arange(n, device=acc.device)
+    keep = (ids != -1) & (position // per_row < num_tokens)  # -1 and padded rows are not counted
+    physical = None
+    if mode in MAPPED_MODES:
+        physical = physical_ids(values, log2phy, logcnt, layer, mode)
+        # a known logical id without a replica, or an unknown id: the invalid column
+        ids = torch.where(physical >= 0, physical, torch.where(ids == -1, ids, torch.full_like(ids, -2)))
+    column = torch.where((ids >= 0) & (ids < experts), ids, torch.full_like(ids, experts))
+    flat_acc.index_add_(0, base + column, keep.to(acc.dtype) * enabled)
+    return physical
 
 
 def record_op(
@@ -47,44 +122,51 @@ def record_op(
     mode: int,
 ) -> None:
     """Add one layer's load into ``acc[ctrl[1], layer]``, multiplied by ``ctrl[0]`` (the enable flag)."""
-    _window, num_layers, cols = acc.shape
-    experts = cols - 1
-    flat_acc = acc.view(-1)
-    base = (ctrl[1] * num_layers + layer) * cols  # 0-dim device tensor: no host read
-    enabled = ctrl[0].to(acc.dtype)
-    if mode in (MODE_COUNTS, MODE_CUMULATIVE):
-        counts = values.to(torch.int64)
-        if mode == MODE_CUMULATIVE:
-            counts = torch.diff(counts, prepend=counts.new_zeros(1))
-        index = base + torch.arange(experts, device=acc.device)
-        flat_acc.index_add_(0, index, counts.to(acc.dtype) * enabled)
-        return
-    ids = values.reshape(-1).to(torch.int64)
-    n = ids.numel()
-    if n == 0:
-        return
-    rows = values.shape[0] if values.dim() > 0 else 1
-    per_row = n // rows
-    position = torch.arange(n, device=acc.device)
-    keep = (ids != -1) & (position // per_row < num_tokens)  # -1 and padded rows are not counted
-    if mode == MODE_IDS_MAPPED:
-        num_logical = logcnt.shape[1]
-        known = (ids >= 0) & (ids < num_logical)
-        logical = ids.clamp(0, num_logical - 1)
-        replicas = logcnt[layer].index_select(0, logical)
-        # vLLM's choice: the flat position of the routed id modulo the replica count
-        replica = position % replicas.clamp(min=1)
-        physical = log2phy[layer].index_select(0, logical).gather(1, replica.unsqueeze(1)).squeeze(1)
-        ids = torch.where(known & (replicas > 0), physical, torch.full_like(physical, -2))
-    column = torch.where((ids >= 0) & (ids < experts), ids, torch.full_like(ids, experts))
-    flat_acc.index_add_(0, base + column, keep.to(acc.dtype) * enabled)
+    _add(acc, ctrl[1], ctrl[0], values, num_tokens, log2phy, logcnt, layer, mode)
 
 
-def take_op(acc: torch.Tensor, ctrl: torch.Tensor, staging: torch.Tensor, passes: bool) -> None:
-    """Copy the counters into ``staging``: the whole ring, oldest pass first (``passes=True``), or
-    the sum over the ring (``passes=False``)."""
+def record_map_op(
+    acc: torch.Tensor,
+    ctrl: torch.Tensor,
+    values: torch.Tensor,
+    num_tokens: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    out: torch.Tensor,
+    layer: int,
+    mode: int,
+) -> None:
+    """:func:`record_op` for logical ids, also writing every id's physical slot into ``out``
+    (``-1`` for padding and invalid ids), as vLLM's ``eplb_map_to_physical_and_record`` returns them."""
+    physical = _add(acc, ctrl[1], ctrl[0], values, num_tokens, log2phy, logcnt, layer, mode)
+    out.view(-1).copy_(physical)
+
+
+def record_layer_op(
+    acc: torch.Tensor,
+    ctrl: torch.Tensor,
+    values: torch.Tensor,
+    num_tokens: torch.Tensor,
+    log2phy: torch.Tensor,
+    logcnt: torch.Tensor,
+    layer: int,
+    mode: int,
+) -> None:
+    """Add into ``acc[ctrl[2 + layer] % window, layer]`` and advance that position by the enable
+    flag: every layer has its own ring (vllm-ascend's ``load_counter``; a wrapped row keeps adding)."""
     window = acc.shape[0]
-    if passes:
+    position = ctrl[2 + layer]
+    _add(acc, torch.remainder(position, window), ctrl[0], values, num_tokens, log2phy, logcnt, layer, mode)
+    position.add_(ctrl[0])
+
+
+def take_op(acc: torch.Tensor, ctrl: torch.Tensor, staging: torch.Tensor, passes: bool, rotate: bool = True) -> None:
+    """Copy the counters into ``staging``: the whole ring (``passes=True``), oldest pass first
+    (``rotate=True``) or in storage order (per-layer rings), or the sum over the ring (``passes=False``)."""
+    window = acc.shape[0]
+    if passes and not rotate:
+        staging[: acc.numel()].view(acc.shape).copy_(acc)
+    elif passes:
         order = torch.remainder(torch.arange(window, device=acc.device) + ctrl[1] + 1, window)
         staging[: acc.numel()].view(acc.shape).copy_(acc.index_select(0, order))
     else:
@@ -111,7 +193,8 @@ _triton_module: object = None  # streamkit_eplb._triton once imported, False whe
 def cuda_record_kernel() -> str:
     """Which implementation ``record`` uses on CUDA devices: ``"triton"`` (one launch; when Triton
     is importable and ``STREAMKIT_EPLB_KERNEL`` is not ``aten``) or ``"aten"`` (the composition
-    above, about 25 launches for routed ids). Int64 counters always use ``"aten"``."""
+    above, about 25 launches for routed ids). Int64 counters always use ``"aten"``. Public as
+    :func:`streamkit_eplb.cuda_record_kernel`."""
     global _triton_module
     if os.environ.get(_KERNEL_ENV, "").lower() == "aten":
         return "aten"
@@ -133,7 +216,18 @@ def _record_cuda(acc: torch.Tensor, ctrl: torch.Tensor, values: torch.Tensor, *r
         record_op(acc, ctrl, values, *rest)  # type: ignore[arg-type]
 
 
-for _name, _fn in (("record", record_op), ("take", take_op), ("step", step_op)):
+def _record_map_cuda(acc: torch.Tensor, ctrl: torch.Tensor, values: torch.Tensor, num_tokens: torch.Tensor,
+                     log2phy: torch.Tensor, logcnt: torch.Tensor, out: torch.Tensor, layer: int, mode: int) -> None:
+    """``record_map`` on CUDA tensors: one Triton launch maps, records and writes ``out``."""
+    if cuda_record_kernel() == "triton" and _triton_module.supports(acc, values, out):  # type: ignore[union-attr]
+        _triton_module.record(acc, ctrl, values, num_tokens, log2phy, logcnt, layer, mode, out)  # type: ignore[union-attr]
+    else:
+        record_map_op(acc, ctrl, values, num_tokens, log2phy, logcnt, out, layer, mode)
+
+
+for _name, _fn in (("record", record_op), ("record_map", record_map_op), ("record_layer", record_layer_op),
+                   ("take", take_op), ("step", step_op)):
     _LIB.impl(_name, _fn, "CompositeExplicitAutograd")
     _LIB.impl(_name, _no_op, "Meta")  # shapes never change: tracing (torch.compile, meta tensors) needs no work
 _LIB.impl("record", _record_cuda, "CUDA")  # one Triton launch where Triton is importable
+_LIB.impl("record_map", _record_map_cuda, "CUDA")

@@ -44,9 +44,16 @@ def aggregate(matrix: torch.Tensor, ranks: int, max_columns: int) -> tuple[torch
 
 def heatmap(panels: Sequence[tuple["Heat", str]], path: str, *, ep_size: int | None = None, max_columns: int = 256) -> None:
     """One row per (heat, title): the map and, beside it, per-layer balancedness bars."""
+    figure(panels, ep_size=ep_size, max_columns=max_columns).savefig(path, format="png", dpi=100)
+
+
+def figure(panels: Sequence[tuple["Heat", str]], *, ep_size: int | None = None, max_columns: int = 256):  # noqa: ANN201
+    """The matplotlib Figure :func:`heatmap` saves. Axis ticks are integers at any scale: slot or
+    rank numbers (a binned column is labelled with its first rank), layer numbers."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
+        from matplotlib.ticker import FuncFormatter, MaxNLocator
     except ImportError as exc:  # pragma: no cover - depends on the environment
         raise ImportError(
             "Heat.heatmap() needs matplotlib: pip install 'streamkit[plot]' (or pip install matplotlib)"
@@ -57,8 +64,11 @@ def heatmap(panels: Sequence[tuple["Heat", str]], path: str, *, ep_size: int | N
     for heat, title in panels:
         matrix, ranks, xlabel = slot_matrix(heat, ep_size)
         shown, splits, note = aggregate(matrix, ranks, max_columns)
+        per_column = 1
+        if shown.shape[1] != matrix.shape[1]:  # a column is a rank or a bin of ranks
+            per_column = -(-ranks // shown.shape[1])
         balance = heat.balancedness(None if xlabel.startswith("slot (rank-local") else ranks)
-        prepared.append((shown.to(torch.float64).numpy(), splits, note, xlabel, balance, title, ranks))
+        prepared.append((shown.to(torch.float64).numpy(), splits, note, xlabel, balance, title, ranks, per_column))
     columns = max(p[0].shape[1] for p in prepared)
     layers = max(p[0].shape[0] for p in prepared)
     width = min(4.0 + 0.06 * columns, 14.0) + 2.5
@@ -68,8 +78,13 @@ def heatmap(panels: Sequence[tuple["Heat", str]], path: str, *, ep_size: int | N
     grid = fig.subplots(len(prepared), 2, squeeze=False, gridspec_kw={"width_ratios": [5, 1]})
     vmax = max(max(float(p[0].max()) if p[0].size else 0.0 for p in prepared), 1.0)
     image = None
-    for (data, splits, note, xlabel, balance, title, ranks), (ax, bar) in zip(prepared, grid):
+    for (data, splits, note, xlabel, balance, title, ranks, per_column), (ax, bar) in zip(prepared, grid):
         image = ax.imshow(data, aspect="auto", interpolation="nearest", cmap="inferno", vmin=0, vmax=vmax)
+        # integer ticks only (a column is a slot, a rank or a bin of `per_column` ranks)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _pos, k=per_column: f"{int(round(x)) * k:d}"))
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _pos: f"{int(round(y)):d}"))
         for x in splits:
             ax.axvline(x - 0.5, color="cyan", linewidth=0.8)
         ax.set_title(f"{title}  ({ranks} EP rank{'s' if ranks != 1 else ''})", fontsize=9)
@@ -84,4 +99,4 @@ def heatmap(panels: Sequence[tuple["Heat", str]], path: str, *, ep_size: int | N
         bar.set_title(f"mean {float(balance.mean()):.3f}", fontsize=9)
     if image is not None:
         fig.colorbar(image, ax=[row[0] for row in grid], label="tokens", shrink=0.8)
-    fig.savefig(path, format="png", dpi=100)
+    return fig

@@ -19,17 +19,18 @@ import torch
 import triton
 import triton.language as tl
 
-from ._modes import MODE_COUNTS, MODE_CUMULATIVE, MODE_IDS_MAPPED
+from ._modes import KNUTH, MAPPED_MODES, MODE_COUNTS, MODE_CUMULATIVE, MODE_IDS_HASHED
 
 BLOCK = 1024
+_KNUTH = tl.constexpr(KNUTH)  # a jit function reads module globals only as constexprs
 _INTS = ("n", "per_row", "layer", "num_layers", "cols", "experts", "num_logical", "max_rep")
 
 
 @triton.jit(do_not_specialize=list(_INTS))
 def _record_ids(
-    acc_ptr, ctrl_ptr, ids_ptr, limit_ptr, l2p_ptr, logcnt_ptr,
+    acc_ptr, ctrl_ptr, ids_ptr, limit_ptr, l2p_ptr, logcnt_ptr, out_ptr,
     n, per_row, layer, num_layers, cols, experts, num_logical, max_rep,
-    MAPPED: tl.constexpr, BLOCK: tl.constexpr,
+    MAPPED: tl.constexpr, HASH: tl.constexpr, WRITE_OUT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < n
@@ -37,14 +38,23 @@ def _record_ids(
     current = tl.load(ctrl_ptr + 1)
     limit = tl.load(limit_ptr)
     ids = tl.load(ids_ptr + offs, mask=inside, other=-1).to(tl.int64)
+    # the scalars are broadcast to blocks first: Triton's CPU interpreter refuses a mask made with a scalar
+    enabled = tl.zeros([BLOCK], tl.int64) + enabled
+    limit = tl.zeros([BLOCK], tl.int64) + limit
     keep = inside & (ids != -1) & ((offs // per_row) < limit) & (enabled != 0)
     if MAPPED:
         known = (ids >= 0) & (ids < num_logical)
         logical = tl.where(known, ids, 0)
         replicas = tl.load(logcnt_ptr + layer * num_logical + logical, mask=inside, other=0)
-        replica = offs % tl.maximum(replicas, 1)  # vLLM's choice: flat position modulo replicas
-        physical = tl.load(l2p_ptr + (layer * num_logical + logical) * max_rep + replica, mask=inside, other=-2)
-        ids = tl.where(known & (replicas > 0), physical, -2)
+        if HASH:  # vLLM's current choice: Knuth multiplicative hash of the token index
+            replica = ((offs // per_row) * _KNUTH & 0xFFFFFFFF) % tl.maximum(replicas, 1)
+        else:  # vLLM v0.11: flat position modulo replicas
+            replica = offs % tl.maximum(replicas, 1)
+        physical = tl.load(l2p_ptr + (layer * num_logical + logical) * max_rep + replica, mask=inside, other=-1)
+        physical = tl.where(known & (replicas > 0), physical, -1)
+        if WRITE_OUT:
+            tl.store(out_ptr + offs, physical.to(out_ptr.dtype.element_ty), mask=inside)
+        ids = tl.where(physical >= 0, physical, -2)
     column = tl.where((ids >= 0) & (ids < experts), ids, experts)
     base = (current * num_layers + layer) * cols
     ones = tl.full([BLOCK], 1, tl.int32)
@@ -70,9 +80,9 @@ def _record_counts(
     tl.store(acc_ptr + base + offs, old + (counts * enabled).to(tl.int32), mask=inside)
 
 
-def supports(acc: torch.Tensor, values: torch.Tensor) -> bool:
-    """Whether :func:`record` handles these buffers (int32 counters, contiguous inputs)."""
-    return acc.dtype == torch.int32 and acc.is_contiguous() and values.is_contiguous()
+def supports(acc: torch.Tensor, values: torch.Tensor, out: torch.Tensor | None = None) -> bool:
+    """Whether :func:`record` handles these buffers (int32 counters, contiguous inputs and output)."""
+    return acc.dtype == torch.int32 and acc.is_contiguous() and values.is_contiguous() and (out is None or out.is_contiguous())
 
 
 def record(
@@ -84,8 +94,10 @@ def record(
     logcnt: torch.Tensor,
     layer: int,
     mode: int,
+    out: torch.Tensor | None = None,
 ) -> None:
-    """:func:`._ops.record_op` in one launch (see the module docstring); same arguments."""
+    """:func:`._ops.record_op` in one launch (see the module docstring); same arguments, plus
+    ``out`` for :func:`._ops.record_map_op` (the physical id of every routed id)."""
     _window, num_layers, cols = acc.shape
     experts = cols - 1
     if mode in (MODE_COUNTS, MODE_CUMULATIVE):
@@ -96,12 +108,12 @@ def record(
     if n == 0:
         return
     rows = values.shape[0] if values.dim() > 0 else 1
-    mapped = mode == MODE_IDS_MAPPED
+    mapped = mode in MAPPED_MODES
     if mapped and not log2phy.is_contiguous():
         log2phy = log2phy.contiguous()
     grid = (triton.cdiv(n, BLOCK),)
     _record_ids[grid](
-        acc, ctrl, values, num_tokens, log2phy, logcnt,
+        acc, ctrl, values, num_tokens, log2phy, logcnt, values if out is None else out,
         n, n // rows, layer, num_layers, cols, experts, logcnt.shape[1], log2phy.shape[2],
-        MAPPED=mapped, BLOCK=BLOCK,
+        MAPPED=mapped, HASH=mode == MODE_IDS_HASHED, WRITE_OUT=out is not None, BLOCK=BLOCK,
     )

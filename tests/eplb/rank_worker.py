@@ -301,6 +301,28 @@ def _engines_and_placements(session) -> None:
     assert after.placement_version == 1 and torch.equal(after.phy2log, new.phy2log)
     assert history.add(after) is True and len(history) == 1
     assert after.load.sum().item() == 2 * WORLD
+    # a main model and its drafter: collect_all reduces both in one all_reduce, Heats as separate collects
+    import streamkit_eplb._collector as col
+    from streamkit_eplb import collect_all
+
+    def model_pair():
+        main = HeatCollector(layers, slots, group=dist.group.WORLD, window=2, reduce="sum", log2phy=placement)
+        draft = HeatCollector(1, 4, group=dist.group.WORLD, reduce="sum")
+        main.record(1, topk_ids=torch.tensor([[0, 3], [2, 1]]).to(dev))
+        draft.record(0, torch.tensor([RANK, 1, 2, 3]).to(dev))
+        return main, draft
+
+    separate = [c.collect().wait() for c in model_pair()]
+    calls = []
+    real = col.dist.all_reduce
+    col.dist.all_reduce = lambda *a, **k: (calls.append(1), real(*a, **k))[1]
+    try:
+        together = [h.wait() for h in collect_all(list(model_pair()))]
+    finally:
+        col.dist.all_reduce = real
+    assert len(calls) == 1, calls
+    assert all(torch.equal(x.load, y.load) and torch.equal(x.passes, y.passes) for x, y in zip(separate, together))
+    assert together[1].load[0, 0].tolist() == [sum(range(WORLD)), WORLD, 2 * WORLD, 3 * WORLD]
     say("ENGINES", "ok")
 
 
@@ -324,7 +346,8 @@ def collect_and_report(collector) -> None:
     try:
         heat = handle.wait()
     except CollectError as exc:
-        say("RAISED", f"{time.monotonic() - start:.2f} {type(exc.__cause__).__name__}")
+        cause = exc.__cause__
+        say("RAISED", f"{time.monotonic() - start:.2f} {type(cause).__name__} {str(cause).splitlines()[0][:200] if str(cause) else ''}")
     else:
         say("RETURNED", repr(heat))
     say("DONE")
@@ -347,18 +370,23 @@ def scenario_peer_death(backend: str) -> None:
     os._exit(0)
 
 
-def scenario_peer_stall(backend: str) -> None:
-    """Rank 1 stays alive but never joins the collect: rank 0's wait() raises within the PG timeout."""
+def scenario_peer_stall(backend: str, flag_dir: str = "") -> None:
+    """Rank 1 stays alive but never joins the collect: rank 0's wait() raises while rank 1 still
+    stalls (it marks its return in ``flag_dir``), so the group's timeout bounded the wait."""
     timeout_s = 3.0
+    flag = os.path.join(flag_dir or ".", f"stall_over_{os.getppid()}")
     with environment(backend):
         dev = sk.device()
         c = HeatCollector(2, 4, group=short_group(timeout_s))
         if RANK != 0:
             say("STALLING")
             time.sleep(timeout_s + 2.0)
+            with open(flag, "w"):
+                pass
             os._exit(0)
         c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
         collect_and_report(c)
+        say("PEER_STILL_STALLING", str(not os.path.exists(flag)))
     os._exit(0)
 
 

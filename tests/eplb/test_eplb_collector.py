@@ -10,6 +10,7 @@ import streamkit as sk
 from streamkit_eplb import CollectError, Heat, HeatCollector, HeatHandle, Placement
 
 from streamkit_eplb._buggy import RevertedCollector, marker_lines
+from eplb_reference import vllm_map_and_record
 
 
 def dev_tensor(values, dtype=torch.int64) -> torch.Tensor:
@@ -423,25 +424,22 @@ def test_rows_at_or_beyond_num_tokens_are_padding(streamkit_backend):
     assert rank0(c.collect().wait()) == [[2, 2, 2, 6]]
 
 
-def _vllm_map(topk_ids: torch.Tensor, log2phy: torch.Tensor, logcnt: torch.Tensor) -> torch.Tensor:
-    """vLLM's replica choice (eplb_map_to_physical_and_record): flat position modulo replica count."""
-    ids = topk_ids.long()
-    count = logcnt[ids.clamp(min=0)]
-    position = torch.arange(ids.numel()).reshape_as(ids)
-    physical = log2phy[ids.clamp(min=0)].gather(-1, (position % count).unsqueeze(-1)).squeeze(-1)
-    return torch.where(ids >= 0, physical, -1)
-
-
-def test_log2phy_maps_logical_ids_to_slots_as_vllm_does(streamkit_backend):
+@pytest.mark.parametrize("replica", ["hash", "modulo"])
+def test_log2phy_maps_logical_ids_to_slots_as_vllm_does(streamkit_backend, replica):
+    """Per-slot load equals vLLM's map-and-record kernel, replica by its current hash (default) or
+    by v0.11's flat-position modulo; with return_physical=True the ids it routes with, too."""
     placement = Placement.from_phy2log([0, 1, 2, 0, 1, 0, 3, 3], 4)  # 0 x3, 1 x2, 2 x1, 3 x2
-    c = HeatCollector(2, 8, log2phy=placement)
+    c = HeatCollector(2, 8, log2phy=placement, replica=replica)
     gen = torch.Generator().manual_seed(0)
     expected = torch.zeros(2, 8, dtype=torch.int64)
-    for layer in (0, 1, 1):
+    for step, layer in enumerate((0, 1, 1)):
         ids = torch.randint(-1, 4, (13, 3), generator=gen)
-        phys = _vllm_map(ids, placement.log2phy[0], placement.logcnt[0])
-        expected[layer] += torch.bincount(phys[phys >= 0], minlength=8)
-        c.record(layer, topk_ids=ids.to(sk.device()))
+        phys = vllm_map_and_record(ids, expected[layer], placement.log2phy[0], placement.logcnt[0], True, None, replica)
+        if step == 2:
+            got = c.record(layer, topk_ids=ids.to(sk.device()), return_physical=True)
+            assert got.dtype == ids.dtype and torch.equal(got.cpu(), phys)
+        else:
+            assert c.record(layer, topk_ids=ids.to(sk.device())) is None
     heat = c.collect().wait()
     assert heat.load[:, 0, :].tolist() == expected.tolist()
     assert heat.phy2log.tolist() == placement.phy2log.tolist() * 2 and heat.placement_version == 0
@@ -450,7 +448,7 @@ def test_log2phy_maps_logical_ids_to_slots_as_vllm_does(streamkit_backend):
 
 def test_set_placement_bumps_the_version_clears_and_remaps(streamkit_backend):
     first = Placement.from_phy2log([0, 1, 0, 1], 2)
-    c = HeatCollector(1, 4, log2phy=first)
+    c = HeatCollector(1, 4, log2phy=first, replica="modulo")
     c.record(0, topk_ids=dev_tensor([[0, 0]]))
     old = c.collect().wait()
     c.record(0, topk_ids=dev_tensor([[1, 1]]))  # discarded by set_placement
@@ -481,7 +479,7 @@ def test_v2_arguments_are_validated(streamkit_backend):
         HeatCollector(1, 2, reduce="mean")
     with pytest.raises(TypeError, match="dtype"):
         HeatCollector(1, 2, dtype=torch.float32)
-    with pytest.raises(ValueError, match="slot 1 of layer 0 holds no logical expert"):
+    with pytest.raises(ValueError, match="logical expert 1 has no slot in layer 0"):
         HeatCollector(1, 2, log2phy=torch.tensor([[0], [-1]]))
     with pytest.raises(ValueError, match="names a physical slot twice"):
         HeatCollector(1, 2, log2phy=torch.tensor([[0], [0]]))

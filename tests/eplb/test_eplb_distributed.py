@@ -6,6 +6,8 @@ Every scenario runs as subprocesses with their own timeout: a failure is a faile
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from streamkit_eplb._buggy import marker_lines
@@ -46,26 +48,33 @@ def test_ranks_disagreeing_on_the_shape_fail_at_construction(streamkit_backend, 
         assert "rank 0: (4, 8)" in message and "rank 1: (4, 16)" in message
 
 
-def _seconds_until_the_survivor_raised(results) -> float:
-    """Rank 0 must have raised from wait() (not returned a partial heat): after how many seconds."""
+def _survivor_raised(results) -> tuple[str, str]:
+    """Rank 0 must have raised CollectError from wait() (not returned a partial heat): the cause's
+    type and message."""
     survivor = results[0]
     assert survivor.returncode == 0, survivor.describe()
     assert survivor.lines("RETURNED") == [], survivor.describe()
     (raised,) = survivor.lines("RAISED") or [survivor.describe()]
-    return float(raised.split()[0])
+    _seconds, cause, *message = raised.split(" ", 2)
+    assert survivor.lines("DONE") == [""], survivor.describe()
+    return cause, " ".join(message)
 
 
 @pytest.mark.streamkit_backends("fake")
 def test_a_dead_peer_makes_wait_raise_not_return_a_partial_heat(streamkit_backend, ranks):
     results = ranks("peer_death", timeout=90)
-    assert _seconds_until_the_survivor_raised(results) < 10.0  # the process group timeout is 5 s
+    cause, _message = _survivor_raised(results)
+    assert cause != "NoneType"  # the collective's own error is attached as __cause__
     assert results[1].lines("DYING") == [""]
 
 
 @pytest.mark.streamkit_backends("fake")
-def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_backend, ranks):
-    results = ranks("peer_stall", timeout=90)
-    assert 2.5 < _seconds_until_the_survivor_raised(results) < 3.0 + 3.0  # the group's timeout is 3 s (plus slack)
+def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_backend, ranks, tmp_path):
+    results = ranks("peer_stall", timeout=90, args=(str(tmp_path),))
+    cause, message = _survivor_raised(results)
+    assert "timed out" in message.lower() or "timeout" in message.lower(), (cause, message)
+    # the wait ended while the peer still stalled: the group's timeout bounded it, not the peer's return
+    assert results[0].lines("PEER_STILL_STALLING") == ["True"], results[0].describe()
 
 
 SMALL = ("--layers", "4", "--experts", "8", "--redundant", "2", "--steps", "4", "--window", "4", "--tokens", "32", "--timeout", "100")
@@ -86,6 +95,8 @@ def test_demo_closes_the_loop_and_plots_before_and_after(streamkit_backend, eplb
     assert all(0.0 < float(v) <= 1.0 for row in table for v in row[1:])
     mean = next(line.split() for line in text.splitlines() if line.strip().startswith("mean"))
     assert float(mean[3]) > float(mean[1])  # rebalancing helped on skewed traffic
+    moved = re.search(r"rebalance: (\d+) of (\d+) expert slots change \(weights to move; (\d+) without old=\)", text)
+    assert moved and int(moved[1]) <= int(moved[3]) <= int(moved[2]), text  # old= never moves more
     assert "rank 0 time: spawn" in text and "imports" in text
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

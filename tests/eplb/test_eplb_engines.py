@@ -108,7 +108,9 @@ def test_to_vllm_ascend_equals_moe_load(fake_session, cumulative):
     gathered = Heat(torch.cat([h.load for h in heats], dim=1), passes=passes)
     out = gathered.to_vllm_ascend()
     assert torch.equal(out["moe_load"], reference)
-    assert out["per_step"].shape == (2, layers, ranks, local) and torch.equal(out["per_step"].sum(0), reference)
+    assert set(out) == {"moe_load"}
+    staged = gathered.to_vllm_ascend(multi_stage=True)["moe_load"]  # FlashLB's (iter, L, world, E) layout
+    assert staged.shape == (2, layers, ranks, local) and torch.equal(staged.sum(0), reference)
     with pytest.raises(ValueError, match="reduce='gather'"):
         Heat(torch.zeros(1, 1, 2, dtype=torch.int64), reduce="sum", num_ranks=2).to_vllm_ascend()
 

@@ -1,5 +1,8 @@
 """The rebalancer (DeepSeek's EPLB algorithm): valid placements, never worse than the identity
-placement on skewed loads, hierarchical when groups divide over nodes, and the published example."""
+placement on skewed loads, hierarchical when groups divide over nodes, and the published example;
+against the engines' own code (tests/eplb/eplb_reference.py): ``algorithm="deepseek"`` and
+``"vllm"`` reproduce them exactly, the default is never worse than either on any layer, and
+``old=`` never moves more expert weights than a from-scratch placement."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
+from eplb_reference import deepseek_rebalance, peak_rank_load, vllm_rebalance
 
 from streamkit_eplb import Heat, Placement, rebalance
 
@@ -107,3 +112,99 @@ def test_rebalance_validates_its_arguments():
         rebalance(w, 0, 1, 1, 1)
     with pytest.raises(ValueError, match="logical expert 1 has no slot"):
         Placement.from_phy2log([0, 0, 2], 3)
+
+
+@st.composite
+def engine_problems(draw):
+    """Shapes of every kind (hierarchical and global, redundant slots or none) and the loads the
+    engines break ties on: uniform, Zipf, small integers (ties), all equal, all zero, one hot expert."""
+    nodes = draw(st.sampled_from([1, 2, 4]))
+    ranks = nodes * draw(st.sampled_from([1, 2, 3]))
+    groups = draw(st.sampled_from([1, 2, 4, 8]))
+    logical = groups * draw(st.integers(1, 3))
+    per_rank = -(-logical // ranks) + draw(st.integers(0, 2))
+    slots = per_rank * ranks
+    if groups % nodes == 0 and logical // nodes > slots // nodes:
+        slots = ranks * -(-logical // ranks)  # room for every node's experts
+        slots += ranks * (-(-logical // nodes) * nodes - logical > 0)
+    layers = draw(st.integers(1, 2))
+    kind = draw(st.sampled_from(["uniform", "zipf", "ties", "equal", "zero", "hot"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    if kind == "uniform":
+        weight = torch.rand(layers, logical, generator=gen) * 1000
+    elif kind == "zipf":
+        order = torch.stack([torch.randperm(logical, generator=gen) for _ in range(layers)])
+        weight = (1000.0 / (1.0 + order.double()) ** 1.3).round()
+    elif kind == "ties":
+        weight = torch.randint(0, 4, (layers, logical), generator=gen).double()
+    elif kind == "equal":
+        weight = torch.full((layers, logical), 7.0)
+    elif kind == "zero":
+        weight = torch.zeros(layers, logical)
+    else:
+        weight = torch.ones(layers, logical)
+        weight[:, int(torch.randint(0, logical, (1,), generator=gen))] = 500.0
+    return weight, slots, groups, nodes, ranks
+
+
+def _fits(slots, groups, nodes, logical):
+    return not (groups % nodes == 0 and logical // nodes > slots // nodes)
+
+
+@given(engine_problems())
+def test_engine_algorithms_reproduced_and_the_default_never_worse_on_any_layer(problem):
+    """``algorithm="deepseek"`` / ``"vllm"`` give the engines' phy2log exactly; the default is valid
+    and its peak rank load is never above either engine's on any layer (ties included)."""
+    weight, slots, groups, nodes, ranks = problem
+    layers, logical = weight.shape
+    if not _fits(slots, groups, nodes, logical):
+        return
+    deepseek = deepseek_rebalance(weight, slots, groups, nodes, ranks)
+    vllm = vllm_rebalance(weight, slots, groups, nodes, ranks)
+    assert torch.equal(rebalance(weight, slots, groups, nodes, ranks, algorithm="deepseek").phy2log, deepseek)
+    assert torch.equal(rebalance(weight, slots, groups, nodes, ranks, algorithm="vllm").phy2log, vllm)
+    ours = rebalance(weight, slots, groups, nodes, ranks)
+    _check_valid(ours, layers, logical, slots, ranks)
+    peak = peak_rank_load(weight, ours.phy2log, ranks)
+    for theirs in (deepseek, vllm):
+        assert bool((peak <= peak_rank_load(weight, theirs, ranks) * (1 + 1e-12)).all()), (peak, theirs)
+    if groups % nodes == 0:  # hierarchical: every group stays on one node
+        node_of_slot = torch.arange(slots) // (slots // nodes)
+        size = logical // groups
+        for layer in range(layers):
+            for group in range(groups):
+                members = (ours.phy2log[layer] // size) == group
+                assert node_of_slot[members].unique().numel() == 1
+
+
+@given(engine_problems(), st.integers(0, 2**16))
+def test_old_placement_never_moves_more_than_from_scratch(problem, seed):
+    weight, slots, groups, nodes, ranks = problem
+    layers, logical = weight.shape
+    if not _fits(slots, groups, nodes, logical):
+        return
+    gen = torch.Generator().manual_seed(seed)
+    old = rebalance(torch.rand(layers, logical, generator=gen) * 100, slots, groups, nodes, ranks)
+    scratch = rebalance(weight, slots, groups, nodes, ranks)
+    kept = rebalance(weight, slots, groups, nodes, ranks, old=old)
+    _check_valid(kept, layers, logical, slots, ranks)
+    assert kept.moved == kept.moved_from(old) <= scratch.moved_from(old)
+    # ...at no cost in balance: every layer's peak is the from-scratch one, or the old one when that is lower
+    assert bool((peak_rank_load(weight, kept.phy2log, ranks) <= peak_rank_load(weight, scratch.phy2log, ranks) * (1 + 1e-12)).all())
+    assert rebalance(weight, slots, groups, nodes, ranks, old=kept).moved == 0  # already balanced: nothing moves
+
+
+def test_tied_loads_where_the_previous_rebalancer_lost():
+    """Hierarchical layers with tied loads on which the previous rebalancer (commit c802d8a) had a
+    higher peak rank load than DeepSeek's or vLLM's (found by searching small integer loads)."""
+    cases = [
+        ([0, 2, 4, 3, 3, 1, 4, 6], (16, 4, 2, 8)),  # previous 4.0, DeepSeek and vLLM 3.33
+        ([2, 2, 1, 2, 0, 0, 3, 3, 1, 0, 1, 3], (24, 4, 2, 8)),  # previous 2.67, both 2.5
+        ([5, 3, 2, 3, 4, 3, 10, 3, 7, 0, 8, 9], (12, 4, 2, 4)),  # previous 16, vLLM 15
+        ([1, 2, 0, 1, 0, 3, 0, 1, 1, 1, 1, 2, 3, 3, 0, 1], (24, 4, 2, 8)),  # previous 3.5, vLLM 3.0
+    ]
+    for row, shape in cases:
+        weight = torch.tensor([row], dtype=torch.float64)
+        ours = float(peak_rank_load(weight, rebalance(weight, *shape).phy2log, shape[-1])[0])
+        best = min(float(peak_rank_load(weight, f(weight, *shape), shape[-1])[0]) for f in (deepseek_rebalance, vllm_rebalance))
+        assert ours <= best, (row, ours, best)

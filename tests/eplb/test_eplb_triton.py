@@ -56,20 +56,40 @@ def _both(acc, ctrl, values, limit, log2phy, logcnt, layer, mode):
     return got
 
 
-@pytest.mark.parametrize("mapped", [False, True], ids=["slots", "mapped"])
+@pytest.mark.parametrize("mode", [_ops.MODE_IDS, _ops.MODE_IDS_MAPPED, _ops.MODE_IDS_HASHED], ids=["slots", "modulo", "hash"])
 @pytest.mark.parametrize("enabled", [1, 0])
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
-def test_routed_ids_match_the_aten_composition(mapped, enabled, dtype):
+def test_routed_ids_match_the_aten_composition(mode, enabled, dtype):
     gen = torch.Generator().manual_seed(7)
+    mapped = mode != _ops.MODE_IDS
     high = LOGICAL if mapped else SLOTS
     ids = torch.randint(-1, high + 2, (300, 8), generator=gen).to(dtype)  # padding and out-of-range ids too
     log2phy, logcnt = _placement() if mapped else (torch.zeros((1, 1, 1), dtype=torch.int64, device=DEVICE), torch.zeros((1, 1), dtype=torch.int64, device=DEVICE))
-    mode = _ops.MODE_IDS_MAPPED if mapped else _ops.MODE_IDS
     acc, ctrl = _buffers(enabled)
     for limit in (123, 0):  # rows at or beyond num_tokens are padding
         _both(acc, ctrl, ids.to(DEVICE), torch.tensor(limit, device=DEVICE), log2phy, logcnt, 2, mode)
     full = _both(acc, ctrl, ids.to(DEVICE), torch.tensor(10**9, device=DEVICE), log2phy, logcnt, 2, mode)
     assert (int((full - acc).sum()) > 0) == bool(enabled)
+
+
+@pytest.mark.parametrize("mode", [_ops.MODE_IDS_MAPPED, _ops.MODE_IDS_HASHED], ids=["modulo", "hash"])
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_map_and_record_writes_the_same_physical_ids(mode, dtype):
+    """record_map: the one launch also writes each id's physical slot, as the composition does."""
+    gen = torch.Generator().manual_seed(11)
+    ids = torch.randint(-1, LOGICAL + 2, (200, 8), generator=gen).to(dtype).to(DEVICE)
+    log2phy, logcnt = _placement()
+    acc, ctrl = _buffers()
+    limit = torch.tensor(150, device=DEVICE)
+    expected_acc, expected_out = acc.clone(), torch.empty_like(ids)
+    _ops.record_map_op(expected_acc, ctrl, ids, limit, log2phy, logcnt, expected_out, 1, mode)
+    got_acc, got_out = acc.clone(), torch.empty_like(ids)
+    assert _triton.supports(got_acc, ids, got_out)
+    _triton.record(got_acc, ctrl, ids, limit, log2phy, logcnt, 1, mode, got_out)
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(got_out, expected_out)
+    assert torch.equal(got_acc, expected_acc)
 
 
 @pytest.mark.parametrize("cumulative", [False, True])
