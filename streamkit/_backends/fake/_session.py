@@ -19,7 +19,7 @@ from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
 from ..._errors import EventTimingError, SessionClosedError, StreamkitError, StreamkitWarning, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
-from . import _graph, _handles
+from . import _emulate, _graph, _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
 from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler, poison
@@ -94,8 +94,11 @@ class Session:
     """
 
     def __init__(
-        self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+        self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None,
+        emulate: str | None = None,
     ) -> None:
+        # emulation hook (streamkit/_backends/fake/_emulate.py): the device type this session is
+        emulate = _emulate.check_name(emulate) if emulate is not None else _emulate.default()
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         if schedule is None:
@@ -125,7 +128,10 @@ class Session:
                     raise ValueError
             except (TypeError, ValueError):
                 raise ValueError(f"session(target): expected ((stream, seq), (stream, seq)), got {target!r}") from None
-        ensure_registered()
+        _emulate.claim(emulate)  # (names PrivateUse1 as this session needs, or says why it can't)
+        #: the device type this session emulates (``"cuda"``, ``"npu"``), or ``None``: the fake device
+        self.emulate = emulate
+        self._device = _emulate.device_of(emulate)
         self.schedule = schedule
         self.seed = seed
         self.depth = depth
@@ -151,11 +157,18 @@ class Session:
     # -- the public surface -------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        """The fake device: tensors created on it behave as device tensors."""
-        return _tensor.DEVICE
+        """The fake device: tensors created on it behave as device tensors (``cuda:0`` / ``npu:0`` in
+        a session that emulates that device type)."""
+        return self._device
 
     def __enter__(self) -> "Session":
-        _active.enter(self)
+        _emulate.acquire(self.emulate) if self.emulate else None  # (emulation hook: install the device's names)
+        try:
+            _active.enter(self)
+        except BaseException:
+            _emulate.release(self.emulate) if self.emulate else None
+            raise
+        _tensor.session_opened()
         activate(self.backend)
         # What exists now is not the session's: freeze it, so the collection at exit looks only at
         # objects made inside the session (a full collection with torch loaded takes ~0.3 s).
@@ -188,6 +201,9 @@ class Session:
         for stream in self._clocks.streams:
             stream.freed.clear()  # (pooled blocks reference kernels, which reference their streams)
         _active.leave(self)
+        _tensor.session_closed()
+        if self.emulate:
+            _emulate.release(self.emulate)  # (emulation hook: the last holder restores every replaced name)
         collectives = sys.modules.get(__package__ + "._collectives")
         if collectives is not None:  # (loaded only once a collective ran on the fake device)
             collectives.session_ended(self)
@@ -449,7 +465,11 @@ class FakeBackend(Backend):
 
     @classmethod
     def load(cls) -> "FakeBackend":
-        """The fake backend (it works in the open ``fake.session()``, else the default session)."""
+        """The fake backend (it works in the open ``fake.session()``, else the default session).
+        Registers the fake device (PyTorch's PrivateUse1), so ``sk.device()`` and
+        ``device="fake"`` work before any session; raises
+        :class:`~streamkit.BackendUnavailableError` saying why when it can't."""
+        _emulate.claim(_emulate.default())
         return BACKEND
 
     @classmethod
@@ -463,7 +483,11 @@ class FakeBackend(Backend):
         return "<streamkit backend 'fake'>"
 
     def device(self) -> torch.device:
-        return _tensor.DEVICE
+        """The active session's device (``fake:0``; ``cuda:0``/``npu:0`` in an emulating session)."""
+        s = _active.current
+        if s is None:
+            return _emulate.device_of(_emulate.default())
+        return s.device
 
     def synchronize(self) -> None:
         s = _active.current or _active.get()
@@ -642,13 +666,18 @@ _active.set_default_factory(lambda: Session("raise"))
 
 @contextmanager
 def session(
-    detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+    detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None,
+    emulate: str | None = None,
 ) -> Iterator[Session]:
     """Open a fake session: the fake backend becomes the active backend for every ``sk.*`` call
     (process-wide) until the block ends.
 
     ``detect="raise"`` raises :class:`~streamkit.RaceError` at the second access of a race,
     ``"record"`` appends it to ``session.races`` and goes on, ``"off"`` tracks nothing.
+
+    ``emulate="cuda"`` / ``"npu"``: inside the block the fake device is that device type, and
+    unmodified ``torch.cuda`` / ``torch.npu`` / ``torch_npu`` code runs on it (docs/emulation.md);
+    ``None`` (default) takes ``STREAMKIT_EMULATE`` from the environment, else the ``fake`` device.
 
     Inside a checker run (``python -m streamkit check``), the block is a scope of the checker's
     session instead (see :class:`CheckedBlock`): the checker sees every race, and the block's
@@ -668,7 +697,9 @@ def session(
         with block:
             yield block
         return
-    s = Session(detect, schedule, seed, depth, target)
+    if emulate is not None:
+        _emulate.check_name(emulate)
+    s = Session(detect, schedule, seed, depth, target, emulate=emulate)
     with s:
         yield s
 
@@ -772,11 +803,11 @@ class _RaceLog(list):
 
 
 @contextmanager
-def checker_session(on_race: Any = None) -> Iterator[Session]:
+def checker_session(on_race: Any = None, emulate: str | None = None) -> Iterator[Session]:
     """The checker's session (``detect="record"``): a ``fake.session()`` the checked script opens
     inside it becomes a :class:`CheckedBlock` of it. ``on_race(race)`` is called for every new race
     as it is found (a spawned child streams its report this way, so a crash loses nothing)."""
-    s = Session("record")
+    s = Session("record", emulate=emulate)
     s._checker_host = True  # type: ignore[attr-defined]
     s._checker_block = None  # type: ignore[attr-defined]
     if on_race is not None:
