@@ -261,6 +261,26 @@ def check_index(kind: str, device: Any, where: str) -> None:
         raise TypeError(f"{where}: expected a device (int, str or torch.device), got {type(device).__name__}")
     if index not in (None, 0, -1):
         raise DeviceIndexError(
-            f"{where}: device {device!r}: the emulated {kind} device is one device, {kind}:0 (CUDA would raise"
+            f"{where}: device {str(device) if isinstance(device, torch.device) else repr(device)}: the emulated {kind} device is one device, {kind}:0 (CUDA would raise"
             f" 'invalid device ordinal'); run one process per rank, each on {kind}:0 (as CUDA_VISIBLE_DEVICES does)"
         )
+
+
+# -- fake.explore / fake.replay with emulate= ---------------------------------------------------------
+
+def with_emulate(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function`` (``fake.explore``, ``fake.replay``) taking ``emulate=`` too: every session it
+    opens emulates that device type."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, emulate: str | None = None, **kwargs: Any) -> Any:
+        check_name(emulate, f"{function.__name__}(emulate)")
+        with sessions_emulate(emulate):
+            return function(*args, **kwargs)
+
+    wrapper.__doc__ = (function.__doc__ or "") + (
+        "\n\n    ``emulate``: ``\"cuda\"`` / ``\"npu\"``: every run's session emulates that device type"
+        " (``fake.session(emulate=...)``, docs/emulation.md)."
+    )
+    return wrapper

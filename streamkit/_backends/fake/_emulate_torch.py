@@ -510,11 +510,16 @@ class _TorchNpu(types.ModuleType):
 
 # -- installing ---------------------------------------------------------------------------------------
 
+_MODULES: dict[str, dict[str, Any]] = {}
+
+
 def install(current: Any) -> None:
     """Install ``current.kind``'s emulation, recording every replaced name in ``current.patches``."""
     kind = current.kind
     patches = current.patches
-    names = make_module(kind)
+    names = _MODULES.get(kind)
+    if names is None:  # (made once per process: streams made under one install stay usable under the next)
+        names = _MODULES[kind] = make_module(kind)
     if kind == "cuda":
         for name, value in names.items():
             patches.set(torch.cuda, name, value)
