@@ -1,0 +1,90 @@
+"""npu emulation runs in a process of its own (PyTorch names its PrivateUse1 device once per
+process, and this one named it 'fake'): ``python -m streamkit check --emulate npu`` on a
+torch_npu-style script (vllm-ascend PR 4214's path, racy and fixed), and ``pytest
+--streamkit-emulate=npu`` on a torch.npu-only test file; in this process, emulate='npu' is refused
+saying why and what to do."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from streamkit import fake
+from streamkit._backends.fake import _emulate
+
+from _support import REPO, child_env, free_port, marker_line
+
+HERE = Path(__file__).parent
+
+
+def test_npu_in_a_fake_process_is_refused_saying_why_and_what_to_do():
+    with fake.session():
+        pass  # (this process's PrivateUse1 is 'fake' now)
+    with pytest.raises(fake.EmulationError, match=r"named it 'fake'.*--emulate npu"):
+        with fake.session(emulate="npu"):
+            pass
+    assert _emulate.installed() is None and "torch_npu" not in sys.modules
+
+
+def _check(variant: str) -> subprocess.CompletedProcess:
+    script = HERE / "scripts" / "eplb_npu.py"
+    return subprocess.run(
+        [sys.executable, "-m", "streamkit", "check", "--emulate", "npu", str(script), variant, str(free_port())],
+        cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=120,
+    )
+
+
+def test_pr4214_script_racy_reported_with_its_lines_and_fixed_clean():
+    racy = _check("racy")
+    updator = HERE / "_eplb_updator.py"
+    assert racy.returncode == 1, racy.stdout + racy.stderr
+    out = racy.stdout
+    assert f"_eplb_updator.py:{marker_line(updator, 'stack')}" in out and f"_eplb_updator.py:{marker_line(updator, 'gather')}" in out
+    assert f"created at _eplb_updator.py:{marker_line(updator, 'updator-stream')}" in out
+    assert "_emulate" not in out.replace("--emulate", "")
+    fixed = _check("fixed")
+    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
+    assert "heat 80.0 npu:0" in fixed.stdout and "0 race(s)" in fixed.stdout
+
+
+NPU_TESTS = '''
+import pytest, torch
+
+side = torch.npu.Stream()  # <import-stream>
+
+@pytest.mark.skipif(not torch.npu.is_available(), reason="needs an NPU")
+def test_racy():
+    x = torch.ones(4, device="npu")
+    with torch.npu.stream(side):
+        y = x * 2  # <racy-read>
+
+def test_fixed():
+    x = torch.ones(4, device="npu:0")
+    side.wait_stream(torch.npu.current_stream())
+    with torch.npu.stream(side):
+        y = x * 2
+    torch.npu.current_stream().wait_stream(side)
+    assert y.cpu().tolist() == [2.0] * 4 and y.device.type == "npu"
+
+def test_custom_op_names_itself():
+    import torch_npu
+    with pytest.raises(NotImplementedError, match="torch_npu.npu_moe_init_routing.*monkeypatch"):
+        torch_npu.npu_moe_init_routing(torch.ones(2, device="npu"))
+'''
+
+
+def test_pytest_option_runs_a_torch_npu_suite(tmp_path):
+    test_file = tmp_path / "test_engine_npu.py"
+    test_file.write_text(NPU_TESTS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(test_file), "--streamkit-emulate=npu", "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", "-p", "no:randomly", "--rootdir", str(tmp_path)],
+        cwd=str(tmp_path), env=child_env(), capture_output=True, text=True, timeout=120,
+    )
+    out = proc.stdout
+    assert "1 failed, 2 passed" in out, out + proc.stderr
+    assert f"test_engine_npu.py:{marker_line(test_file, 'racy-read')}" in out
+    assert f"created at test_engine_npu.py:{marker_line(test_file, 'import-stream')}" in out
