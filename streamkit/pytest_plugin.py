@@ -78,7 +78,7 @@ def pytest_configure(config: Any) -> None:
     )
     kind = config.getoption("--streamkit-emulate", None)
     if kind is not None:
-        from ._backends.fake import _emulate
+        _emulate = importlib.import_module("streamkit._backends.fake._emulate")
 
         saved = os.environ.get(_emulate.ENV)
         os.environ[_emulate.ENV] = kind
@@ -101,7 +101,7 @@ def pytest_unconfigure(config: Any) -> None:
     held = getattr(config, _EMULATE_KEY, None)
     if held is None:
         return
-    from ._backends.fake import _emulate
+    _emulate = importlib.import_module("streamkit._backends.fake._emulate")
 
     kind, saved = held
     delattr(config, _EMULATE_KEY)
@@ -128,7 +128,7 @@ def _emulation_of(item: Any) -> str | None:
 
 def _in_child(item: Any, kind: str) -> bool:
     """Whether ``item`` must run in a child process (this one can't emulate ``kind``)."""
-    from ._backends.fake import _emulate
+    _emulate = importlib.import_module("streamkit._backends.fake._emulate")
 
     try:
         _emulate.claim(kind)

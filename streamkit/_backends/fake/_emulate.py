@@ -23,6 +23,7 @@ How (docs/emulation.md, "Design"):
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 from contextlib import contextmanager
@@ -193,7 +194,7 @@ def acquire(kind: str) -> None:
             return
         claim(kind)
         current = _Installed(kind)
-        from . import _emulate_torch
+        _emulate_torch = importlib.import_module(__package__ + "._emulate_torch")  # (it imports this module)
 
         try:
             _emulate_torch.install(current)

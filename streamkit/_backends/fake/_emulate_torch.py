@@ -13,6 +13,7 @@ Each name's fake semantics and its source are in docs/emulation.md (the coverage
 from __future__ import annotations
 
 import gc
+import importlib
 import sys
 import types
 import weakref
@@ -34,9 +35,7 @@ _GRAPH_CLASS = {"cuda": "CUDAGraph", "npu": "NPUGraph"}
 
 
 def _backend() -> Any:
-    from ._session import BACKEND
-
-    return BACKEND
+    return importlib.import_module(__package__ + "._session").BACKEND  # (_session imports _emulate, which installs this)
 
 
 def _session() -> Any:
