@@ -88,3 +88,27 @@ def test_table_render_marks_failures_skips_and_rules_that_do_not_apply():
     assert "[1] the allocator gave another block" in text
     assert "npu: 0 pass, 0 FAIL, 1 skip (unavailable: npu backend unavailable: no torch_npu)" in text
     assert table.failures == [("streams: a", "cuda")]
+
+
+def test_emulated_columns_run_streamkits_own_cuda_and_npu_backends_and_pass():
+    """``cuda (emulated)`` / ``npu (emulated)``: streamkit's cuda and npu backends over the fake
+    device's emulated torch.cuda / torch.npu (each in a child process), every rule passing."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "streamkit", "conformance", "--backend", "cuda-emulated", "--backend", "npu-emulated"],
+        cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=300,
+    )
+    out = proc.stdout
+    assert proc.returncode == 0, out + proc.stderr
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rule "))
+    assert lines[header].split("  ")[0] == "rule" and "cuda (emulated)" in lines[header] and "npu (emulated)" in lines[header]
+    end = lines.index("", header)
+    rows = [line for line in lines[header + 2:end]]
+    assert len(rows) >= 60
+    assert all("FAIL" not in row for row in rows), out
+    cuda = next(line for line in lines if line.startswith("cuda (emulated):"))
+    npu = next(line for line in lines if line.startswith("npu (emulated):"))
+    assert " 0 FAIL" in cuda and " 0 FAIL" in npu
+    assert int(cuda.split(":")[1].split()[0]) >= 65 and int(npu.split(":")[1].split()[0]) >= 60
+    hazard = next(row for row in rows if row.startswith("hazards: unordered_read_sees_stale_data"))
+    assert hazard.split()[-2:] == ["pass", "n/a"]  # the detector reports the hazard (a cuda/fake-only rule)
