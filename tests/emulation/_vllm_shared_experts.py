@@ -3,10 +3,31 @@ layer.py: ``shared_experts_stream``), written against torch.cuda only. The aux s
 import time, as vLLM makes it; the input-ready wait is an event (``WAIT_FOR_INPUT`` False: vLLM's
 wait removed); the hidden-state clone read on the aux stream is kept alive with ``record_stream``."""
 
+import threading
+
 import torch
 
 AUX = torch.cuda.Stream()  # <aux-stream>
 WAIT_FOR_INPUT = True
+
+# vLLM (vllm/utils/torch_utils.py) replaces torch.cuda.set_stream at import, to track the current
+# stream cheaply: the emulation must be installed before this runs, and restore the original after.
+_current_stream_tls = threading.local()
+prev_set_stream = torch.cuda.set_stream
+
+
+def _patched_set_stream(stream: torch.cuda.Stream) -> None:
+    _current_stream_tls.value = stream
+    prev_set_stream(stream)
+
+
+torch.cuda.set_stream = _patched_set_stream
+
+
+def current_stream() -> torch.cuda.Stream:
+    if getattr(_current_stream_tls, "value", None) is None:
+        _current_stream_tls.value = torch.cuda.current_stream()
+    return _current_stream_tls.value
 
 
 class SharedExpertsMoE(torch.nn.Module):
@@ -32,6 +53,6 @@ class SharedExpertsMoE(torch.nn.Module):
         for k in range(self.top_k):
             expert = self.experts[ids[:, k]]
             routed += weights[:, k:k + 1] * torch.bmm(hidden_states.unsqueeze(1), expert).squeeze(1)
-        torch.cuda.current_stream().wait_stream(AUX)
-        shared_out.record_stream(torch.cuda.current_stream())  # (made on AUX, last used here)
+        current_stream().wait_stream(AUX)
+        shared_out.record_stream(current_stream())  # (made on AUX, last used here)
         return routed + shared_out

@@ -112,10 +112,13 @@ def _shared_experts(wait: bool):
 def vllm_module():
     """The vLLM-shaped module, imported inside cuda emulation (its aux stream is made at import)."""
     sys.path.insert(0, str(HERE))
+    original_set_stream = torch.cuda.set_stream
     try:
         with fake.session(emulate="cuda"):
             sys.modules.pop("_vllm_shared_experts", None)
             module = importlib.import_module("_vllm_shared_experts")
+            assert torch.cuda.set_stream is module._patched_set_stream  # (vLLM's own replacement)
+        assert torch.cuda.set_stream is original_set_stream  # the process as found
         yield module
     finally:
         sys.path.remove(str(HERE))

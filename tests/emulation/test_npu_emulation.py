@@ -1,6 +1,6 @@
 """npu emulation runs in a process of its own (PyTorch names its PrivateUse1 device once per
 process, and this one named it 'fake'): ``python -m streamkit check --emulate npu`` on a
-torch_npu-style script (vllm-ascend PR 4214's path, racy and fixed), and ``pytest
+torch_npu-style script (vllm-ascend PR 4214's path on two HCCL ranks, racy and fixed), and ``pytest
 --streamkit-emulate=npu`` on a torch.npu-only test file; in this process, emulate='npu' is refused
 saying why and what to do."""
 
@@ -15,7 +15,7 @@ import pytest
 from streamkit import fake
 from streamkit._backends.fake import _emulate
 
-from _support import REPO, child_env, free_port, marker_line
+from _support import REPO, child_env, marker_line, run_ranks
 
 HERE = Path(__file__).parent
 
@@ -29,25 +29,23 @@ def test_npu_in_a_fake_process_is_refused_saying_why_and_what_to_do():
     assert _emulate.installed() is None and "torch_npu" not in sys.modules
 
 
-def _check(variant: str) -> subprocess.CompletedProcess:
+def _ranks(variant: str) -> list:
+    """The script on two HCCL ranks, each under ``python -m streamkit check --emulate npu``."""
     script = HERE / "scripts" / "eplb_npu.py"
-    return subprocess.run(
-        [sys.executable, "-m", "streamkit", "check", "--emulate", "npu", str(script), variant, str(free_port())],
-        cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=120,
-    )
+    return run_ranks(["-m", "streamkit", "check", "--emulate", "npu", str(script), variant], world=2)
 
 
-def test_pr4214_script_racy_reported_with_its_lines_and_fixed_clean():
-    racy = _check("racy")
+def test_pr4214_script_on_two_ranks_racy_reported_with_its_lines_and_fixed_clean():
     updator = HERE / "_eplb_updator.py"
-    assert racy.returncode == 1, racy.stdout + racy.stderr
-    out = racy.stdout
-    assert f"_eplb_updator.py:{marker_line(updator, 'stack')}" in out and f"_eplb_updator.py:{marker_line(updator, 'gather')}" in out
-    assert f"created at _eplb_updator.py:{marker_line(updator, 'updator-stream')}" in out
-    assert "_emulate" not in out.replace("--emulate", "")
-    fixed = _check("fixed")
-    assert fixed.returncode == 0, fixed.stdout + fixed.stderr
-    assert "heat 80.0 npu:0" in fixed.stdout and "0 race(s)" in fixed.stdout
+    for r in _ranks("racy"):
+        out = r.stdout
+        assert r.returncode == 1, r.describe()
+        assert f"_eplb_updator.py:{marker_line(updator, 'stack')}" in out and f"_eplb_updator.py:{marker_line(updator, 'gather')}" in out
+        assert f"created at _eplb_updator.py:{marker_line(updator, 'updator-stream')}" in out
+        assert "_emulate" not in out.replace("--emulate", "")
+    for r in _ranks("fixed"):
+        # both ranks gathered both ranks' loads: (1+2+3+4)*8 + (2+3+4+5)*8, into a (world, layers, experts) output
+        assert r.returncode == 0 and "heat 2 192.0 npu:0" in r.stdout and "0 race(s)" in r.stdout, r.describe()
 
 
 NPU_TESTS = '''
