@@ -10,7 +10,7 @@ from streamkit.conformance import Table, _split_id
 
 from _support import REPO, child_env
 
-# One process: the CLI on fake and npu (torch_npu is never installed here, also not on GPU machines:
+# One process: the CLI on the emulated columns (each in a child process of its own), the CLI on fake and npu (torch_npu is never installed here, also not on GPU machines:
 # exit 2, and fake's column), then the
 # runner on a registered backend whose test set-up always fails (exit 1, every rule FAIL).
 SCENARIO = r"""
@@ -23,6 +23,9 @@ from streamkit._backends.fake import FakeBackend
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     cli = main(["conformance", "--backend", "fake", "--backend", "npu"])
+emulated_out = io.StringIO()
+with contextlib.redirect_stdout(emulated_out):
+    emulated = main(["conformance", "--backend", "cuda-emulated", "--backend", "npu-emulated"])
 
 class Broken(FakeBackend):
     name = "broken"
@@ -36,7 +39,8 @@ class Broken(FakeBackend):
 sk.register_backend("broken", Broken)
 broken_out = io.StringIO()
 broken = conformance.run(["broken"], out=broken_out)
-print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_out": broken_out.getvalue()}))
+print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_out": broken_out.getvalue(),
+                  "emulated": emulated, "emulated_out": emulated_out.getvalue()}))
 """
 
 
@@ -58,6 +62,7 @@ def test_conformance_cli_table_and_exit_status():
     assert rows["hazards: unordered_read_sees_stale_data"] == ["pass", "n/a"]  # a cuda/fake-only rule
     assert rows["streams: native_objects_are_rejected"] == ["n/a", "skip"]  # a cuda/npu-only rule
     assert len(rows) >= 60 and all(cells[0] in ("pass", "n/a") for cells in rows.values()), out
+    _check_emulated_columns(result["emulated"], result["emulated_out"])
     assert "npu: 0 pass, 0 FAIL" in out and "unavailable: npu backend unavailable" in out
     assert "npu named but unavailable" in out
     assert result["broken"] == 1
@@ -90,22 +95,16 @@ def test_table_render_marks_failures_skips_and_rules_that_do_not_apply():
     assert table.failures == [("streams: a", "cuda")]
 
 
-def test_emulated_columns_run_streamkits_own_cuda_and_npu_backends_and_pass():
+def _check_emulated_columns(code: int, out: str) -> None:
     """``cuda (emulated)`` / ``npu (emulated)``: streamkit's cuda and npu backends over the fake
-    device's emulated torch.cuda / torch.npu (each in a child process), every rule passing."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "streamkit", "conformance", "--backend", "cuda-emulated", "--backend", "npu-emulated"],
-        cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=300,
-    )
-    out = proc.stdout
-    assert proc.returncode == 0, out + proc.stderr
+    device's emulated torch.cuda / torch.npu, every rule passing."""
+    assert code == 0, out
     lines = out.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("rule "))
-    assert lines[header].split("  ")[0] == "rule" and "cuda (emulated)" in lines[header] and "npu (emulated)" in lines[header]
+    assert "cuda (emulated)" in lines[header] and "npu (emulated)" in lines[header]
     end = lines.index("", header)
-    rows = [line for line in lines[header + 2:end]]
-    assert len(rows) >= 60
-    assert all("FAIL" not in row for row in rows), out
+    rows = lines[header + 2:end]
+    assert len(rows) >= 60 and all("FAIL" not in row for row in rows), out
     cuda = next(line for line in lines if line.startswith("cuda (emulated):"))
     npu = next(line for line in lines if line.startswith("npu (emulated):"))
     assert " 0 FAIL" in cuda and " 0 FAIL" in npu

@@ -4,23 +4,23 @@
 kinds, streams and lines) and an ordered one (no race; values equal plain CPU torch's).
 
 npu emulation needs a process of its own (PyTorch names its PrivateUse1 device once per process):
-here the ``torch.npu`` cases are skipped with that reason and
-``test_the_torch_npu_cases_pass_in_a_process_of_their_own`` runs them in a child process."""
+in a ``fake`` process the ``torch.npu`` cases are skipped with that reason, and
+tests/emulation/test_npu_emulation.py::test_pytest_option_runs_a_torch_npu_suite runs them in a
+child process under ``pytest --streamkit-emulate=npu``. There each test already runs in a session
+of the plugin's: the rules use it (with this rule's ``detect``) instead of opening one."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
 
-from _support import REPO, child_env, marker_line
+from _support import marker_line
 from streamkit import fake
-from streamkit._backends.fake import _emulate
+from streamkit._backends.fake import _active, _emulate
 
 ORDER = pytest.mark.parametrize("ordered", [False, True], ids=["racy", "ordered"])
 EXPECTED = (torch.arange(8.0) * 2 + 1).sum().item()
@@ -46,13 +46,27 @@ def api_kind(request):
         except _emulate.EmulationError:
             pytest.skip(
                 "torch.npu API: npu emulation needs a process of its own (this one named PrivateUse1 'fake');"
-                " test_the_torch_npu_cases_pass_in_a_process_of_their_own runs these cases"
+                " tests/emulation/test_npu_emulation.py::test_pytest_option_runs_a_torch_npu_suite runs these cases"
             )
     return kind
 
 
-def _session(kind: str, ordered: bool):
-    return fake.session(detect="raise" if ordered else "record", emulate=kind)
+@contextmanager
+def _session(kind: str, ordered: bool) -> Iterator[Any]:
+    """A session emulating ``kind`` with this rule's ``detect``: a new one, or (under
+    ``pytest --streamkit-emulate``) the plugin's session of this test."""
+    detect = "raise" if ordered else "record"
+    open_session = _active.explicit()
+    if open_session is None:
+        with fake.session(detect=detect, emulate=kind) as s:
+            yield s
+        return
+    assert open_session.emulate == kind and not open_session.races
+    saved, open_session.detect = open_session.detect, detect
+    try:
+        yield open_session
+    finally:
+        open_session.detect = saved
 
 
 def _mod(kind: str) -> Any:
@@ -199,15 +213,3 @@ def test_set_stream_makes_the_stream_current(api_kind, ordered):
         mod.current_stream().wait_stream(side)
         total = y.item()
     _check(s, ordered, total, "a6-write", "a6-read", default, side)
-
-
-def test_the_torch_npu_cases_pass_in_a_process_of_their_own():
-    if os.environ.get("STREAMKIT_EMULATE") == "npu":
-        pytest.skip("this is the child process")
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", __file__, "-q", "-k", "torch.npu", "-p", "no:cacheprovider", "-p", "no:xdist",
-         "-p", "no:randomly", "--rootdir", str(REPO)],
-        cwd=str(REPO), env=child_env({"STREAMKIT_EMULATE": "npu"}), capture_output=True, text=True, timeout=120,
-    )
-    assert proc.returncode == 0 and "12 passed" in proc.stdout, proc.stdout + proc.stderr
-    assert "skipped" not in proc.stdout
