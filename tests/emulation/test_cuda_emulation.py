@@ -65,11 +65,17 @@ def test_stream_event_graph_memory_surface():
         assert torch.cuda.current_stream() == side
         y = x * 2
         torch.cuda.set_stream(torch.cuda.default_stream())
+        torch.accelerator.set_stream(side)  # torch.accelerator answers for the emulated device
+        assert torch.accelerator.current_stream() == side and torch.accelerator.device_count() == 1
+        torch.accelerator.set_stream(torch.cuda.default_stream())
         torch.cuda.current_stream().wait_stream(side)
         assert y.sum().item() == 2048.0
+        torch.accelerator.synchronize()
         with pytest.raises(NotImplementedError, match="interprocess"):
             torch.cuda.Event(interprocess=True)
         assert torch.cuda.memory_allocated() >= 2 * 4096 and torch.cuda.max_memory_allocated() >= torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        assert torch.cuda.max_memory_allocated() == torch.cuda.memory_allocated()
         free, total = torch.cuda.mem_get_info()
         assert total == 80 * 1024**3 and free < total
         assert torch.cuda.get_device_capability() == (9, 0) and "emulated" in torch.cuda.get_device_name()
