@@ -34,8 +34,14 @@ _PROPERTIES = {
 _GRAPH_CLASS = {"cuda": "CUDAGraph", "npu": "NPUGraph"}
 
 
+_BACKEND: Any = None
+
+
 def _backend() -> Any:
-    return importlib.import_module(__package__ + "._session").BACKEND  # (_session imports _emulate, which installs this)
+    global _BACKEND
+    if _BACKEND is None:
+        _BACKEND = importlib.import_module(__package__ + "._session").BACKEND  # (_session imports _emulate, which installs this)
+    return _BACKEND
 
 
 def _session() -> Any:
@@ -70,7 +76,8 @@ def make_module(kind: str) -> dict[str, Any]:
     wrappers: "weakref.WeakKeyDictionary[Any, Any]" = weakref.WeakKeyDictionary()
 
     def check(value: Any, what: str) -> None:
-        _emulate.check_index(kind, value, f"{where}.{what}")
+        if value is not None:
+            _emulate.check_index(kind, value, f"{where}.{what}")
 
     class Stream:
         """An emulated device stream: a fake stream (CUDA semantics: non-blocking, FIFO)."""
@@ -88,6 +95,8 @@ def make_module(kind: str) -> dict[str, Any]:
 
         @classmethod
         def _wrap(cls, handle: Any) -> "Stream":
+            if handle is DEFAULT_STREAM:
+                return default_wrapper
             self = wrappers.get(handle)
             if self is None:
                 self = object.__new__(cls)
@@ -156,6 +165,8 @@ def make_module(kind: str) -> dict[str, Any]:
             return f"<{where}.Stream device={kind}:0 {kind}_stream={self.stream_id:#x} (fake stream {self._handle!r})>"
 
     setattr(Stream, f"{kind}_stream", property(lambda self: self.stream_id))
+    default_wrapper = object.__new__(Stream)
+    default_wrapper._handle = DEFAULT_STREAM
     Stream.__module__ = where
     _contexts: dict[int, list] = {}
 
