@@ -9,8 +9,8 @@ failed; 1 if one did; 2 if a backend named with ``--backend`` is unavailable, or
 
 Two more columns, ``cuda (emulated)`` and ``npu (emulated)`` (``--backend cuda-emulated`` /
 ``npu-emulated``; in the default run too): streamkit's own ``cuda`` and ``npu`` backends over the
-fake device's emulated ``torch.cuda`` / ``torch.npu`` (docs/emulation.md), each column in a child
-process (npu emulation needs a process of its own: PyTorch names its PrivateUse1 device once).
+fake device's emulated ``torch.cuda`` / ``torch.npu`` (docs/emulation.md), in one child process
+(npu emulation needs a process of its own: PyTorch names its PrivateUse1 device once).
 
 Needs pytest (``pip install pytest``).
 """
@@ -173,43 +173,53 @@ def _pytest_args(verbose: bool, child: bool = True) -> list[str]:
     ]
 
 
-def emulated_column(kind: str, verbose: bool = False) -> int:
-    """(The child process of an emulated column.) Run the rules on streamkit's ``kind`` backend over
-    the emulated ``torch.<kind>``; print the outcomes as one JSON line."""
+def emulated_columns(kinds: Sequence[str], verbose: bool = False) -> int:
+    """(The child process of the emulated columns.) For each of ``kinds`` in turn, run the rules on
+    streamkit's backend of that name over the emulated ``torch.<kind>``; print each column's
+    outcomes as one JSON line. (One process serves both: npu emulation names the process's
+    PrivateUse1 device ``npu``, and cuda emulation works in such a process too.)"""
     import pytest
 
-    table = Table([kind])
-    collector = _Collector(table)
-    code = pytest.main([*_pytest_args(verbose), f"--streamkit-emulate={kind}"], plugins=[collector])
-    cells = {rule: [cell.outcome, cell.reason] for (rule, _), cell in table.cells.items()}
-    print("STREAMKIT-CONFORMANCE " + json.dumps({"code": int(code), "rules": table.rules, "cells": cells, "failures": collector.failures}))
+    for kind in kinds:
+        table = Table([kind])
+        collector = _Collector(table)
+        code = pytest.main([*_pytest_args(verbose), f"--streamkit-emulate={kind}"], plugins=[collector])
+        cells = {rule: [cell.outcome, cell.reason] for (rule, _), cell in table.cells.items()}
+        record = {"kind": kind, "code": int(code), "rules": table.rules, "cells": cells, "failures": collector.failures}
+        print("STREAMKIT-CONFORMANCE " + json.dumps(record), flush=True)
     return 0
 
 
-def _run_emulated(table: Table, label: str, verbose: bool, out: TextIO) -> list[str]:
-    """Fill column ``label`` from a child process; returns the failures' reports."""
-    kind = EMULATED[label]
+def _run_emulated(table: Table, labels: Sequence[str], verbose: bool, out: TextIO) -> list[str]:
+    """Fill the emulated columns ``labels`` from one child process; returns the failures' reports."""
+    kinds = sorted((EMULATED[label] for label in labels), key=lambda kind: kind != "npu")  # (npu names the process)
     env = dict(os.environ)
-    env["STREAMKIT_EMULATE"] = kind
+    env["STREAMKIT_EMULATE"] = kinds[0]
     env.pop("STREAMKIT_BACKEND", None)
     package_root = os.path.dirname(os.path.dirname(HERE))
     env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    code = f"import sys; from streamkit.conformance import emulated_column; sys.exit(emulated_column({kind!r}, {verbose!r}))"
+    code = f"import sys; from streamkit.conformance import emulated_columns; sys.exit(emulated_columns({kinds!r}, {verbose!r}))"
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("STREAMKIT-CONFORMANCE ")]
     if verbose:
         print(proc.stdout, file=out)
-    if proc.returncode != 0 or not lines:
-        table.unavailable[label] = f"the child process failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}"
-        return []
-    result = json.loads(lines[-1][len("STREAMKIT-CONFORMANCE "):])
-    for rule in result["rules"]:
-        cell = result["cells"].get(rule)
-        if cell is None:
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("STREAMKIT-CONFORMANCE "):
+            record = json.loads(line[len("STREAMKIT-CONFORMANCE "):])
+            results[record["kind"]] = record
+    failures: list[str] = []
+    for label in labels:
+        kind = EMULATED[label]
+        result = results.get(kind)
+        if result is None:
+            table.unavailable[label] = f"the child process failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}"
             continue
-        outcome, reason = cell
-        table.set(rule, label, outcome, reason)
-    return [text.replace(f" on {kind} (", f" on {label} (", 1) for text in result["failures"]]
+        for rule in result["rules"]:
+            cell = result["cells"].get(rule)
+            if cell is not None:
+                table.set(rule, label, cell[0], cell[1])
+        failures += [text.replace(f" on {kind} (", f" on {label} (", 1) for text in result["failures"]]
+    return failures
 
 
 def run(backends: Sequence[str] | None = None, verbose: bool = False, out: TextIO | None = None) -> int:
@@ -240,9 +250,9 @@ def run(backends: Sequence[str] | None = None, verbose: bool = False, out: TextI
     if any(name not in EMULATED for name in columns):
         code = pytest.main(_pytest_args(verbose, child=False), plugins=[collector])
     failures = list(collector.failures)
-    for label in columns:
-        if label in EMULATED:
-            failures += _run_emulated(table, label, verbose, out)
+    emulated = [label for label in columns if label in EMULATED]
+    if emulated:
+        failures += _run_emulated(table, emulated, verbose, out)
     if not verbose:
         for text in failures:
             print(text + "\n", file=out)

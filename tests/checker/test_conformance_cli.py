@@ -10,16 +10,22 @@ from streamkit.conformance import Table, _split_id
 
 from _support import REPO, child_env
 
-# One process: the CLI on the emulated columns (each in a child process of its own), the CLI on fake and npu (torch_npu is never installed here, also not on GPU machines:
-# exit 2, and fake's column), then the
-# runner on a registered backend whose test set-up always fails (exit 1, every rule FAIL).
+# One process (STREAMKIT_BACKEND=fake): first the fake device before any session (issue 16: it
+# belongs to the backend), then the CLI on fake and npu (torch_npu is never installed here, also not
+# on GPU machines: exit 2, and fake's column), the CLI on the emulated columns (in a child process),
+# the runner on a registered backend whose test set-up always fails (exit 1, every rule FAIL), and
+# pin_memory() once every session has ended.
 SCENARIO = r"""
 import contextlib, io, json, sys
+import torch
 import streamkit as sk
 from streamkit import conformance
 from streamkit.check import main
 from streamkit._backends.fake import FakeBackend
 
+device = {"device": str(sk.device())}  # (loads the backend, which registers its device: `import streamkit` loads none)
+before = torch.ones(4, device="fake")
+device["before_session"] = [type(before).__name__, str(before.device), before.sum().item()]
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     cli = main(["conformance", "--backend", "fake", "--backend", "npu"])
@@ -39,14 +45,19 @@ class Broken(FakeBackend):
 sk.register_backend("broken", Broken)
 broken_out = io.StringIO()
 broken = conformance.run(["broken"], out=broken_out)
+try:
+    device["pinned_after"] = type(torch.ones(3).pin_memory()).__name__
+except Exception as error:
+    device["pinned_after"] = type(error).__name__
 print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_out": broken_out.getvalue(),
-                  "emulated": emulated, "emulated_out": emulated_out.getvalue()}))
+                  "emulated": emulated, "emulated_out": emulated_out.getvalue(), "device": device}))
 """
 
 
 def test_conformance_cli_table_and_exit_status():
     proc = subprocess.run(
-        [sys.executable, "-c", SCENARIO], cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", SCENARIO], cwd=str(REPO), env=child_env({"STREAMKIT_BACKEND": "fake"}), capture_output=True,
+        text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -63,6 +74,11 @@ def test_conformance_cli_table_and_exit_status():
     assert rows["streams: native_objects_are_rejected"] == ["n/a", "skip"]  # a cuda/npu-only rule
     assert len(rows) >= 60 and all(cells[0] in ("pass", "n/a") for cells in rows.values()), out
     _check_emulated_columns(result["emulated"], result["emulated_out"])
+    # the fake device before any session, and pin_memory() after every session ended (PyTorch's own
+    # CPU kernel again, not the fake's pinned model: the override lives while a session is open)
+    assert result["device"]["device"] == "fake:0"
+    assert result["device"]["before_session"] == ["FakeDeviceTensor", "fake:0", 4.0]
+    assert result["device"]["pinned_after"] != "PinnedHostTensor"
     assert "npu: 0 pass, 0 FAIL" in out and "unavailable: npu backend unavailable" in out
     assert "npu named but unavailable" in out
     assert result["broken"] == 1

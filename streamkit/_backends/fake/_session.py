@@ -27,7 +27,7 @@ from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
 from ._tokens import Constraints, check_fingerprint, session_args
-from ._tensor import FakeDeviceTensor, ensure_registered
+from ._tensor import FakeDeviceTensor
 from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
 
 DETECT_MODES = ("raise", "record", "off")
