@@ -180,6 +180,10 @@ def test_vllm_shared_experts_under_explore(vllm_module):
     vllm_module.WAIT_FOR_INPUT = False
     racy = fake.explore(step, schedules=4, emulate="cuda")
     assert racy.reference.races and not racy.ok
+    again = fake.replay(step, racy.failure.token, emulate="cuda")  # the failing schedule, again
+    assert again.ok is False and again.replayed_by in ("schedule", "constraints")
+    with pytest.raises(ValueError, match=r"replay\(emulate\)"):
+        fake.replay(step, racy.failure.token, emulate="gpu")
 
 
 @pytest.fixture

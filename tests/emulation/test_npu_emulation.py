@@ -69,6 +69,7 @@ def test_custom_op_names_itself():
     import torch_npu
     with pytest.raises(NotImplementedError, match="torch_npu.npu_moe_init_routing.*monkeypatch"):
         torch_npu.npu_moe_init_routing(torch.ones(2, device="npu"))
+    assert not hasattr(torch_npu, "_C")
 '''
 
 

@@ -504,17 +504,25 @@ def _nvtx_range(msg: str, *args: Any, **kwargs: Any) -> Iterator[None]:
 
 class _TorchNpu(types.ModuleType):
     """``import torch_npu`` inside npu emulation: ``torch_npu.npu`` is the emulated module; a
-    torch_npu custom op (``torch_npu.npu_*``, an Ascend kernel) raises saying how to stub it."""
+    torch_npu custom op (``torch_npu.npu_*``, an Ascend kernel) raises, when called, saying how to
+    stub it; any other missing name is an ``AttributeError`` (so ``hasattr`` works)."""
 
     __streamkit_emulated__ = True
 
     def __getattr__(self, name: str) -> Any:
-        if name.startswith("__"):
-            raise AttributeError(name)
-        raise NotImplementedError(
-            f"torch_npu.{name}: a torch_npu custom op (an Ascend kernel), which the npu emulation can't run."
-            f" Stub it with a reference implementation in the test, e.g."
-            f" monkeypatch.setattr(torch_npu, {name!r}, my_{name}, raising=False)"
+        if name.startswith("npu_"):
+            def custom_op(*args: Any, **kwargs: Any) -> Any:
+                raise NotImplementedError(
+                    f"torch_npu.{name}: a torch_npu custom op (an Ascend kernel), which the npu emulation can't run."
+                    f" Stub it with a reference implementation in the test, e.g."
+                    f" monkeypatch.setattr(torch_npu, {name!r}, my_{name}, raising=False)"
+                )
+
+            custom_op.__name__ = custom_op.__qualname__ = name
+            return custom_op
+        raise AttributeError(
+            f"module 'torch_npu' (streamkit's npu emulation) has no attribute {name!r}: it provides torch_npu.npu"
+            " (the emulated torch.npu) and stubs that raise for the torch_npu.npu_* custom ops"
         )
 
 
