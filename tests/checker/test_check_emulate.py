@@ -68,3 +68,24 @@ def test_check_emulate_refuses_an_unknown_device(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["check", "--emulate", "rocm", str(script)])
     assert exit_info.value.code == 2 and "invalid choice: 'rocm'" in capsys.readouterr().err
+
+
+def test_a_script_opening_an_emulating_session_under_the_plain_checker(tmp_path):
+    script = tmp_path / "own_session.py"
+    script.write_text(textwrap.dedent(
+        """
+        import torch
+        from streamkit import fake
+
+        with fake.session(emulate="cuda", detect="record") as s:
+            side = torch.cuda.Stream()
+            x = torch.ones(8, device="cuda")
+            with torch.cuda.stream(side):
+                x.sum()  # <block-read>
+            assert len(s.races) == 1
+        assert not torch.cuda.is_available()
+        """
+    ))
+    out = io.StringIO()
+    assert check_script(str(script), out=out) == 1, out.getvalue()
+    assert f"own_session.py:{marker_line(script, 'block-read')}" in out.getvalue()

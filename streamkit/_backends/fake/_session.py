@@ -694,6 +694,11 @@ def session(
                 stacklevel=3,
             )
         block = CheckedBlock(host, detect)
+        if emulate is not None and _emulate.check_name(emulate) != host.emulate:
+            # (emulation hook: the block emulates on the checker's device; npu needs it from the start)
+            with _emulate.emulating(emulate), block:
+                yield block
+            return
         with block:
             yield block
         return
