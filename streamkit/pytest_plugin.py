@@ -18,8 +18,8 @@
   fake streams; ``torch.cuda.is_available()`` is true for ``skipif`` guards), and each test runs in
   a ``fake.session(emulate=..., detect="raise")`` of its own, from set-up to teardown, so a race
   fails the test naming both lines. (Tests that use ``fake_session``/``streamkit_backend`` or the
-  ``streamkit_explore`` marker get their sessions from those, emulating too; a test that opens
-  ``fake.session()`` itself can't be inside another: give it ``fake_session`` instead.)
+  ``streamkit_explore`` marker get their sessions from those, emulating too; while a test's own
+  ``fake.session()`` / ``fake.explore()`` is open, the per-test session steps aside.)
 - ``@pytest.mark.streamkit_emulate("npu")``: the same for one test. Where this process can't
   emulate that device (PyTorch names its PrivateUse1 device once per process: a process that ran
   ``fake`` sessions can't emulate ``npu``), the test runs in a child pytest process instead.
@@ -156,7 +156,8 @@ def pytest_runtest_setup(item: Any) -> Any:
         return (yield)
     fake = importlib.import_module("streamkit.fake")
     context = fake.session(detect="raise", emulate=kind)
-    context.__enter__()
+    opened = context.__enter__()
+    opened._yields_to_sessions = True  # (a fake.session() the test opens itself steps this one aside)
     item._streamkit_session = context
     try:
         return (yield)

@@ -1,40 +1,27 @@
 """The stream rules of test_stream_rules.py again, written against the device APIs engines use:
 ``torch.cuda`` (under ``emulate="cuda"``) and ``torch.npu`` / ``torch_npu`` (under
-``emulate="npu"``), through one parametrized ``api`` fixture. Each rule: a racy version (the race's
+``emulate="npu"``), through one parametrized fixture, ``api_kind``. Each rule: a racy version (the race's
 kinds, streams and lines) and an ordered one (no race; values equal plain CPU torch's).
 
 npu emulation needs a process of its own (PyTorch names its PrivateUse1 device once per process):
 in a ``fake`` process the ``torch.npu`` cases are skipped with that reason, and
 tests/emulation/test_npu_emulation.py::test_pytest_option_runs_a_torch_npu_suite runs them in a
-child process under ``pytest --streamkit-emulate=npu``. There each test already runs in a session
-of the plugin's: the rules use it (with this rule's ``detect``) instead of opening one."""
+child process under ``pytest --streamkit-emulate=npu`` (where the plugin's per-test session steps
+aside for the sessions these rules open)."""
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
 
 from _support import marker_line
 from streamkit import fake
-from streamkit._backends.fake import _active, _emulate
+from streamkit._backends.fake import _emulate
 
 ORDER = pytest.mark.parametrize("ordered", [False, True], ids=["racy", "ordered"])
 EXPECTED = (torch.arange(8.0) * 2 + 1).sum().item()
-
-
-@dataclass
-class Api:
-    kind: str  # "cuda" | "npu"
-    mod: Any  # torch.cuda / torch.npu (emulated)
-    session: Any
-
-    @property
-    def device(self) -> str:
-        return self.kind
 
 
 @pytest.fixture(params=["cuda", "npu"], ids=["torch.cuda API", "torch.npu API"])
@@ -51,22 +38,8 @@ def api_kind(request):
     return kind
 
 
-@contextmanager
-def _session(kind: str, ordered: bool) -> Iterator[Any]:
-    """A session emulating ``kind`` with this rule's ``detect``: a new one, or (under
-    ``pytest --streamkit-emulate``) the plugin's session of this test."""
-    detect = "raise" if ordered else "record"
-    open_session = _active.explicit()
-    if open_session is None:
-        with fake.session(detect=detect, emulate=kind) as s:
-            yield s
-        return
-    assert open_session.emulate == kind and not open_session.races
-    saved, open_session.detect = open_session.detect, detect
-    try:
-        yield open_session
-    finally:
-        open_session.detect = saved
+def _session(kind: str, ordered: bool):
+    return fake.session(detect="raise" if ordered else "record", emulate=kind)
 
 
 def _mod(kind: str) -> Any:

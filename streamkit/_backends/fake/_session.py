@@ -705,6 +705,18 @@ def session(
     if emulate is not None:
         _emulate.check_name(emulate)
     s = Session(detect, schedule, seed, depth, target, emulate=emulate)
+    if host is not None and getattr(host, "_yields_to_sessions", False) and not host.closed:
+        # (emulation hook: the per-test session of `pytest --streamkit-emulate` steps aside for the
+        # test's own sessions, and is the active one again after them)
+        _active.leave(host)
+        deactivate(host.backend)
+        try:
+            with s:
+                yield s
+        finally:
+            _active.enter(host)
+            activate(host.backend)
+        return
     with s:
         yield s
 
