@@ -10,6 +10,7 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
+from ._backends.fake import _emulate
 from ._backends.fake._engine import DETECT_MODES, Session
 from ._backends.fake._fake_backend import BACKEND, FakeBackend
 from ._backends.fake._report import Race
@@ -100,6 +101,12 @@ class CheckedBlock(Session):
         return f"<fake session detect={self._detect!r} {'closed' if self.closed else 'open'}, inside the checker's session>"
 
 
+@contextmanager
+def _emulating_block(emulate: str, block: CheckedBlock) -> Iterator[CheckedBlock]:
+    with _emulate.emulating(emulate), block:
+        yield block
+
+
 class _RaceLog(list):
     """``session.races`` of a checker session: calls ``on_race(race)`` for each race appended."""
 
@@ -116,19 +123,20 @@ class _RaceLog(list):
 
 
 @contextmanager
-def checker_session(on_race: Any = None) -> Iterator[Session]:
+def checker_session(on_race: Any = None, emulate: str | None = None) -> Iterator[Session]:
     """The checker's session (``detect="record"``): a ``fake.session()`` the checked script opens
     inside it becomes a :class:`CheckedBlock` of it. ``on_race(race)`` is called for every new race
     as it is found (a spawned child streams its report this way, so a crash loses nothing)."""
-    s = Session("record")
+    s = Session("record", emulate=emulate)
     s.checker_block = None  # type: ignore[attr-defined]
     if on_race is not None:
         s.races = _RaceLog(on_race)
         s.reporter.races = s.races
 
     def open_block(
-        detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = 0, target: Any = None
-    ) -> CheckedBlock:
+        detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = 0, target: Any = None,
+        emulate: str | None = None,
+    ) -> Any:
         if schedule not in (None, "eager"):
             warnings.warn(
                 StreamkitWarning(
@@ -137,7 +145,11 @@ def checker_session(on_race: Any = None) -> Iterator[Session]:
                 ),
                 stacklevel=4,
             )
-        return CheckedBlock(s, detect)
+        block = CheckedBlock(s, detect)
+        if emulate is not None and _emulate.check_name(emulate) != s.emulate:
+            # (emulation hook: the block emulates on the checker's device; npu needs it from the start)
+            return _emulating_block(emulate, block)
+        return block
 
     saved = BACKEND.new_session
     with s:

@@ -384,11 +384,21 @@ def _read_child_reports(report_dir: str) -> list[ChildReport]:
 
 
 # -- the command -------------------------------------------------------------------------------------
-def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None) -> int:
-    """Run ``path`` with ``args`` on the fake backend; print reports to ``out``; return the exit code."""
+def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None, emulate: str | None = None) -> int:
+    """Run ``path`` with ``args`` on the fake backend; print reports to ``out``; return the exit code.
+
+    ``emulate="cuda"`` / ``"npu"``: the fake device is that device type for the whole run, installed
+    before the script imports anything (so streams an engine makes at import time are streams of
+    the checker's session); processes the script starts inherit it (``STREAMKIT_EMULATE``)."""
+    from ._backends.fake import _emulate
     from ._checker_scope import checker_session
 
     out = out or sys.stdout
+    try:
+        _emulate.check_name(emulate, "check --emulate")
+    except ValueError as exc:
+        print(f"streamkit check: {exc}", file=out)
+        return 2
     if os.path.isdir(path):
         print(
             f"streamkit check: script: {path!r} is a directory; expected a Python script file"
@@ -399,6 +409,15 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
     if not os.path.isfile(path):
         print(f"streamkit check: no such script: {path}", file=out)
         return 2
+    saved_env = os.environ.get(_emulate.ENV)
+    if emulate is not None:
+        os.environ[_emulate.ENV] = emulate
+        try:
+            _emulate.claim(emulate)
+        except _emulate.EmulationError as exc:
+            print(f"streamkit check: {exc}", file=out)
+            _restore_env(_emulate.ENV, saved_env)
+            return 2
     path = os.path.abspath(path)
     saved_argv = sys.argv
     sys.argv = [path, *args]
@@ -429,7 +448,7 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
 
     os._exit = exit_now
     try:
-        with checker_session(_on_race) as s:
+        with checker_session(_on_race, emulate=emulate) as s:
             _run.update(dir=report_dir, session=s, log=None)
             try:
                 failed = _run_main(path, out)
@@ -453,6 +472,8 @@ def check_script(path: str, args: Sequence[str] = (), out: TextIO | None = None)
         sys.argv = saved_argv
         if sys.path and sys.path[0] == script_dir:
             del sys.path[0]
+        if emulate is not None:
+            _restore_env(_emulate.ENV, saved_env)
     return _report(path, s, children, failed, out)
 
 
@@ -483,6 +504,13 @@ def _report(path: str, s: Any, children: list[ChildReport], failed: bool, out: T
     return 2 if failed else 0
 
 
+def _restore_env(name: str, value: str | None) -> None:
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m streamkit",
@@ -493,6 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="run a script inside a fake session and report every race (exit 1 if any)")
+    check.add_argument(
+        "--emulate", choices=("cuda", "npu"), default=None,
+        help="run the script with the fake device as this device type: unmodified torch.cuda / torch.npu /"
+        " torch_npu code runs on it (docs/emulation.md)",
+    )
     # (optional for argparse, so that a missing script is reported as such, not as "script, args")
     check.add_argument("script", nargs="?", help="the Python script to run, unmodified")
     check.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the script")
@@ -512,4 +545,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run(ns.backend, verbose=ns.verbose)
     if ns.script is None:
         check.error("the following argument is required: script (python -m streamkit check SCRIPT [ARGS...])")
-    return check_script(ns.script, ns.args)
+    return check_script(ns.script, ns.args, emulate=ns.emulate)

@@ -13,6 +13,17 @@
   Options: ``--streamkit-replay=TOKEN`` (run only that schedule; a full token whose fingerprint no
   longer matches the test's kernels reruns the body under its constraint form), ``--streamkit-schedules=N``.
 
+- ``--streamkit-emulate=cuda|npu``: run the suite with the fake device as that device type
+  (docs/emulation.md): installed before test modules are imported (streams made at import time are
+  fake streams; ``torch.cuda.is_available()`` is true for ``skipif`` guards), and each test runs in
+  a ``fake.session(emulate=..., detect="raise")`` of its own, from set-up to teardown, so a race
+  fails the test naming both lines. (Tests that use ``fake_session``/``streamkit_backend`` or the
+  ``streamkit_explore`` marker get their sessions from those, emulating too; while a test's own
+  ``fake.session()`` / ``fake.explore()`` is open, the per-test session steps aside.)
+- ``@pytest.mark.streamkit_emulate("npu")``: the same for one test. Where this process can't
+  emulate that device (PyTorch names its PrivateUse1 device once per process: a process that ran
+  ``fake`` sessions can't emulate ``npu``), the test runs in a child pytest process instead.
+
 Write a stream-semantics test once against ``streamkit_backend`` and it runs on every device the
 machine has.
 """
@@ -20,6 +31,9 @@ machine has.
 from __future__ import annotations
 
 import importlib
+import os
+import subprocess
+import sys
 import zlib
 from typing import Any, Iterator
 
@@ -44,9 +58,35 @@ def pytest_addoption(parser: Any) -> None:
         default=None,
         help="run streamkit_explore tests under N schedules (overrides the marker's count)",
     )
+    group.addoption(
+        "--streamkit-emulate",
+        choices=("cuda", "npu"),
+        default=None,
+        help="run every test with the fake device as this device type: unmodified torch.cuda / torch.npu code runs"
+        " on it, each test in a fake session of its own (docs/emulation.md)",
+    )
+
+
+_EMULATE_KEY = "_streamkit_emulate"
 
 
 def pytest_configure(config: Any) -> None:
+    config.addinivalue_line(
+        "markers",
+        "streamkit_emulate(device): run the test in a fake session emulating 'cuda' or 'npu' (in a child process"
+        " where this one can't emulate that device)",
+    )
+    kind = config.getoption("--streamkit-emulate", None)
+    if kind is not None:
+        _emulate = importlib.import_module("streamkit._backends.fake._emulate")
+
+        saved = os.environ.get(_emulate.ENV)
+        os.environ[_emulate.ENV] = kind
+        try:
+            _emulate.acquire(kind)  # (before test modules are imported: their import-time streams are fake)
+        except _emulate.EmulationError as error:
+            raise pytest.UsageError(f"--streamkit-emulate={kind}: {error}") from None
+        setattr(config, _EMULATE_KEY, (kind, saved))
     config.addinivalue_line(
         "markers", "streamkit_backends(*names): run the streamkit_backend fixture only on these backends"
     )
@@ -55,6 +95,104 @@ def pytest_configure(config: Any) -> None:
         "streamkit_explore(schedules=20, seed=None, detect='record'): run the test body under that many fake"
         " schedules (eager first), each in a fresh fake session",
     )
+
+
+def pytest_unconfigure(config: Any) -> None:
+    held = getattr(config, _EMULATE_KEY, None)
+    if held is None:
+        return
+    _emulate = importlib.import_module("streamkit._backends.fake._emulate")
+
+    kind, saved = held
+    delattr(config, _EMULATE_KEY)
+    _emulate.release(kind)
+    if saved is None:
+        os.environ.pop(_emulate.ENV, None)
+    else:
+        os.environ[_emulate.ENV] = saved
+
+
+_OWN_SESSIONS = ("fake_session", "streamkit_backend")
+
+
+def _emulation_of(item: Any) -> str | None:
+    """The device type ``item`` runs emulated (its marker, else the run's option), or ``None``."""
+    marker = item.get_closest_marker("streamkit_emulate")
+    if marker is not None:
+        kind = marker.args[0] if marker.args else marker.kwargs.get("device")
+        if kind not in ("cuda", "npu"):
+            raise pytest.UsageError(f"streamkit_emulate marker: expected 'cuda' or 'npu', got {kind!r} ({item.nodeid})")
+        return kind
+    return item.config.getoption("--streamkit-emulate", None)
+
+
+def _in_child(item: Any, kind: str) -> bool:
+    """Whether ``item`` must run in a child process (this one can't emulate ``kind``)."""
+    _emulate = importlib.import_module("streamkit._backends.fake._emulate")
+
+    try:
+        _emulate.claim(kind)
+    except _emulate.EmulationError:
+        return True
+    installed = _emulate.installed()
+    return installed is not None and installed != kind
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: Any) -> Any:
+    kind = _emulation_of(item)
+    if kind is None or item.get_closest_marker("streamkit_explore") is not None or any(
+        name in getattr(item, "fixturenames", ()) for name in _OWN_SESSIONS
+    ):
+        if kind is not None and item.get_closest_marker("streamkit_emulate") is not None:
+            raise pytest.UsageError(
+                f"streamkit_emulate marker on {item.nodeid}: the test's own fake sessions (fake_session,"
+                " streamkit_backend, streamkit_explore) take the device from --streamkit-emulate or"
+                " STREAMKIT_EMULATE, not from the marker; drop one of them"
+            )
+        return (yield)
+    if item.get_closest_marker("streamkit_emulate") is not None and _in_child(item, kind):
+        item._streamkit_child = kind  # (run by pytest_pyfunc_call in a child process)
+        return (yield)
+    fake = importlib.import_module("streamkit.fake")
+    context = fake.session(detect="raise", emulate=kind)
+    opened = context.__enter__()
+    opened.yields_to_sessions = True  # (a fake.session() the test opens itself steps this one aside)
+    item._streamkit_session = context
+    try:
+        return (yield)
+    except BaseException:
+        item._streamkit_session = None
+        context.__exit__(*sys.exc_info())
+        raise
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: Any, nextitem: Any) -> Any:
+    try:
+        return (yield)
+    finally:
+        context = getattr(item, "_streamkit_session", None)
+        if context is not None:
+            item._streamkit_session = None
+            context.__exit__(None, None, None)
+
+
+def _run_in_child(item: Any, kind: str) -> None:
+    """Run ``item`` alone in a child pytest process emulating ``kind``; fail with its output."""
+    args = [
+        sys.executable, "-m", "pytest", item.nodeid, f"--streamkit-emulate={kind}", "-q", "-p", "no:cacheprovider",
+        "-p", "no:xdist", "--rootdir", str(item.config.rootpath),
+    ]
+    env = dict(os.environ)
+    env.pop("PYTEST_XDIST_WORKER", None)
+    proc = subprocess.run(args, cwd=str(item.config.rootpath), env=env, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"streamkit_emulate({kind!r}): this process can't emulate {kind} (PyTorch names its PrivateUse1 device"
+            f" once per process), so the test ran in a child process, which failed (exit {proc.returncode}):\n"
+            f"{proc.stdout[-6000:]}{proc.stderr[-2000:]}"
+        )
 
 
 def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int]]:
@@ -80,6 +218,10 @@ def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
+    child = getattr(pyfuncitem, "_streamkit_child", None)
+    if child is not None:
+        _run_in_child(pyfuncitem, child)
+        return True
     marker = pyfuncitem.get_closest_marker("streamkit_explore")
     if marker is None:
         return None

@@ -6,12 +6,14 @@ runtime's: nothing here re-implements ordering.
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
-from typing import Any
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any, Iterator
+
+import sys
 
 import torch
 
-from .._backend import Backend
+from .._backend import Backend, use_backend
 from .._errors import BackendUnavailableError, GraphUnsupportedError
 
 
@@ -32,7 +34,21 @@ class TorchDeviceBackend(Backend):
         raise NotImplementedError
 
     @classmethod
+    def _emulated(cls) -> bool:
+        """Whether the fake device emulates this backend's device type now (docs/emulation.md)."""
+        emulate = sys.modules.get("streamkit._backends.fake._emulate")
+        return emulate is not None and emulate.installed() == cls.name
+
+    @classmethod
     def load(cls) -> "TorchDeviceBackend":
+        if cls._emulated():
+            # over the emulated torch.<name> (kept apart from the real availability, which is unchanged)
+            module = getattr(torch, cls.name)
+            held = cls.__dict__.get("_emulated_instance")
+            if held is None or held._mod is not module:
+                held = cls(module)
+                cls._emulated_instance = held
+            return held
         instance = cls.__dict__.get("_instance")
         if instance is None:
             if cls.__dict__.get("_unavailable") is not None:
@@ -44,6 +60,23 @@ class TorchDeviceBackend(Backend):
                 raise
             cls._instance = instance
         return instance
+
+    @classmethod
+    @contextmanager
+    def test_context(cls) -> Iterator["TorchDeviceBackend"]:
+        """The backend active for one test; under emulation, inside a ``fake.session(emulate=name,
+        detect="raise")`` of the test's own (a race fails it)."""
+        if not cls._emulated():
+            with use_backend(cls.load().name) as backend:
+                yield backend
+                backend.synchronize()
+            return
+        from .fake import session
+
+        with session(detect="raise", emulate=cls.name):
+            with use_backend(cls.name) as backend:
+                yield backend
+                backend.synchronize()
 
     def device(self) -> torch.device:
         return torch.device(self.name, self._mod.current_device())

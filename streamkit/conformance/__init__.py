@@ -7,18 +7,28 @@ and prints one row per rule and one column per backend: ``pass``, ``FAIL``, ``sk
 below the table) or ``n/a`` (the rule does not apply to that backend). Exit status: 0 if no rule
 failed; 1 if one did; 2 if a backend named with ``--backend`` is unavailable, or pytest could not run.
 
+Two more columns, ``cuda (emulated)`` and ``npu (emulated)`` (``--backend cuda-emulated`` /
+``npu-emulated``; in the default run too): streamkit's own ``cuda`` and ``npu`` backends over the
+fake device's emulated ``torch.cuda`` / ``torch.npu`` (docs/emulation.md), in one child process
+(npu emulation needs a process of its own: PyTorch names its PrivateUse1 device once).
+
 Needs pytest (``pip install pytest``).
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Sequence, TextIO
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 _ORDER = ("fake", "cuda", "npu")  # the table's first columns; other registered backends follow
+#: the emulated columns: label -> the device type the fake device emulates for it
+EMULATED = {"cuda (emulated)": "cuda", "npu (emulated)": "npu"}
+_EMULATED_ALIASES = {"cuda-emulated": "cuda (emulated)", "npu-emulated": "npu (emulated)"}
 
 
 @dataclass
@@ -141,12 +151,75 @@ def _columns(requested: Sequence[str] | None) -> list[str]:
     from .. import _backend
 
     names = list(_backend.backend_names())
+    emulated = list(EMULATED)
     if requested:
-        unknown = [n for n in requested if n not in names]
+        requested = [_EMULATED_ALIASES.get(n, n) for n in requested]
+        unknown = [n for n in requested if n not in names and n not in EMULATED]
         if unknown:
-            raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+            choices = names + list(_EMULATED_ALIASES)
+            raise ValueError(f"unknown backend(s) {', '.join(unknown)}: choose from {', '.join(choices)}")
+        emulated = [n for n in emulated if n in requested]
         names = [n for n in names if n in requested]
-    return [n for n in _ORDER if n in names] + [n for n in names if n not in _ORDER]
+    return [n for n in _ORDER if n in names] + [n for n in names if n not in _ORDER] + emulated
+
+
+def _pytest_args(verbose: bool, child: bool = True) -> list[str]:
+    return [
+        HERE,
+        "--rootdir", HERE, "-c", os.devnull,  # no project's ini file or conftest applies
+        "-p", "no:cacheprovider", *(["-p", "no:xdist", "-p", "no:randomly"] if child else []),
+        "-p", "no:streamkit", "-p", "streamkit.pytest_plugin",  # this copy of the plugin, registered once
+        *(["-v", "--tb=short"] if verbose else ["-p", "no:terminal"]),  # quiet: the failures are printed below
+    ]
+
+
+def emulated_columns(kinds: Sequence[str], verbose: bool = False) -> int:
+    """(The child process of the emulated columns.) For each of ``kinds`` in turn, run the rules on
+    streamkit's backend of that name over the emulated ``torch.<kind>``; print each column's
+    outcomes as one JSON line. (One process serves both: npu emulation names the process's
+    PrivateUse1 device ``npu``, and cuda emulation works in such a process too.)"""
+    import pytest
+
+    for kind in kinds:
+        table = Table([kind])
+        collector = _Collector(table)
+        code = pytest.main([*_pytest_args(verbose), f"--streamkit-emulate={kind}"], plugins=[collector])
+        cells = {rule: [cell.outcome, cell.reason] for (rule, _), cell in table.cells.items()}
+        record = {"kind": kind, "code": int(code), "rules": table.rules, "cells": cells, "failures": collector.failures}
+        print("STREAMKIT-CONFORMANCE " + json.dumps(record), flush=True)
+    return 0
+
+
+def _run_emulated(table: Table, labels: Sequence[str], verbose: bool, out: TextIO) -> list[str]:
+    """Fill the emulated columns ``labels`` from one child process; returns the failures' reports."""
+    kinds = sorted((EMULATED[label] for label in labels), key=lambda kind: kind != "npu")  # (npu names the process)
+    env = dict(os.environ)
+    env["STREAMKIT_EMULATE"] = kinds[0]
+    env.pop("STREAMKIT_BACKEND", None)
+    package_root = os.path.dirname(os.path.dirname(HERE))
+    env["PYTHONPATH"] = os.pathsep.join([package_root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    code = f"import sys; from streamkit.conformance import emulated_columns; sys.exit(emulated_columns({kinds!r}, {verbose!r}))"
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=900)
+    if verbose:
+        print(proc.stdout, file=out)
+    results = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("STREAMKIT-CONFORMANCE "):
+            record = json.loads(line[len("STREAMKIT-CONFORMANCE "):])
+            results[record["kind"]] = record
+    failures: list[str] = []
+    for label in labels:
+        kind = EMULATED[label]
+        result = results.get(kind)
+        if result is None:
+            table.unavailable[label] = f"the child process failed (exit {proc.returncode}): {(proc.stderr or proc.stdout)[-500:]}"
+            continue
+        for rule in result["rules"]:
+            cell = result["cells"].get(rule)
+            if cell is not None:
+                table.set(rule, label, cell[0], cell[1])
+        failures += [text.replace(f" on {kind} (", f" on {label} (", 1) for text in result["failures"]]
+    return failures
 
 
 def run(backends: Sequence[str] | None = None, verbose: bool = False, out: TextIO | None = None) -> int:
@@ -167,20 +240,21 @@ def run(backends: Sequence[str] | None = None, verbose: bool = False, out: TextI
         return 2
     table = Table(columns)
     for name in columns:
+        if name in EMULATED:
+            continue
         reason = _backend.unavailable_reason(name)
         if reason is not None:
             table.unavailable[name] = reason
-    args = [
-        HERE,
-        "--rootdir", HERE, "-c", os.devnull,  # no project's ini file or conftest applies
-        "-p", "no:cacheprovider",
-        "-p", "no:streamkit", "-p", "streamkit.pytest_plugin",  # this copy of the plugin, registered once
-        *(["-v", "--tb=short"] if verbose else ["-p", "no:terminal"]),  # quiet: the failures are printed below
-    ]
     collector = _Collector(table)
-    code = pytest.main(args, plugins=[collector])
+    code = 0
+    if any(name not in EMULATED for name in columns):
+        code = pytest.main(_pytest_args(verbose, child=False), plugins=[collector])
+    failures = list(collector.failures)
+    emulated = [label for label in columns if label in EMULATED]
+    if emulated:
+        failures += _run_emulated(table, emulated, verbose, out)
     if not verbose:
-        for text in collector.failures:
+        for text in failures:
             print(text + "\n", file=out)
     print(f"\nstreamkit conformance (torch {_torch_version()}):\n", file=out)
     print(table.render(), file=out)

@@ -10,19 +10,28 @@ from streamkit.conformance import Table, _split_id
 
 from _support import REPO, child_env
 
-# One process: the CLI on fake and npu (torch_npu is never installed here, also not on GPU machines:
-# exit 2, and fake's column), then the
-# runner on a registered backend whose test set-up always fails (exit 1, every rule FAIL).
+# One process (STREAMKIT_BACKEND=fake): first the fake device before any session (issue 16: it
+# belongs to the backend), then the CLI on fake and npu (torch_npu is never installed here, also not
+# on GPU machines: exit 2, and fake's column), the CLI on the emulated columns (in a child process),
+# the runner on a registered backend whose test set-up always fails (exit 1, every rule FAIL), and
+# pin_memory() once every session has ended.
 SCENARIO = r"""
 import contextlib, io, json, sys
+import torch
 import streamkit as sk
 from streamkit import conformance
 from streamkit.check import main
 from streamkit._backends.fake import FakeBackend
 
+device = {"device": str(sk.device())}  # (loads the backend, which registers its device: `import streamkit` loads none)
+before = torch.ones(4, device="fake")
+device["before_session"] = [type(before).__name__, str(before.device), before.sum().item()]
 out = io.StringIO()
 with contextlib.redirect_stdout(out):
     cli = main(["conformance", "--backend", "fake", "--backend", "npu"])
+emulated_out = io.StringIO()
+with contextlib.redirect_stdout(emulated_out):
+    emulated = main(["conformance", "--backend", "cuda-emulated", "--backend", "npu-emulated"])
 
 class Broken(FakeBackend):
     name = "broken"
@@ -36,13 +45,19 @@ class Broken(FakeBackend):
 sk.register_backend("broken", Broken)
 broken_out = io.StringIO()
 broken = conformance.run(["broken"], out=broken_out)
-print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_out": broken_out.getvalue()}))
+try:
+    device["pinned_after"] = type(torch.ones(3).pin_memory()).__name__
+except Exception as error:
+    device["pinned_after"] = type(error).__name__
+print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_out": broken_out.getvalue(),
+                  "emulated": emulated, "emulated_out": emulated_out.getvalue(), "device": device}))
 """
 
 
 def test_conformance_cli_table_and_exit_status():
     proc = subprocess.run(
-        [sys.executable, "-c", SCENARIO], cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", SCENARIO], cwd=str(REPO), env=child_env({"STREAMKIT_BACKEND": "fake"}), capture_output=True,
+        text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -58,6 +73,12 @@ def test_conformance_cli_table_and_exit_status():
     assert rows["hazards: unordered_read_sees_stale_data"] == ["pass", "n/a"]  # a cuda/fake-only rule
     assert rows["streams: native_objects_are_rejected"] == ["n/a", "skip"]  # a cuda/npu-only rule
     assert len(rows) >= 60 and all(cells[0] in ("pass", "n/a") for cells in rows.values()), out
+    _check_emulated_columns(result["emulated"], result["emulated_out"])
+    # the fake device before any session, and pin_memory() after every session ended (PyTorch's own
+    # CPU kernel again, not the fake's pinned model: the override lives while a session is open)
+    assert result["device"]["device"] == "fake:0"
+    assert result["device"]["before_session"] == ["FakeDeviceTensor", "fake:0", 4.0]
+    assert result["device"]["pinned_after"] != "PinnedHostTensor"
     assert "npu: 0 pass, 0 FAIL" in out and "unavailable: npu backend unavailable" in out
     assert "npu named but unavailable" in out
     assert result["broken"] == 1
@@ -88,3 +109,21 @@ def test_table_render_marks_failures_skips_and_rules_that_do_not_apply():
     assert "[1] the allocator gave another block" in text
     assert "npu: 0 pass, 0 FAIL, 1 skip (unavailable: npu backend unavailable: no torch_npu)" in text
     assert table.failures == [("streams: a", "cuda")]
+
+
+def _check_emulated_columns(code: int, out: str) -> None:
+    """``cuda (emulated)`` / ``npu (emulated)``: streamkit's cuda and npu backends over the fake
+    device's emulated torch.cuda / torch.npu, every rule passing."""
+    assert code == 0, out
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("rule "))
+    assert "cuda (emulated)" in lines[header] and "npu (emulated)" in lines[header]
+    end = lines.index("", header)
+    rows = lines[header + 2:end]
+    assert len(rows) >= 60 and all("FAIL" not in row for row in rows), out
+    cuda = next(line for line in lines if line.startswith("cuda (emulated):"))
+    npu = next(line for line in lines if line.startswith("npu (emulated):"))
+    assert " 0 FAIL" in cuda and " 0 FAIL" in npu
+    assert int(cuda.split(":")[1].split()[0]) >= 65 and int(npu.split(":")[1].split()[0]) >= 60
+    hazard = next(row for row in rows if row.startswith("hazards: unordered_read_sees_stale_data"))
+    assert hazard.split()[-2:] == ["pass", "n/a"]  # the detector reports the hazard (a cuda/fake-only rule)

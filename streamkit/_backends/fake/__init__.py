@@ -16,12 +16,17 @@ from ._explore import (
 from ._ranks import RankExploration, RankRun, explore
 from ._session import FakeBackend, Session, Stats, session
 from ._tensor import FakeDeviceTensor, peek
+from ._emulate import EmulationError, with_emulate
+
+# emulation hook: explore/replay take emulate= (streamkit/_backends/fake/_emulate.py)
+explore = with_emulate(explore)
+replay = with_emulate(replay)
 
 #: what the registry loads (``streamkit._backend``)
 backend_class = FakeBackend
 
 __all__ = [
-    "PCT_DEPTH", "SHRINK_RUNS", "Access", "Exploration", "FakeBackend", "FakeDeviceTensor", "KernelId", "PinnedHostTensor", "Race",
+    "PCT_DEPTH", "SHRINK_RUNS", "Access", "EmulationError", "Exploration", "FakeBackend", "FakeDeviceTensor", "KernelId", "PinnedHostTensor", "Race",
     "RaceError", "RankExploration", "RankRun", "ReplayFallbackWarning", "Run", "Session", "Stats", "TensorInfo", "directed",
     "explore", "parse_token", "peek", "plan", "read_token", "replay", "session",
 ]

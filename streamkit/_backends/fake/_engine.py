@@ -14,7 +14,7 @@ import torch
 
 from ..._api import Stream
 from ..._errors import RaceError
-from . import _allocator, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
+from . import _allocator, _emulate, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
 from ._clocks import Clocks, StreamState
 from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
 from ._detector import Detector
@@ -24,7 +24,7 @@ from ._allocator import StorageState
 from ._report import Race, Reporter
 from ._stats import Stats
 from ._tokens import Constraints, check_fingerprint, session_args
-from ._tensor import FakeDeviceTensor, ensure_registered
+from ._tensor import FakeDeviceTensor
 from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel
 
 DETECT_MODES = ("raise", "record", "off")
@@ -66,8 +66,11 @@ class Session:
     """
 
     def __init__(
-        self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None
+        self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None,
+        emulate: str | None = None,
     ) -> None:
+        # emulation hook (streamkit/_backends/fake/_emulate.py): the device type this session is
+        emulate = _emulate.check_name(emulate) if emulate is not None else _emulate.default()
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         if schedule is None:
@@ -97,7 +100,10 @@ class Session:
                     raise ValueError
             except (TypeError, ValueError):
                 raise ValueError(f"session(target): expected ((stream, seq), (stream, seq)), got {target!r}") from None
-        ensure_registered()
+        _emulate.claim(emulate)  # (names PrivateUse1 as this session needs, or says why it can't)
+        #: the device type this session emulates (``"cuda"``, ``"npu"``), or ``None``: the fake device
+        self.emulate = emulate
+        self._device = _emulate.device_of(emulate)
         self.schedule = schedule
         self.seed = seed
         self.depth = depth
@@ -123,11 +129,20 @@ class Session:
     # -- the public surface -------------------------------------------------------------------
     @property
     def device(self) -> torch.device:
-        """The fake device: tensors created on it behave as device tensors."""
-        return self.backend.torch_device
+        """The fake device: tensors created on it behave as device tensors (``cuda:0`` / ``npu:0`` in
+        a session that emulates that device type)."""
+        return self._device
 
     def __enter__(self) -> "Session":
-        self.backend.enter(self)
+        if self.emulate:
+            _emulate.acquire(self.emulate)  # (emulation hook: install the device's names)
+        try:
+            self.backend.enter(self)
+        except BaseException:
+            if self.emulate:
+                _emulate.release(self.emulate)
+            raise
+        _tensor.session_opened()
         # What exists now is not the session's: freeze it, so the collection at exit looks only at
         # objects made inside the session (a full collection with torch loaded takes ~0.3 s).
         # A process that froze objects itself keeps its freeze, and the exit collects everything.
@@ -155,6 +170,9 @@ class Session:
             if self._froze_heap:
                 gc.unfreeze()
         self.backend.leave(self)
+        _tensor.session_closed()
+        if self.emulate:
+            _emulate.release(self.emulate)  # (emulation hook: the last holder restores every replaced name)
         self.closed = True
         for stream in self.clocks.streams:
             stream.freed.clear()  # (pooled blocks reference kernels, which reference their streams)
@@ -172,6 +190,11 @@ class Session:
     def current_stream(self) -> StreamState:
         """The calling thread's current stream."""
         return self._tls.stream or self.default_stream
+
+    def set_current_stream(self, stream: StreamState | None) -> None:
+        """The calling thread's current stream becomes ``stream`` (``None``: the default stream)
+        until set again (``torch.cuda.set_stream``)."""
+        self._tls.stream = stream
 
     def stream_context(self, stream: StreamState) -> "_StreamContext":
         return _StreamContext(self._tls, stream)

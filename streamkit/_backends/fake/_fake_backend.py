@@ -8,6 +8,7 @@ of it that every op makes.
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 import warnings
@@ -101,7 +102,12 @@ class FakeBackend(Backend):
 
     @classmethod
     def load(cls) -> "FakeBackend":
-        """The fake backend (it works in the open ``fake.session()``, else the default session)."""
+        """The fake backend (it works in the open ``fake.session()``, else the default session).
+        Registers the fake device (PyTorch's PrivateUse1), so ``sk.device()`` and
+        ``device="fake"`` work before any session; raises
+        :class:`~streamkit.BackendUnavailableError` saying why when it can't."""
+        _emulate = importlib.import_module(__package__ + "._emulate")  # (it imports _tensor, which imports this module)
+        _emulate.claim(_emulate.default())
         return BACKEND
 
     @classmethod
@@ -116,7 +122,12 @@ class FakeBackend(Backend):
         return "<streamkit backend 'fake'>"
 
     def device(self) -> torch.device:
-        return self.torch_device
+        """The active session's device (``fake:0``; ``cuda:0``/``npu:0`` in an emulating session)."""
+        s = self.current
+        if s is None:
+            _emulate = importlib.import_module(__package__ + "._emulate")
+            return _emulate.device_of(_emulate.default())
+        return s.device
 
     def synchronize(self) -> None:
         s = self.current or self.get()

@@ -49,6 +49,10 @@ class Engine(Protocol):
         """The calling thread's current stream."""
         ...
 
+    def set_current_stream(self, stream: "StreamState | None") -> None:
+        """The calling thread's current stream becomes ``stream`` (``None``: the default stream)."""
+        ...
+
     def stream_context(self, stream: "StreamState") -> ContextManager[None]:
         """Make ``stream`` the calling thread's current stream inside the block."""
         ...

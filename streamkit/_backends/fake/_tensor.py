@@ -24,8 +24,8 @@ from ._tracking import METADATA_MUTATORS, READ, WRITE, MemoryRange, OpPlan, byte
 if TYPE_CHECKING:
     from ._interface import Engine
 
-DEVICE_TYPE = "fake"
-DEVICE: torch.device = torch.device("cpu")  # torch.device("fake", 0) once ensure_registered() ran
+DEVICE_TYPE = "fake"  # the fake device's name: PrivateUse1's, "fake" (or "npu" in a process emulating npu)
+DEVICE: torch.device = torch.device("cpu")  # torch.device(DEVICE_TYPE, 0) once ensure_registered() ran
 CPU = torch.device("cpu")
 _make_wrapper = torch.Tensor._make_wrapper_subclass
 _registered = False
@@ -54,24 +54,32 @@ _ALLOCATIONS = frozenset({"empty", "empty_strided", "new_empty", "new_empty_stri
 _observer: tuple[int, list] | None = None
 
 
-def ensure_registered() -> None:
-    """Claim PyTorch's PrivateUse1 device as ``fake`` (once per process)."""
-    global _registered, _library
-    if _registered:
+def ensure_registered(name: str = "fake") -> None:
+    """Claim PyTorch's PrivateUse1 device as the fake device, named ``name`` (``"fake"``, or ``"npu"``
+    for npu emulation), once per process; raise :class:`BackendUnavailableError` saying why when
+    PrivateUse1 has another name (another extension, or streamkit's other name) in this process."""
+    global _registered, _library, DEVICE_TYPE
+    if _registered and name == DEVICE_TYPE:
         return
     with _register_lock:
-        if _registered:
+        if _registered and name == DEVICE_TYPE:
             return
-        name = torch._C._get_privateuse1_backend_name()
-        if name not in ("privateuseone", DEVICE_TYPE):
+        current = torch._C._get_privateuse1_backend_name()
+        if _registered or current not in ("privateuseone", name):
+            if _registered:
+                why = f"this process named it {current!r} (streamkit's {current} device; PyTorch names it once per process)"
+            else:
+                why = f"{current!r} already uses it in this process (another extension renamed it)"
             raise BackendUnavailableError(
-                f"fake backend unavailable: it needs PyTorch's PrivateUse1 device, which {name!r} already"
-                f" uses in this process (run fake-backend checks in a process that doesn't import {name}'s extension)"
+                f"fake backend unavailable as {name!r}: it needs PyTorch's PrivateUse1 device, but {why}; run"
+                f" {'fake-backend checks' if name == 'fake' else 'npu-emulated code'} in a process of its own"
+                + ("" if _registered else f" that doesn't import {current}'s extension")
             )
-        if name == "privateuseone":
-            torch.utils.backend_registration._setup_privateuseone_for_python_backend(rename=DEVICE_TYPE)
+        if current == "privateuseone":
+            torch.utils.backend_registration._setup_privateuseone_for_python_backend(rename=name)
         global DEVICE
-        DEVICE = BACKEND.torch_device = torch.device(DEVICE_TYPE, 0)
+        DEVICE_TYPE = name
+        DEVICE = BACKEND.torch_device = torch.device(name, 0)
         _library = torch.library.Library("_", "IMPL", "PrivateUse1")
         _library.fallback(_factory_fallback)
         # torch.tensor(data, device="fake") copies into a fake tensor with Python dispatch turned off:
@@ -79,12 +87,32 @@ def ensure_registered() -> None:
         global _aten_library
         _aten_library = torch.library.Library("aten", "IMPL", "PrivateUse1")
         _aten_library.impl("copy_", _copy_kernel)
-        # pin_memory() of a host tensor, for the fake device (PyTorch asks the PrivateUse1 hooks for a
-        # pinned allocator, which a Python backend can't provide): a pinned copy
-        global _cpu_library
-        _cpu_library = torch.library.Library("aten", "IMPL", "CPU")
-        _cpu_library.impl("_pin_memory", _pin_memory_kernel)
         _registered = True
+
+
+_open_sessions = 0
+
+
+def session_opened() -> None:
+    """A fake session opened: pin_memory() of a host tensor makes a pinned copy the fake device
+    models, while any session is open (PyTorch asks the PrivateUse1 hooks for a pinned allocator,
+    which a Python backend can't provide). Outside sessions the CPU kernel is PyTorch's again."""
+    global _open_sessions, _cpu_library
+    with _register_lock:
+        _open_sessions += 1
+        if _cpu_library is None:
+            _cpu_library = torch.library.Library("aten", "IMPL", "CPU")
+            _cpu_library.impl("_pin_memory", _pin_memory_kernel)
+
+
+def session_closed() -> None:
+    """A fake session ended: the last one gives ``_pin_memory``'s CPU kernel back to PyTorch."""
+    global _open_sessions, _cpu_library
+    with _register_lock:
+        _open_sessions = max(0, _open_sessions - 1)
+        if _open_sessions == 0 and _cpu_library is not None:
+            _cpu_library._destroy()
+            _cpu_library = None
 
 
 def _poison(result: Any) -> None:
@@ -232,8 +260,8 @@ def _check_index(device: Any, where: Any) -> None:
             device = torch.device(device)
     if device.type == DEVICE_TYPE and device.index not in (None, 0):
         raise DeviceIndexError(
-            f"{where}: device={str(device)!r}: the fake backend has one device, fake:0 (CUDA would raise"
-            " 'invalid device ordinal'); use device='fake' or sk.device(), and one process per rank for"
+            f"{where}: device={str(device)!r}: the fake backend has one device, {DEVICE_TYPE}:0 (CUDA would raise"
+            f" 'invalid device ordinal'); use device='{DEVICE_TYPE}' or sk.device(), and one process per rank for"
             " multi-device tests"
         )
 
