@@ -59,7 +59,7 @@ def test_pct_runs_the_highest_priority_stream_so_depth_one_never_interleaves():
             x = torch.zeros(4, device=sk.device())
             x.add_(1.0)
             pending = s._scheduler.pending
-            host, stream0 = s._scheduler.priority[-1], s._scheduler.priority.get(0)
+            host, stream0 = s._scheduler.policy.priority[-1], s._scheduler.policy.priority.get(0)
         assert stream0 is not None  # (drawn at the first issue, when its kernel was ready)
         orders.add(stream0 > host)
         assert pending == 0 if stream0 > host else pending == 2
@@ -85,7 +85,7 @@ def test_explore_alternates_random_and_pct_after_adversarial_and_lazy():
 
 def test_bad_pct_tokens_and_depths_are_refused():
     fn = readme_program(wait=True)
-    for bad in ("pct:1", "pct:1:0", "pct:x:2", "pct:1:2:3", "random:1:3"):
+    for bad in ("pct:1", "pct:1:0", "pct:x:2", "pct:1:2:3:4", "pct:1:2:0", "random:1:3"):
         with pytest.raises(ValueError):
             fake.replay(fn, bad)
     for depth in (0, -1, 1.5):

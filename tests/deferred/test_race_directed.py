@@ -56,5 +56,5 @@ def test_bad_race_tokens_and_targets_are_refused():
     with pytest.raises(ValueError):
         fake.session(schedule="race", target=((0, 1),)).__enter__()
     with fake.session(detect="record", schedule="race", target=[[0, 2], [1, 1]]) as s:
-        assert s._scheduler.target == ((0, 2), (1, 1))
+        assert s._scheduler.policy.target == ((0, 2), (1, 1))
     assert fake.parse_token("race:0.12:1.3") == ("race", 0, 3, ((0, 12), (1, 3)))

@@ -22,11 +22,11 @@ from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath in
 from . import _graph, _handles
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
-from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler, poison
+from ._deferred import PCT_DEPTH, DeferredScheduler, poison
 from ._detector import Detector
 from ._report import Race, RaceError, Reporter
 from ._sites import capture_site
-from ._tokens import Constraints, check_fingerprint, session_args
+from ._tokens import check_fingerprint, resolve_schedule
 from ._tensor import FakeDeviceTensor, ensure_registered
 from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel, StorageState, size_class
 
@@ -98,33 +98,15 @@ class Session:
     ) -> None:
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
-        if schedule is None:
-            schedule = os.environ.get("STREAMKIT_SCHEDULE") or "eager"
-        self._token_fingerprint = None
+        # (schedule checks: the policy registry, streamkit._backends.fake._policies)
+        spec = resolve_schedule(schedule, seed, depth, target)
+        schedule, seed, depth, target = spec.schedule, spec.seed, spec.depth, spec.target
+        self._token, self._token_fingerprint = spec.token, spec.fingerprint
         #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
         self.fingerprint_matched: bool | None = None
-        if isinstance(schedule, str) and schedule not in SCHEDULES and (":" in schedule or "/" in schedule):
-            self._token = schedule
-            schedule, seed, depth, target, self._token_fingerprint = session_args(schedule)
-        elif schedule == "constraints" and target is not None:
-            if not isinstance(target, Constraints):
-                target = Constraints(target)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"session(schedule): expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
-        if type(depth) is not int or depth < 1:
-            raise ValueError(f"session(depth): expected an int >= 1, got {depth!r}")
-        if (schedule in ("race", "constraints")) != (target is not None):
-            raise ValueError(
-                'session(target): schedule="race" takes target=((stream, seq), (stream, seq)), schedule="constraints"'
-                " pairs of fake.KernelId (or use schedule=TOKEN), the others none"
-            )
-        if target is not None and schedule == "race":
-            try:
-                target = tuple((int(stream), int(seq)) for stream, seq in target)
-                if len(target) != 2:
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ValueError(f"session(target): expected ((stream, seq), (stream, seq)), got {target!r}") from None
+        #: fake.explore's hook (streamkit._backends.fake._planner): called first for every race the
+        #: detector finds; True skips the report (a race the eager run already reported)
+        self.race_hook: Any = None
         ensure_registered()
         self.schedule = schedule
         self.seed = seed
@@ -339,6 +321,8 @@ class Session:
     def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
         if self.detect == "off":
             return  # (clocks kept for a deferred schedule only)
+        if self.race_hook is not None and self.race_hook(earlier, earlier_kind, kernel, kind):
+            return
         race, _ = self._reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
         if self.detect == "raise":
             raise RaceError(race)
