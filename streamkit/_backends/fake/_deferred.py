@@ -194,7 +194,7 @@ class DeferredScheduler:
         self.queues: dict[int, deque] = {}
         self.pending = 0
         self.order = 0  # issue number of the last deferred kernel
-        self.splits = 0  # read-modify-write kernels run split around a racing one
+        self.split_pairs: list = []  # (kernel, partner): a read-modify-write kernel run split around a racing one
         self.error: BaseException | None = None  # the first kernel that failed when it ran
 
     # issue
@@ -285,7 +285,7 @@ class DeferredScheduler:
         # CUDA: an in-place elementwise kernel loads, computes and stores per element with no
         # atomicity; two unordered ones on the same memory may both load before either stores,
         # and one update is lost (the order below is one such interleaving)
-        self.splits += 1
+        self.split_pairs.append((kernel, partner))
         target = kernel.args[0]
         scratch = target.clone()
         kernel.args = (scratch,) + tuple(kernel.args[1:])
@@ -301,9 +301,13 @@ class DeferredScheduler:
         if not args or not isinstance(args[0], torch.Tensor):
             return []
         storage = args[0].untyped_storage().data_ptr()
+        idx, seq = kernel.stream.idx, kernel.seq
         found = []
-        for k in self.ready():
-            if k.stream.idx != kernel.stream.idx and is_rmw(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
+        for k in self.ready():  # (kernel has left its queue: a kernel ordered after it looks ready too)
+            deps = k.deps
+            if idx < len(deps) and deps[idx] >= seq:
+                continue
+            if k.stream.idx != idx and is_rmw(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
                 if k.args[0].untyped_storage().data_ptr() == storage:
                     found.append(k)
         return found

@@ -608,12 +608,12 @@ def policy(schedule: str, seed: int, depth: int, target: Any) -> Policy:
     return POLICIES[schedule](seed, depth, target)
 
 
-def run_seed(seed: int, index: int) -> int:
-    """The seed of explore's ``index``-th run of a kind, from its ``seed``: a hash, so nearby
+def run_seed(seed: int, index: int, kind: str = "") -> int:
+    """The seed of explore's ``index``-th run of ``kind``, from its ``seed``: a hash, so nearby
     explore seeds don't repeat each other's runs (31 bits: tokens stay short)."""
     import zlib
 
-    return zlib.crc32(f"{seed}:{index}".encode()) & 0x7FFFFFFF
+    return zlib.crc32(f"{seed}:{kind}:{index}".encode()) & 0x7FFFFFFF
 
 
 def pct_bound(threads: int, steps: int, depth: int) -> float:

@@ -180,9 +180,34 @@ def _decode(text: str) -> tuple[tuple[KernelId, KernelId], ...]:
     return tuple(pairs)
 
 
-def explanation(pairs: Sequence[tuple[KernelId, KernelId]]) -> str:
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def occurrence_totals(ids: Sequence[KernelId]) -> dict:
+    """How many kernels of each (op, file, function, line text) a run issued."""
+    totals: dict = {}
+    for k in ids:
+        base = k.key[:4]
+        totals[base] = max(totals.get(base, 0), k.occurrence)
+    return totals
+
+
+def describe(k: KernelId, totals: dict | None = None) -> str:
+    """``aten.add_ on side (a.py:12)``; a kernel issued more than once from that line (a loop) with
+    its occurrence: ``aten.add_ on side (a.py:12, 10th of 10)`` (``totals``:
+    :func:`occurrence_totals` of the run; without it, ``3rd`` alone past the first)."""
+    total = totals.get(k.key[:4], 0) if totals else 0
+    if total > 1:
+        return f"{k.op} on {k.stream} ({k.file}:{k.line}, {_ordinal(k.occurrence)} of {total})"
+    if k.occurrence > 1 and not totals:
+        return f"{k.op} on {k.stream} ({k.file}:{k.line}, {_ordinal(k.occurrence)})"
+    return str(k)
+
+
+def explanation(pairs: Sequence[tuple[KernelId, KernelId]], totals: dict | None = None) -> str:
     """One line per constraint: ``ran aten.zero_ on default (a.py:12) before aten.sum on side (a.py:14)``."""
-    return "\n".join(f"ran {a} before {b}" for a, b in pairs)
+    return "\n".join(f"ran {describe(a, totals)} before {describe(b, totals)}" for a, b in pairs)
 
 
 class Token(NamedTuple):
