@@ -21,13 +21,21 @@ and the number of kernels. From that:
 from __future__ import annotations
 
 import itertools
+import zlib
 from typing import Any, Iterator, NamedTuple
+
+import torch
 
 from ._policies import PCT_DEPTH, is_rmw, run_seed
 from ._tracking import READ, WRITE
 
 #: the needle sweep: at most this many positions per race
 NEEDLE_POSITIONS = 48
+#: "every race reversed at once": at most this many occurrences
+REVERSE_ALL_PAIRS = 512
+#: the needle sweep compares what a racing read would find at each position for storages up to
+#: this size (a CRC of the bytes, in the eager reference run only)
+CONTENT_BYTES = 1 << 16
 #: ops whose kernel hands values to the host (their reads are sinks: they reach what fn returns)
 _HOST_READS = frozenset({"_local_scalar_dense", "_to_copy", "equal", "nonzero", "bincount", "unique", "masked_select", "allclose"})
 
@@ -72,9 +80,10 @@ class Observation:
             check(accesses, stream, kernel)
             clock = stream.clock
             merged = tuple(max(c, host[i]) if i < len(host) else c for i, c in enumerate(clock))
+            # (the eager run: the kernel runs after this check, so the content is what it finds)
             kernels[(stream.idx, kernel.seq)] = _Kernel(
                 kernel.op, len(kernels), merged,
-                tuple((key_of(t._st), t._lo, t._hi, kind) for t, kind in accesses),
+                tuple((key_of(t._st), t._lo, t._hi, kind, _content(t)) for t, kind in accesses),
             )
 
         session._check = observed
@@ -141,8 +150,8 @@ class Observation:
         ka, kb = self.kernels.get(a), self.kernels.get(b)
         if ka is None or kb is None:
             return False
-        for sa, lo, hi, kind in ka.accesses:
-            for sb, lo2, hi2, kind2 in kb.accesses:
+        for sa, lo, hi, kind, _ in ka.accesses:
+            for sb, lo2, hi2, kind2, _ in kb.accesses:
                 if sa == sb and lo < hi2 and lo2 < hi and (kind == WRITE or kind2 == WRITE):
                     return True
         return False
@@ -154,6 +163,18 @@ class Observation:
             return False
         s, n = a
         return s == b[0] and n <= b[1] or (s < len(kb.clock) and kb.clock[s] >= n)
+
+
+def _content(tensor: Any) -> int | None:
+    """A CRC of the whole storage's bytes as the eager run has them now (small storages only):
+    the needle sweep skips positions whose value the racing access would read anyway."""
+    inner = getattr(tensor, "_inner", None)
+    if inner is None:
+        return None
+    storage = inner.untyped_storage()
+    if storage.nbytes() > CONTENT_BYTES or storage.device.type != "cpu":
+        return None
+    return zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
 
 
 def race_key(earlier: Any, earlier_kind: Any, kernel: Any, kind: Any) -> tuple:
@@ -179,8 +200,11 @@ def _op_name(op: Any) -> str:
 
 def _needles(obs: Observation, first: tuple, second: tuple, first_kind: Any, second_kind: Any) -> list[Slot]:
     """The needle sweep of one race occurrence: the racing access placed after each of the
-    unordered writes of the other stream to its bytes in turn (``order:`` runs), nearest to the
-    eager position first; the eager position itself is left out."""
+    unordered writes of the other stream to its bytes in turn (``order:`` runs: after the i-th
+    write, before the next). A position where the memory holds what the eager position holds
+    can't change a read, and two positions with the same content read the same: one run per
+    content not seen at the eager position, nearest to it first (positions of unknown content
+    all run)."""
     if first_kind == READ:  # (a write after a read: the reader is the earlier kernel)
         mover, writer = first, second
     else:
@@ -188,12 +212,13 @@ def _needles(obs: Observation, first: tuple, second: tuple, first_kind: Any, sec
     km, kw = obs.kernels.get(mover), obs.kernels.get(writer)
     if km is None or kw is None:
         return []
-    spans = [(s, lo, hi) for s, lo, hi, kind in km.accesses]
+    spans = [(s, lo, hi) for s, lo, hi, kind, _ in km.accesses]
+    touched = {s for s, _, _ in spans}
     writes = []
     for key, k in obs.kernels.items():
         if key[0] != writer[0]:
             continue
-        if not any(kind == WRITE and s == s2 and lo < hi2 and lo2 < hi for s, lo, hi, kind in k.accesses for s2, lo2, hi2 in spans):
+        if not any(kind == WRITE and s == s2 and lo < hi2 and lo2 < hi for s, lo, hi, kind, _ in k.accesses for s2, lo2, hi2 in spans):
             continue
         if obs.ordered(key, mover) or obs.ordered(mover, key):
             continue
@@ -203,11 +228,30 @@ def _needles(obs: Observation, first: tuple, second: tuple, first_kind: Any, sec
         return []  # (one write: the reversal covers both positions)
     ids = [key for _, key in writes]
     eager = sum(1 for index, _ in writes if index < km.index)
+    # what the memory holds at position p: what the first access after the p-th write found
+    by_index = sorted(obs.kernels.values(), key=lambda k: k.index)
+
+    def content(p: int) -> Any:
+        after = writes[p - 1][0] if p > 0 else -1
+        before = writes[p][0] if p < len(writes) else None
+        for k in by_index[after + 1 :]:
+            for s, lo, hi, kind, crc in k.accesses:
+                if s in touched:
+                    return crc if crc is not None else ("?", p)
+            if before is not None and k.index >= before:
+                break
+        return ("?", p)
+
+    seen = {content(eager)}
     positions = sorted(range(len(ids) + 1), key=lambda p: (abs(p - eager), -p))
     slots = []
     for p in positions:
         if p == eager:
             continue
+        c = content(p)
+        if c in seen:
+            continue
+        seen.add(c)
         pairs = []
         if p > 0:
             pairs.append((ids[p - 1], mover))
@@ -240,20 +284,22 @@ def directed_slots(obs: Observation) -> list[Slot]:
         if slot not in out:
             out.append(slot)
 
-    if len(groups) > 1:
-        # every race reversed at once (first occurrences): a conjunction of reversals in one run
-        add(Slot("order", 0, PCT_DEPTH, tuple((b, a) for (a, b, _, _), _ in ranked)))
+    pairs = []
+    for _, first, second, _, _ in obs.occurrences:
+        if first[0] != second[0] and (second, first) not in pairs:
+            pairs.append((second, first))
+    if len(pairs) > 1:
+        # every race reversed at once, every occurrence (a conjunction of reversals in one run)
+        add(Slot("order", 0, PCT_DEPTH, tuple(pairs[:REVERSE_ALL_PAIRS])))
     for (a, b, fk, sk), last in ranked:
-        add(Slot("race", 0, PCT_DEPTH, (a, b)))
         ka, kb = obs.kernels.get(a), obs.kernels.get(b)
         if ka is not None and kb is not None and is_rmw(ka.op) and is_rmw(kb.op):
-            add(Slot("split", 0, PCT_DEPTH, (a, b)))
+            add(Slot("split", 0, PCT_DEPTH, (a, b)))  # (reversing two add_ changes nothing: lose one)
         if last[:2] != (a, b):
-            add(Slot("race", 0, PCT_DEPTH, last[:2]))
-    if any(last[:2] != first[:2] for first, last in ranked):
-        add(Slot("order", 0, PCT_DEPTH, tuple((last[1], last[0]) for _, last in ranked)))  # every last occurrence reversed
-    sweeps = [_needles(obs, *first) for first, _ in ranked]
-    sweeps += [_needles(obs, *last) for first, last in ranked if last[:2] != first[:2]]
+            add(Slot("race", 0, PCT_DEPTH, last[:2]))  # (a loop's last iteration: its result survives)
+        add(Slot("race", 0, PCT_DEPTH, (a, b)))
+    sweeps = [_needles(obs, *last) for _, last in ranked]
+    sweeps += [_needles(obs, *first) for first, last in ranked if last[:2] != first[:2]]
     for slot in itertools.chain.from_iterable(itertools.zip_longest(*sweeps)):  # (round robin over the races)
         if slot is not None:
             add(slot)
