@@ -210,10 +210,14 @@ class DeferredScheduler:
         policy.seen(kernel)
         if sync is not None or _is_random(kernel.op):
             return self.run_now(kernel)
+        if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
+            return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
         try:
             template, tensors = layout(kernel.call, kernel.args, kernel.kwargs)
         except _AtOnce:
             return self.run_now(kernel)
+        if not self.pending and policy.fast_draws and policy.fast(self, kernel):
+            return self._run_at_issue(kernel)
         fills: list = []
         result = _placeholders(template, tensors, fills, ())
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
@@ -234,6 +238,16 @@ class DeferredScheduler:
         if self.pending > QUEUE_DEPTH:
             self.run(min(self.ready(), key=lambda k: k.order))
         policy.after_issue(self, kernel)
+        return result
+
+    def _run_at_issue(self, kernel: Any) -> Any:
+        """Nothing is queued and the policy runs ``kernel`` at once: run it as eager does, without
+        a placeholder (what run_now would do, minus the drain there is nothing for)."""
+        if self.ran is not None:
+            self.ran.append(kernel)
+        with _NoTorchFunction():
+            result = kernel.run()
+        self.policy.ran(kernel)
         return result
 
     def run_now(self, kernel: Any) -> Any:

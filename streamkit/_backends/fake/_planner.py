@@ -172,16 +172,18 @@ def _content(tensor: Any) -> int | None:
     if inner is None:
         return None
     storage = inner.untyped_storage()
-    if storage.nbytes() > CONTENT_BYTES or storage.device.type != "cpu":
+    size = storage.nbytes()
+    if not size or size > CONTENT_BYTES or storage.device.type != "cpu":
         return None
-    return zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(storage).numpy())
+    # (a copy: numpy() on the storage itself would make it non-resizable for the program's out= ops)
+    return zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(storage).clone().numpy())
 
 
 def race_key(earlier: Any, earlier_kind: Any, kernel: Any, kind: Any) -> tuple:
-    """A race by its two kernels' ops, issue sites and kinds: the occurrences of a race in a loop
-    share it."""
+    """A race by its two kernels' ops, issue sites (the innermost user frame: the frames above
+    ``fn`` differ between explore's runs) and kinds: the occurrences of a race in a loop share it."""
     first = earlier.kernel
-    return (first.op, first.site, earlier_kind, kernel.op, kernel.site, kind)
+    return (first.op, first.site[0] if first.site else None, earlier_kind, kernel.op, kernel.site[0] if kernel.site else None, kind)
 
 
 _OP_NAMES: dict = {}

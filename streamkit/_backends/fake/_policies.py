@@ -97,6 +97,9 @@ class Policy:
     name: ClassVar[str] = ""
     #: whether :meth:`split` may return a kernel (the scheduler looks for partners only then)
     splits: ClassVar[bool] = False
+    #: whether :meth:`fast` draws random numbers (then it is asked only for kernels that could be
+    #: deferred, as :meth:`after_issue` would be; else before the meta evaluation, which it saves)
+    fast_draws: ClassVar[bool] = False
     #: what the token's fields are, for the error message of a malformed token
     token_form: ClassVar[str] = "NAME:SEED"
 
@@ -132,6 +135,12 @@ class Policy:
     # -- the run ------------------------------------------------------------------------------------
     def seen(self, kernel: Any) -> None:
         pass
+
+    def fast(self, sched: Any, kernel: Any) -> bool:
+        """Nothing is queued: whether ``kernel`` runs at once (then it isn't queued, and
+        :meth:`after_issue` isn't called for it); a policy that says False has made the choice
+        :meth:`after_issue` would make for it (it must not make it again)."""
+        return False
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         pass
@@ -187,8 +196,12 @@ class Random(Policy):
     ``random:SEED`` tokens replay bit for bit; explore's random runs are :class:`Rates`.)"""
 
     name = "random"
+    _decided = False  # (no fast path: this legacy policy keeps its exact draws, fast() says False)
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
+        if self._decided:
+            self._decided = False
+            return
         rng = self.rng
         while sched.pending and rng.random() < 0.5:  # the device makes progress meanwhile
             sched.run(rng.choice(sched.ready()))
@@ -208,6 +221,7 @@ class Rates(Policy):
 
     name = "rates"
     splits = True
+    fast_draws = True
 
     def __init__(self, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None) -> None:
         super().__init__(seed, depth, target)
@@ -231,7 +245,18 @@ class Rates(Policy):
             r -= w
         return None  # (the host's step)
 
+    _decided = False
+
+    def fast(self, sched: Any, kernel: Any) -> bool:
+        if self._choose([kernel], self.rates[HOST]) is not None:
+            return True
+        self._decided = True
+        return False
+
     def after_issue(self, sched: Any, kernel: Any) -> None:
+        if self._decided:
+            self._decided = False
+            return
         host = self.rates[HOST]
         while sched.pending:
             k = self._choose(sched.ready(), host)
@@ -258,6 +283,7 @@ class PCT(Policy):
 
     name = "pct"
     token_form = "pct:SEED:DEPTH[:STEPS]"
+    fast_draws = True
 
     def __init__(self, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None) -> None:
         self.seed, self.depth, self.target = seed, depth, target
@@ -306,8 +332,22 @@ class PCT(Policy):
             self._priority(thread)
             self.priority[thread] = change
 
-    def after_issue(self, sched: Any, kernel: Any) -> None:
+    _stepped = False
+
+    def fast(self, sched: Any, kernel: Any) -> bool:
+        if self.target is None:
+            return False  # (legacy pct:SEED:DEPTH tokens: the exact path of earlier versions)
         self._step(HOST)  # the host took a step (the issue)
+        if self._priority(kernel.stream.idx) >= self.priority[HOST]:
+            return True
+        self._stepped = True
+        return False
+
+    def after_issue(self, sched: Any, kernel: Any) -> None:
+        if self._stepped:
+            self._stepped = False
+        else:
+            self._step(HOST)  # the host took a step (the issue)
         host = self.priority[HOST]
         while sched.pending:  # device threads of higher priority than the host run meanwhile
             best = self._best(sched.ready())
@@ -414,6 +454,9 @@ class _Holds(Policy):
     def ran_at_issue(self, kernel: Any) -> None:
         self.ran(kernel)
 
+    def fast(self, sched: Any, kernel: Any) -> bool:
+        return not self.held(kernel)
+
     def pick(self, sched: Any, ready: list, clock: Any) -> Any:
         # oldest first among the kernels no pair holds back; when all are held, the sync needs one
         # anyway: the oldest it needs (its pairs are dropped, ran())
@@ -483,6 +526,9 @@ class Split(Race):
 
     def _held(self, k: Any) -> bool:
         return not self.done and (k.stream.idx, k.seq) in self.target
+
+    def fast(self, sched: Any, kernel: Any) -> bool:
+        return not self._held(kernel)
 
     def settle(self, sched: Any) -> None:
         while sched.pending:
