@@ -16,7 +16,7 @@ write it should cover), ``lost`` (two unordered ``add_`` on one buffer: a lost u
 read-modify-write split), ``needle``/``late`` (a read wrong only between two particular writes of
 several, early or late in a long run), ``conj`` (d independent stale reads that must all happen),
 ``flood`` (one real race among 60 benign ones), ``loop`` (a race in every iteration that only
-matters in the last).
+matters in the last), ``mixed`` (a needle and one or two stale reads at once).
 """
 
 from __future__ import annotations
@@ -252,12 +252,44 @@ def loop(iterations: int = 10) -> Callable[[bool], Callable[[], Any]]:
     return make
 
 
+def mixed(writes: int = 12, at: int = 5, stale: int = 1) -> Callable[[bool], Callable[[], Any]]:
+    """A needle (depth 2) and ``stale`` more stale reads (one each) that must all hold: depth
+    2 + ``stale``."""
+
+    def make(fixed: bool) -> Callable[[], Any]:
+        def program():
+            dev = sk.device()
+            side = sk.Stream()
+            other = sk.Stream()
+            x = torch.zeros(N, device=dev)
+            ys = [torch.zeros(N, device=dev) for _ in range(stale)]
+            side.wait_stream(sk.current_stream())
+            for i in range(writes):
+                x.fill_(7.0 if i == at else 1.0)
+            if fixed:
+                side.wait_stream(sk.current_stream())
+            with sk.switch(side):
+                seen = (x == 7.0).any()
+            reads = []
+            for y in ys:
+                y.fill_(1.0)
+                if fixed:
+                    other.wait_stream(sk.current_stream())
+                with sk.switch(other):
+                    reads.append(y.sum())
+            for s in (side, other):
+                sk.current_stream().wait_stream(s)
+            return bool(seen.item()) and all(r.item() == 0.0 for r in reads)
+        return program
+    return make
+
+
 def late(writes: int = 60, at: int = 45) -> Callable[[bool], Callable[[], Any]]:
     return needle(writes=writes, at=at, filler=2)
 
 
 def suite() -> list[Planted]:
-    """The benchmark's planted bugs (31)."""
+    """The benchmark's planted bugs (33)."""
     bugs = [
         Planted("fork-2s", "fork", 1, 2, fork(2)),
         Planted("fork-3s-pad", "fork", 1, 3, fork(3, filler=40)),
@@ -290,6 +322,8 @@ def suite() -> list[Planted]:
         Planted("conj-4-pad", "conj", 4, 4, conj(4, filler=20)),
         Planted("conj-4b", "conj", 4, 4, conj(4, filler=4)),
         Planted("fork-2s-pad", "fork", 1, 2, fork(2, filler=100)),
+        Planted("mixed-3", "mixed", 3, 3, mixed(12, 5, 1)),
+        Planted("mixed-4", "mixed", 4, 3, mixed(12, 5, 2)),
     ]
     return bugs
 

@@ -279,7 +279,9 @@ def directed_slots(obs: Observation) -> list[Slot]:
     if not groups:
         return []
     relevant = obs.relevant()
-    ranked = sorted(groups.values(), key=lambda g: not (g[0][0] in relevant or g[0][1] in relevant or g[1][1] in relevant))
+    order = sorted(groups.items(), key=lambda item: not (item[1][0][0] in relevant or item[1][0][1] in relevant or item[1][1][1] in relevant))
+    ranked_keys = [key for key, _ in order]
+    ranked = [value for _, value in order]
     out: list[Slot] = []
 
     def add(slot: Slot) -> None:
@@ -300,11 +302,26 @@ def directed_slots(obs: Observation) -> list[Slot]:
         if last[:2] != (a, b):
             add(Slot("race", 0, PCT_DEPTH, last[:2]))  # (a loop's last iteration: its result survives)
         add(Slot("race", 0, PCT_DEPTH, (a, b)))
-    sweeps = [_needles(obs, *last) for _, last in ranked]
-    sweeps += [_needles(obs, *first) for first, last in ranked if last[:2] != first[:2]]
-    for slot in itertools.chain.from_iterable(itertools.zip_longest(*sweeps)):  # (round robin over the races)
-        if slot is not None:
-            add(slot)
+    sweeps = [(group, _needles(obs, *last)) for group, (_, last) in enumerate(ranked)]
+    sweeps += [(group, _needles(obs, *first)) for group, (first, last) in enumerate(ranked) if last[:2] != first[:2]]
+    # a needle with every other race reversed as well (a needle and a stale read, both needed),
+    # then the needle alone; round robin over the races
+    group_keys = ranked_keys
+    plain = []
+    for entries in itertools.zip_longest(*[[(g, slot) for slot in slots] for g, slots in sweeps]):
+        for entry in entries:
+            if entry is None:
+                continue
+            g, slot = entry
+            others = tuple(
+                (second, first) for key, first, second, _, _ in obs.occurrences
+                if first[0] != second[0] and key != group_keys[g]
+            )[:REVERSE_ALL_PAIRS]
+            if others:
+                add(Slot("order", 0, PCT_DEPTH, slot.target + others))
+            plain.append(slot)
+    for slot in plain:
+        add(slot)
     return out
 
 
