@@ -85,3 +85,30 @@ def test_a_race_in_a_loop_is_reversed_at_its_last_occurrence_and_explained_with_
     f = found.failure
     assert not found.ok and f.values.tolist() == [4.0] * 4  # the last copy read the 4th fill's value
     assert "5th of 5" in f.explanation, f.explanation
+
+
+def write_then_filler():
+    side = sk.Stream()
+    x = torch.ones(16, device=sk.device())
+    pad = torch.zeros(16, device=sk.device())
+    sk.synchronize()
+    with sk.switch(side):
+        total = x.sum()  # <filler-read>  (issued first; the fork wait is missing)
+    x.mul_(2)  # <filler-write>
+    for _ in range(6):
+        pad.add_(1)  # no-op filler on the same stream, issued after the write
+    sk.current_stream().wait_stream(side)
+    return total.item()
+
+
+def test_shrinking_names_the_conflicting_write_not_the_filler_after_it():
+    from streamkit._backends.fake._planner import Slot
+
+    explorer = Explorer(write_then_filler, 1, 0)
+    assert explorer.run_reference().values == 16.0
+    f = explorer.run(Slot("adversarial", 0))  # (the sync runs the write and all the filler before the sum)
+    assert f.values == 32.0
+    explorer.shrink(f, None)
+    assert f.deviations >= 2 and len(f.constraints) == 1, f.explanation
+    ((a, b),) = f.constraints
+    assert (a.op, b.op) == ("aten.mul_", "aten.sum"), f.explanation  # the write, not pad.add_

@@ -4,8 +4,9 @@ and shrinks the first failure to the few ordering constraints that cause it;
 ``fake.replay(fn, token)`` reruns one of them bit for bit.
 
 Tokens (docs/exploration.md, "Tokens"): ``SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]``. ``SCHEDULE`` is
-the short form, ``"schedule:seed"`` (``"adversarial:0"``, ``"random:7"``), ``"pct:seed:depth"``,
-``"race:S.N:S.N"`` or ``"constraints"``: a schedule is a deterministic function of the program,
+the short form, from the policy registry (:mod:`._policies`): ``"schedule:seed"``
+(``"adversarial:0"``, ``"rates:7"``), ``"pct:seed:depth[:steps]"``, ``"race:S.N:S.N"``,
+``"split:S.N:S.N"``, ``"order:S.N-S.N,..."`` or ``"constraints"``: a schedule is a deterministic function of the program,
 the scheduler and its seed, so it reproduces the run of the same program (one host thread, one
 process). ``FINGERPRINT`` is a CRC-32 of the run's kernel sequence (op, file, line, in issue
 order); ``CONSTRAINTS`` the shrunk constraint form ("kernel A runs before kernel B", kernels named
@@ -54,7 +55,9 @@ class Run:
     schedule: str
     seed: int
     depth: int = PCT_DEPTH  # (pct only)
-    target: Any = None  # (race only: ((stream, seq), (stream, seq)), the second kernel runs first)
+    #: the policy's parameter: race/split ((stream, seq), (stream, seq)); order, pairs of those;
+    #: pct its step count (None: the legacy 64)
+    target: Any = None
     values: Any = None
     error: BaseException | None = None
     races: list[Race] = field(default_factory=list)

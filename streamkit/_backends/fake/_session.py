@@ -4,7 +4,6 @@ exposes them through the public API."""
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import threading
 import time
