@@ -572,11 +572,12 @@ class ConstraintsPolicy(_Holds):
 
     @classmethod
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:
-        from ._tokens import Constraints
-
-        if target is None:
-            raise ScheduleError("session(target): schedule=\"constraints\" takes pairs of fake.KernelId (or use schedule=TOKEN)")
-        return 0, PCT_DEPTH, target if isinstance(target, Constraints) else Constraints(target)
+        # (pairs of fake.KernelId are made a _tokens.Constraints by _tokens.resolve_schedule)
+        if target is None or not all(hasattr(target, m) for m in ("issued", "held", "ran")):
+            raise ScheduleError(
+                f"session(target): schedule=\"constraints\" takes pairs of fake.KernelId (or use schedule=TOKEN), got {target!r}"
+            )
+        return 0, PCT_DEPTH, target
 
     @classmethod
     def token(cls, seed: int, depth: int, target: Any) -> str:

@@ -304,6 +304,8 @@ def resolve_schedule(schedule: Any, seed: Any = 0, depth: Any = PCT_DEPTH, targe
         return ScheduleSpec(*check_args(name, seed, depth, target), schedule, fp)
     if schedule not in SCHEDULES:
         raise ScheduleError(f"{where}: expected one of {', '.join(map(repr, SCHEDULES))} or a token ({TOKEN_FORMAT}), got {schedule!r}")
+    if schedule == "constraints" and target is not None and not isinstance(target, Constraints):
+        target = Constraints(target)
     return ScheduleSpec(*check_args(schedule, seed, depth, target))
 
 
