@@ -84,3 +84,10 @@ def test_explore_compares_values_and_refuses_what_has_no_value_equality():
 def test_replay_fallback_warning_lives_with_the_other_errors():
     assert fake.ReplayFallbackWarning is _errors.ReplayFallbackWarning
     assert issubclass(fake.ReplayFallbackWarning, _errors.StreamkitWarning)
+
+
+def test_integer_types_are_taken_as_ints():
+    with fake.session(schedule="rates", seed=np.int64(5)) as s:
+        assert s.seed == 5 and type(s.seed) is int
+    found = fake.explore(program, schedules=np.int32(2), seed=np.int64(3))
+    assert found.ok and len(found.runs) == 2

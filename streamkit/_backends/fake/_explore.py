@@ -458,6 +458,8 @@ def directed(races: list[Race]) -> list[Slot]:
 
 
 def _check_int(value: Any, where: str, least: int | None = None) -> int:
+    if type(value) is not int and not isinstance(value, bool) and hasattr(value, "__index__"):
+        value = value.__index__()  # (numpy integers)
     if type(value) is not int or (least is not None and value < least):
         accepted = "an int" + (f" >= {least}" if least is not None else "")
         raise (ValueError if type(value) is int else TypeError)(f"{where}: expected {accepted}, got {value!r} ({type(value).__name__})")
@@ -565,6 +567,7 @@ def explore(
     deviation, unshrunk). The failure's ``token`` then carries the fingerprint and the
     constraints, and ``explanation`` names them."""
     check_explore_args(fn, schedules, seed, detect)
+    schedules, seed = _check_int(schedules, "explore(schedules)", 1), _check_int(seed, "explore(seed)")
     if type(shrink) is not bool and (type(shrink) is not int or shrink < 0):
         raise ValueError(f"explore(shrink): expected True, False or a number of runs >= 0, got {shrink!r}")
     return Explorer(fn, schedules, seed, detect).explore(shrink)

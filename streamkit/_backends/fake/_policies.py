@@ -18,6 +18,7 @@ around another: a lost update) and ``constraints`` (the shrunk, edit-proof form 
 from __future__ import annotations
 
 import math
+import operator
 import random
 from typing import Any, ClassVar
 
@@ -58,8 +59,14 @@ class ScheduleError(ValueError):
 
 
 def _check_seed(seed: Any, where: str = "session(seed)") -> int:
-    if type(seed) is not int:  # (bool, float, str, list: refused, not coerced)
-        raise ScheduleError(f"{where}: expected an int, got {seed!r} ({type(seed).__name__})")
+    """An int (or an integer type such as numpy's, as an int); bool, float, str, list: refused."""
+    if type(seed) is not int:
+        try:
+            if isinstance(seed, bool):
+                raise TypeError
+            seed = operator.index(seed)
+        except TypeError:
+            raise ScheduleError(f"{where}: expected an int, got {seed!r} ({type(seed).__name__})") from None
     return seed
 
 
@@ -114,7 +121,7 @@ class Policy:
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:
         """``(seed, depth, target)`` as this policy takes them; :class:`ScheduleError` (a
         ValueError naming the argument) otherwise."""
-        _check_seed(seed)
+        seed = _check_seed(seed)
         if target is not None:
             raise ScheduleError(
                 f"session(target): schedule={cls.name!r} takes no target, got {target!r} (\"race\" and \"split\" take"
@@ -297,7 +304,7 @@ class PCT(Policy):
 
     @classmethod
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:
-        _check_seed(seed)
+        seed = _check_seed(seed)
         if target is not None and (type(target) is not int or target < 1):
             raise ScheduleError(f"session(target): schedule=\"pct\" takes a step count (an int >= 1) or None, got {target!r}")
         return seed, depth, target
@@ -377,6 +384,7 @@ class Race(Policy):
 
     @classmethod
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:
+        _check_seed(seed)  # (unused: the schedule is the target's)
         if target is None:
             raise ScheduleError(f"session(target): schedule={cls.name!r} takes target=((stream, seq), (stream, seq))")
         return 0, PCT_DEPTH, _kernel_pair(target, "session(target)")
@@ -478,6 +486,7 @@ class Order(_Holds):
 
     @classmethod
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:
+        _check_seed(seed)
         if not target:
             raise ScheduleError("session(target): schedule=\"order\" takes pairs ((stream, seq), (stream, seq)), at least one")
         try:
@@ -573,6 +582,7 @@ class ConstraintsPolicy(_Holds):
     @classmethod
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:
         # (pairs of fake.KernelId are made a _tokens.Constraints by _tokens.resolve_schedule)
+        _check_seed(seed)
         if target is None or not all(hasattr(target, m) for m in ("issued", "held", "ran")):
             raise ScheduleError(
                 f"session(target): schedule=\"constraints\" takes pairs of fake.KernelId (or use schedule=TOKEN), got {target!r}"
