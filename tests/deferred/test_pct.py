@@ -109,3 +109,18 @@ def test_bad_pct_tokens_and_depths_are_refused():
     assert fake.parse_token("pct:-2:4") == ("pct", -2, 4, None)
     assert fake.parse_token("pct:7:2:300") == ("pct", 7, 2, 300)
     assert fake.parse_token("random:7") == ("random", 7, 3, None)
+
+
+@pytest.mark.parametrize(
+    "token, crc",
+    [("random:1", 401692164), ("random:5", 2544462876), ("pct:1:2", 1753782183), ("pct:6:3", 2561688193),
+     ("adversarial:2", 1713944575), ("lazy:4", 398163874)],
+)
+def test_tokens_of_the_previous_version_replay_the_values_it_gave(token, crc):
+    """Pinned: these values are what the scheduler before the policy registry (one class, string
+    branches) computed for these tokens; the policies must keep them bit for bit."""
+    import zlib
+
+    seed = int(token.split(":")[1])
+    values = fake.replay(random_program(seed, ordered=False), token).values
+    assert zlib.crc32(repr([t.tolist() if isinstance(t, torch.Tensor) else t for t in values]).encode()) == crc
