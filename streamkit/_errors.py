@@ -60,6 +60,13 @@ class UnrecordedEventWarning(StreamkitWarning):
     """
 
 
+class ReplayFallbackWarning(StreamkitWarning):
+    """A schedule token's fingerprint doesn't match the program's kernel sequence any more (the
+    program was edited since the token was made): ``fake.replay`` ran the token's constraint form
+    instead of its seed (``Run.replayed_by == "constraints"``), or, for a token without one, the
+    seed anyway."""
+
+
 class GraphError(StreamkitError):
     """Misuse of a graph (:class:`streamkit.Graph`): replay before a successful capture, a second
     capture into one graph, a replay whose captured memory was freed (fake)."""

@@ -6,9 +6,8 @@
 - ``fake_session``: a ``fake.session(detect="raise")`` for the test.
 - ``@pytest.mark.streamkit_backends("fake", "cuda")``: run ``streamkit_backend`` on these only.
 - ``@pytest.mark.streamkit_explore(schedules=20, seed=None, detect="record")``: run the test body
-  under that many fake schedules (eager first, then explore's order: race-directed runs for the
-  races the eager run recorded, then ``fake.plan``'s), each in a fresh
-  ``fake.session``; ``fake_session`` gives the current run's session. A failing run fails the test
+  under that many fake schedules (eager first, then explore's plan, by the runner ``fake.explore``
+  uses), each in a fresh ``fake.session``; ``fake_session`` gives the current run's session. A failing run fails the test
   with its ``--streamkit-replay=TOKEN``. The seed defaults to ``zlib.crc32`` of the node id.
   Options: ``--streamkit-replay=TOKEN`` (run only that schedule; a full token whose fingerprint no
   longer matches the test's kernels reruns the body under its constraint form), ``--streamkit-schedules=N``.
@@ -157,7 +156,7 @@ def pytest_runtest_setup(item: Any) -> Any:
     fake = importlib.import_module("streamkit.fake")
     context = fake.session(detect="raise", emulate=kind)
     opened = context.__enter__()
-    opened.yields_to_sessions = True  # (a fake.session() the test opens itself steps this one aside)
+    opened._yields_to_sessions = True  # (a fake.session() the test opens itself steps this one aside)
     item._streamkit_session = context
     try:
         return (yield)
@@ -195,14 +194,13 @@ def _run_in_child(item: Any, kind: str) -> None:
         )
 
 
-def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int]]:
-    """The runs of a ``streamkit_explore`` test: ``(schedule, seed, depth)`` each."""
+def _explore_options(item: Any, marker: Any, fake: Any) -> tuple[str | None, int, int]:
+    """A ``streamkit_explore`` test's ``(replay token or None, schedules, seed)``."""
     config = item.config
     token = config.getoption("--streamkit-replay", None)
     if token:
         try:
-            fake.parse_token(token)
-            return [token]  # (the full token: fake.session(schedule=TOKEN) checks its fingerprint)
+            fake.read_token(token)
         except ValueError as error:
             raise pytest.UsageError(f"--streamkit-replay: {error}") from None
     schedules = config.getoption("--streamkit-schedules", None)
@@ -213,7 +211,9 @@ def _explore_runs(item: Any, marker: Any, fake: Any) -> list[tuple[str, int, int
     seed = marker.kwargs.get("seed")
     if seed is None:
         seed = zlib.crc32(item.nodeid.encode())  # (stable across runs and machines: CI reproduces it)
-    return [("eager", 0, fake.PCT_DEPTH, None)] + fake.plan(schedules - 1, seed)
+    if type(seed) is not int:
+        raise pytest.UsageError(f"streamkit_explore: seed must be an int or None, got {seed!r} ({item.nodeid})")
+    return token, schedules, seed
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -229,69 +229,54 @@ def pytest_pyfunc_call(pyfuncitem: Any) -> Any:
     if reason is not None:
         pytest.skip(reason)
     fake = importlib.import_module("streamkit.fake")
-    runs = _explore_runs(pyfuncitem, marker, fake)
+    explore = importlib.import_module("streamkit._backends.fake._explore")
+    token, schedules, seed = _explore_options(pyfuncitem, marker, fake)
     detect = marker.kwargs.get("detect", "record")
     funcargs = pyfuncitem.funcargs
     testargs = {name: funcargs[name] for name in pyfuncitem._fixtureinfo.argnames}
-    n = 0
-    while n < len(runs):
-        entry = runs[n]
-        n += 1
-        if isinstance(entry, str):  # --streamkit-replay=TOKEN
-            token, schedule, options = entry, "", {"schedule": entry}
-        else:
-            schedule, seed, depth, target = entry
-            token = fake.Run(schedule, seed, depth, target).token
-            options = {"schedule": schedule, "seed": seed, "depth": depth, "target": target}
-        try:
-            with fake.session(detect=detect, **options) as s:
-                if "fake_session" in testargs:
-                    testargs["fake_session"] = s
-                try:
-                    pyfuncitem.obj(**testargs)
-                finally:
-                    races = list(s.races)
-        except Exception as error:
-            explanation = ""
-            if not isinstance(entry, str) and schedule != "eager":
-                token, explanation = _shrunk(pyfuncitem, testargs, entry, detect, token)
-            raise AssertionError(
-                f"streamkit_explore: failed under schedule {token} (run {n} of {len(runs)}):"
-                f" {type(error).__name__}: {error}\n{explanation}"
-                f"rerun that schedule alone with: pytest {pyfuncitem.nodeid!r} --streamkit-replay={token}"
-            ) from error
-        if isinstance(entry, str) and getattr(s, "fingerprint_matched", True) is False:
-            # the test changed since the token was made (the session warned): its constraint form
-            fallback = importlib.import_module("streamkit._backends.fake._explore").constraint_token(entry)
-            if fallback is not None and fallback != entry:
-                runs.append(fallback)
-        if n == 1 and schedule == "eager" and len(runs) > 1:
-            # explore's order: one race-directed run per race the eager run recorded, first
-            found = fake.directed(races)[: len(runs) - 1]
-            runs = runs[:1] + found + runs[1 : len(runs) - len(found)]
-    return True
-
-
-def _shrunk(pyfuncitem: Any, testargs: dict, entry: tuple, detect: str, token: str) -> tuple[str, str]:
-    """The failing run again, shrunk as ``fake.explore`` shrinks (at most ``fake.SHRINK_RUNS`` more
-    runs of the test body): its full token (fingerprint and constraint form, so the replay survives
-    unrelated edits of the test) and an explanation line; the short token if it can't be shrunk."""
-    explore = importlib.import_module("streamkit._backends.fake._explore")
     fake_backend = _backend.load_backend("fake")
 
     def body() -> None:
         if "fake_session" in testargs:
-            testargs["fake_session"] = fake_backend.session  # (the run's own session, opened by run_schedule)
+            testargs["fake_session"] = fake_backend.session  # (the run's own session, opened by the runner)
         pyfuncitem.obj(**testargs)
 
-    schedule, seed, depth, target = entry
-    failure = explore.run_schedule(body, schedule, seed, detect, depth, target)
-    if failure.error is None:  # (didn't fail again: the body depends on more than the schedule)
-        return token, ""
-    explore._shrink(body, failure, explore.Run("eager", 0), detect, explore.SHRINK_RUNS)
-    if not failure.constraints:
-        return token, f"{failure.explanation}\n" if failure.explanation else ""
-    return failure.token, f"shrunk to {len(failure.constraints)} ordering(s):\n  {failure.explanation}\n"
+    def fail(run: Any, n: int, total: int, explanation: str = "", token: str | None = None) -> None:
+        error = run.error
+        token = token or run.token
+        raise AssertionError(
+            f"streamkit_explore: failed under schedule {token} (run {n} of {total}):"
+            f" {type(error).__name__}: {error}\n{explanation}"
+            f"rerun that schedule alone with: pytest {pyfuncitem.nodeid!r} --streamkit-replay={token}"
+        ) from error
+
+    if token:  # the token's schedule; its constraint form too if the test changed since (run_token)
+        run = explore.run_token(body, token, detect, where="--streamkit-replay", keep_failure=True)
+        if run.error is not None:
+            if run.replayed_by == "constraints" and run.schedule != "constraints":
+                fail(run, 2, 2, token=explore.constraint_token(token))
+            fail(run, 1, 1, token=token)
+        return True
+    # the one runner fake.explore uses (eager first, then its plan), the test body as the program
+    explorer = explore.Explorer(body, schedules - 1, seed, detect)
+    reference = explorer.run_reference()
+    if reference.error is not None:
+        fail(reference, 1, schedules)
+    if schedules == 1:
+        return True
+    for n, slot in enumerate(explorer.slots(), 2):
+        run = explorer.run(slot)
+        if run.error is not None:
+            # shrunk as fake.explore shrinks: the message names the orderings that matter and gives
+            # the full token (fingerprint and constraint form: the replay survives unrelated edits)
+            explorer.shrink(run, None)
+            text = ""
+            if run.constraints:
+                text = f"shrunk to {len(run.constraints)} ordering(s):\n  " + run.explanation.replace("\n", "\n  ") + "\n"
+            elif run.explanation:
+                text = run.explanation + "\n"
+            fail(run, n, schedules, text)
+    return True
 
 
 def pytest_generate_tests(metafunc: Any) -> None:

@@ -59,7 +59,7 @@ def test_pct_runs_the_highest_priority_stream_so_depth_one_never_interleaves():
             x = torch.zeros(4, device=sk.device())
             x.add_(1.0)
             pending = s.scheduler.pending
-            host, stream0 = s.scheduler.priority[-1], s.scheduler.priority.get(0)
+            host, stream0 = s.scheduler.policy.priority[-1], s.scheduler.policy.priority.get(0)
         assert stream0 is not None  # (drawn at the first issue, when its kernel was ready)
         orders.add(stream0 > host)
         assert pending == 0 if stream0 > host else pending == 2
@@ -75,21 +75,52 @@ def test_ordered_random_programs_keep_the_eager_values_under_pct(seed):
         assert run.ok and not run.races and len(run.values) == len(reference)
 
 
-def test_explore_alternates_random_and_pct_after_adversarial_and_lazy():
-    assert [entry[:3] for entry in fake.plan(7, 4)] == [
-        ("adversarial", 4, 3), ("lazy", 4, 3), ("random", 4, 3), ("pct", 4, 3), ("random", 5, 3), ("pct", 5, 3), ("random", 6, 3),
-    ]
-    found = fake.explore(readme_program(wait=True), schedules=4)  # (race-free: no race-directed runs)
-    assert [r.token for r in found.runs] == ["adversarial:0", "lazy:0", "random:0", "pct:0:3"]
+def test_the_undirected_plan_cycles_pct_depths_over_the_real_length_with_hashed_seeds():
+    plan = fake.plan(10, 4, steps=120)
+    assert [(e.schedule, e.depth) for e in plan if e.schedule == "pct"] == [("pct", 1), ("pct", 2), ("pct", 3), ("pct", 4)]
+    assert all(e.target == 120 for e in plan if e.schedule == "pct")  # change points over 120 steps
+    assert {e.schedule for e in plan[:6]} == {"pct", "rates", "adversarial", "lazy"}
+    seeds = {e.seed for e in plan if e.schedule in ("pct", "rates")}
+    assert len(seeds) == 8 and not seeds & set(range(100))  # hashed: no run repeats explore seed 5's
+    assert not seeds & {e.seed for e in fake.plan(10, 5, steps=120) if e.schedule in ("pct", "rates")}
+    found = fake.explore(readme_program(wait=True), schedules=4)  # (race-free: no directed runs)
+    assert [r.short_token for r in found.runs] == [fake.Run(*e).short_token for e in fake.plan(4, 0, steps=found.runs[0].target)]
+    assert found.runs[0].short_token.startswith("pct:") and found.runs[0].target >= 8  # (k: twice the eager run's kernels)
+
+
+def test_pct_change_points_reach_late_steps():
+    """With k from the eager run, a change point can fall anywhere in the run (legacy tokens drew
+    them among the first 64 steps only)."""
+    from streamkit._backends.fake._policies import PCT
+
+    late = [max(PCT(seed, 2, 400).changes) for seed in range(200)]
+    assert max(late) > 300 and min(late) >= 1
+    assert all(max(PCT(seed, 2).changes) <= 64 for seed in range(50))
 
 
 def test_bad_pct_tokens_and_depths_are_refused():
     fn = readme_program(wait=True)
-    for bad in ("pct:1", "pct:1:0", "pct:x:2", "pct:1:2:3", "random:1:3"):
+    for bad in ("pct:1", "pct:1:0", "pct:x:2", "pct:1:2:3:4", "pct:1:2:0", "random:1:3"):
         with pytest.raises(ValueError):
             fake.replay(fn, bad)
     for depth in (0, -1, 1.5):
         with pytest.raises(ValueError):
             fake.session(schedule="pct", depth=depth).__enter__()
     assert fake.parse_token("pct:-2:4") == ("pct", -2, 4, None)
+    assert fake.parse_token("pct:7:2:300") == ("pct", 7, 2, 300)
     assert fake.parse_token("random:7") == ("random", 7, 3, None)
+
+
+@pytest.mark.parametrize(
+    "token, crc",
+    [("random:1", 401692164), ("random:5", 2544462876), ("pct:1:2", 1753782183), ("pct:6:3", 2561688193),
+     ("adversarial:2", 1713944575), ("lazy:4", 398163874)],
+)
+def test_tokens_of_the_previous_version_replay_the_values_it_gave(token, crc):
+    """Pinned: these values are what the scheduler before the policy registry (one class, string
+    branches) computed for these tokens; the policies must keep them bit for bit."""
+    import zlib
+
+    seed = int(token.split(":")[1])
+    values = fake.replay(random_program(seed, ordered=False), token).values
+    assert zlib.crc32(repr([t.tolist() if isinstance(t, torch.Tensor) else t for t in values]).encode()) == crc

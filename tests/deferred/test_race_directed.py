@@ -35,13 +35,13 @@ def test_the_second_kernel_runs_first_where_eager_and_lazy_run_them_in_issue_ord
     with fake.session(detect="record", schedule="race", target=race.kernels):
         assert last_writer() == 1.0  # the side stream's fill ran first
     found = fake.explore(last_writer, schedules=3)
-    assert [r.schedule for r in found.runs] == ["race", "adversarial", "lazy"]
+    assert [r.schedule for r in found.runs] == ["race", "pct", "rates"]  # (one race: its reversal, then the others)
     assert found.failure is found.runs[0] and found.runs[0].values == 1.0
 
 
 def test_race_free_programs_get_no_race_directed_runs():
     found = fake.explore(readme_program(wait=True), schedules=3)
-    assert found.ok and [r.token for r in found.runs] == ["adversarial:0", "lazy:0", "random:0"]
+    assert found.ok and [r.schedule for r in found.runs] == ["pct", "rates", "adversarial"]
 
 
 def test_bad_race_tokens_and_targets_are_refused():
@@ -56,5 +56,5 @@ def test_bad_race_tokens_and_targets_are_refused():
     with pytest.raises(ValueError):
         fake.session(schedule="race", target=((0, 1),)).__enter__()
     with fake.session(detect="record", schedule="race", target=[[0, 2], [1, 1]]) as s:
-        assert s.scheduler.target == ((0, 2), (1, 1))
+        assert s.scheduler.policy.target == ((0, 2), (1, 1))
     assert fake.parse_token("race:0.12:1.3") == ("race", 0, 3, ((0, 12), (1, 3)))

@@ -57,7 +57,7 @@ def test_fixed_pattern_and_heat_collector_are_right_under_every_schedule_on_both
     for entry in entries:
         assert entry["ok"] and entry["runs"] == SCHEDULES and entry["wrong"] == 0
         assert entry["failed_everywhere"] == 0
-        assert {t.split(":")[0] for t in entry["tokens"]} >= {"adversarial", "lazy", "random", "pct"}
+        assert {t.split(":")[0] for t in entry["tokens"]} >= {"adversarial", "lazy", "rates", "pct"}
     if name == "fixed":
         assert all(entry["eager"] == RIGHT for entry in entries)
     else:  # (layer, rank, expert): both passes' counts summed, per rank
@@ -67,13 +67,15 @@ def test_fixed_pattern_and_heat_collector_are_right_under_every_schedule_on_both
 
 
 def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
-    # rank 1 alone misses the fork wait: it runs the race-directed slot, rank 0 runs lazy:0 there
+    # rank 1 alone misses the fork wait: it runs the directed slots, rank 0 runs lazy:0 there
     r0, r1 = rank_entries(results, "lopsided")
     assert r0["all_tokens"] == r1["all_tokens"]
-    directed = [t for t in r1["tokens"] if t.startswith("race:")]
-    assert directed and r1["tokens"][: len(directed)] == directed
-    assert r0["tokens"][: len(directed)] == ["lazy:0"] * len(directed)
-    assert r0["tokens"][len(directed):] == r1["tokens"][len(directed):]  # then the same plan
+    slots = [i for i, t in enumerate(r1["tokens"]) if t.split(":")[0] in ("race", "order", "split")]
+    assert slots[:2] == [0, 1] and all(r1["tokens"][i].startswith("race:") for i in slots)  # (first, then interleaved)
+    assert [r0["tokens"][i] for i in slots] == ["lazy:0"] * len(slots)
+    others = [i for i in range(len(r1["tokens"])) if i not in slots]
+    kind = lambda t: ":".join(t.split(":")[:3])  # noqa: E731  (pct's step count is each rank's own)
+    assert [kind(r0["tokens"][i]) for i in others] == [kind(r1["tokens"][i]) for i in others]  # the same plan elsewhere
     assert r0["failure_index"] == r1["failure_index"] == 0
     assert r0["failure_tokens"] == {"0": "lazy:0", "1": r1["tokens"][0]}
     # rank 1's run raised (after its collectives), rank 0's got rank 1's stale heat: nobody hung,

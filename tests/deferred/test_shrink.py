@@ -125,11 +125,15 @@ def test_shrinking_stops_at_its_bound_and_shrink_false_keeps_every_deviation(mon
     f = found.failure
     assert not found.ok and f.shrink_runs == 3 and f.deviations > 3
     full = fake.explore(many_deviations, schedules=1)
-    assert full.failure.shrink_runs <= fake.SHRINK_RUNS and len(full.failure.constraints) <= len(f.constraints)
+    from streamkit._backends.fake._explore import SHRINK_RUNS_PER_CONSTRAINT
+
+    assert full.failure.shrink_runs <= fake.SHRINK_RUNS + 3 * SHRINK_RUNS_PER_CONSTRAINT
+    assert len(full.failure.constraints) <= len(f.constraints)
     kept = fake.explore(many_deviations, schedules=1, shrink=False).failure
     assert kept.shrink_runs == 0 and kept.explanation is None and len(kept.constraints) == kept.deviations > 3
     calls = []
     monkeypatch.setattr("streamkit._backends.fake._explore.SHRINK_RUNS", 2)
+    monkeypatch.setattr("streamkit._backends.fake._explore.SHRINK_RUNS_PER_CONSTRAINT", 0)
     real = fake.session
     monkeypatch.setattr("streamkit._backends.fake._explore.session", lambda **kw: calls.append(kw["schedule"]) or real(**kw))
     assert fake.explore(many_deviations, schedules=1).failure.shrink_runs == 2

@@ -13,23 +13,14 @@ outputs that alias an input other than as the input itself.
 
 from __future__ import annotations
 
-import random
 from collections import deque
 from typing import Any
 
 import torch
 
 from ..._errors import InternalError
-
-#: the schedules ``fake.session(schedule=...)`` accepts
-SCHEDULES = ("eager", "lazy", "adversarial", "random", "pct", "race", "constraints")
-#: ``schedule="pct"``: the default bug depth (priority change points = depth - 1)
-PCT_DEPTH = 3
-#: ``schedule="pct"``: the estimated number of steps (kernel issues plus kernel runs) among which
-#: the change points are drawn
-PCT_STEPS = 64
-#: the host thread's key among the PCT priorities (streams have indices >= 0)
-_HOST = -1
+from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, _needed, is_rmw  # noqa: F401  (re-exported)
+from ._policies import policy as make_policy
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
 #: kernels a deferred session records for fake.explore (fingerprint, deviations); a longer session
@@ -184,44 +175,27 @@ def refreeze(value: Any, frozen: dict) -> Any:
 
 
 class DeferredScheduler:
-    """Kernels wait in per-stream queues; ``policy`` (a name in :data:`SCHEDULES`, not ``"eager"``)
-    picks which ready kernel runs at each scheduling point. Deterministic for a given program,
-    policy and seed."""
+    """The queue mechanism: kernels wait in per-stream FIFO queues; a policy (:mod:`._policies`,
+    one per run, chosen by the schedule's name) picks which ready kernel runs at each scheduling
+    point. Deterministic for a given program, policy and seed."""
 
     runs_at_issue = False
 
     def __init__(self, session: Any, policy: str, seed: int, depth: int = PCT_DEPTH, target: Any = None) -> None:
         self.session = session
-        # "race": lazy, except that the kernel ``target[1]`` (stream, seq) runs before ``target[0]``
-        # whenever some legal order allows it (a race the detector reported, reversed)
+        self.name = policy
+        self.policy = make_policy(policy, seed, depth, target)
+        self.seed = seed
+        self.depth = depth
         self.target = target
-        self.target_ran = [False, False]
-        # "constraints": eager order, except that a kernel named as the later one of a constraint
-        # waits until the earlier one has run (``target`` is a ``_explore.Constraints``)
-        self.constraints = None
-        if policy == "constraints":
-            self.constraints, self.target = target, None
         # every kernel handed to submit (issue order) and every kernel run (run order): a run's
         # fingerprint, deviations and constraint matching are computed from them (_explore.py)
         self.trace: list | None = []
         self.ran: list | None = []
-        self.policy = policy
-        self.seed = seed
-        self.depth = depth
-        self.rng = random.Random(f"{policy}:{seed}:{depth}" if policy == "pct" else f"{policy}:{seed}")
-        self.pct = policy == "pct"
-        if self.pct:
-            # PCT (Burckhardt et al., ASPLOS 2010): the host and each stream are threads with
-            # random initial priorities above depth - 1; at the i-th of depth - 1 change points
-            # (random steps among PCT_STEPS) the thread taking that step drops to priority i.
-            # Each scheduling point runs the highest-priority ready thread.
-            self.step = 0
-            points = sorted(self.rng.sample(range(1, PCT_STEPS + 1), min(depth - 1, PCT_STEPS)))
-            self.changes = {step: i for i, step in enumerate(points, 1)}
-            self.priority = {_HOST: depth + self.rng.random()}
         self.queues: dict[int, deque] = {}
         self.pending = 0
         self.order = 0  # issue number of the last deferred kernel
+        self.split_pairs: list = []  # (kernel, partner): a read-modify-write kernel run split around a racing one
         self.error: BaseException | None = None  # the first kernel that failed when it ran
 
     # issue
@@ -233,14 +207,18 @@ class DeferredScheduler:
                 trace.append(kernel)
             else:
                 self.trace = self.ran = None
-        if self.constraints is not None:
-            self.constraints.issued(kernel)
+        policy = self.policy
+        policy.seen(kernel)
         if sync is not None or _is_random(kernel.op):
             return self.run_now(kernel)
+        if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
+            return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
         try:
             template, tensors = layout(kernel.call, kernel.args, kernel.kwargs)
         except AtOnce:
             return self.run_now(kernel)
+        if not self.pending and policy.fast_draws and policy.fast(self, kernel):
+            return self._run_at_issue(kernel)
         fills: list = []
         result = placeholders(template, tensors, fills, ())
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
@@ -259,50 +237,19 @@ class DeferredScheduler:
         queue.append(kernel)
         self.pending += 1
         if self.pending > QUEUE_DEPTH:
-            self._run(min(self._ready(), key=lambda k: k.order))
-        if self.policy == "random":
-            rng = self.rng
-            while self.pending and rng.random() < 0.5:  # the device makes progress meanwhile
-                self._run(rng.choice(self._ready()))
-        elif self.pct:
-            self._pct_step(_HOST)  # the host took a step (the issue)
-            host = self.priority[_HOST]
-            while self.pending:  # device threads of higher priority than the host run meanwhile
-                best = self._pct_best(self._ready())
-                if self._pct_priority(best.stream.idx) < host:
-                    break
-                self._run(best)
-                host = self.priority[_HOST]
-        elif self.constraints is not None:
-            self._release()
+            self.run(min(self.ready(), key=lambda k: k.order))
+        policy.after_issue(self, kernel)
         return result
 
-    def _release(self) -> None:
-        """``"constraints"``: run every ready kernel no constraint holds back, oldest first (as
-        eager would have run them at issue)."""
-        held = self.constraints.held
-        while self.pending:
-            free = [k for k in self._ready() if not held(k)]
-            if not free:
-                return
-            self._run(min(free, key=lambda k: k.order))
-
-    # PCT
-    def _pct_priority(self, thread: int) -> float:
-        found = self.priority.get(thread)
-        if found is None:  # (a stream's first kernel: its initial priority, drawn in issue order)
-            found = self.priority[thread] = self.depth + self.rng.random()
-        return found
-
-    def _pct_best(self, ready: list) -> Any:
-        return max(ready, key=lambda k: (self._pct_priority(k.stream.idx), -k.order))
-
-    def _pct_step(self, thread: int) -> None:
-        self.step += 1
-        change = self.changes.get(self.step)
-        if change is not None:
-            self._pct_priority(thread)
-            self.priority[thread] = change
+    def _run_at_issue(self, kernel: Any) -> Any:
+        """Nothing is queued and the policy runs ``kernel`` at once: run it as eager does, without
+        a placeholder (what run_now would do, minus the drain there is nothing for)."""
+        if self.ran is not None:
+            self.ran.append(kernel)
+        with _NoTorchFunction():
+            result = kernel.run()
+        self.policy.ran(kernel)
+        return result
 
     def run_now(self, kernel: Any) -> Any:
         """Run ``kernel`` now, after everything it is ordered after (a legal schedule)."""
@@ -315,9 +262,8 @@ class DeferredScheduler:
             self.ran.append(kernel)
         with _NoTorchFunction():
             result = kernel.run()
-        if self.constraints is not None:
-            self.constraints.ran(kernel)
-            self._release()
+        self.policy.ran_at_issue(kernel)
+        self.policy.settle(self)
         return result
 
     # running
@@ -330,23 +276,58 @@ class DeferredScheduler:
                     return True
         return False
 
-    def _ready(self) -> list:
+    def ready(self) -> list:
+        """The kernels that may run now: heads of their queues whose dependencies have run."""
         return [q[0] for q in self.queues.values() if q and not self._blocked(q[0].deps, q[0].stream.idx)]
 
-    def _run(self, kernel: Any) -> None:
+    def run(self, kernel: Any) -> None:
+        """Run ``kernel`` (a ready one): a policy that splits read-modify-write kernels may run a
+        racing ready one between its read and its write."""
         self.queues[kernel.stream.idx].popleft()
         self.pending -= 1
+        policy = self.policy
+        partner = None
+        if policy.splits and self.pending and is_rmw(kernel.op):
+            partners = self._partners(kernel)
+            if partners:
+                partner = policy.split(self, kernel, partners)
         if self.ran is not None:
             self.ran.append(kernel)
-        if self.constraints is not None:
-            self.constraints.ran(kernel)
-        if self.pct:
-            self._pct_step(kernel.stream.idx)
-        elif self.target is not None:
-            key = (kernel.stream.idx, kernel.seq)
-            for i in (0, 1):
-                if key == self.target[i]:
-                    self.target_ran[i] = True
+        policy.ran(kernel)
+        if partner is None:
+            self._execute(kernel)
+            return
+        # CUDA: an in-place elementwise kernel loads, computes and stores per element with no
+        # atomicity; two unordered ones on the same memory may both load before either stores,
+        # and one update is lost (the order below is one such interleaving)
+        self.split_pairs.append((kernel, partner))
+        target = kernel.args[0]
+        scratch = target.clone()
+        kernel.args = (scratch,) + tuple(kernel.args[1:])
+        self._execute(kernel)  # the read half, into scratch
+        self.run(partner)  # the racing kernel, whole
+        with _NoTorchFunction(), _InferenceMode(True):
+            target.copy_(scratch)  # the write half: the partner's update is overwritten
+
+    def _partners(self, kernel: Any) -> list:
+        """Ready read-modify-write kernels of other streams on ``kernel``'s memory (unordered with
+        it: neither has run, and both may run now)."""
+        args = kernel.args
+        if not args or not isinstance(args[0], torch.Tensor):
+            return []
+        storage = args[0].untyped_storage().data_ptr()
+        idx, seq = kernel.stream.idx, kernel.seq
+        found = []
+        for k in self.ready():  # (kernel has left its queue: a kernel ordered after it looks ready too)
+            deps = k.deps
+            if idx < len(deps) and deps[idx] >= seq:
+                continue
+            if k.stream.idx != idx and is_rmw(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
+                if k.args[0].untyped_storage().data_ptr() == storage:
+                    found.append(k)
+        return found
+
+    def _execute(self, kernel: Any) -> None:
         try:
             # (in inference mode: a placeholder or argument made in inference mode may be updated)
             with _NoTorchFunction(), _InferenceMode(True):
@@ -363,65 +344,30 @@ class DeferredScheduler:
                 self.error = error
         kernel.fills = kernel.deps = None
 
-    def _pick(self, ready: list, clock: Any) -> Any:
-        def needed(k: Any) -> bool:
-            i = k.stream.idx
-            return i < len(clock) and k.seq <= clock[i]
-
-        policy = self.policy
-        if policy == "random":
-            return self.rng.choice(ready)
-        if policy == "constraints":
-            # oldest first among the kernels no constraint holds back; when all are held, the
-            # sync needs one anyway: the oldest it needs (its constraint is dropped, Constraints.ran)
-            held = self.constraints.held
-            free = [k for k in ready if not held(k)]
-            wanted = [k for k in ready if needed(k)]
-            return min(free or wanted or ready, key=lambda k: k.order)
-        if policy == "pct":
-            return self._pct_best(ready)
-        if policy == "race" and not any(self.target_ran):
-            first, second = self.target
-            others = [k for k in ready if (k.stream.idx, k.seq) != first]
-            for k in others:
-                if (k.stream.idx, k.seq) == second:
-                    return k
-            if others:  # (anything but the first kernel: what the sync needs first, oldest first)
-                wanted = [k for k in others if needed(k)]
-                return min(wanted or others, key=lambda k: k.order)
-        wanted = [k for k in ready if needed(k)]
-        if policy == "lazy" or policy == "race":
-            return min(wanted or ready, key=lambda k: k.order)
-        # adversarial: the work the sync does not need first, newest first
-        others = [k for k in ready if not needed(k)]
-        return max(others or ready, key=lambda k: k.order)
-
     def drain(self, clock: Any) -> None:
         """Run kernels until every kernel ordered by ``clock`` has run."""
         with self.session.lock:
+            policy = self.policy
             while self.pending and self._blocked(clock):
-                ready = self._ready()
+                ready = self.ready()
                 if not ready:
                     raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
-                self._run(self._pick(ready, clock))
-            if self.constraints is not None:
-                self._release()  # (what the kernels just run released)
+                self.run(policy.pick(self, ready, clock))
+            policy.settle(self)  # (what the kernels just run released)
 
     def drain_all(self) -> None:
         with self.session.lock:
+            policy = self.policy
             while self.pending:
-                self._run(self._pick(self._ready(), ()))
+                self.run(policy.pick(self, self.ready(), ()))
 
     def progress(self, clock: Any) -> bool:
         """``query()``: run one kernel ``clock`` waits for (if any); whether all of them have run."""
         with self.session.lock:
             if self.pending and self._blocked(clock):
-                ready = self._ready()
-                def needed(k: Any) -> bool:
-                    i = k.stream.idx
-                    return i < len(clock) and k.seq <= clock[i]
-                wanted = [k for k in ready if needed(k)] or ready
-                self._run(min(wanted, key=lambda k: k.order))
+                ready = self.ready()
+                wanted = [k for k in ready if _needed(k, clock)] or ready
+                self.run(min(wanted, key=lambda k: k.order))
             return not self._blocked(clock)
 
     def take_error(self) -> BaseException | None:

@@ -5,7 +5,6 @@ memory call it through the interface :class:`._interface.Engine` describes."""
 from __future__ import annotations
 
 import gc
-import os
 import sys
 import threading
 from typing import Any
@@ -16,14 +15,14 @@ from ..._api import Stream
 from ..._errors import RaceError
 from . import _allocator, _emulate, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
 from ._clocks import Clocks, StreamState
-from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler
+from ._deferred import PCT_DEPTH, DeferredScheduler
 from ._detector import Detector
 from ._fake_backend import BACKEND
 from ._handles import DEFAULT_STREAM
 from ._allocator import StorageState
 from ._report import Race, Reporter
 from ._stats import Stats
-from ._tokens import Constraints, check_fingerprint, session_args
+from ._tokens import check_fingerprint, resolve_schedule
 from ._tensor import FakeDeviceTensor
 from ._tracking import AccessKind, AccessRecord, EagerScheduler, Kernel
 
@@ -73,33 +72,15 @@ class Session:
         emulate = _emulate.check_name(emulate) if emulate is not None else _emulate.default()
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
-        if schedule is None:
-            schedule = os.environ.get("STREAMKIT_SCHEDULE") or "eager"
-        self._token_fingerprint = None
+        # (schedule checks: the policy registry, streamkit._backends.fake._policies)
+        spec = resolve_schedule(schedule, seed, depth, target)
+        schedule, seed, depth, target = spec.schedule, spec.seed, spec.depth, spec.target
+        self._token, self._token_fingerprint = spec.token, spec.fingerprint
         #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
         self.fingerprint_matched: bool | None = None
-        if isinstance(schedule, str) and schedule not in SCHEDULES and (":" in schedule or "/" in schedule):
-            self._token = schedule
-            schedule, seed, depth, target, self._token_fingerprint = session_args(schedule)
-        elif schedule == "constraints" and target is not None:
-            if not isinstance(target, Constraints):
-                target = Constraints(target)
-        if schedule not in SCHEDULES:
-            raise ValueError(f"session(schedule): expected one of {', '.join(map(repr, SCHEDULES))}, got {schedule!r}")
-        if type(depth) is not int or depth < 1:
-            raise ValueError(f"session(depth): expected an int >= 1, got {depth!r}")
-        if (schedule in ("race", "constraints")) != (target is not None):
-            raise ValueError(
-                'session(target): schedule="race" takes target=((stream, seq), (stream, seq)), schedule="constraints"'
-                " pairs of fake.KernelId (or use schedule=TOKEN), the others none"
-            )
-        if target is not None and schedule == "race":
-            try:
-                target = tuple((int(stream), int(seq)) for stream, seq in target)
-                if len(target) != 2:
-                    raise ValueError
-            except (TypeError, ValueError):
-                raise ValueError(f"session(target): expected ((stream, seq), (stream, seq)), got {target!r}") from None
+        #: fake.explore's hook (streamkit._backends.fake._planner): called first for every race the
+        #: detector finds; True skips the report (a race the eager run already reported)
+        self.race_hook: Any = None
         _emulate.claim(emulate)  # (names PrivateUse1 as this session needs, or says why it can't)
         #: the device type this session emulates (``"cuda"``, ``"npu"``), or ``None``: the fake device
         self.emulate = emulate
@@ -321,6 +302,8 @@ class Session:
     def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
         if self.detect == "off":
             return  # (clocks kept for a deferred schedule only)
+        if self.race_hook is not None and self.race_hook(earlier, earlier_kind, kernel, kind):
+            return
         race, _ = self.reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)
         if self.detect == "raise":
             raise RaceError(race)

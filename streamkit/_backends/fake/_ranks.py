@@ -8,10 +8,11 @@ they agree on everything that decides a run over the group, with host-side colle
 runs (no fake session is open then, so none of ``fn``'s collectives is pending):
 
 - whether the eager reference run raised anywhere (then every rank raises);
-- the plan: each rank's race-directed runs (:func:`~._explore.directed` of its own eager races)
-  are gathered, and every rank runs their union, in rank order then report order, each race once.
-  A rank on which that race was not reported runs the slot under ``lazy:seed`` (the race
-  scheduler's base policy), so the slot still exists there. Then :func:`~._explore.plan`;
+- the plan: each rank's directed runs (:func:`~._planner.directed_slots` of its own eager run)
+  are gathered, and every rank runs their union, in rank order then plan order, each once. A
+  rank that didn't plan that run runs the slot under ``lazy:seed``, so the slot still exists
+  there. They are interleaved with the undirected runs as in one process (the same kinds and
+  seeds on every rank; PCT's step count is each rank's own);
 - after each run, every rank's outcome and token (one ``all_gather_object``): the group's
   exploration fails at the first run that failed on any rank, on every rank.
 
@@ -27,8 +28,8 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _explore
-from ._deferred import PCT_DEPTH
-from ._explore import Exploration, Run, run_schedule, directed, plan, same_values
+from ._explore import Exploration, Explorer, Run, check_explore_args
+from ._planner import Slot
 
 
 @dataclass(repr=False)
@@ -124,20 +125,20 @@ def _as_rank_run(run: Run, rank: int) -> RankRun:
     return RankRun(**values, rank=rank)
 
 
-def slots(own: list, plans: list, schedules: int, seed: int) -> list[tuple[str, int, int, Any]]:
-    """This rank's schedules, as ``(schedule, seed, depth, target)``: a slot per race-directed run
-    of any rank (``plans``: every rank's targets, in rank order; the union in order, each target
-    once, at most ``schedules``), under ``race`` where ``own`` (this rank's targets) has it, else
-    ``lazy:seed``; then :func:`~._explore.plan` for the rest."""
+def slots(own: list, plans: list, explorer: Explorer) -> list[Slot]:
+    """This rank's schedules: a slot per directed run of any rank (``plans``: every rank's
+    directed runs, in rank order; the union in order, each once), as itself where ``own`` (this
+    rank's) has it, else ``lazy:seed``; interleaved with the undirected runs as in one process
+    (:meth:`~._explore.Explorer.slots`), so every rank runs the same kinds in the same slots."""
     union: list = []
     for targets in plans:
         for target in targets:
+            target = Slot(*target)
             if target not in union:
                 union.append(target)
-    union = union[:schedules]
     mine = set(own)
-    order = [("race", 0, PCT_DEPTH, t) if t in mine else ("lazy", seed, PCT_DEPTH, None) for t in union]
-    return order + plan(schedules - len(order), seed)
+    order = [t if t in mine else Slot("lazy", explorer.seed) for t in union]
+    return explorer.slots(order)
 
 
 def explore(
@@ -153,8 +154,7 @@ def explore(
     alone even so. Over a group the ranks agree on the plan and on each run's outcome, and the
     result is a :class:`RankExploration` whose runs hold every rank's token (this module's
     docstring; docs/exploration.md, "Several ranks")."""
-    if schedules < 1:
-        raise ValueError(f"explore(schedules): expected at least 1, got {schedules}")
+    check_explore_args(fn, schedules, seed, detect)
     pg = resolve_group(group)
     if pg is None:
         return _explore.explore(fn, schedules, seed, detect, **options)
@@ -168,23 +168,28 @@ def explore_group(fn: Callable[[], Any], schedules: int, seed: int, detect: str,
     import torch.distributed as dist
 
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    reference = run_schedule(fn, "eager", 0, detect)
+    explorer = Explorer(fn, schedules, seed, detect)
+    try:
+        reference = explorer.run_reference()
+    except TypeError as error:  # (values explore can't compare: refused on every rank)
+        reference = Run("eager", 0, error=error, ok=False)
     errors = _gather(None if reference.error is None else f"{type(reference.error).__name__}: {reference.error}", group)
     if reference.error is not None:
         raise reference.error
     failed = {r: e for r, e in enumerate(errors) if e is not None}
     if failed:
         raise RuntimeError(f"explore: the eager run raised on rank(s) {sorted(failed)} (not on rank {rank}): {failed}")
-    own = [target for _, _, _, target in directed(reference.races)]
+    # (race reversals only: the order/split runs around collectives didn't replay bit for bit
+    # across ranks in testing, docs/exploration.md "Several ranks")
+    own = [tuple(slot) for slot in explorer.directed() if slot.schedule == "race"]
     runs: list[RankRun] = []
     failure = None
-    for name, s, depth, target in slots(own, _gather(own, group), schedules, seed):
-        run = _as_rank_run(run_schedule(fn, name, s, detect, depth, target), rank)
-        if run.error is None:
-            run.ok = same_values(reference.values, run.values)
+    for slot in slots([Slot(*t) for t in own], _gather(own, group), explorer):
+        run = _as_rank_run(explorer.run(slot), rank)
         outcomes = _gather((run.ok, run.token), group)
         run.tokens = {r: token for r, (_, token) in enumerate(outcomes)}
         run.failed_ranks = [r for r, (ok, _) in enumerate(outcomes) if not ok]
+        run._trace = None
         runs.append(run)
         if run.failed_ranks and failure is None:
             failure = run

@@ -118,12 +118,24 @@ def _walk(frame: Any, depth: int) -> tuple[tuple, tuple, bool]:
     return tuple(site), tuple(passed), frame is None
 
 
+_lines: dict[tuple, int] = {}  # (code, offset) -> line: each site's line is looked up once
+
+
 def line_of(code: Any, offset: int) -> int:
     """The source line of the instruction at byte ``offset`` in ``code`` (what ``frame.f_lineno`` says)."""
+    key = (code, offset)
+    found = _lines.get(key)
+    if found is not None:
+        return found
+    found = code.co_firstlineno  # (co_lines scans the whole function: cached, issue 19)
     for start, end, line in code.co_lines():
         if start <= offset < end:
-            return line if line is not None else code.co_firstlineno
-    return code.co_firstlineno
+            found = line if line is not None else code.co_firstlineno
+            break
+    if len(_lines) >= 65536:
+        _lines.clear()
+    _lines[key] = found
+    return found
 
 
 def user_stack(site: Sequence[tuple]) -> list[traceback.FrameSummary]:

@@ -16,22 +16,16 @@ import warnings
 import zlib
 from typing import Any, NamedTuple, Sequence
 
-from ..._errors import StreamkitWarning
-from ._deferred import PCT_DEPTH, SCHEDULES
+from ..._errors import ReplayFallbackWarning  # noqa: F401  (re-exported: fake.ReplayFallbackWarning)
+from ._policies import PCT_DEPTH, SCHEDULES, ScheduleError, check_args, parse_short, token_format
 from ._report import stream_description
 from ._sites import line_of
 
 TOKEN_FORMAT = (
-    "'SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]': SCHEDULE is 'name:seed' (name one of 'lazy', 'adversarial',"
-    " 'random', 'eager'), 'pct:seed:depth', 'race:S.N:S.N' or 'constraints'; FINGERPRINT 8 hex digits"
-    " (or '-'); CONSTRAINTS the encoded constraint list of a token fake.explore made"
+    f"'SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]': SCHEDULE one of {token_format()} (S.N: a kernel as stream"
+    " index . sequence number); FINGERPRINT 8 hex digits (or '-'); CONSTRAINTS the encoded constraint list of a"
+    " token fake.explore made"
 )
-
-
-class ReplayFallbackWarning(StreamkitWarning):
-    """A token's fingerprint doesn't match the program's kernel sequence any more (the program was
-    edited since the token was made): replay ran the token's constraint form instead of its seed
-    (``Run.replayed_by == "constraints"``), or, for a token without one, the seed anyway."""
 
 
 class KernelId(NamedTuple):
@@ -186,9 +180,34 @@ def _decode(text: str) -> tuple[tuple[KernelId, KernelId], ...]:
     return tuple(pairs)
 
 
-def explanation(pairs: Sequence[tuple[KernelId, KernelId]]) -> str:
+def _ordinal(n: int) -> str:
+    return f"{n}{'th' if 10 <= n % 100 <= 20 else {1: 'st', 2: 'nd', 3: 'rd'}.get(n % 10, 'th')}"
+
+
+def occurrence_totals(ids: Sequence[KernelId]) -> dict:
+    """How many kernels of each (op, file, function, line text) a run issued."""
+    totals: dict = {}
+    for k in ids:
+        base = k.key[:4]
+        totals[base] = max(totals.get(base, 0), k.occurrence)
+    return totals
+
+
+def describe(k: KernelId, totals: dict | None = None) -> str:
+    """``aten.add_ on side (a.py:12)``; a kernel issued more than once from that line (a loop) with
+    its occurrence: ``aten.add_ on side (a.py:12, 10th of 10)`` (``totals``:
+    :func:`occurrence_totals` of the run; without it, ``3rd`` alone past the first)."""
+    total = totals.get(k.key[:4], 0) if totals else 0
+    if total > 1:
+        return f"{k.op} on {k.stream} ({k.file}:{k.line}, {_ordinal(k.occurrence)} of {total})"
+    if k.occurrence > 1 and not totals:
+        return f"{k.op} on {k.stream} ({k.file}:{k.line}, {_ordinal(k.occurrence)})"
+    return str(k)
+
+
+def explanation(pairs: Sequence[tuple[KernelId, KernelId]], totals: dict | None = None) -> str:
     """One line per constraint: ``ran aten.zero_ on default (a.py:12) before aten.sum on side (a.py:14)``."""
-    return "\n".join(f"ran {a} before {b}" for a, b in pairs)
+    return "\n".join(f"ran {describe(a, totals)} before {describe(b, totals)}" for a, b in pairs)
 
 
 class Token(NamedTuple):
@@ -202,26 +221,8 @@ class Token(NamedTuple):
     constraints: tuple
 
 
-def _kernel_id(text: str) -> tuple[int, int]:
-    stream, sep, seq = text.partition(".")
-    if not (sep and stream.isdigit() and seq.isdigit()):
-        raise ValueError(text)
-    return int(stream), int(seq)
-
-
 def _parse_short(token: str) -> tuple[str, int, int, Any]:
-    parts = token.split(":")
-    name = parts[0]
-    if name == "race" and len(parts) == 3:
-        return name, 0, PCT_DEPTH, (_kernel_id(parts[1]), _kernel_id(parts[2]))
-    if name == "constraints" and len(parts) == 1:
-        return name, 0, PCT_DEPTH, None
-    expected = 3 if name == "pct" else 2
-    if name in SCHEDULES and name not in ("race", "constraints") and len(parts) == expected and parts[1].lstrip("-").isdigit():
-        depth = int(parts[2]) if expected == 3 and parts[2].isdigit() else PCT_DEPTH if expected == 2 else 0
-        if depth >= 1:
-            return name, int(parts[1]), depth, None
-    raise ValueError(token)
+    return parse_short(token)
 
 
 def read_token(token: str) -> Token:
@@ -255,17 +256,57 @@ def parse_token(token: str) -> tuple[str, int, int, Any]:
     return tuple(read_token(token)[:4])  # type: ignore[return-value]
 
 
-def session_args(token: str) -> tuple[str, int, int, Any, str | None]:
+def session_args(token: str, where: str = "session(schedule)") -> tuple[str, int, int, Any, str | None]:
     """``fake.session(schedule=TOKEN)``: ``(schedule, seed, depth, target, fingerprint)``. A
     ``"constraints/..."`` token runs its constraint form; any other its seed's schedule (the
     session warns at exit when the fingerprint doesn't match)."""
     try:
         t = read_token(token)
     except ValueError as error:
-        raise ValueError(f"session(schedule): a schedule name in {SCHEDULES[:-1]} or a {error}") from None
+        raise ScheduleError(f"{where}: a schedule name in {SCHEDULES} or a {error}") from None
     target = Constraints(t.constraints) if t.schedule == "constraints" else t.target
     # (the constraint form matches kernels by name, not by the sequence: nothing to check)
     return t.schedule, t.seed, t.depth, target, None if t.schedule == "constraints" else t.fingerprint
+
+
+class ScheduleSpec(NamedTuple):
+    """What ``fake.session(schedule, seed, depth, target)`` runs, checked (:func:`resolve_schedule`):
+    ``token`` and ``fingerprint`` are set for ``schedule=TOKEN``."""
+
+    schedule: str
+    seed: int
+    depth: int
+    target: Any
+    token: str | None = None
+    fingerprint: str | None = None
+
+
+#: the environment variable a session that names no schedule reads
+SCHEDULE_VARIABLE = "STREAMKIT_SCHEDULE"
+
+
+def resolve_schedule(schedule: Any, seed: Any = 0, depth: Any = PCT_DEPTH, target: Any = None) -> ScheduleSpec:
+    """``fake.session``'s schedule arguments checked through the policy registry
+    (:mod:`._policies`): ``schedule=None`` reads :data:`SCHEDULE_VARIABLE` (else ``"eager"``), a
+    name or a token (``"random:7"``, a full token). Every bad value is a ValueError
+    (:class:`._policies.ScheduleError`) naming the argument (or the variable), the value and what
+    is accepted."""
+    where = "session(schedule)"
+    if schedule is None:
+        schedule = os.environ.get(SCHEDULE_VARIABLE) or "eager"
+        where = f"the environment variable {SCHEDULE_VARIABLE}={schedule!r} (read because session(schedule) is None)"
+    if not isinstance(schedule, str):
+        raise ScheduleError(f"{where}: expected a schedule name in {SCHEDULES} or a token, got {schedule!r} ({type(schedule).__name__})")
+    if schedule not in SCHEDULES and (":" in schedule or "/" in schedule):
+        name, seed, depth, target, fp = session_args(schedule, where)
+        if name == "constraints":
+            return ScheduleSpec(name, seed, depth, target, schedule, fp)
+        return ScheduleSpec(*check_args(name, seed, depth, target), schedule, fp)
+    if schedule not in SCHEDULES:
+        raise ScheduleError(f"{where}: expected one of {', '.join(map(repr, SCHEDULES))} or a token ({TOKEN_FORMAT}), got {schedule!r}")
+    if schedule == "constraints" and target is not None and not isinstance(target, Constraints):
+        target = Constraints(target)
+    return ScheduleSpec(*check_args(schedule, seed, depth, target))
 
 
 def check_fingerprint(scheduler: Any, expected: str, schedule: str) -> bool:
