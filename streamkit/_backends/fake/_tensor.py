@@ -689,3 +689,8 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
     kernel, result = session._launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+
+
+from . import _rebind  # noqa: E402  (x.data = y, set_, untyped_storage() on FakeDeviceTensor)
+
+_rebind.install(FakeDeviceTensor)
