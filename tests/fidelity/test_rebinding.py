@@ -194,3 +194,26 @@ def test_storage_resize_during_capture_is_refused(fake_session):
     with pytest.raises(sk.GraphCaptureError, match="resize_"):
         with sk.graph(g):
             x.untyped_storage().resize_(0)
+
+
+# CUDA: resize_as_(t) is resize_ to t's sizes: growing past the storage allocates a new block on the current stream, copies the old bytes and frees the old block (aten/src/ATen/native/Resize.cpp resize_as_, aten/src/ATen/native/cuda/Resize.cpp resize_bytes_cuda)
+def test_resize_as_that_grows_reallocates_like_resize():
+    def program(device, ordered=True):
+        x = torch.arange(4.0, device=device)
+        side = sk.Stream()
+        side.wait_stream(sk.current_stream())
+        with sk.switch(side):
+            total = x.sum()
+        if ordered:
+            sk.current_stream().wait_stream(side)
+        x.resize_as_(torch.zeros(3, 4, device=device))  # <resize-as>
+        x[1:].fill_(1.0)
+        shrunk = torch.arange(4.0, device=device).resize_as_(torch.zeros(2, device=device))
+        return total, x.shape, x[0], shrunk
+
+    total, shape, first_row, shrunk = assert_matches_cpu(program)
+    assert shape == (3, 4) and torch.equal(first_row, torch.arange(4.0)) and torch.equal(shrunk, torch.arange(2.0))
+    races = races_of(lambda d: program(d, ordered=False))
+    assert [(r.first.kind, r.second.kind, r.second.lineno) for r in races] == [
+        ("read", "free", marker_line(__file__, "resize-as"))
+    ]

@@ -574,11 +574,10 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     if self._st.session is not session:
         _check_session(session, self)
     if plan.name == "set_":
-        raise NotImplementedError(
-            "Tensor.set_() on a fake-device tensor is not supported (it would swap the memory that race"
-            " detection tracks); create a new tensor or a view instead"
-        )
+        return _rebind.set_(*args, **kwargs)  # (aten.set_ called directly; Tensor.set_ is _rebind's)
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    if plan.name == "resize_as_":  # CUDA: resize_as_ is resize_ to the template's sizes (Resize.cpp)
+        plan, new_args = _RESIZE_PLAN, [new_args[0], list(new_args[1].shape)]
     if plan.name == "resize_":
         return _resize(plan, self, new_args, new_kwargs, session)
     plan.op._op(*new_args, **new_kwargs)
@@ -694,3 +693,4 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
 from . import _rebind  # noqa: E402  (x.data = y, set_, untyped_storage() on FakeDeviceTensor)
 
 _rebind.install(FakeDeviceTensor)
+_RESIZE_PLAN = plan_for(torch.ops.aten.resize_.default)
