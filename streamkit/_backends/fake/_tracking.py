@@ -14,6 +14,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from ._aliases import fix_plan
 from ._clocks import StreamState
 
 
@@ -134,6 +135,7 @@ class OpPlan:
         self.call = op._op
         # After the op: does the host wait for it? (set by the dispatch layer, which knows the lists)
         self.host_sync: str | None = None
+        fix_plan(self)  # ops whose schema lacks an alias annotation (unsafe_split, ...)
 
 
 _PLANS: dict[Any, OpPlan] = {}
