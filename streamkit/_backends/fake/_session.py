@@ -19,7 +19,7 @@ from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
 from ..._errors import EventTimingError, SessionClosedError, StreamkitError, StreamkitWarning, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
-from . import _graph, _handles
+from . import _graph, _handles, _p2p
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
 from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler, poison
@@ -156,6 +156,7 @@ class Session:
 
     def __enter__(self) -> "Session":
         _active.enter(self)
+        _p2p.install()  # ProcessGroup.barrier / _get_backend hooks (pass-through outside fake sessions)
         activate(self.backend)
         # What exists now is not the session's: freeze it, so the collection at exit looks only at
         # objects made inside the session (a full collection with torch loaded takes ~0.3 s).
