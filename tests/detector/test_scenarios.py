@@ -631,7 +631,8 @@ def data_dependent_output_size_is_a_host_sync(t):
         before = t.s.stats.copy()
         idx = torch.nonzero(t.x)
         assert (t.s.stats - before).host_syncs == 1
-    t.x.mul_(2)  # the host waited for side: ordered
+    t.x.sum()  # the host waited for side: add_ is ordered before this read (nonzero's own second
+    # read of x, after its sync, is not: a write here would race with it, tests/fidelity/test_host_syncs.py)
     sk.synchronize()
     return tuple(idx.shape)
 

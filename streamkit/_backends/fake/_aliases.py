@@ -32,28 +32,28 @@ _NONE = 0  # (_tracking.NONE: not accessed, a view output aliases it)
 
 
 def fix_plan(plan: Any) -> None:
-    """Correct an :class:`~._tracking.OpPlan` built from a schema without alias annotations."""
-    name = plan.name
-    owner = UNANNOTATED_VIEWS.get(name)
+    """Correct an :class:`~._tracking.OpPlan` of a view whose schema lacks the alias annotation."""
+    owner = UNANNOTATED_VIEWS.get(plan.name)
     if owner is not None and "out" not in plan.op._overloadname and plan.outputs:
         plan.outputs = [("view", owner)] * len(plan.outputs)
         plan.arg_kinds[owner] = _NONE
         plan.kw_kinds[plan.op._schema.arguments[owner].name] = _NONE
         plan.is_view = True
         plan.returns_self = False
-    elif name in MAYBE_ALIASES and plan.outputs == [("fresh", None)]:
-        plan.handler = maybe_alias
 
 
-def maybe_alias(plan: Any, args: Any, kwargs: dict) -> Any:
-    """An op that may hand back its input itself: when it does (decided on the values' metadata,
-    as on CUDA), the same tensor, no kernel; otherwise the ordinary kernel."""
-    from . import _tensor
+def maybe_alias_handler(engine: Any) -> Any:
+    """The dispatch handler of :data:`MAYBE_ALIASES` (``engine``: the ``_tensor`` module): when the
+    op hands back its input itself (decided on the values' metadata, as on CUDA), the same tensor,
+    no kernel; otherwise the ordinary kernel."""
 
-    self = args[0] if args else None
-    if type(self) is _tensor.FakeDeviceTensor:
-        session = _tensor._session()
-        new_args, new_kwargs, _ = _tensor._unwrap(plan, args, kwargs, session)
-        if plan.op._op(*new_args, **new_kwargs) is self._inner:
-            return self
-    return _tensor._kernel(plan, args, kwargs)  # (issue sites skip streamkit's frames)
+    def maybe_alias(plan: Any, args: Any, kwargs: dict) -> Any:
+        self = args[0] if args else None
+        if type(self) is engine.FakeDeviceTensor:
+            session = engine._session()
+            new_args, new_kwargs, _ = engine._unwrap(plan, args, kwargs, session)
+            if plan.op._op(*new_args, **new_kwargs) is self._inner:
+                return self
+        return engine._kernel(plan, args, kwargs)  # (issue sites skip streamkit's frames)
+
+    return maybe_alias

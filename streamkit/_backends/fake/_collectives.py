@@ -35,6 +35,9 @@ from ._clocks import StreamState, merge
 
 _Work = None  # torch._C._distributed_c10d.Work, once dist is in use
 _P2P_OPS = frozenset({"send", "recv_", "recv_any_source_"})  # (_p2p.P2P_OPS)
+# set by _p2p when it loads (_session imports it): the p2p launch and the Work.is_completed wrapper
+P2P_RUN: Any = None
+MAKE_IS_COMPLETED: Any = None
 _original: dict[str, Any] = {}  # "wait"/"synchronize" -> the unpatched method
 _install_lock = threading.Lock()
 
@@ -140,9 +143,7 @@ def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwa
     """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
     Work follow the rules above."""
     if plan.name in _P2P_OPS:  # send/recv: on the rank pair's stream (_p2p)
-        from . import _p2p
-
-        return _p2p.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
+        return P2P_RUN(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
     stream = session._current_stream()
     asynchronous = is_async(plan, args, kwargs)
     with session._lock:
@@ -209,10 +210,8 @@ def _install() -> None:
         for name in ("wait", "synchronize"):
             original = _original[name] = getattr(work_class, name)
             setattr(work_class, name, _make_waiter(original))
-        from ._p2p import make_is_completed  # (is_completed: a query of the work's end event)
-
         original = _original["is_completed"] = work_class.is_completed
-        work_class.is_completed = make_is_completed(original, _pending)
+        work_class.is_completed = MAKE_IS_COMPLETED(original, _pending)  # a query of the work's end event
         _Work = work_class
 
 

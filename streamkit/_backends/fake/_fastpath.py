@@ -131,6 +131,9 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
             result = _disabled(func, types, args, kwargs)
     finally:
         _learning_lock.release()
+    fakes = [id(a) for a in args if type(a) is _FAKE]
+    if len(set(fakes)) != len(fakes):
+        return result  # x.add_(x): one tensor in two positions can't tell their kinds apart; learn later
     safe_kwargs = not any(isinstance(v, (torch.Tensor, list, tuple)) for v in kwargs.values())
     _plans[key] = _analyse(args, observed) if safe_kwargs else None
     return result

@@ -164,3 +164,7 @@ def make_is_completed(original: Any, pending: dict) -> Any:
     is_completed.__doc__ = original.__doc__
     is_completed.__streamkit_original__ = original  # type: ignore[attr-defined]
     return is_completed
+
+
+_collectives.P2P_RUN = run
+_collectives.MAKE_IS_COMPLETED = make_is_completed

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..._errors import GraphCaptureError
 from . import _active
 from . import _tensor as _t
 from ._sites import capture_site
@@ -235,8 +236,6 @@ def _drain_users(session: Any, state: StorageState) -> None:
 
 
 def _capture_error() -> Exception:
-    from ._graph import GraphCaptureError
-
     return GraphCaptureError(
         "UntypedStorage.resize_() while a graph is capturing: it allocates or frees device memory"
         " (cudaErrorStreamCaptureUnsupported for the copy's cudaMemcpyAsync from the free block)"
@@ -248,3 +247,7 @@ def install(cls: type) -> None:
     cls.data = property(_data_get, _data_set, doc=_DATA.__doc__)
     cls.set_ = set_
     cls.untyped_storage = untyped_storage
+    _t.SET = set_
+
+
+install(_t.FakeDeviceTensor)

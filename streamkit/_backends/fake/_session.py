@@ -19,7 +19,7 @@ from ..._api import Stream
 from ..._backend import Backend, activate, deactivate
 from ..._errors import EventTimingError, SessionClosedError, StreamkitError, StreamkitWarning, UnrecordedEventWarning
 from . import _active, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
-from . import _graph, _handles, _p2p
+from . import _graph, _handles, _p2p, _rebind  # noqa: F401  (_rebind: .data =, set_, untyped_storage)
 from ._clocks import Clocks, StreamState, merge, ordered_before
 from ._handles import DEFAULT_STREAM, FakeEvent, FakeStream, resolve
 from ._deferred import PCT_DEPTH, SCHEDULES, DeferredScheduler, poison

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
-from . import _active, _pinned
+from . import _active, _aliases, _host_syncs, _pinned
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
 
@@ -385,6 +385,11 @@ def _decomposed(plan: OpPlan, args: Any, kwargs: dict) -> Any:
 
 def _choose_direct_handler(plan: OpPlan) -> Any:
     name = plan.name
+    split = _host_syncs.handler_for(plan, sys.modules[__name__])  # ops that sync the host partway (nonzero, x[mask])
+    if split is not None:
+        return split
+    if name in _aliases.MAYBE_ALIASES and plan.outputs == [("fresh", None)]:
+        return _aliases.maybe_alias_handler(sys.modules[__name__])  # dequantize, lift: may return self
     if name in SYNCING_OPS:
         plan.host_sync = "implicit_syncs"
     elif plan.outputs and str(plan.op._schema.returns[0].type) in _HOST_SCALAR_TYPES:
@@ -574,7 +579,7 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict) -> Any:
     if self._st.session is not session:
         _check_session(session, self)
     if plan.name == "set_":
-        return _rebind.set_(*args, **kwargs)  # (aten.set_ called directly; Tensor.set_ is _rebind's)
+        return SET(*args, **kwargs)  # (aten.set_ called directly; Tensor.set_ is _rebind's)
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
     if plan.name == "resize_as_":  # CUDA: resize_as_ is resize_ to the template's sizes (Resize.cpp)
         plan, new_args = _RESIZE_PLAN, [new_args[0], list(new_args[1].shape)]
@@ -690,7 +695,6 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
 
 
-from . import _rebind  # noqa: E402  (x.data = y, set_, untyped_storage() on FakeDeviceTensor)
-
-_rebind.install(FakeDeviceTensor)
+#: ``Tensor.set_`` of a fake tensor (installed by _rebind with ``x.data = y`` and ``untyped_storage()``)
+SET: Any = None
 _RESIZE_PLAN = plan_for(torch.ops.aten.resize_.default)
