@@ -327,6 +327,10 @@ def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: 
         return out if tp is list else tuple(out)
     if isinstance(value, torch.Tensor) and value.dim() != 0 and not plan.allows_cpu and not plan.is_collective:
         _mixed(plan, value)
+    if not session._eager and isinstance(value, torch.Tensor) and not plan.is_collective:
+        # a host operand (a 0-dim scalar, an index): CUDA reads it at the call (a scalar argument,
+        # a blocking copy of the index); a deferred kernel must not see later host writes to it
+        return value.clone()
     return value
 
 
