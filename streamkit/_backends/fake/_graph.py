@@ -108,6 +108,7 @@ class _Access:
     """An access at replay, as the detector and the reporter see it."""
 
     __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
+    _layout = None  # (bounding range: _overlap)
 
     def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
         self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype

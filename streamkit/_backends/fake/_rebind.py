@@ -50,6 +50,7 @@ def _rebind(tensor: Any, inner: torch.Tensor, state: StorageState) -> None:
     tensor._inner = inner
     tensor._st = state
     tensor._lo, tensor._hi = _t.byte_range(inner)
+    tensor._layout = _t.layout_of(inner)
 
 
 def _data_get(self: Any) -> torch.Tensor:

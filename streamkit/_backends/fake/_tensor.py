@@ -16,6 +16,7 @@ import torch
 
 from ..._errors import BackendUnavailableError, DeviceIndexError, SessionClosedError
 from . import _active, _aliases, _host_syncs, _pinned
+from ._overlap import layout_of
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, OpPlan, StorageState, byte_range, new_record, plan_for
 
@@ -125,6 +126,9 @@ class FakeDeviceTensor(torch.Tensor):
     __slots__ = ("_inner", "_st", "_lo", "_hi")
 
     # __torch_function__ and the fast method stand-ins are installed by _fastpath (install_methods)
+
+    #: a view with gaps between its elements: its layout (_overlap.layout_of), set per instance
+    _layout = None
 
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
@@ -245,6 +249,9 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
             dtype=inner.dtype, device=DEVICE,
         )
         out._lo, out._hi = byte_range(inner)
+        layout = layout_of(inner)
+        if layout is not None:
+            out._layout = layout  # (exact overlap: _overlap)
     out._inner = inner
     out._st = state
     return out
@@ -495,6 +502,7 @@ def _refresh(tensor: FakeDeviceTensor) -> None:
     inner = tensor._inner
     tensor.data = _new_wrapper(inner, tensor._st)
     tensor._lo, tensor._hi = byte_range(inner)
+    tensor._layout = layout_of(inner)
     tensor._st.nbytes = max(tensor._st.nbytes, inner.untyped_storage().nbytes())
 
 
@@ -502,6 +510,7 @@ class _Block:
     """Bytes ``[_lo, _hi)`` of a storage, as the detector sees an access (``resize_`` copies a whole block)."""
 
     __slots__ = ("_lo", "_hi", "_st", "shape", "dtype")
+    _layout = None  # (dense)
 
     def __init__(self, lo: int, hi: int, state: StorageState, shape: Any, dtype: torch.dtype) -> None:
         self._lo, self._hi, self._st, self.shape, self.dtype = lo, hi, state, shape, dtype

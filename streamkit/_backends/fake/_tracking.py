@@ -2,8 +2,8 @@
 kernel record, and the scheduler that runs kernels.
 
 Identity of memory is a storage plus a byte range, so overlapping views conflict and disjoint
-slices do not. A strided view is tracked by its bounding byte range (conservative: interleaved
-strided views such as ``x[::2]`` and ``x[1::2]`` are treated as overlapping).
+slices do not. A view with gaps between its elements also carries its layout (``_overlap``): where
+bounding ranges overlap, the elements decide (``x[::2]`` and ``x[1::2]`` don't conflict).
 """
 
 from __future__ import annotations
