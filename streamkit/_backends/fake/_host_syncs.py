@@ -26,6 +26,7 @@ the sync (``_tensor.SYNCING_OPS``).
 from __future__ import annotations
 
 import sys
+import threading
 from typing import Any
 
 import torch
@@ -107,7 +108,34 @@ def split_kernel(plan: Any, args: Any, kwargs: dict) -> Any:
     named = _fake_values(plan, args, kwargs, _tensor.FakeDeviceTensor)
     before = [(t, READ) for name, t in named if name in before_names]
     after = [(t, READ) for name, t in named if name in after_names]
-    return _run_split(plan, args, kwargs, before, after, "implicit_syncs")
+    out = _run_split(plan, args, kwargs, before, after, "implicit_syncs")
+    observer = _tensor._observer
+    if observer is not None and observer[0] == threading.get_ident():
+        observer[1].append((plan, args, kwargs, out))  # (the fast path learns it: fast_split)
+    return out
+
+
+def fast_split_positions(plan: Any, names: dict) -> tuple | None:
+    """For the fast path (``_fastpath``): ``(positions read before the sync, positions read after
+    it)`` of a split op whose fake tensor arguments at those call positions have these schema
+    ``names``; ``None`` for any other op."""
+    found = SPLIT_OPS.get(plan.name)
+    if found is None or "out" in plan.op._overloadname:
+        return None
+    before_names, after_names = found
+    return (
+        tuple(p for p, name in names.items() if name in before_names),
+        tuple(p for p, name in names.items() if name in after_names),
+    )
+
+
+def fast_split(session: Any, fast: Any, func: Any, args: tuple, inner: list, kwargs: dict, accesses: list, site: Any) -> Any:
+    """The fast path's run of a split op: kernel A (reads before the sync), the sync, kernel B."""
+    before, after = fast.split
+    stream = session._current_stream()
+    session._launch(fast.op, _nothing, stream, site, [], {}, [(args[p], READ) for p in before], "implicit_syncs")
+    kernel, result = session._launch(fast.op, func, stream, site, inner, kwargs, [(args[p], READ) for p in after])
+    return _engine.wrap_fresh(session, result, stream, kernel, site)
 
 
 def index_kernel(plan: Any, args: Any, kwargs: dict) -> Any:
