@@ -166,5 +166,5 @@ def written_by(host: torch.Tensor, session: Any, kernel: Any) -> PinnedHostTenso
 
 def read_by(pinned: PinnedHostTensor, session: Any, kernel: Any) -> None:
     """``kernel`` (an asynchronous H2D copy) reads ``pinned``: the host must not write it until it is done."""
-    if session._tracked:
+    if session._tracked and kernel.seq:  # (seq 0: captured in a graph, never run; each replay reads it)
         pinned._sk_readers = _unfinished(pinned._sk_readers) + [(session, kernel)]
