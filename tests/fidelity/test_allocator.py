@@ -97,14 +97,15 @@ def test_empty_like_reuses_a_block_last_read_on_its_stream(ordered):
 def test_a_block_is_only_recycled_on_its_own_stream(ordered):
     with _session(ordered) as s:
         side = sk.Stream()
+        one = torch.ones(1, device=s.device)  # (made before the free: a request after it would take the block's front)
         x = torch.ones(N, device=s.device)
         x.add_(1)  # <a3-old-use>
         del x
         if ordered:  # allocated on side: a new block, nothing to wait for
             with sk.switch(side):
-                y = torch.ones(1, device=s.device).new_empty(N)
+                y = one.new_empty(N)
         else:
-            y = torch.ones(1, device=s.device).new_empty(N)  # on the default stream: the freed block
+            y = one.new_empty(N)  # on the default stream: the freed block
         with sk.switch(side):
             y.fill_(7)  # <a3-new-use>
             out = y.cpu()

@@ -215,3 +215,17 @@ def test_cpu_copies_keep_pytorch_strides(fake_session):
             assert copied.stride() == expected.stride(), name
             assert torch.equal(copied, expected), name
             assert copied.device.type == "cpu" and copied.data_ptr() != view(host).data_ptr()
+
+
+def test_a_call_with_one_tensor_in_two_positions_teaches_nothing():
+    # x.add_(x) first: its plan would give the read argument the write's kind (a plan is per type
+    # pattern, so every later add_ of two tensors would count its second argument as written)
+    with fake.session() as s:
+        x = torch.ones(4, device=s.device)
+        _fastpath._plans.pop((torch.Tensor.add_, type(x), type(x)), None)  # (learn it again, here)
+        x.add_(x)
+        y = torch.ones(4, device=s.device)
+        y.add_(x)
+        plan = _fastpath._plans.get((torch.Tensor.add_, type(x), type(x)))
+        assert plan is not None and plan.tensors == ((0, 2), (1, 1))
+        assert x.tolist() == [2.0] * 4 and y.tolist() == [3.0] * 4

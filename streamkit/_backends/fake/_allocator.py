@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..._errors import RaceError
+from . import _blocks
 from ._clocks import StreamState, ordered_before
 from ._deferred import poison
 from ._detector import Detector
@@ -124,21 +125,23 @@ def free(session: "Engine", state: StorageState) -> None:
 
 def recycle(session: "Engine", state: StorageState, stream: StreamState, out: Any = None) -> None:
     """``state`` is a new allocation on ``stream`` whose first writer is unknown (``empty``...):
-    as CUDA's caching allocator, hand it the most recently freed block of its size class in
-    ``stream``'s pool, whose access history it takes over. A block with ``record_stream`` users
-    not ordered before ``stream`` yet is not available (CUDA: its events haven't completed).
+    as CUDA's caching allocator, hand it the freed block of ``stream``'s pool that
+    ``get_free_block`` picks (:mod:`._blocks`: same pool, best fit, split when the remainder is
+    worth it), whose access history (of the bytes handed over) it takes over; a split-off
+    remainder stays in the pool. A block with ``record_stream`` users not ordered before
+    ``stream`` yet is not available (CUDA: its events haven't completed).
 
     Under a deferred schedule ``out`` (the new tensor) also takes over the block's memory
     (:func:`reuse_memory`)."""
-    wanted = size_class(state.nbytes)
-    if not wanted:
+    if not size_class(state.nbytes):
         return
     with session.lock:
         freed = stream.freed
         clock = None
+        available = []  # most recently freed first
         for i in range(len(freed) - 1, -1, -1):
             old = freed[i]
-            if size_class(old.nbytes) != wanted:
+            if not _blocks.fits(old.nbytes, state.nbytes):
                 continue
             if old.record_streams:
                 if clock is None:
@@ -149,19 +152,37 @@ def recycle(session: "Engine", state: StorageState, stream: StreamState, out: An
                     for records in (old.writes, old.reads) for r in records
                 ):
                     continue
-            try:
-                freed.remove(old)  # (by identity; a free on another thread may have trimmed the pool)
-            except ValueError:
-                return
+            available.append(old)
+        chosen = _blocks.best_fit([old.nbytes for old in available], state.nbytes)
+        if chosen is None:
+            return
+        old = available[chosen]
+        try:
+            freed.remove(old)  # (by identity; a free on another thread may have trimmed the pool)
+        except ValueError:
+            return
+        before = getattr(old, "prior", None) or {}
+        mine = (old.alloc_meta, old.alloc_site, old.alloc_stream)
+        if _blocks.should_split(old.nbytes, state.nbytes):
+            cut = _blocks.round_size(state.nbytes)
+            rest = StorageState(None, _blocks.round_size(old.nbytes) - cut, old.alloc_stream, old.alloc_site, old.alloc_meta)
+            state.reads, rest.reads, read_origins = _blocks.split_records(old.reads, cut, new_record)
+            state.writes, rest.writes, write_origins = _blocks.split_records(old.writes, cut, new_record)
+            rest.record_streams = old.record_streams
+            # which earlier tensor each of the remainder's accesses belongs to (for the report)
+            rest.prior = {
+                id(r): before.get(id(o)) or (o, *mine)
+                for r, o in zip(rest.reads + rest.writes, read_origins + write_origins)
+            }
+            if rest.reads or rest.writes:
+                freed.append(rest)
+        else:
             state.reads = list(old.reads)
             state.writes = list(old.writes)
-            # which earlier tensor each inherited access belongs to (for the report)
-            before = getattr(old, "prior", None) or {}
-            mine = (old.alloc_meta, old.alloc_site, old.alloc_stream)
-            state.prior = {id(r): before.get(id(r)) or (r, *mine) for r in state.reads + state.writes}
-            if out is not None and not session.eager:
-                reuse_memory(session, old, stream, out)
-            return
+        # which earlier tensor each inherited access belongs to (for the report)
+        state.prior = {id(r): before.get(id(r)) or (r, *mine) for r in state.reads + state.writes}
+        if out is not None and not session.eager:
+            reuse_memory(session, old, stream, out)
 
 
 def reuse_memory(session: "Engine", old: StorageState, stream: StreamState, out: Any) -> None:

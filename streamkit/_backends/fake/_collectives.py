@@ -37,6 +37,10 @@ if TYPE_CHECKING:
     from ._interface import Engine
 
 _Work = None  # torch._C._distributed_c10d.Work, once dist is in use
+_P2P_OPS = frozenset({"send", "recv_", "recv_any_source_"})  # (_p2p.P2P_OPS)
+# set by _p2p when it loads (_session imports it): the p2p launch and the Work.is_completed wrapper
+P2P_RUN: Any = None
+MAKE_IS_COMPLETED: Any = None
 _original: dict[str, Any] = {}  # "wait"/"synchronize" -> the unpatched method
 _install_lock = threading.Lock()
 
@@ -49,13 +53,19 @@ _pg_streams: "weakref.WeakKeyDictionary[Any, dict[str, StreamState]]" = weakref.
 class _Pending:
     """An async collective's completion, as a clock, until its Work is waited for."""
 
-    __slots__ = ("work", "session", "clock", "stash")
+    __slots__ = ("work", "session", "clock", "stash", "gloo_waited", "host_sync")
 
-    def __init__(self, work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
+    def __init__(
+        self, work: Any, session: "Engine", clock: list[int] | None, stash: list, gloo_waited: bool | None = None,
+        host_sync: bool = False,
+    ) -> None:
         self.work = work  # the Work itself until the first wait(), then a weak reference
         self.session = session
         self.clock = clock  # the process-group stream's clock after the collective (None: untracked)
         self.stash = stash  # the collective's fake tensors (the allocator can't reuse them yet)
+        # p2p works (_p2p): whether gloo's own work was waited (it can be waited once); None: not p2p
+        self.gloo_waited = gloo_waited
+        self.host_sync = host_sync  # a barrier's work: wait() syncs the host with the current stream (_p2p)
 
 
 def _arguments(op: Any) -> tuple:
@@ -135,6 +145,8 @@ def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
 def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
     """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
     Work follow the rules above."""
+    if plan.name in _P2P_OPS:  # send/recv: on the rank pair's stream (_p2p)
+        return P2P_RUN(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
     stream = session.current_stream()
     asynchronous = is_async(plan, args, kwargs)
     with session.lock:
@@ -168,14 +180,14 @@ def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any
     session.scheduler.run_now(kernel)
 
 
-def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:
+def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> None:
     _install()
     _users.add(session)
     if isinstance(work, torch.ScriptObject):
         work = _Work.unbox(work)  # the Python object dist.* will return (while this one lives)
     if len(_pending) >= _PURGE_AT:
         _purge()
-    _pending[id(work)] = _Pending(work, session, clock, stash)
+    _pending[id(work)] = _Pending(work, session, clock, stash, **flags)
 
 
 _PURGE_AT = 256
@@ -201,6 +213,8 @@ def _install() -> None:
         for name in ("wait", "synchronize"):
             original = _original[name] = getattr(work_class, name)
             setattr(work_class, name, _make_waiter(original))
+        original = _original["is_completed"] = work_class.is_completed
+        work_class.is_completed = MAKE_IS_COMPLETED(original, _pending)  # a query of the work's end event
         _Work = work_class
 
 
@@ -229,8 +243,13 @@ def session_ended(session: "Engine") -> None:
 
 def _make_waiter(original: Any) -> Any:
     def wait(self: Any, *args: Any, **kwargs: Any) -> Any:
-        out = original(self, *args, **kwargs)
         entry = _pending.get(id(self))
+        if entry is not None and entry.gloo_waited:
+            out = True  # a p2p work gloo already completed (gloo's send/recv works can be waited once)
+        else:
+            out = original(self, *args, **kwargs)
+            if entry is not None and entry.gloo_waited is False:
+                entry.gloo_waited = True
         if entry is not None:
             _waited(self, entry)
         return out
@@ -251,6 +270,8 @@ def _waited(work: Any, entry: _Pending) -> None:
     if not session.closed and entry.clock is not None:
         with session.lock:
             merge(session.current_stream().clock, entry.clock)
+    if entry.host_sync and not session.closed:  # a barrier (_p2p): cudaStreamSynchronize(currentStream)
+        session.host_sync(session.current_stream().clock, "stream_syncs")
     if current is work:
         key = id(work)
         entry.work = weakref.ref(work, lambda _, key=key, entry=entry: _pending.get(key) is entry and _pending.pop(key))

@@ -158,7 +158,9 @@ def placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
     if tag == "fresh":
         _, shape, stride, dtype = template
         out = poison(torch.empty_strided(shape, stride, dtype=dtype))
-        fills.append((path, out))
+        # the kernel fills the memory in the layout of issue time: an alias, so that an in-place
+        # metadata change of the pending output (t_(), squeeze_(), resize_() shrinking) doesn't reach it
+        fills.append((path, out.as_strided(shape, stride)))
         return out
     return tag(placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
 

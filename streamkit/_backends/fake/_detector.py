@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, Callable
 
 from ._clocks import StreamState, ordered_before
+from ._overlap import StridedRecord, disjoint, strided_record
 from ._tracking import READ, WRITE, AccessKind, AccessRecord, Kernel, new_record
 
 if TYPE_CHECKING:
@@ -47,18 +48,26 @@ class Detector:
                 continue
             state = tensor.sk_state
             writes = state.writes
+            layout = tensor.sk_layout  # (a view with gaps between its elements: _overlap; else None)
             for r in writes:
                 if r.start < hi and lo < r.end:
                     i = r.stream
                     if i != idx and not ordered_before(i, r.seq, clock) and not ordered_before(i, r.seq, host):
+                        if (layout is not None or type(r) is StridedRecord) and disjoint(r, lo, hi, layout):
+                            continue  # bounding ranges overlap, elements don't
                         self.report(r, WRITE, kernel, kind, tensor, state)
             reads = state.reads
+            if layout is not None:
+                self._add_strided(state, strided_record(lo, hi, idx, seq, kernel, layout), kind, clock, tensor)
+                continue
             record = new_record((lo, hi, idx, seq, kernel))
             if kind is WRITE:
                 for r in reads:
                     if r.start < hi and lo < r.end:
                         i = r.stream
                         if i != idx and not ordered_before(i, r.seq, clock) and not ordered_before(i, r.seq, host):
+                            if type(r) is StridedRecord and disjoint(r, lo, hi, None):
+                                continue
                             self.report(r, READ, kernel, WRITE, tensor, state)
                 if lo == 0 and hi == state.nbytes:  # the whole storage: every earlier access is covered
                     if len(writes) == 1:
@@ -83,6 +92,31 @@ class Detector:
                     reads.append(record)
             else:
                 self._add_read(state, record, clock)
+
+    def _add_strided(self, state: StorageState, record: Any, kind: AccessKind, clock: list[int], tensor: Any) -> None:
+        """Check a gapped access's conflicts with earlier reads (a write) and record it. It covers
+        only earlier records of its own layout (not the bytes between its elements)."""
+        lo, hi, layout = record.start, record.end, record.layout
+        idx, host, n = record.stream, self.host, len(clock)
+        if kind is WRITE:
+            for r in state.reads:
+                if r.start < hi and lo < r.end:
+                    i = r.stream
+                    if i != idx and not (i < n and clock[i] >= r.seq) and not (i < len(host) and host[i] >= r.seq):
+                        if not disjoint(r, lo, hi, layout):
+                            self.report(r, READ, record.kernel, WRITE, tensor, state)
+            same = [r for r in state.reads if type(r) is StridedRecord and r.layout == layout]
+            if same:
+                state.reads = [r for r in state.reads if r not in same]
+            state.writes = [r for r in state.writes if not (type(r) is StridedRecord and r.layout == layout)]
+            state.writes.append(record)
+        else:
+            state.reads = [
+                r for r in state.reads
+                if not (type(r) is StridedRecord and r.layout == layout
+                        and (ordered_before(r.stream, r.seq, clock) or ordered_before(r.stream, r.seq, host)))
+            ]
+            state.reads.append(record)
 
     def _add_read(self, state: StorageState, record: AccessRecord, clock: list[int]) -> None:
         # an earlier read covered by this one and ordered before it adds nothing

@@ -14,6 +14,7 @@ import torch
 from ..._api import Stream
 from ..._errors import RaceError
 from . import _allocator, _emulate, _fastpath, _tensor  # noqa: F401  (importing _fastpath installs the fast path on FakeDeviceTensor)
+from . import _p2p, _rebind  # noqa: F401  (_rebind: .data =, set_, untyped_storage)
 from ._clocks import Clocks, StreamState
 from ._deferred import PCT_DEPTH, DeferredScheduler
 from ._detector import Detector
@@ -119,6 +120,7 @@ class Session:
             _emulate.acquire(self.emulate)  # (emulation hook: install the device's names)
         try:
             self.backend.enter(self)
+            _p2p.install()  # ProcessGroup.barrier / _get_backend hooks (pass-through outside fake sessions)
         except BaseException:
             if self.emulate:
                 _emulate.release(self.emulate)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 
-from . import _tensor
+from . import _host_syncs, _tensor
 from ._fake_backend import BACKEND
 from ._sites import capture_site
 from ._tracking import READ as _READ_KIND
@@ -58,10 +58,12 @@ FAST_FUNCS: frozenset = frozenset(
 class FastPlan:
     """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
 
-    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair")
+    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair", "split")
 
     def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None, lists: tuple = ()) -> None:
         self.op = op
+        # an op that syncs the host partway (_host_syncs): ((positions read before), (positions read after))
+        self.split: tuple | None = None
         # the commonest shape, x.add_(y) or x + y: two fake tensors, both accessed (kinds), no lists
         self.pair = (tensors[0][1], tensors[1][1]) if (
             len(tensors) == 2 and not lists and tensors[0][0] == 0 and tensors[1][0] == 1 and all(k for _, k in tensors)
@@ -104,11 +106,13 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
     if len(lists_in_call) != len(list_positions):
         return None
     tensors = []
+    names = {}
     for p in positions:
         index = next((i for i in wrappers_in_call if aten_args[i] is args[p]), None)
         if index is None or index >= len(plan.arg_kinds):
             return None
         tensors.append((p, plan.arg_kinds[index]))
+        names[p] = plan.op._schema.arguments[index].name
     lists = []
     for p in list_positions:
         # the aten op got exactly the caller's tensors, in order (no tensor added, dropped or copied)
@@ -122,7 +126,9 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
         return FastPlan(plan.op, tuple(tensors), True, plan.host_sync)
     if plan.outputs == [("fresh", None)] and type(out) is _FAKE:
         if all(out.sk_state is not t.sk_state for t in inputs):
-            return FastPlan(plan.op, tuple(tensors), False, plan.host_sync, tuple(lists))
+            fast = FastPlan(plan.op, tuple(tensors), False, plan.host_sync, tuple(lists))
+            fast.split = _host_syncs.fast_split_positions(plan, names)
+            return fast
     return None
 
 
@@ -135,6 +141,9 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
             result = _disabled(func, types, args, kwargs)
     finally:
         _learning_lock.release()
+    fakes = [id(a) for a in args if type(a) is _FAKE]
+    if len(set(fakes)) != len(fakes):
+        return result  # x.add_(x): one tensor in two positions can't tell their kinds apart; learn later
     safe_kwargs = not any(isinstance(v, (torch.Tensor, list, tuple)) for v in kwargs.values())
     _plans[key] = _analyse(args, observed) if safe_kwargs else None
     return result
@@ -212,6 +221,8 @@ def _method(func: Any) -> Any:
             return _disabled(func, _TYPES, args, kwargs)
         # (from __torch_function__, frame 1 is streamkit's: the walk skips it)
         site = capture_site(_getframe(1)) if session.tracked else None
+        if fast.split is not None:  # (bincount: reads before its host sync and after it)
+            return _host_syncs.fast_split(session, fast, func, args, inner, kwargs, accesses, site)
         kernel, result = session.launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync)
         if fast.returns_self:
             return args[0]

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import torch
 
 from ..._errors import GraphCaptureError, GraphError, SessionClosedError
-from . import _collectives, _handles
+from . import _captured_copies, _collectives, _handles
 from ._clocks import StreamState, merge
 from ._deferred import AtOnce, placeholders, refreeze, layout, poison
 from ._report import label_stream, stream_description
@@ -170,9 +170,10 @@ class FakeGraph:
                 accesses = []
                 for ref, lo, hi, shape, dtype, access in record.touches:
                     accesses.append((MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
-                session.launch(
+                kernel, _ = session.launch(
                     record.op, record.runner, streams[record.role], site, [_MARK, *record.args], record.kwargs, accesses
                 )
+                _captured_copies.replayed(record.runner, session, kernel)  # (a copy from a pinned buffer)
             elif kind == "collective":
                 record = node[1]
                 accesses = [
@@ -293,13 +294,16 @@ class Capture:
                 f"{op} makes the host wait for a stream that is capturing ({_SYNCS.get(sync, sync)}) at {_where(site)};"
                 f" nothing has run during a capture ({_CUDA_UNSUPPORTED}). Read results after replay() and a sync"
             )
-        if (op is _COPY and len(accesses) < 2) or (
+        pinned_h2d = op is _COPY and _captured_copies.capturable_h2d(args, accesses)
+        if (op is _COPY and len(accesses) < 2 and not pinned_h2d) or (
             op is _TO_COPY and kwargs.get("device") is not None and torch.device(kwargs["device"]).type == "cpu"
         ):
             self._fail(
                 f"{op}: a copy between host and device memory at {_where(site)} during a capture; the fake device"
-                " doesn't capture host transfers: copy into a device tensor before the capture (a static input)"
-                " and out of one after replay()"
+                " doesn't capture host transfers other than non_blocking=True copies from pinned host memory into"
+                " device memory (a blocking or pageable copy synchronizes the host: cudaErrorStreamCaptureUnsupported):"
+                " pin the source (t.pin_memory()) and pass non_blocking=True, or copy before the capture (a static"
+                " input) and out of one after replay()"
             )
         try:
             template, tensors = layout(call, args, kwargs)
@@ -311,6 +315,8 @@ class Capture:
         fills: list = []
         result = placeholders(template, tensors, fills, ())  # poisoned memory of the graph's pool
         record = self._record("kernel", op, role, _Runner(call, fills), args, kwargs, tensors, accesses, site)
+        if pinned_h2d:
+            _captured_copies.captured(record.runner, args)  # (every replay reads the pinned buffer)
         kernel = CapturedKernel(op, stream, 0, site)
         kernel.record = record
         return kernel, result

@@ -171,5 +171,5 @@ def written_by(host: torch.Tensor, session: "Engine", kernel: Any) -> PinnedHost
 
 def read_by(pinned: PinnedHostTensor, session: "Engine", kernel: Any) -> None:
     """``kernel`` (an asynchronous H2D copy) reads ``pinned``: the host must not write it until it is done."""
-    if session.tracked:
+    if session.tracked and kernel.seq:  # (seq 0: captured in a graph, never run; each replay reads it)
         pinned._sk_readers = _unfinished(pinned._sk_readers) + [(session, kernel)]

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..._errors import BackendMismatchError, BackendUnavailableError, DeviceIndexError, SessionClosedError
-from . import _allocator, _pinned
+from . import _aliases, _allocator, _host_syncs, _pinned
 from ._allocator import StorageState
 from ._fake_backend import BACKEND
+from ._overlap import layout_of
 from ._sites import capture_site
 from ._tracking import METADATA_MUTATORS, READ, WRITE, MemoryRange, OpPlan, byte_range, new_record, plan_for
 
@@ -159,6 +160,9 @@ class FakeDeviceTensor(torch.Tensor):
 
     # __torch_function__ and the fast method stand-ins are installed by _fastpath (install_methods)
 
+    #: a view with gaps between its elements: its layout (_overlap.layout_of), set per instance
+    sk_layout = None
+
     @classmethod
     def __torch_dispatch__(cls, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         plan = plan_for(func)
@@ -278,6 +282,9 @@ def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
             dtype=inner.dtype, device=DEVICE,
         )
         out.sk_lo, out.sk_hi = byte_range(inner)
+        layout = layout_of(inner)
+        if layout is not None:
+            out.sk_layout = layout  # (exact overlap: _overlap)
     out.sk_inner = inner
     out.sk_state = state
     return out
@@ -352,6 +359,10 @@ def _unwrap_value(plan: OpPlan, value: Any, kind: int, accesses: list, session: 
         return out if tp is list else tuple(out)
     if isinstance(value, torch.Tensor) and value.dim() != 0 and not plan.allows_cpu and not plan.is_collective:
         _mixed(plan, value)
+    if not session.eager and isinstance(value, torch.Tensor) and not plan.is_collective:
+        # a host operand (a 0-dim scalar, an index): CUDA reads it at the call (a scalar argument,
+        # a blocking copy of the index); a deferred kernel must not see later host writes to it
+        return value.clone()
     return value
 
 
@@ -410,6 +421,11 @@ def _decomposed(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
 
 def _choose_direct_handler(plan: OpPlan) -> Any:
     name = plan.name
+    split = _host_syncs.handler_for(plan, sys.modules[__name__])  # ops that sync the host partway (nonzero, x[mask])
+    if split is not None:
+        return split
+    if name in _aliases.MAYBE_ALIASES and plan.outputs == [("fresh", None)]:
+        return _aliases.maybe_alias_handler(sys.modules[__name__])  # dequantize, lift: may return self
     if name in SYNCING_OPS:
         plan.host_sync = "implicit_syncs"
     elif plan.outputs and str(plan.op._schema.returns[0].type) in _HOST_SCALAR_TYPES:
@@ -512,6 +528,7 @@ def _refresh(tensor: FakeDeviceTensor) -> None:
     inner = tensor.sk_inner
     tensor.data = _new_wrapper(inner, tensor.sk_state)
     tensor.sk_lo, tensor.sk_hi = byte_range(inner)
+    tensor.sk_layout = layout_of(inner)
     tensor.sk_state.nbytes = max(tensor.sk_state.nbytes, inner.untyped_storage().nbytes())
 
 
@@ -564,11 +581,10 @@ def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     if self.sk_state.session is not session:
         check_session(session, self)
     if plan.name == "set_":
-        raise NotImplementedError(
-            "Tensor.set_() on a fake-device tensor is not supported (it would swap the memory that race"
-            " detection tracks); create a new tensor or a view instead"
-        )
+        return SET(*args, **kwargs)  # (aten.set_ called directly; Tensor.set_ is _rebind's)
     new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    if plan.name == "resize_as_":  # CUDA: resize_as_ is resize_ to the template's sizes (Resize.cpp)
+        plan, new_args = _RESIZE_PLAN, [new_args[0], list(new_args[1].shape)]
     if plan.name == "resize_":
         return _resize(plan, self, new_args, new_kwargs, session, frame)
     plan.op._op(*new_args, **new_kwargs)
@@ -682,3 +698,8 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
         return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
     kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
     return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+
+
+#: ``Tensor.set_`` of a fake tensor (installed by _rebind with ``x.data = y`` and ``untyped_storage()``)
+SET: Any = None
+_RESIZE_PLAN = plan_for(torch.ops.aten.resize_.default)

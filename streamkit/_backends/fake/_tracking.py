@@ -3,8 +3,8 @@ record, and the scheduler that runs kernels. (The per-storage access table is th
 block record, :class:`._allocator.StorageState`.)
 
 Identity of memory is a storage plus a byte range, so overlapping views conflict and disjoint
-slices do not. A strided view is tracked by its bounding byte range (conservative: interleaved
-strided views such as ``x[::2]`` and ``x[1::2]`` are treated as overlapping).
+slices do not. A view with gaps between its elements also carries its layout (``_overlap``): where
+bounding ranges overlap, the elements decide (``x[::2]`` and ``x[1::2]`` don't conflict).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+from ._aliases import fix_plan
 from ._clocks import StreamState
 
 
@@ -144,6 +145,7 @@ class OpPlan:
         self.call = op._op
         # After the op: does the host wait for it? (set by the dispatch layer, which knows the lists)
         self.host_sync: str | None = None
+        fix_plan(self)  # ops whose schema lacks an alias annotation (unsafe_split, ...)
 
 
 _PLANS: dict[Any, OpPlan] = {}
@@ -177,6 +179,7 @@ class MemoryRange:
     accesses; ``resize_`` copying a whole block). Same fields as a fake tensor."""
 
     __slots__ = ("sk_lo", "sk_hi", "sk_state", "shape", "dtype")
+    sk_layout = None  # (a bounding range: _overlap)
 
     def __init__(self, lo: int, hi: int, state: Any, shape: Any, dtype: torch.dtype) -> None:
         self.sk_lo, self.sk_hi, self.sk_state, self.shape, self.dtype = lo, hi, state, shape, dtype
