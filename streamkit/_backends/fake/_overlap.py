@@ -21,6 +21,8 @@ import torch
 
 from ._tracking import AccessRecord
 
+_NoTorchFunction = torch._C.DisableTorchFunction
+
 #: element counts above this are compared by bounding range only (conservative)
 EXACT_LIMIT = 1 << 20
 
@@ -71,10 +73,11 @@ def _offsets(layout: Layout) -> torch.Tensor | None:
         n *= d
     if n > EXACT_LIMIT:
         return None
-    out = torch.tensor([offset], dtype=torch.int64)
-    for d, s in zip(sizes, strides):
-        out = (out.unsqueeze(-1) + torch.arange(d, dtype=torch.int64) * s).flatten()
-    return torch.unique(out)
+    with _NoTorchFunction():  # (bookkeeping on host tensors: no user mode sees it)
+        out = torch.tensor([offset], dtype=torch.int64)
+        for d, s in zip(sizes, strides):
+            out = (out.unsqueeze(-1) + torch.arange(d, dtype=torch.int64) * s).flatten()
+        return torch.unique(out)
 
 
 def _starts(record_or_layout: Any, lo: int, hi: int) -> tuple[torch.Tensor | None, int]:
@@ -90,6 +93,11 @@ def _starts(record_or_layout: Any, lo: int, hi: int) -> tuple[torch.Tensor | Non
 def disjoint(record: Any, lo: int, hi: int, layout: Layout | None) -> bool:
     """Whether an earlier access ``record`` and an access of bounding range ``[lo, hi)`` with
     ``layout`` (``None``: dense) share no byte (their bounding ranges overlap)."""
+    with _NoTorchFunction():
+        return _disjoint(record, lo, hi, layout)
+
+
+def _disjoint(record: Any, lo: int, hi: int, layout: Layout | None) -> bool:
     theirs = record.layout if type(record) is StridedRecord else None
     a, wa = _starts(theirs, record.start, record.end)
     b, wb = _starts(layout, lo, hi)
