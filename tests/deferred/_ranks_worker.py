@@ -207,6 +207,7 @@ def scenario(name: str, schedules: int) -> dict:
         out["failure_ok_here"] = f.ok
         out["failure_values"] = _plain(f.values)
         out["failure_error"] = None if f.error is None else repr(f.error)
+        out["shrink_runs"] = f.shrink_runs
         out["explain"] = found.explain()
         again = fake.replay(fn, f.tokens[RANK])  # this rank's own token
         out["replay_token"] = again.token

@@ -28,7 +28,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from . import _explore
-from ._explore import Exploration, Explorer, Run, check_explore_args
+from ._explore import (
+    SHRINK_RUNS, SHRINK_RUNS_PER_CONSTRAINT, Exploration, Explorer, Run, _ddmin, _deviations, _failed, _identify, _run,
+    check_explore_args,
+)
+from ._tokens import Constraints, explanation, fingerprint, occurrence_totals
 from ._planner import Slot
 
 
@@ -189,8 +193,59 @@ def explore_group(fn: Callable[[], Any], schedules: int, seed: int, detect: str,
         outcomes = _gather((run.ok, run.token), group)
         run.tokens = {r: token for r, (_, token) in enumerate(outcomes)}
         run.failed_ranks = [r for r, (ok, _) in enumerate(outcomes) if not ok]
-        run._trace = None
         runs.append(run)
         if run.failed_ranks and failure is None:
             failure = run
+        else:
+            run._trace = None
+    if failure is not None:
+        shrink_group(explorer, failure, group)
     return RankExploration(failure is None, runs, failure, reference, rank=rank, world=world)
+
+
+def shrink_group(explorer: Explorer, failure: RankRun, group: Any) -> None:
+    """Shrink a failure over the ranks: one ddmin over every rank's deviations (concatenated in
+    rank order); each trial runs, on every rank, its own part of the subset under the
+    "constraints" schedule, and fails when the run fails on any rank (one ``all_gather_object``),
+    so every rank makes the same choices and the same number of runs. Each rank's failure then
+    has its own constraints, fingerprint, explanation and full token (``tokens`` updated)."""
+    import torch.distributed as dist
+
+    rank = dist.get_rank(group)
+    ids = _identify(failure)
+    pairs = _deviations(failure, ids, explorer.observation) if ids is not None else []
+    failure._trace = None
+    if ids is not None:
+        failure.fingerprint = fingerprint(ids)
+    failure.deviations = len(pairs)
+    counts = _gather(len(pairs), group)
+    offset, total = sum(counts[:rank]), sum(counts)
+    cache: dict = {}
+    best = [total]
+
+    def fails(subset: list) -> bool:
+        key = tuple(subset)
+        if key not in cache:
+            budget = SHRINK_RUNS + SHRINK_RUNS_PER_CONSTRAINT * min(max(best[0] - 1, 0), 3)
+            if failure.shrink_runs >= budget:
+                return False  # (the same on every rank: the budget follows shared outcomes)
+            failure.shrink_runs += 1
+            mine = [pairs[i - offset] for i in key if offset <= i < offset + len(pairs)]
+            run = _run(explorer.fn, "constraints", 0, explorer.detect, target=Constraints(mine))
+            cache[key] = any(_gather(_failed(run, explorer.reference), group))
+            if cache[key]:
+                best[0] = min(best[0], len(key))
+        return cache[key]
+
+    if total and fails(list(range(total))):
+        kept = [pairs[i - offset] for i in _ddmin(list(range(total)), fails) if offset <= i < offset + len(pairs)]
+        failure.constraints = tuple(kept)
+        failure.explanation = explanation(kept, occurrence_totals(ids)) if kept else (
+            "(no constraint of this rank's: the orderings that matter are other ranks')"
+        )
+    else:
+        failure.explanation = (
+            f"(no constraint form: the {total} deviations of all ranks don't reproduce the failure on their own"
+            " (collectives run at issue, outside what a constraint holds); the tokens replay their seeds)"
+        )
+    failure.tokens = dict(enumerate(_gather(failure.token, group)))
