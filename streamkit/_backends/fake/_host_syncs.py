@@ -147,7 +147,7 @@ def index_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
     masks = [t for t in indices if type(t) is fake and t.dtype in _MASK_DTYPES]
     host = [t for t in indices if isinstance(t, torch.Tensor) and type(t) is not fake]
     if not masks and not host:
-        return _tensor._kernel(plan, args, kwargs)
+        return _tensor._kernel(plan, args, kwargs, frame)
     session = _tensor._session()
     new_args, new_kwargs, _ = _tensor._unwrap(plan, args, kwargs, session)
     if host:
