@@ -162,11 +162,13 @@ class Session:
         return self._device
 
     def __enter__(self) -> "Session":
-        _emulate.acquire(self.emulate) if self.emulate else None  # (emulation hook: install the device's names)
+        if self.emulate:
+            _emulate.acquire(self.emulate)  # (emulation hook: install the device's names)
         try:
             _active.enter(self)
         except BaseException:
-            _emulate.release(self.emulate) if self.emulate else None
+            if self.emulate:
+                _emulate.release(self.emulate)
             raise
         _tensor.session_opened()
         activate(self.backend)
