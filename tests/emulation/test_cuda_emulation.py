@@ -225,6 +225,31 @@ def test_sglang_two_batch_overlap_racy_and_fixed(nccl_world_of_one):
     assert ("_sglang_tbo.py", marker_line(path, "tbo-allreduce"), marker_line(path, "tbo-combine")) in lines
 
 
+def test_sglang_two_batch_overlap_under_explore(nccl_world_of_one):
+    sys.path.insert(0, str(HERE))
+    try:
+        import _sglang_tbo as tbo
+    finally:
+        sys.path.remove(str(HERE))
+    x = torch.arange(32.0).reshape(8, 4) / 10
+    w = torch.eye(4) * 3
+
+    def step():
+        return tbo.two_batch_overlap(x.cuda(), w.cuda(), torch.cuda.Stream()).cpu()
+
+    tbo.JOIN = True
+    fixed = fake.explore(step, schedules=4, emulate="cuda")
+    assert fixed.ok and not fixed.reference.races
+    torch.testing.assert_close(fixed.reference.values, (x @ w) * 2)
+    tbo.JOIN = False
+    racy = fake.explore(step, schedules=4, emulate="cuda")
+    # (world size 1: the all-reduce leaves values as they are, so only the report tells)
+    path = Path(tbo.__file__)
+    assert {(r.first.lineno, r.second.lineno) for r in racy.reference.races} >= {
+        (marker_line(path, "tbo-allreduce"), marker_line(path, "tbo-combine"))
+    }
+
+
 def test_nccl_shaped_all_gather_output(nccl_world_of_one):
     dist = nccl_world_of_one
     with fake.session(emulate="cuda") as s:

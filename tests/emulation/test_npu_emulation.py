@@ -49,6 +49,8 @@ def test_pr4214_script_on_two_ranks_racy_reported_with_its_lines_and_fixed_clean
 NPU_TESTS = '''
 import pytest, torch
 
+EMULATION_TESTS = EMULATION_TESTS_DIR
+
 side = torch.npu.Stream()  # <import-stream>
 
 @pytest.mark.skipif(not torch.npu.is_available(), reason="needs an NPU")
@@ -65,6 +67,34 @@ def test_fixed():
     torch.npu.current_stream().wait_stream(side)
     assert y.cpu().tolist() == [2.0] * 4 and y.device.type == "npu"
 
+def test_pr4214_updator_under_explore(tmp_path):
+    import datetime, socket, sys
+    import torch.distributed as dist
+    from streamkit import fake
+    sys.path.insert(0, EMULATION_TESTS)
+    import _eplb_updator
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("hccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        updator = _eplb_updator.EplbUpdator()
+
+        def step():
+            loads = [torch.full((8,), float(layer), device="npu") for layer in range(4)]
+            for load in loads:
+                load.add_(1)
+            return updator.compute_and_set_moe_load(loads).cpu()
+
+        _eplb_updator.FIXED = True
+        fixed = fake.explore(step, schedules=4, emulate="npu")
+        assert fixed.ok and not fixed.reference.races and fixed.reference.values.sum().item() == 80.0
+        _eplb_updator.FIXED = False
+        racy = fake.explore(step, schedules=4, emulate="npu")
+        assert racy.reference.races and not racy.ok
+    finally:
+        dist.destroy_process_group()
+
 def test_custom_op_names_itself():
     import torch_npu
     with pytest.raises(NotImplementedError, match="torch_npu.npu_moe_init_routing.*monkeypatch"):
@@ -77,7 +107,7 @@ def test_pytest_option_runs_a_torch_npu_suite(tmp_path):
     """``pytest --streamkit-emulate=npu`` on an engine's torch.npu test file, and on the torch.npu
     cases of tests/fidelity/test_device_api.py (which this process skips), in one child process."""
     test_file = tmp_path / "test_engine_npu.py"
-    test_file.write_text(NPU_TESTS)
+    test_file.write_text(NPU_TESTS.replace("EMULATION_TESTS_DIR", repr(str(HERE))))
     api_rules = REPO / "tests" / "fidelity" / "test_device_api.py"
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(test_file), str(api_rules), "-k", "test_engine_npu or torch.npu",
@@ -86,6 +116,6 @@ def test_pytest_option_runs_a_torch_npu_suite(tmp_path):
         cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=180,
     )
     out = proc.stdout
-    assert "1 failed, 14 passed" in out and "skipped" not in out, out + proc.stderr
+    assert "1 failed, 15 passed" in out and "skipped" not in out, out + proc.stderr
     assert f"test_engine_npu.py:{marker_line(test_file, 'racy-read')}" in out
     assert f"created at test_engine_npu.py:{marker_line(test_file, 'import-stream')}" in out
