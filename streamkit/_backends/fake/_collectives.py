@@ -32,6 +32,7 @@ import torch
 
 from . import _report
 from ._clocks import StreamState, merge
+from ._pipeline import OpCall
 
 if TYPE_CHECKING:
     from ._interface import Engine
@@ -132,40 +133,28 @@ def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
     return result
 
 
-def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
-    """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
-    Work follow the rules above."""
-    stream = session.current_stream()
+def run(call: OpCall, plan: Any, args: Any, kwargs: dict) -> Any:
+    """Issue one c10d op (``call``: unwrapped, on the current stream) and run it: the kernel's
+    stream and the returned Work follow the rules above."""
+    session = call.session
     asynchronous = is_async(plan, args, kwargs)
-    with session.lock:
-        if asynchronous:
-            issuing = stream
-            stream = _group_stream(session, plan, args, kwargs)
-            if session.tracked:
-                merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
-        kernel = session.issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
-        end = list(stream.clock) if asynchronous and session.tracked else None
-    # Run outside the lock: it blocks on peers, and other threads must keep issuing.
-    # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
-    # issue order on every rank)
-    result = session.scheduler.run_now(kernel)
+    issuing = None
+    if asynchronous:
+        issuing = call.stream
+        with session.lock:
+            call.stream = _group_stream(session, plan, args, kwargs)
+    # syncStream: the pg stream waits for the issuing one. Run outside the lock: it blocks on
+    # peers, and other threads must keep issuing. (a deferred schedule runs it now, after what it
+    # is ordered after: collectives keep their issue order on every rank)
+    result, end = call.run_now(after=issuing, snapshot=asynchronous)
     works = _works(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
     if asynchronous:
-        stash = [tensor for tensor, _ in accesses]
+        stash = [tensor for tensor, _ in call.accesses]
         for work in works:
             _register(work, session, end, stash)
     return result
-
-
-def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
-    """A captured ``async_op=False`` collective, replayed on ``stream``: issued and run now, after
-    what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
-    captured order, so peers agree)."""
-    with session.lock:
-        kernel = session.issue(op, stream, site, accesses).bind(call, args, kwargs)
-    session.scheduler.run_now(kernel)
 
 
 def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list) -> None:

@@ -18,7 +18,7 @@ from ..._errors import BackendMismatchError, BackendUnavailableError, DeviceInde
 from . import _allocator, _pinned
 from ._allocator import StorageState
 from ._fake_backend import BACKEND
-from ._sites import capture_site
+from ._pipeline import OpCall
 from ._tracking import METADATA_MUTATORS, READ, WRITE, MemoryRange, OpPlan, byte_range, new_record, plan_for
 
 if TYPE_CHECKING:
@@ -355,6 +355,28 @@ def _arg(plan: OpPlan, args: Any, kwargs: dict, index: int) -> Any:
     return kwargs[plan.op._schema.arguments[index].name]
 
 
+class DispatchCall(OpCall):
+    """An op call that reached dispatch (:class:`._pipeline.OpCall` with the steps that know fake
+    tensors): ``plan``'s op in the active session (or ``session``), on the current stream, issued at
+    the site captured from ``frame``. :meth:`unwrap` turns the caller's arguments into CPU tensors
+    and accesses (as the schema says), :meth:`launch` issues the kernel, :meth:`wrap` turns the
+    results into fake tensors (fresh memory allocated on the stream, views, ``out=`` arguments)."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: OpPlan, frame: Any, session: "Engine | None" = None) -> None:
+        OpCall.__init__(self, session or BACKEND.current or BACKEND.get(), plan.op, plan.call, frame)
+        self.plan = plan
+
+    def unwrap(self, args: Any, kwargs: dict) -> None:
+        """The caller's arguments, unwrapped: :attr:`args`, :attr:`kwargs` and :attr:`accesses`."""
+        self.args, self.kwargs, self.accesses = _unwrap(self.plan, args, kwargs, self.session)
+
+    def wrap(self, result: Any, args: Any, kwargs: dict) -> Any:
+        """The op's ``result`` as the caller gets it (``args``/``kwargs``: the caller's arguments)."""
+        return _wrap_outputs(self.plan, result, args, kwargs, self.session, self.stream, self.kernel, self.site)
+
+
 # ---------------------------------------------------------------------------------------------
 # handlers
 
@@ -403,12 +425,10 @@ def _choose_direct_handler(plan: OpPlan) -> Any:
 
 def _kernel(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
-    session = BACKEND.current or BACKEND.get()
-    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
-    out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
+    result = call.launch(plan.host_sync)
+    out = args[0] if plan.returns_self else call.wrap(result, args, kwargs)
     observer = _observer
     if observer is not None and observer[0] == threading.get_ident():
         observer[1].append((plan, args, kwargs, out))
@@ -503,12 +523,13 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
         plan.op._op(*new_args, **new_kwargs)
         _refresh(self)
         return self
-    stream = session.current_stream()
-    site = capture_site(frame)
-    accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
-    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    call = DispatchCall(plan, frame, session)
+    call.args, call.kwargs = new_args, new_kwargs
+    call.accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
+    call.launch()
     new_nbytes = inner.untyped_storage().nbytes()
-    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
+    meta = (tuple(int(n) for n in size), self.dtype)
+    _allocator.reallocate(session, state, old_nbytes, call.stream, call.kernel, call.site, meta, 0, new_nbytes, True)
     _refresh(self)
     return self
 
@@ -516,17 +537,16 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
 def _allocation(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``empty_like(x)``, ``x.new_empty(...)``: new memory on the current stream. Not a kernel, and it
     reads nothing of ``x`` (only its metadata)."""
-    session = _session()
-    new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
+    new_kwargs = call.kwargs
     if new_kwargs.get("device") is not None:
         _check_index(new_kwargs["device"], plan.op)
         new_kwargs["device"] = CPU
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
-    result = plan.call(*new_args, **new_kwargs)
-    if not session.eager:
+    result = plan.call(*call.args, **new_kwargs)  # (not a kernel: nothing is launched)
+    if not call.session.eager:
         _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
-    return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
+    return call.wrap(result, args, kwargs)
 
 
 def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
@@ -556,15 +576,13 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
         _check_index(device, plan.op)
     if device is None or torch.device(device).type != "cpu":
         return _kernel(plan, args, kwargs, frame)
-    session = _session()
-    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
     non_blocking = kwargs.get("non_blocking", False)
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
+    result = call.launch(None if non_blocking else "blocking_copies")
     if non_blocking:
         # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
-        return _pinned.written_by(result, session, kernel)
+        return _pinned.written_by(result, call.session, call.kernel)
     return result
 
 
@@ -577,30 +595,29 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     src_fake = type(src) is FakeDeviceTensor
     if dst_fake and src_fake:
         return _kernel(plan, args, kwargs, frame)
-    session = _session()
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
+    call = DispatchCall(plan, frame)
+    session = call.session
     device_side = dst if dst_fake else src
     if device_side.sk_state.session is not session:
         check_session(session, device_side)
     pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
-        accesses = [(dst, WRITE)]
+        call.accesses = [(dst, WRITE)]
         if non_blocking and not session.eager and type(src) is not pinned:
             src = src.clone()  # pageable memory is staged at issue: later host writes don't reach the copy
-        new_args = [dst.sk_inner, src, non_blocking]
+        call.args = [dst.sk_inner, src, non_blocking]
         sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
-        accesses = [(src, READ)]
-        new_args = [dst, src.sk_inner, non_blocking]
+        call.accesses = [(src, READ)]
+        call.args = [dst, src.sk_inner, non_blocking]
         # into pageable memory a non-blocking D2H copy is synchronous all the same (cudaMemcpyAsync)
         sync = None if non_blocking and type(dst) is pinned else "blocking_copies"
-    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
+    call.launch(sync)
     if non_blocking:
         if not dst_fake and type(dst) is pinned:
-            _pinned.written_by(dst, session, kernel)
+            _pinned.written_by(dst, session, call.kernel)
         elif dst_fake and type(src) is pinned:
-            _pinned.read_by(src, session, kernel)  # DMA from the pinned buffer, later
+            _pinned.read_by(src, session, call.kernel)  # DMA from the pinned buffer, later
     return dst
 
 
@@ -618,13 +635,12 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """
     from . import _collectives  # (imported on first use: only collectives need it)
 
-    session = _session()
-    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    site = capture_site(frame) if session.tracked else None
-    capture = session.capture
-    result = None if capture is None else capture.collective(plan, args, kwargs, new_args, new_kwargs, accesses, site)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
+    capture = call.session.capture
+    result = None if capture is None else capture.collective(plan, args, kwargs, call.args, call.kwargs, call.accesses, call.site)
     if result is None:
-        result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
+        result = _collectives.run(call, plan, args, kwargs)
     if isinstance(result, tuple) and result and plan.arg_kinds and plan.arg_kinds[0] == WRITE:
         # The first result is the output argument itself: hand back the caller's fake tensors.
         return (args[0] if args else kwargs[plan.op._schema.arguments[0].name],) + tuple(result[1:])
@@ -645,12 +661,11 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
                 " move it with .cpu() first"
             )
     plan = plan_for(op)
-    stream = session.current_stream()
-    site = capture_site(_getframe(1)) if session.tracked else None  # (an entry point: its caller)
+    call = DispatchCall(plan, _getframe(1), session)  # (an entry point: the site starts at its caller)
     if plan.name in _ALLOCATIONS:
         result = op._op(*args, **kwargs)
         if not session.eager:
             _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
-        return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
-    kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
-    return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+        return call.wrap(result, args, kwargs)
+    call.args, call.kwargs = list(args), kwargs  # (host arguments only: nothing to unwrap, nothing accessed)
+    return call.wrap(call.launch(), args, kwargs)
