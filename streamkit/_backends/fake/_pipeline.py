@@ -11,8 +11,14 @@ unwrapped arguments and the accesses, and launches:
   (a collective: it blocks on its peers, and other threads must keep issuing).
 
 The dispatch handlers use :class:`._tensor.DispatchCall`, which adds the steps that know fake
-tensors (unwrap the arguments into CPU tensors and accesses; wrap the results). The fast path
-(:mod:`._fastpath`) is the one specialised copy of these steps, for speed.
+tensors (unwrap the arguments into CPU tensors and accesses; wrap the results); a non-blocking copy
+hands its launched call to pinned memory (``_pinned.written_by``/``read_by``). Graph replay and
+collectives fill an :class:`OpCall` themselves (captured arguments and memory ranges; a collective's
+process-group stream).
+
+Not through it: the fast path (:mod:`._fastpath`), the one specialised copy of these steps, for
+speed; views and metadata changes (no kernel: they only unwrap and wrap); and pinned memory's host
+accesses (a check against earlier copies, no kernel).
 """
 
 from __future__ import annotations

@@ -582,7 +582,7 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     result = call.launch(None if non_blocking else "blocking_copies")
     if non_blocking:
         # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
-        return _pinned.written_by(result, call.session, call.kernel)
+        return _pinned.written_by(result, call)
     return result
 
 
@@ -615,9 +615,9 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     call.launch(sync)
     if non_blocking:
         if not dst_fake and type(dst) is pinned:
-            _pinned.written_by(dst, session, call.kernel)
+            _pinned.written_by(dst, call)
         elif dst_fake and type(src) is pinned:
-            _pinned.read_by(src, session, call.kernel)  # DMA from the pinned buffer, later
+            _pinned.read_by(src, call)  # DMA from the pinned buffer, later
     return dst
 
 
