@@ -33,7 +33,7 @@ from ._clocks import StreamState, merge
 from ._deferred import AtOnce, placeholders, refreeze, layout, poison
 from ._pipeline import OpCall
 from ._report import label_stream, stream_description
-from ._sites import capture_site, short_location, site_here, user_stack
+from ._sites import short_location, site_here, user_stack
 from ._tracking import WRITE, Kernel, MemoryRange
 
 if TYPE_CHECKING:
