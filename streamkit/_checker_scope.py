@@ -11,17 +11,24 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from ._backends.fake import _emulate
+import torch
+
 from ._backends.fake._engine import DETECT_MODES, Session
 from ._backends.fake._fake_backend import BACKEND, FakeBackend
+from ._backends.fake._interface import engine_members
 from ._backends.fake._report import Race
 from ._backends.fake._stats import Stats
 from ._errors import SessionClosedError, StreamkitError, StreamkitWarning
 
 
-class CheckedBlock(Session):
+class CheckedBlock:
     """What ``fake.session(detect)`` gives a script that runs under the checker: a scope of the
     checker's open session (one device: same streams, tensors and race detector), not a session
     of its own.
+
+    It has a session's public surface (:attr:`device`, :attr:`detect`, :attr:`races`,
+    :attr:`stats`, :attr:`closed`, :attr:`backend`; it is a context manager) and the fake engine's
+    interface, forwarded to :attr:`host` (the device is the host's).
 
     - ``detect="raise"``: a race inside the block raises :class:`~streamkit.RaceError` as in a
       session of its own (and the checker reports it too); ``"record"`` and ``"off"`` don't raise
@@ -32,7 +39,9 @@ class CheckedBlock(Session):
       belong to the checker's session, which closes when the script ends).
     """
 
-    def __init__(self, host: Session, detect: str = "raise") -> None:  # no Session.__init__: no device of its own
+    closed: bool = False  #: the block has ended (the host's session goes on)
+
+    def __init__(self, host: Session, detect: str = "raise") -> None:
         if detect not in DETECT_MODES:
             raise ValueError(f"session(detect): expected one of {', '.join(map(repr, DETECT_MODES))}, got {detect!r}")
         self._host = host
@@ -45,28 +54,34 @@ class CheckedBlock(Session):
         self._saved_detect = host.detect
 
     @property
-    def detect(self) -> str:  # type: ignore[override]
+    def detect(self) -> str:
+        """The block's detection mode (``"raise"``, ``"record"`` or ``"off"``): whether a race raises in the script."""
         return self._detect
 
     @property
-    def races(self) -> list[Race]:  # type: ignore[override]
+    def races(self) -> list[Race]:
+        """The races found while the block was open (a new list on each read)."""
         return list(self._host.races[self._start:self._end])
 
     @property
-    def stats(self) -> Stats:  # type: ignore[override]
+    def stats(self) -> Stats:
+        """What the device did while the block was open."""
         return (self._stats_end or self._host.stats) - self._stats_start
 
     @property
-    def backend(self) -> "FakeBackend":  # type: ignore[override]
+    def backend(self) -> "FakeBackend":
+        """The fake backend (the host's)."""
         return self._host.backend
+
+    @property
+    def device(self) -> torch.device:
+        """The fake device (the host's): tensors created on it behave as device tensors."""
+        return self._host.device
 
     @property
     def host(self) -> Session:
         """The checker's session this block is a scope of."""
         return self._host
-
-    def __getattr__(self, name: str) -> Any:  # the engine is the host's
-        return getattr(self._host, name)
 
     def __enter__(self) -> "CheckedBlock":
         host = self._host
@@ -99,6 +114,27 @@ class CheckedBlock(Session):
 
     def __repr__(self) -> str:
         return f"<fake session detect={self._detect!r} {'closed' if self.closed else 'open'}, inside the checker's session>"
+
+
+CheckedBlock.__module__ = "streamkit.check"  # its public name: streamkit.check.CheckedBlock
+
+
+def _forwarded(name: str) -> property:
+    def get(self: CheckedBlock) -> Any:
+        return getattr(self._host, name)
+
+    def put(self: CheckedBlock, value: Any) -> None:
+        setattr(self._host, name, value)
+
+    return property(get, put, doc=f"The host session's ``{name}`` (the engine is the host's).")
+
+
+# The engine's interface and a session's other public attributes: the host's. (Explicit, so a
+# name neither has is an AttributeError of the block.)
+for _name in sorted(engine_members() | {"schedule", "seed", "depth", "fingerprint_matched"}):
+    if _name not in vars(CheckedBlock):
+        setattr(CheckedBlock, _name, _forwarded(_name))
+del _name
 
 
 @contextmanager

@@ -5,7 +5,7 @@
 1 if there was any race, 2 if the script itself failed, 0 otherwise.
 
 - A ``fake.session(...)`` the script opens is a scope of the checker's session (its ``detect``
-  still decides whether a race raises in the script); see ``streamkit._checker_scope.CheckedBlock``.
+  still decides whether a race raises in the script): a :class:`CheckedBlock`.
 - When the script is done, its globals are dropped and cycles collected as if by the script's last
   executed line: a race found then (memory freed while a side stream may still read it) names that
   line, not the checker.
@@ -33,6 +33,16 @@ import traceback
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TextIO
+
+
+def __getattr__(name: str) -> Any:
+    # streamkit.check.CheckedBlock, imported on first use: importing the checker loads no backend
+    if name == "CheckedBlock":
+        from ._checker_scope import CheckedBlock
+
+        return CheckedBlock
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # The command line multiprocessing's spawn start method gives a child (``python -c PROG``).
 _SPAWN_PROG = "from multiprocessing.spawn import spawn_main; spawn_main("

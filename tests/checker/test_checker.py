@@ -16,8 +16,8 @@ import torch
 
 import streamkit as sk
 from streamkit import fake
-from streamkit._checker_scope import CheckedBlock, checker_session
-from streamkit.check import _last_line, check_script
+from streamkit._checker_scope import checker_session
+from streamkit.check import CheckedBlock, _last_line, check_script
 
 from _support import REPO, child_env, free_port, marker_line
 
@@ -41,7 +41,9 @@ def test_checker_block_is_a_scope_of_the_checker_session():
     with checker_session() as host:
         side = sk.Stream()
         with fake.session(detect="record") as s:
-            assert isinstance(s, CheckedBlock) and isinstance(s, fake.Session) and s.host is host
+            assert isinstance(s, CheckedBlock) and s.host is host
+            # what a script uses of its session: the device, its detect mode, open until the block ends
+            assert s.device == sk.device() and s.detect == "record" and not s.closed
             assert sk.get_backend() is host.backend and s.backend is host.backend
             x = torch.ones(4, device=s.device)
             x.add_(1)

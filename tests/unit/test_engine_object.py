@@ -13,7 +13,8 @@ from streamkit import _backend, fake
 from streamkit._backends.fake import _interface
 from streamkit._backends.fake._engine import Session
 from streamkit._backends.fake._fake_backend import BACKEND
-from streamkit._checker_scope import CheckedBlock, checker_session
+from streamkit._checker_scope import checker_session
+from streamkit.check import CheckedBlock
 
 
 def _members(protocol: type) -> set[str]:
@@ -32,6 +33,23 @@ def test_a_session_has_everything_the_engine_interface_names():
         with fake.session() as block:
             assert isinstance(block, CheckedBlock)
             assert sorted(n for n in members if not hasattr(block, n)) == []
+
+
+def test_the_checkers_block_is_an_engine_by_forwarding_not_a_session_subclass():
+    assert not issubclass(CheckedBlock, Session)
+    assert CheckedBlock.__module__ == "streamkit.check"  # its public name
+    with checker_session() as host:
+        with fake.session(detect="raise") as block:
+            assert isinstance(block, _interface.Engine) and isinstance(host, _interface.Engine)
+            # the engine is the host's: the same lock, clocks, streams and scheduler
+            assert block.lock is host.lock and block.clocks is host.clocks and block.scheduler is host.scheduler
+            assert block.current_stream() is host.current_stream()
+            # its own: the detect mode, its closed flag and its views of races and stats
+            assert block.detect == "raise" and host.detect == "raise"
+            with pytest.raises(AttributeError, match="CheckedBlock"):
+                block.no_such_attribute
+        assert block.closed and not host.closed and host.detect == "record"
+    assert not isinstance(object(), _interface.Engine)
 
 
 def test_the_open_session_is_recorded_once_in_the_registry_stack():

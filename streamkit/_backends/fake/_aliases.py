@@ -50,10 +50,10 @@ def maybe_alias_handler(engine: Any) -> Any:
     def maybe_alias(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
         self = args[0] if args else None
         if type(self) is engine.FakeDeviceTensor:
-            session = engine._session()
-            new_args, new_kwargs, _ = engine._unwrap(plan, args, kwargs, session)
-            if plan.op._op(*new_args, **new_kwargs) is self.sk_inner:
+            call = engine.DispatchCall(plan, None)  # (only to unwrap)
+            call.unwrap(args, kwargs)
+            if plan.op._op(*call.args, **call.kwargs) is self.sk_inner:
                 return self
-        return engine._kernel(plan, args, kwargs, frame)
+        return engine.run_kernel(plan, args, kwargs, frame)
 
     return maybe_alias

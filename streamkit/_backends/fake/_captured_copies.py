@@ -36,9 +36,9 @@ def captured(runner: Any, args: Any) -> None:
     _sources[runner] = args[1]
 
 
-def replayed(runner: Any, session: Any, kernel: Any) -> None:
-    """A replay issued ``kernel`` for ``runner``: if it copies from a pinned buffer, the host must
-    not write that buffer until the copy is done (``_pinned.read_by``)."""
+def replayed(runner: Any, call: Any) -> None:
+    """A replay launched ``call`` (an ``OpCall``) for ``runner``: if it copies from a pinned buffer,
+    the host must not write that buffer until the copy is done (``_pinned.read_by``)."""
     source = _sources.get(runner)
     if source is not None:
-        _pinned.read_by(source, session, kernel)
+        _pinned.read_by(source, call)

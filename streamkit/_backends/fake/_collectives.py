@@ -32,6 +32,7 @@ import torch
 
 from . import _report
 from ._clocks import StreamState, merge
+from ._pipeline import OpCall
 
 if TYPE_CHECKING:
     from ._interface import Engine
@@ -68,7 +69,7 @@ class _Pending:
         self.host_sync = host_sync  # a barrier's work: wait() syncs the host with the current stream (_p2p)
 
 
-def _arguments(op: Any) -> tuple:
+def argument_positions(op: Any) -> tuple:
     """``(async_op index, its default, process_group index)`` in a c10d op's schema (``None``: absent)."""
     found = _ARGUMENTS.get(op)
     if found is None:
@@ -86,7 +87,7 @@ def _arguments(op: Any) -> tuple:
 _ARGUMENTS: dict[Any, tuple] = {}
 
 
-def _value(op: Any, args: Any, kwargs: dict, index: int | None, default: Any = None) -> Any:
+def argument_value(op: Any, args: Any, kwargs: dict, index: int | None, default: Any = None) -> Any:
     if index is None:
         return default
     if index < len(args):
@@ -97,7 +98,7 @@ def _value(op: Any, args: Any, kwargs: dict, index: int | None, default: Any = N
 def _group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> StreamState:
     """The stream of the op's process group in ``session`` (made on first use). Call with the
     session lock held."""
-    group = _value(plan.op, args, kwargs, _arguments(plan.op)[2])
+    group = argument_value(plan.op, args, kwargs, argument_positions(plan.op)[2])
     name = desc = "?"
     if group is not None:
         try:
@@ -122,65 +123,53 @@ def _group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> Stre
     return stream
 
 
-def _works(result: Any) -> list:
+def works_of(result: Any) -> list:
     items = result if isinstance(result, (tuple, list)) else (result,)
     return [r for r in items if hasattr(r, "wait") and not isinstance(r, (torch.Tensor, list, tuple))]
 
 
 def is_async(plan: Any, args: Any, kwargs: dict) -> bool:
     """Whether the c10d call was made with ``async_op=True`` (its schema's argument, or default)."""
-    async_index, async_default, _ = _arguments(plan.op)
-    return bool(_value(plan.op, args, kwargs, async_index, async_default))
+    async_index, async_default, _ = argument_positions(plan.op)
+    return bool(argument_value(plan.op, args, kwargs, async_index, async_default))
 
 
 def run_and_wait(call: Any, *args: Any, **kwargs: Any) -> Any:
     """Run a c10d op and wait for gloo's own work (the ordering is the clocks'): what a collective
     kernel does when it runs."""
     result = call(*args, **kwargs)
-    for work in _works(result):
+    for work in works_of(result):
         work.wait()
     return result
 
 
-def run(session: "Engine", plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
-    """Issue one c10d op (already unwrapped) and run it: the kernel's stream and the returned
-    Work follow the rules above."""
+def run(call: OpCall, plan: Any, args: Any, kwargs: dict) -> Any:
+    """Issue one c10d op (``call``: unwrapped, on the current stream) and run it: the kernel's
+    stream and the returned Work follow the rules above."""
+    session = call.session
     if plan.name in _P2P_OPS:  # send/recv: on the rank pair's stream (_p2p)
-        return P2P_RUN(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
-    stream = session.current_stream()
+        return P2P_RUN(call, plan, args, kwargs)
     asynchronous = is_async(plan, args, kwargs)
-    with session.lock:
-        if asynchronous:
-            issuing = stream
-            stream = _group_stream(session, plan, args, kwargs)
-            if session.tracked:
-                merge(stream.clock, issuing.clock)  # syncStream: the pg stream waits for the issuing one
-        kernel = session.issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
-        end = list(stream.clock) if asynchronous and session.tracked else None
-    # Run outside the lock: it blocks on peers, and other threads must keep issuing.
-    # (a deferred schedule runs it now, after what it is ordered after: collectives keep their
-    # issue order on every rank)
-    result = session.scheduler.run_now(kernel)
-    works = _works(result)
+    issuing = None
+    if asynchronous:
+        issuing = call.stream
+        with session.lock:
+            call.stream = _group_stream(session, plan, args, kwargs)
+    # syncStream: the pg stream waits for the issuing one. Run outside the lock: it blocks on
+    # peers, and other threads must keep issuing. (a deferred schedule runs it now, after what it
+    # is ordered after: collectives keep their issue order on every rank)
+    result, end = call.run_now(after=issuing, snapshot=asynchronous)
+    works = works_of(result)
     for work in works:
         work.wait()  # gloo's own completion (the eager scheduler); the ordering is the clocks'
     if asynchronous:
-        stash = [tensor for tensor, _ in accesses]
+        stash = [tensor for tensor, _ in call.accesses]
         for work in works:
-            _register(work, session, end, stash)
+            register_work(work, session, end, stash)
     return result
 
 
-def replay(session: "Engine", op: Any, call: Any, stream: StreamState, site: Any, args: Any, kwargs: dict, accesses: list) -> None:
-    """A captured ``async_op=False`` collective, replayed on ``stream``: issued and run now, after
-    what it is ordered after, as :func:`run` does (every rank replays its graph's collectives in the
-    captured order, so peers agree)."""
-    with session.lock:
-        kernel = session.issue(op, stream, site, accesses).bind(call, args, kwargs)
-    session.scheduler.run_now(kernel)
-
-
-def _register(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> None:
+def register_work(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> None:
     _install()
     _users.add(session)
     if isinstance(work, torch.ScriptObject):

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from ..._errors import InternalError
-from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, _needed, is_rmw  # noqa: F401  (re-exported)
+from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, needed, is_rmw  # noqa: F401  (re-exported)
 from ._policies import policy as make_policy
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
@@ -368,7 +368,7 @@ class DeferredScheduler:
         with self.session.lock:
             if self.pending and self._blocked(clock):
                 ready = self.ready()
-                wanted = [k for k in ready if _needed(k, clock)] or ready
+                wanted = [k for k in ready if needed(k, clock)] or ready
                 self.run(min(wanted, key=lambda k: k.order))
             return not self._blocked(clock)
 

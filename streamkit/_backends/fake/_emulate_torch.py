@@ -679,4 +679,4 @@ def _cuda_factory(op: Any, *args: Any, **kwargs: Any) -> Any:
     if kwargs.get("device") is not None:
         _emulate.check_index("cuda", kwargs["device"], str(op))
         kwargs["device"] = _tensor.DEVICE
-    return _tensor._factory_fallback(op, *args, **kwargs)
+    return _tensor.factory_fallback(op, *args, **kwargs)

@@ -253,7 +253,7 @@ class Session:
         it under); a free race reported meanwhile is raised now."""
         setattr(self.stats, kind, getattr(self.stats, kind) + 1)
         if not self.eager:
-            self._drained(clock)
+            self.drained(clock)
         if self.tracked:
             with self.lock:
                 self.clocks.host_waits_for(clock)
@@ -263,14 +263,14 @@ class Session:
     def host_sync_all(self) -> None:
         self.stats.device_syncs += 1
         if not self.eager:
-            self._drained(None)
+            self.drained(None)
         if self.tracked:
             with self.lock:
                 self.clocks.host_waits_for_all()
         if self.pending is not None:
             self._raise_pending()
 
-    def _drained(self, clock: Any) -> None:
+    def drained(self, clock: Any) -> None:
         """A deferred schedule: run what the host waits for (``None``: everything); a kernel that
         failed when it ran raises now."""
         if clock is None:

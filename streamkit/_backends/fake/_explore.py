@@ -246,11 +246,11 @@ def run_schedule(
     return run
 
 
-def _failed(run: Run, reference: Run) -> bool:
+def failed_against(run: Run, reference: Run) -> bool:
     return run.error is not None or not same_values(reference.values, run.values)
 
 
-def _identify(run: Run) -> list[KernelId] | None:
+def identify_kernels(run: Run) -> list[KernelId] | None:
     """The run's kernels named in issue order; None if it wasn't recorded (eager, or too long)."""
     if not run._trace:
         return None
@@ -258,7 +258,7 @@ def _identify(run: Run) -> list[KernelId] | None:
     return [namer(k) for k in run._trace[0]]
 
 
-def _deviations(run: Run, ids: list[KernelId], obs: Observation | None = None) -> list[tuple[KernelId, KernelId]]:
+def deviations(run: Run, ids: list[KernelId], obs: Observation | None = None) -> list[tuple[KernelId, KernelId]]:
     """The run's order as constraints ``(a, b)``: ``a`` ran before ``b`` though ``b`` was issued
     first on another stream (the eager order reversed). Of the kernels of one stream that ran
     before ``b``, the last is kept (it implies the others: FIFO), and, where the reference run's
@@ -301,7 +301,7 @@ def _deviations(run: Run, ids: list[KernelId], obs: Observation | None = None) -
     return [(ids[i], ids[j]) for i, j in order]
 
 
-def _ddmin(items: list, fails: Callable[[list], bool]) -> list:
+def ddmin(items: list, fails: Callable[[list], bool]) -> list:
     """Zeller's ddmin: a 1-minimal sublist of ``items`` for which ``fails`` holds (it holds for
     ``items``), as far as ``fails`` answers (past its budget it says False)."""
     n = 2
@@ -350,13 +350,13 @@ def _shrink(
     kept (a kernel in a loop with its occurrence: "3rd of 10") and the reorderings of conflicting
     kernels the last failing run made (which may name more than the constraints: a stale read the
     constraints imply)."""
-    ids = _identify(failure)
+    ids = identify_kernels(failure)
     if ids is None:
         failure.explanation = f"(not shrunk: the run issued more than {TRACE_LIMIT} kernels, which aren't recorded)"
         return
     totals = occurrence_totals(ids)
     failure.fingerprint = fingerprint(ids)
-    pairs = _deviations(failure, ids, obs)
+    pairs = deviations(failure, ids, obs)
     failure.deviations = len(pairs)
     split = _split_explanation(failure, ids, totals)
     failure._trace = None
@@ -379,7 +379,7 @@ def _shrink(
                 return False
             failure.shrink_runs += 1
             run = run_schedule(fn, "constraints", 0, detect, target=Constraints([pairs[i] for i in key]))
-            cache[key] = _failed(run, reference)
+            cache[key] = failed_against(run, reference)
             if cache[key]:
                 if len(key) <= len(best[0]):
                     best[0] = list(key)
@@ -395,13 +395,13 @@ def _shrink(
             " reproduce the failure on their own; the token replays the seed only)"
         )
         return
-    kept_index = _ddmin(list(range(len(pairs))), fails)
+    kept_index = ddmin(list(range(len(pairs))), fails)
     kept = tuple(pairs[i] for i in kept_index)
     failure.constraints = kept
     text = explanation(kept, totals)
     final = last_run.get(tuple(kept_index))
     if final is not None and obs is not None and final._trace:
-        made = [p for p in _deviations(final, _identify(final), obs) if _conflicting(p, obs, final)]
+        made = [p for p in deviations(final, identify_kernels(final), obs) if _conflicting(p, obs, final)]
         extra = [p for p in made if p not in kept]
         if extra:
             text += "\nthe run under them also made (implied, on conflicting memory):\n" + "\n".join(
@@ -583,7 +583,7 @@ def run_token(
     by = "constraints" if t.schedule == "constraints" else "schedule"
     if by == "schedule":
         run = run_schedule(fn, t.schedule, t.seed, detect, t.depth, t.target)
-        ids = _identify(run)
+        ids = identify_kernels(run)
         if t.fingerprint is not None and ids is not None:
             now = fingerprint(ids)
             if now != t.fingerprint:

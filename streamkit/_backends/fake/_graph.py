@@ -8,9 +8,10 @@ layout from the cached meta evaluation (:func:`~._deferred.layout`), and its fre
 poisoned placeholders (memory of the graph's private pool) that every replay fills. Nothing a
 captured kernel touches is recorded in the access tables at capture: it hasn't run.
 
-Replay issues each captured kernel through ``Session.launch`` on one *replay stream* per captured
-stream (made once per graph), so the detector checks every replay as ordinary work and a deferred
-schedule queues it like any kernel. The replay streams start after all work issued to the replay's
+Replay issues each captured kernel through the launch pipeline (:class:`._pipeline.OpCall`: its
+launch is ``Engine.launch``) on one *replay stream* per captured stream (made once per graph), so
+the detector checks every replay as ordinary work and a deferred schedule queues it like any
+kernel. The replay streams start after all work issued to the replay's
 stream before ``replay()`` and after the previous replay of the graph (``cudaGraphLaunch``: "each
 launch is ordered behind both any previous work in stream and any previous launches of
 graphExec"); captured waits are replayed as clock merges between them, and the replay's stream then
@@ -30,8 +31,9 @@ from ..._errors import GraphCaptureError, GraphError, SessionClosedError
 from . import _captured_copies, _collectives, _handles
 from ._clocks import StreamState, merge
 from ._deferred import AtOnce, placeholders, refreeze, layout, poison
+from ._pipeline import OpCall
 from ._report import label_stream, stream_description
-from ._sites import capture_site, short_location, site_here, user_stack
+from ._sites import short_location, site_here, user_stack
 from ._tracking import WRITE, Kernel, MemoryRange
 
 if TYPE_CHECKING:
@@ -166,21 +168,16 @@ class FakeGraph:
         for node in self.nodes:
             kind = node[0]
             if kind == "kernel":
-                record = node[1]
-                accesses = []
-                for ref, lo, hi, shape, dtype, access in record.touches:
-                    accesses.append((MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access))
-                kernel, _ = session.launch(
-                    record.op, record.runner, streams[record.role], site, [_MARK, *record.args], record.kwargs, accesses
-                )
-                _captured_copies.replayed(record.runner, session, kernel)  # (a copy from a pinned buffer)
+                # the captured op again, on the captured memory: an ordinary kernel (a deferred
+                # schedule queues it); its first argument says whether it runs or is evaluated for layout
+                call = _replayed(session, node[1], streams, site)
+                call.args = [_MARK, *call.args]
+                call.launch()
+                _captured_copies.replayed(node[1].runner, call)  # (a copy from a pinned buffer)
             elif kind == "collective":
-                record = node[1]
-                accesses = [
-                    (MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
-                    for ref, lo, hi, shape, dtype, access in record.touches
-                ]
-                _collectives.replay(session, record.op, record.runner, streams[record.role], site, record.args, record.kwargs, accesses)
+                # issued and run now, after what it is ordered after, as a collective is (every
+                # rank replays its graph's collectives in the captured order, so peers agree)
+                _replayed(session, node[1], streams, site).run_now()
             elif kind == "mark":
                 marks[node[2]] = list(streams[node[1]].clock)
             else:
@@ -195,6 +192,18 @@ class FakeGraph:
         self.pool = []  # (the pool's memory: freed now, as far as no tensor still refers to it)
         self.roles = 0
         self.captured = False
+
+
+def _replayed(session: "Engine", record: "_Record", streams: list[StreamState], site: Any) -> OpCall:
+    """The op call that replays ``record`` on its replay stream: its captured arguments, and the
+    memory it touches as accesses (GraphError if a tensor it used has been freed)."""
+    call = OpCall(session, record.op, record.runner, site=site, stream=streams[record.role])
+    call.args, call.kwargs = record.args, record.kwargs
+    call.accesses = [
+        (MemoryRange(lo, hi, _alive(ref, record, shape, dtype), shape, dtype), access)
+        for ref, lo, hi, shape, dtype, access in record.touches
+    ]
+    return call
 
 
 def _alive(ref: Any, record: "_Record", shape: Any, dtype: torch.dtype) -> Any:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from ._pipeline import OpCall
 from ._tracking import READ
 
 #: op name -> (argument names read before the sync, argument names read after it)
@@ -64,14 +65,10 @@ def repeat_interleave_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> 
     """``repeat_interleave(repeats)``: the output size is ``repeats.sum()``, read on the host (a
     sync after the kernel), unless ``output_size`` gives it (``aten/src/ATen/native/Repeat.h``,
     ``repeat_interleave_common``: ``output_size.has_value() ? ... : cumsum[-1].item()``)."""
-    _tensor = _engine
-    session = _tensor._session()
-    new_args, new_kwargs, accesses = _tensor._unwrap(plan, args, kwargs, session)
-    stream = session.current_stream()
-    site = _tensor.capture_site(frame) if session.tracked else None
+    call = _engine.DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
     sync = None if kwargs.get("output_size") is not None else "implicit_syncs"
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, sync)
-    return _tensor._wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+    return call.wrap(call.launch(sync), args, kwargs)
 
 
 def _nothing() -> None:
@@ -90,15 +87,17 @@ def _fake_values(plan: Any, args: Any, kwargs: dict, fake: type) -> list:
 
 
 def _run_split(plan: Any, args: Any, kwargs: dict, frame: Any, before: list, after: list, sync: str, new_args: Any = None, new_kwargs: Any = None) -> Any:
-    _tensor = _engine
-    session = _tensor._session()
+    first = _engine.DispatchCall(plan, frame)  # the part before the sync: its reads, then the sync
+    first.call, first.accesses = _nothing, before
+    first.launch(sync)
+    call = _engine.DispatchCall(plan, None, first.session)  # the part after it, at the same site
+    call.site, call.stream = first.site, first.stream
     if new_args is None:
-        new_args, new_kwargs, _ = _tensor._unwrap(plan, args, kwargs, session)
-    stream = session.current_stream()
-    site = _tensor.capture_site(frame) if session.tracked else None
-    session.launch(plan.op, _nothing, stream, site, [], {}, before, sync)  # the part before the sync
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, after)
-    return _tensor._wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+        call.unwrap(args, kwargs)
+    else:
+        call.args, call.kwargs = new_args, new_kwargs
+    call.accesses = after
+    return call.wrap(call.launch(), args, kwargs)
 
 
 def split_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
@@ -109,9 +108,7 @@ def split_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
     before = [(t, READ) for name, t in named if name in before_names]
     after = [(t, READ) for name, t in named if name in after_names]
     out = _run_split(plan, args, kwargs, frame, before, after, "implicit_syncs")
-    observer = _tensor._observer
-    if observer is not None and observer[0] == threading.get_ident():
-        observer[1].append((plan, args, kwargs, out))  # (the fast path learns it: fast_split)
+    _tensor.observed(plan, args, kwargs, out)  # (the fast path learns it: fast_split)
     return out
 
 
@@ -132,10 +129,13 @@ def fast_split_positions(plan: Any, names: dict) -> tuple | None:
 def fast_split(session: Any, fast: Any, func: Any, args: tuple, inner: list, kwargs: dict, accesses: list, site: Any) -> Any:
     """The fast path's run of a split op: kernel A (reads before the sync), the sync, kernel B."""
     before, after = fast.split
-    stream = session.current_stream()
-    session.launch(fast.op, _nothing, stream, site, [], {}, [(args[p], READ) for p in before], "implicit_syncs")
-    kernel, result = session.launch(fast.op, func, stream, site, inner, kwargs, [(args[p], READ) for p in after])
-    return _engine.wrap_fresh(session, result, stream, kernel, site)
+    first = OpCall(session, fast.op, _nothing, site=site)
+    first.accesses = [(args[p], READ) for p in before]
+    first.launch("implicit_syncs")
+    call = OpCall(session, fast.op, func, site=site, stream=first.stream)
+    call.args, call.kwargs, call.accesses = inner, kwargs, [(args[p], READ) for p in after]
+    result = call.launch()
+    return _engine.wrap_fresh(session, result, call.stream, call.kernel, site)
 
 
 def index_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
@@ -147,9 +147,10 @@ def index_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
     masks = [t for t in indices if type(t) is fake and t.dtype in _MASK_DTYPES]
     host = [t for t in indices if isinstance(t, torch.Tensor) and type(t) is not fake]
     if not masks and not host:
-        return _tensor._kernel(plan, args, kwargs, frame)
-    session = _tensor._session()
-    new_args, new_kwargs, _ = _tensor._unwrap(plan, args, kwargs, session)
+        return _tensor.run_kernel(plan, args, kwargs, frame)
+    call = _tensor.DispatchCall(plan, None)  # (only to unwrap: _run_split launches)
+    call.unwrap(args, kwargs)
+    new_args, new_kwargs = call.args, call.kwargs
     if host:
         # CUDA copies a host index to the device at the call: later host writes to it don't reach
         # the kernel (it may run later under a deferred schedule)

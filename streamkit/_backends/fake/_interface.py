@@ -8,7 +8,7 @@ forwards it to the checker's session. Anything of a session not named here is th
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, ContextManager, Protocol
+from typing import TYPE_CHECKING, Any, ContextManager, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import torch
@@ -19,9 +19,13 @@ if TYPE_CHECKING:
     from ._tracking import Kernel
 
 
+@runtime_checkable
 class Engine(Protocol):
     """One fake device as its users see it: streams, the lock, the clocks, the scheduler, the
-    capture underway, and the operations that launch kernels and synchronize the host."""
+    capture underway, and the operations that launch kernels and synchronize the host.
+
+    ``isinstance(obj, Engine)`` is how code asks "is this a fake session" (a
+    :class:`._engine.Session`, or the checker's scope of one), not ``Session`` inheritance."""
 
     # -- what the session is -------------------------------------------------------------------
     detect: str  #: "raise" | "record" | "off"
@@ -66,7 +70,7 @@ class Engine(Protocol):
         ...
 
     def issue(self, op: Any, stream: "StreamState", site: Any, accesses: list) -> "Kernel":
-        """Issue a kernel without running it, under :attr:`_lock` (the caller binds and runs it: collectives)."""
+        """Issue a kernel without running it, under :attr:`lock` (the caller binds and runs it: collectives)."""
         ...
 
     # -- the host ------------------------------------------------------------------------------
@@ -82,7 +86,18 @@ class Engine(Protocol):
         """Whether the work ordered by ``clock`` has run (``True`` is a host sync)."""
         ...
 
+    def drained(self, clock: Any) -> None:
+        """A deferred schedule: run the queued work ordered by ``clock`` (``None``: everything) now."""
+        ...
+
     # -- memory --------------------------------------------------------------------------------
     def record_stream(self, tensor: "torch.Tensor", state: "StreamState") -> None:
         """``record_stream(tensor, stream)``."""
         ...
+
+
+def engine_members() -> frozenset[str]:
+    """The names :class:`Engine` declares (attributes, properties and methods)."""
+    names = set(Engine.__annotations__)
+    names |= {n for n, v in vars(Engine).items() if callable(v) or isinstance(v, property)}
+    return frozenset(n for n in names if not n.startswith("_"))

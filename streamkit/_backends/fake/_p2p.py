@@ -55,7 +55,7 @@ def _peer(plan: Any, args: Any, kwargs: dict) -> Any:
 
 def _pair_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamState:
     """The stream of this rank pair on the op's process group (made on first use; session lock held)."""
-    group = _collectives._value(plan.op, args, kwargs, _collectives._arguments(plan.op)[2])
+    group = _collectives.argument_value(plan.op, args, kwargs, _collectives.argument_positions(plan.op)[2])
     name, shown, rank = "?", "?", None
     try:
         pg = torch._C._distributed_c10d.ProcessGroup.unbox(group) if isinstance(group, torch.ScriptObject) else group
@@ -81,26 +81,25 @@ def _pair_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamStat
     return stream
 
 
-def run(session: Any, plan: Any, args: Any, kwargs: dict, new_args: Any, new_kwargs: dict, accesses: list, site: Any) -> Any:
-    """Issue one p2p op (already unwrapped) on its pair stream and run it (see the module doc)."""
-    issuing = session.current_stream()
+def run(call: Any, plan: Any, args: Any, kwargs: dict) -> Any:
+    """Issue one p2p op (``call``: an unwrapped ``OpCall``) on its pair stream and run it (see the
+    module doc)."""
+    session = call.session
+    issuing = call.stream
     with session.lock:
-        stream = _pair_stream(session, plan, args, kwargs)
-        if session.tracked:
-            merge(stream.clock, issuing.clock)  # syncStreams: the p2p stream waits for the issuing one
-        kernel = session.issue(plan.op, stream, site, accesses).bind(plan.call, new_args, new_kwargs)
-        end = list(stream.clock) if session.tracked else None
-        for tensor, _ in accesses:  # recordStream(tensor, ncclStream)
+        call.stream = stream = _pair_stream(session, plan, args, kwargs)
+        for tensor, _ in call.accesses:  # recordStream(tensor, ncclStream)
             state = tensor.sk_state
             if type(state.record_streams) is tuple:
                 state.record_streams = set(state.record_streams)
             state.record_streams.add(stream.idx)
-    result = session.scheduler.run_now(kernel)
+    # syncStreams: the p2p stream waits for the issuing one
+    result, end = call.run_now(after=issuing, snapshot=True)
     receiving = plan.name != "send"
-    for work in _collectives._works(result):
+    for work in _collectives.works_of(result):
         if receiving:
             work.wait()  # the values are there at issue (a synchronous device); gloo's work is done
-        _collectives._register(work, session, end, [], gloo_waited=receiving)
+        _collectives.register_work(work, session, end, [], gloo_waited=receiving)
     return result
 
 
@@ -130,7 +129,7 @@ def install() -> None:
             work = barrier(self, *args, **kwargs)
             session = BACKEND.explicit()
             if session is not None and not session.closed and work is not None:
-                _collectives._register(work, session, None, [], host_sync=True)
+                _collectives.register_work(work, session, None, [], host_sync=True)
             return work
 
         def _get_backend(self: Any, device: Any) -> Any:

@@ -23,7 +23,7 @@ from ._sites import capture_site
 from ._tracking import AccessKind
 
 if TYPE_CHECKING:
-    from ._interface import Engine
+    from ._pipeline import OpCall
 
 _T = torch.Tensor
 DEVICE_TYPE = "fake"
@@ -161,15 +161,17 @@ def pinned_copy(tensor: torch.Tensor) -> PinnedHostTensor:
     return values.as_subclass(PinnedHostTensor)
 
 
-def written_by(host: torch.Tensor, session: "Engine", kernel: Any) -> PinnedHostTensor:
-    """``host`` (a CPU tensor) as a pinned tensor that ``kernel`` (an asynchronous D2H copy) writes."""
+def written_by(host: torch.Tensor, call: "OpCall") -> PinnedHostTensor:
+    """``host`` (a CPU tensor) as a pinned tensor that ``call``'s kernel (an asynchronous D2H copy,
+    launched) writes: the pipeline's last step for such a copy."""
     pinned = host if type(host) is PinnedHostTensor else host.as_subclass(PinnedHostTensor)
-    if session.tracked:
-        pinned._sk_writers = _unfinished(pinned._sk_writers) + [(session, kernel)]
+    if call.session.tracked:
+        pinned._sk_writers = _unfinished(pinned._sk_writers) + [(call.session, call.kernel)]
     return pinned
 
 
-def read_by(pinned: PinnedHostTensor, session: "Engine", kernel: Any) -> None:
-    """``kernel`` (an asynchronous H2D copy) reads ``pinned``: the host must not write it until it is done."""
-    if session.tracked and kernel.seq:  # (seq 0: captured in a graph, never run; each replay reads it)
-        pinned._sk_readers = _unfinished(pinned._sk_readers) + [(session, kernel)]
+def read_by(pinned: PinnedHostTensor, call: "OpCall") -> None:
+    """``call``'s kernel (an asynchronous H2D copy, launched) reads ``pinned``: the host must not
+    write it until it is done."""
+    if call.session.tracked and call.kernel.seq:  # (seq 0: captured in a graph, never run; each replay reads it)
+        pinned._sk_readers = _unfinished(pinned._sk_readers) + [(call.session, call.kernel)]

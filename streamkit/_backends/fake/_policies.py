@@ -168,7 +168,7 @@ class Policy:
         raise NotImplementedError
 
 
-def _needed(k: Any, clock: Any) -> bool:
+def needed(k: Any, clock: Any) -> bool:
     i = k.stream.idx
     return i < len(clock) and k.seq <= clock[i]
 
@@ -183,7 +183,7 @@ class Lazy(Policy):
     name = "lazy"
 
     def pick(self, sched: Any, ready: list, clock: Any) -> Any:
-        return _oldest([k for k in ready if _needed(k, clock)] or ready)
+        return _oldest([k for k in ready if needed(k, clock)] or ready)
 
 
 class Adversarial(Policy):
@@ -193,7 +193,7 @@ class Adversarial(Policy):
     name = "adversarial"
 
     def pick(self, sched: Any, ready: list, clock: Any) -> Any:
-        others = [k for k in ready if not _needed(k, clock)]
+        others = [k for k in ready if not needed(k, clock)]
         return max(others or ready, key=lambda k: k.order)
 
 
@@ -414,8 +414,8 @@ class Race(Policy):
                 if (k.stream.idx, k.seq) == second:
                     return k
             if others:  # (anything but the first kernel: what the sync needs first, oldest first)
-                return _oldest([k for k in others if _needed(k, clock)] or others)
-        return _oldest([k for k in ready if _needed(k, clock)] or ready)
+                return _oldest([k for k in others if needed(k, clock)] or others)
+        return _oldest([k for k in ready if needed(k, clock)] or ready)
 
 
 class _Holds(Policy):
@@ -469,7 +469,7 @@ class _Holds(Policy):
         # oldest first among the kernels no pair holds back; when all are held, the sync needs one
         # anyway: the oldest it needs (its pairs are dropped, ran())
         free = [k for k in ready if not self.held(k)]
-        return _oldest(free or [k for k in ready if _needed(k, clock)] or ready)
+        return _oldest(free or [k for k in ready if needed(k, clock)] or ready)
 
 
 class Order(_Holds):
@@ -557,7 +557,7 @@ class Split(Race):
 
     def pick(self, sched: Any, ready: list, clock: Any) -> Any:
         free = [k for k in ready if not self._held(k)]
-        return _oldest(free or [k for k in ready if _needed(k, clock)] or ready)
+        return _oldest(free or [k for k in ready if needed(k, clock)] or ready)
 
     def split(self, sched: Any, kernel: Any, partners: list) -> Any:
         if not self.done and (kernel.stream.idx, kernel.seq) == self.target[0]:

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from . import _explore
 from ._explore import (
-    SHRINK_RUNS, SHRINK_RUNS_PER_CONSTRAINT, Exploration, Explorer, Run, _ddmin, _deviations, _failed, _identify, run_schedule,
+    SHRINK_RUNS, SHRINK_RUNS_PER_CONSTRAINT, Exploration, Explorer, Run, ddmin, deviations, failed_against, identify_kernels, run_schedule,
     check_explore_args,
 )
 from ._tokens import Constraints, explanation, fingerprint, occurrence_totals
@@ -212,8 +212,8 @@ def shrink_group(explorer: Explorer, failure: RankRun, group: Any) -> None:
     import torch.distributed as dist
 
     rank = dist.get_rank(group)
-    ids = _identify(failure)
-    pairs = _deviations(failure, ids, explorer.observation) if ids is not None else []
+    ids = identify_kernels(failure)
+    pairs = deviations(failure, ids, explorer.observation) if ids is not None else []
     failure._trace = None
     if ids is not None:
         failure.fingerprint = fingerprint(ids)
@@ -232,13 +232,13 @@ def shrink_group(explorer: Explorer, failure: RankRun, group: Any) -> None:
             failure.shrink_runs += 1
             mine = [pairs[i - offset] for i in key if offset <= i < offset + len(pairs)]
             run = run_schedule(explorer.fn, "constraints", 0, explorer.detect, target=Constraints(mine))
-            cache[key] = any(_gather(_failed(run, explorer.reference), group))
+            cache[key] = any(_gather(failed_against(run, explorer.reference), group))
             if cache[key]:
                 best[0] = min(best[0], len(key))
         return cache[key]
 
     if total and fails(list(range(total))):
-        kept = [pairs[i - offset] for i in _ddmin(list(range(total)), fails) if offset <= i < offset + len(pairs)]
+        kept = [pairs[i - offset] for i in ddmin(list(range(total)), fails) if offset <= i < offset + len(pairs)]
         failure.constraints = tuple(kept)
         failure.explanation = explanation(kept, occurrence_totals(ids)) if kept else (
             "(no constraint of this rank's: the orderings that matter are other ranks')"

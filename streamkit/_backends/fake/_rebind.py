@@ -27,7 +27,8 @@ from ..._errors import GraphCaptureError
 from ._fake_backend import BACKEND
 from . import _allocator
 from . import _tensor as _t
-from ._sites import capture_site
+from ._pipeline import OpCall
+from ._sites import site_here
 from ._tracking import READ, MemoryRange
 from ._allocator import StorageState
 
@@ -112,7 +113,7 @@ def set_(self: Any, source: Any = None, storage_offset: Any = None, size: Any = 
             f" (x.untyped_storage()), got {type(source).__module__}.{type(source).__qualname__}"
         )
     with torch.no_grad():
-        _DATA.__set__(self, _t._new_wrapper(inner, state))  # the wrapper's own sizes, strides, offset
+        _DATA.__set__(self, _t.new_wrapper(inner, state))  # the wrapper's own sizes, strides, offset
     _rebind(self, inner, state)
     return self
 
@@ -152,7 +153,7 @@ class FakeStorage(torch.UntypedStorage):
     def resize_(self, size: int) -> "FakeStorage":  # type: ignore[override]
         if type(size) is not int or size < 0:
             raise ValueError(f"UntypedStorage.resize_(size): expected a number of bytes >= 0, got {size!r}")
-        resize_storage(self._tensor, size, capture_site(sys._getframe(1)))
+        resize_storage(self._tensor, size, site_here())
         return self
 
     def __repr__(self) -> str:
@@ -210,7 +211,10 @@ def resize_storage(tensor: Any, nbytes: int, site: Any) -> None:
             _allocator.reallocate(session, state, old_nbytes, stream, None, site, meta, 0, 0, False)
     else:
         block = MemoryRange(0, old_nbytes, state, tensor.shape, tensor.dtype)
-        kernel, _ = session.launch(_RESIZE, grow, stream, site, [], {}, [(block, READ)])
+        call = OpCall(session, _RESIZE, grow, site=site, stream=stream)
+        call.accesses = [(block, READ)]
+        call.launch()
+        kernel = call.kernel
         _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, meta, 0, nbytes, True)
         if nbytes < old_nbytes:
             _poison_bytes(cpu, old_nbytes, nbytes)
@@ -235,7 +239,7 @@ def _drain_users(session: Any, state: StorageState) -> None:
                 need.extend([0] * (r.stream + 1 - len(need)))
             need[r.stream] = max(need[r.stream], r.seq)
     if need:
-        session._drained(need)
+        session.drained(need)
 
 
 def _capture_error() -> Exception:

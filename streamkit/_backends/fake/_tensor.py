@@ -19,7 +19,7 @@ from . import _aliases, _allocator, _host_syncs, _pinned
 from ._allocator import StorageState
 from ._fake_backend import BACKEND
 from ._overlap import layout_of
-from ._sites import capture_site
+from ._pipeline import OpCall
 from ._tracking import METADATA_MUTATORS, READ, WRITE, MemoryRange, OpPlan, byte_range, new_record, plan_for
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ def ensure_registered(name: str = "fake") -> None:
         DEVICE_TYPE = name
         DEVICE = BACKEND.torch_device = torch.device(name, 0)
         _library = torch.library.Library("_", "IMPL", "PrivateUse1")
-        _library.fallback(_factory_fallback)
+        _library.fallback(factory_fallback)
         # torch.tensor(data, device="fake") copies into a fake tensor with Python dispatch turned off:
         # only a kernel registered for copy_ itself is reached then (the fallback trips an assert).
         global _aten_library
@@ -218,7 +218,7 @@ class FakeDeviceTensor(torch.Tensor):
             view = torch.empty(0, dtype=inner.dtype).set_(
                 copied.sk_inner.untyped_storage(), inner.storage_offset(), inner.size(), inner.stride()
             )
-            new = _new_wrapper(view, copied.sk_state)
+            new = new_wrapper(view, copied.sk_state)
             if self.requires_grad:
                 new.requires_grad_()
             if self.grad is not None:
@@ -251,7 +251,7 @@ def _copy_storage(tensor: FakeDeviceTensor) -> FakeDeviceTensor:
     """A copy of ``tensor``'s whole storage (as bytes): one clone kernel on the current stream."""
     inner = tensor.sk_inner
     nbytes = inner.untyped_storage().nbytes()
-    whole = _new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor.sk_state)
+    whole = new_wrapper(torch.empty(0, dtype=torch.uint8).set_(inner.untyped_storage(), 0, (nbytes,), (1,)), tensor.sk_state)
     return whole.clone()
 
 
@@ -270,7 +270,7 @@ def _check_index(device: Any, where: Any) -> None:
         )
 
 
-def _new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
+def new_wrapper(inner: torch.Tensor, state: StorageState) -> FakeDeviceTensor:
     if inner.dim() == 1 and inner.stride() == (1,) and not inner.storage_offset():
         # the common case, cheaper: passing strides and offset costs more than the rest of the call
         out = _make_wrapper(FakeDeviceTensor, inner.shape, dtype=inner.dtype, device=DEVICE)
@@ -295,7 +295,7 @@ def wrap_fresh(session: "Engine", inner: torch.Tensor, stream: Any, kernel: Any,
     shape = inner.shape
     dtype = inner.dtype
     state = StorageState(session, inner.untyped_storage().nbytes(), stream, site, (shape, dtype))
-    out = _new_wrapper(inner, state)
+    out = new_wrapper(inner, state)
     capture = session.capture
     if capture is not None and capture.owns(stream):  # memory of a graph's private pool
         capture.adopt(out, kernel)
@@ -394,6 +394,28 @@ def _arg(plan: OpPlan, args: Any, kwargs: dict, index: int) -> Any:
     return kwargs[plan.op._schema.arguments[index].name]
 
 
+class DispatchCall(OpCall):
+    """An op call that reached dispatch (:class:`._pipeline.OpCall` with the steps that know fake
+    tensors): ``plan``'s op in the active session (or ``session``), on the current stream, issued at
+    the site captured from ``frame``. :meth:`unwrap` turns the caller's arguments into CPU tensors
+    and accesses (as the schema says), :meth:`launch` issues the kernel, :meth:`wrap` turns the
+    results into fake tensors (fresh memory allocated on the stream, views, ``out=`` arguments)."""
+
+    __slots__ = ("plan",)
+
+    def __init__(self, plan: OpPlan, frame: Any, session: "Engine | None" = None) -> None:
+        OpCall.__init__(self, session or BACKEND.current or BACKEND.get(), plan.op, plan.call, frame)
+        self.plan = plan
+
+    def unwrap(self, args: Any, kwargs: dict) -> None:
+        """The caller's arguments, unwrapped: :attr:`args`, :attr:`kwargs` and :attr:`accesses`."""
+        self.args, self.kwargs, self.accesses = _unwrap(self.plan, args, kwargs, self.session)
+
+    def wrap(self, result: Any, args: Any, kwargs: dict) -> Any:
+        """The op's ``result`` as the caller gets it (``args``/``kwargs``: the caller's arguments)."""
+        return _wrap_outputs(self.plan, result, args, kwargs, self.session, self.stream, self.kernel, self.site)
+
+
 # ---------------------------------------------------------------------------------------------
 # handlers
 
@@ -442,21 +464,25 @@ def _choose_direct_handler(plan: OpPlan) -> Any:
         return _copy
     if plan.is_collective:
         return _collective
-    return _kernel
+    return run_kernel
 
 
-def _kernel(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
+def run_kernel(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """Any op: one kernel on the current stream reading and writing what its schema says."""
-    session = BACKEND.current or BACKEND.get()
-    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, plan.host_sync)
-    out = args[0] if plan.returns_self else _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
+    result = call.launch(plan.host_sync)
+    out = args[0] if plan.returns_self else call.wrap(result, args, kwargs)
+    observed(plan, args, kwargs, out)
+    return out
+
+
+def observed(plan: OpPlan, args: Any, kwargs: dict, out: Any) -> None:
+    """A dispatch handler ran ``plan``'s op on ``args``/``kwargs`` giving ``out``: the fast path
+    learns what the call does from it when it is watching this thread (:class:`observing`)."""
     observer = _observer
     if observer is not None and observer[0] == threading.get_ident():
         observer[1].append((plan, args, kwargs, out))
-    return out
 
 
 def _wrap_outputs(plan: OpPlan, result: Any, args: Any, kwargs: dict, session: "Engine", stream: Any, kernel: Any, site: Any) -> Any:
@@ -490,7 +516,7 @@ def _wrap_one(plan: OpPlan, spec: tuple, value: Any, args: Any, kwargs: dict, se
         return original
     if type(value) is torch.Tensor:
         if kind == "view":
-            return _new_wrapper(value, _arg(plan, args, kwargs, index).sk_state)
+            return new_wrapper(value, _arg(plan, args, kwargs, index).sk_state)
         return wrap_fresh(session, value, stream, kernel, site)
     if type(value) is list or type(value) is tuple:
         return type(value)(_wrap_one(plan, spec, v, args, kwargs, session, stream, kernel, site) for v in value)
@@ -526,7 +552,7 @@ def _normal_tensors(result: Any) -> bool:
 def _refresh(tensor: FakeDeviceTensor) -> None:
     """Make the wrapper's own sizes/strides follow its CPU tensor after an in-place change."""
     inner = tensor.sk_inner
-    tensor.data = _new_wrapper(inner, tensor.sk_state)
+    tensor.data = new_wrapper(inner, tensor.sk_state)
     tensor.sk_lo, tensor.sk_hi = byte_range(inner)
     tensor.sk_layout = layout_of(inner)
     tensor.sk_state.nbytes = max(tensor.sk_state.nbytes, inner.untyped_storage().nbytes())
@@ -548,12 +574,13 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
         plan.op._op(*new_args, **new_kwargs)
         _refresh(self)
         return self
-    stream = session.current_stream()
-    site = capture_site(frame)
-    accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
-    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses)
+    call = DispatchCall(plan, frame, session)
+    call.args, call.kwargs = new_args, new_kwargs
+    call.accesses = [(MemoryRange(0, old_nbytes, state, self.shape, self.dtype), READ)] if old_nbytes else []
+    call.launch()
     new_nbytes = inner.untyped_storage().nbytes()
-    _allocator.reallocate(session, state, old_nbytes, stream, kernel, site, (tuple(int(n) for n in size), self.dtype), 0, new_nbytes, True)
+    meta = (tuple(int(n) for n in size), self.dtype)
+    _allocator.reallocate(session, state, old_nbytes, call.stream, call.kernel, call.site, meta, 0, new_nbytes, True)
     _refresh(self)
     return self
 
@@ -561,17 +588,16 @@ def _resize(plan: OpPlan, self: FakeDeviceTensor, new_args: list, new_kwargs: di
 def _allocation(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """``empty_like(x)``, ``x.new_empty(...)``: new memory on the current stream. Not a kernel, and it
     reads nothing of ``x`` (only its metadata)."""
-    session = _session()
-    new_args, new_kwargs, _ = _unwrap(plan, args, kwargs, session)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
+    new_kwargs = call.kwargs
     if new_kwargs.get("device") is not None:
         _check_index(new_kwargs["device"], plan.op)
         new_kwargs["device"] = CPU
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
-    result = plan.call(*new_args, **new_kwargs)
-    if not session.eager:
+    result = plan.call(*call.args, **new_kwargs)  # (not a kernel: nothing is launched)
+    if not call.session.eager:
         _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
-    return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
+    return call.wrap(result, args, kwargs)
 
 
 def _metadata_mutator(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
@@ -599,16 +625,14 @@ def _to_copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     if device is not None:
         _check_index(device, plan.op)
     if device is None or torch.device(device).type != "cpu":
-        return _kernel(plan, args, kwargs, frame)
-    session = _session()
-    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
+        return run_kernel(plan, args, kwargs, frame)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
     non_blocking = kwargs.get("non_blocking", False)
-    kernel, result = session.launch(plan.op, plan.call, stream, site, new_args, new_kwargs, accesses, None if non_blocking else "blocking_copies")
+    result = call.launch(None if non_blocking else "blocking_copies")
     if non_blocking:
         # CUDA's _to_copy pins the destination of a non-blocking D2H copy: the copy fills it later
-        return _pinned.written_by(result, session, kernel)
+        return _pinned.written_by(result, call)
     return result
 
 
@@ -620,31 +644,30 @@ def _copy(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     dst_fake = type(dst) is FakeDeviceTensor
     src_fake = type(src) is FakeDeviceTensor
     if dst_fake and src_fake:
-        return _kernel(plan, args, kwargs, frame)
-    session = _session()
-    stream = session.current_stream()
-    site = capture_site(frame) if session.tracked else None
+        return run_kernel(plan, args, kwargs, frame)
+    call = DispatchCall(plan, frame)
+    session = call.session
     device_side = dst if dst_fake else src
     if device_side.sk_state.session is not session:
         check_session(session, device_side)
     pinned = _pinned.PinnedHostTensor
     if dst_fake:  # host to device: the copy writes dst
-        accesses = [(dst, WRITE)]
+        call.accesses = [(dst, WRITE)]
         if non_blocking and not session.eager and type(src) is not pinned:
             src = src.clone()  # pageable memory is staged at issue: later host writes don't reach the copy
-        new_args = [dst.sk_inner, src, non_blocking]
+        call.args = [dst.sk_inner, src, non_blocking]
         sync = None if non_blocking else "blocking_copies"
     else:  # device to host: the copy reads src
-        accesses = [(src, READ)]
-        new_args = [dst, src.sk_inner, non_blocking]
+        call.accesses = [(src, READ)]
+        call.args = [dst, src.sk_inner, non_blocking]
         # into pageable memory a non-blocking D2H copy is synchronous all the same (cudaMemcpyAsync)
         sync = None if non_blocking and type(dst) is pinned else "blocking_copies"
-    kernel, _ = session.launch(plan.op, plan.call, stream, site, new_args, {}, accesses, sync)
+    call.launch(sync)
     if non_blocking:
         if not dst_fake and type(dst) is pinned:
-            _pinned.written_by(dst, session, kernel)
+            _pinned.written_by(dst, call)
         elif dst_fake and type(src) is pinned:
-            _pinned.read_by(src, session, kernel)  # DMA from the pinned buffer, later
+            _pinned.read_by(src, call)  # DMA from the pinned buffer, later
     return dst
 
 
@@ -662,20 +685,19 @@ def _collective(plan: OpPlan, args: Any, kwargs: dict, frame: Any) -> Any:
     """
     from . import _collectives  # (imported on first use: only collectives need it)
 
-    session = _session()
-    new_args, new_kwargs, accesses = _unwrap(plan, args, kwargs, session)
-    site = capture_site(frame) if session.tracked else None
-    capture = session.capture
-    result = None if capture is None else capture.collective(plan, args, kwargs, new_args, new_kwargs, accesses, site)
+    call = DispatchCall(plan, frame)
+    call.unwrap(args, kwargs)
+    capture = call.session.capture
+    result = None if capture is None else capture.collective(plan, args, kwargs, call.args, call.kwargs, call.accesses, call.site)
     if result is None:
-        result = _collectives.run(session, plan, args, kwargs, new_args, new_kwargs, accesses, site)
+        result = _collectives.run(call, plan, args, kwargs)
     if isinstance(result, tuple) and result and plan.arg_kinds and plan.arg_kinds[0] == WRITE:
         # The first result is the output argument itself: hand back the caller's fake tensors.
         return (args[0] if args else kwargs[plan.op._schema.arguments[0].name],) + tuple(result[1:])
     return result
 
 
-def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
+def factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
     """Ops that reach the fake device with no fake tensor argument: factories (``torch.zeros(...,
     device="fake")``). An allocation on the current stream, plus a kernel if it fills memory."""
     session = _session()
@@ -689,15 +711,14 @@ def _factory_fallback(op: Any, *args: Any, **kwargs: Any) -> Any:
                 " move it with .cpu() first"
             )
     plan = plan_for(op)
-    stream = session.current_stream()
-    site = capture_site(_getframe(1)) if session.tracked else None  # (an entry point: its caller)
+    call = DispatchCall(plan, _getframe(1), session)  # (an entry point: the site starts at its caller)
     if plan.name in _ALLOCATIONS:
         result = op._op(*args, **kwargs)
         if not session.eager:
             _poison(result)  # (a deferred schedule: memory nothing wrote holds poison)
-        return _wrap_outputs(plan, result, args, kwargs, session, stream, None, site)
-    kernel, result = session.launch(op, op._op, stream, site, list(args), kwargs, [])
-    return _wrap_outputs(plan, result, args, kwargs, session, stream, kernel, site)
+        return call.wrap(result, args, kwargs)
+    call.args, call.kwargs = list(args), kwargs  # (host arguments only: nothing to unwrap, nothing accessed)
+    return call.wrap(call.launch(), args, kwargs)
 
 
 #: ``Tensor.set_`` of a fake tensor (installed by _rebind with ``x.data = y`` and ``untyped_storage()``)
