@@ -156,7 +156,7 @@ def pytest_runtest_setup(item: Any) -> Any:
     fake = importlib.import_module("streamkit.fake")
     context = fake.session(detect="raise", emulate=kind)
     opened = context.__enter__()
-    opened._yields_to_sessions = True  # (a fake.session() the test opens itself steps this one aside)
+    opened.yields_to_sessions = True  # (a fake.session() the test opens itself steps this one aside)
     item._streamkit_session = context
     try:
         return (yield)

@@ -82,6 +82,9 @@ class Session:
         #: fake.explore's hook (streamkit._backends.fake._planner): called first for every race the
         #: detector finds; True skips the report (a race the eager run already reported)
         self.race_hook: Any = None
+        #: ``pytest --streamkit-emulate``'s per-test session: a ``fake.session()`` the test opens
+        #: itself steps this one aside while it is open (fake sessions don't nest)
+        self.yields_to_sessions = False
         _emulate.claim(emulate)  # (names PrivateUse1 as this session needs, or says why it can't)
         #: the device type this session emulates (``"cuda"``, ``"npu"``), or ``None``: the fake device
         self.emulate = emulate

@@ -46,7 +46,7 @@ def session(
         _emulate.check_name(emulate)
     s = BACKEND.new_session(detect, schedule, seed, depth, target, emulate=emulate)
     host = BACKEND.explicit()
-    if host is not None and getattr(host, "yields_to_sessions", False) and not host.closed:
+    if host is not None and host.yields_to_sessions and not host.closed:
         # (emulation hook: the per-test session of `pytest --streamkit-emulate` steps aside for the
         # test's own sessions, and is the active one again after them)
         BACKEND.leave(host)
