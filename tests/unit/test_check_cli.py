@@ -25,19 +25,28 @@ def test_racy_example_is_reported_with_both_lines_and_exit_1():
     assert "side.wait_stream(sk.default_stream())" in proc.stdout
 
 
-def test_fixed_example_is_clean():
-    proc = run_check("examples/side_stream_fixed.py")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "0 race(s)" in proc.stdout
+# The CLI's entry point in this process (what `python -m streamkit check` calls): the subprocess
+# start-up (importing torch) is paid once above, for the README's racy example.
+def check_in_process(capsys, *args):
+    from streamkit.check import main
+
+    code = main(["check", *args])
+    return code, capsys.readouterr().out
 
 
-def test_script_arguments_and_failures(tmp_path):
+def test_fixed_example_is_clean(capsys):
+    code, out = check_in_process(capsys, os.path.join(ROOT, "examples/side_stream_fixed.py"))
+    assert code == 0, out
+    assert "0 race(s)" in out
+
+
+def test_script_arguments_and_failures(tmp_path, capsys):
     script = tmp_path / "argv.py"
     script.write_text("import sys\nassert sys.argv[1:] == ['--n', '3'], sys.argv\nraise SystemExit(0)\n")
-    assert run_check(str(script), "--n", "3").returncode == 0
+    assert check_in_process(capsys, str(script), "--n", "3")[0] == 0
     bad = tmp_path / "bad.py"
     bad.write_text("raise ValueError('boom')\n")
-    proc = run_check(str(bad))
-    assert proc.returncode == 2 and "boom" in proc.stdout
-    missing = run_check(str(tmp_path / "nope.py"))
-    assert missing.returncode == 2 and "no such script" in missing.stdout
+    code, out = check_in_process(capsys, str(bad))
+    assert code == 2 and "boom" in out
+    code, out = check_in_process(capsys, str(tmp_path / "nope.py"))
+    assert code == 2 and "no such script" in out
