@@ -373,14 +373,14 @@ def scenario_peer_death(backend: str) -> None:
 def scenario_peer_stall(backend: str, flag_dir: str = "") -> None:
     """Rank 1 stays alive but never joins the collect: rank 0's wait() raises while rank 1 still
     stalls (it marks its return in ``flag_dir``), so the group's timeout bounded the wait."""
-    timeout_s = 3.0
+    timeout_s = 1.5
     flag = os.path.join(flag_dir or ".", f"stall_over_{os.getppid()}")
     with environment(backend):
         dev = sk.device()
         c = HeatCollector(2, 4, group=short_group(timeout_s))
         if RANK != 0:
             say("STALLING")
-            time.sleep(timeout_s + 2.0)
+            time.sleep(timeout_s + 1.5)
             with open(flag, "w"):
                 pass
             os._exit(0)
