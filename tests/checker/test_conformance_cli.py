@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,7 @@ def test_conformance_cli_table_and_exit_status():
     assert result["device"]["pinned_after"] != "PinnedHostTensor"
     assert "npu: 0 pass, 0 FAIL" in out and "unavailable: npu backend unavailable" in out
     assert "npu named but unavailable" in out
+    _check_docs_sample(out, result["emulated_out"])
     assert result["broken"] == 1
     assert "FAIL streams: switch_nests on broken (setup)" in result["broken_out"]
     assert "broken on purpose" in result["broken_out"] and "rule(s) failed" in result["broken_out"]
@@ -127,3 +129,21 @@ def _check_emulated_columns(code: int, out: str) -> None:
     assert int(cuda.split(":")[1].split()[0]) >= 65 and int(npu.split(":")[1].split()[0]) >= 60
     hazard = next(row for row in rows if row.startswith("hazards: unordered_read_sees_stale_data"))
     assert hazard.split()[-2:] == ["pass", "n/a"]  # the detector reports the hazard (a cuda/fake-only rule)
+
+
+def _check_docs_sample(out: str, emulated_out: str) -> None:
+    """The conformance figures the docs show are a real run's: docs/api.md's sample (rows and
+    summary lines of `--backend fake --backend npu`) and docs/emulation.md's emulated columns."""
+    api = (REPO / "docs" / "api.md").read_text()
+    sample = api[api.index("python -m streamkit conformance --backend fake"):]
+    sample = sample[sample.index("```text") + 7: sample.index("```", sample.index("```text") + 7)]
+    lines = [line.strip() for line in out.splitlines()]
+    shown = [line.strip() for line in sample.strip().splitlines() if line.strip() and line.strip() != "..."]
+    assert len(shown) >= 7, sample  # the header, rows and both summary lines
+    for line in shown:
+        assert line in lines, f"docs/api.md shows {line!r}; the run printed:\n{out}"
+    emulation = (REPO / "docs" / "emulation.md").read_text()
+    for column in ("cuda (emulated)", "npu (emulated)"):
+        (printed,) = [line for line in emulated_out.splitlines() if line.startswith(f"{column}: ")]
+        passed, failed = re.match(r".*?: (\d+) pass, (\d+) FAIL", printed).groups()
+        assert f"`{column}` {passed} pass, {failed} FAIL" in emulation.replace("\n", " "), (column, printed)
