@@ -260,3 +260,23 @@ def test_nccl_shaped_all_gather_output(nccl_world_of_one):
         dist.all_gather_into_tensor(flat, x)
         assert stacked.cpu().reshape(2, 3).tolist() == flat.cpu().tolist() == x.cpu().tolist()
     assert not s.races
+
+
+def test_fixes_name_the_emulated_api_and_streamkit_s_again_after():
+    # the user's code calls torch.cuda: the fix says torch.cuda.default_stream(), not sk.default_stream()
+    with fake.session(emulate="cuda", detect="record") as s:
+        side = torch.cuda.Stream()
+        x = torch.ones(4, device="cuda")
+        x.mul_(2)
+        with torch.cuda.stream(side):
+            x.sum()
+    (race,) = s.races
+    assert race.fix.startswith("side.wait_stream(torch.cuda.default_stream()) after")
+    with fake.session(detect="record") as s:
+        side = sk.Stream()
+        x = torch.ones(4, device=s.device)
+        x.mul_(2)
+        with sk.switch(side):
+            x.sum()
+    (race,) = s.races
+    assert race.fix.startswith("side.wait_stream(sk.default_stream()) after")

@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _emulate, _handles, _tensor
+from . import _emulate, _handles, _report, _tensor
 from ._fake_backend import BACKEND
 from ._handles import DEFAULT_STREAM
 
@@ -552,6 +552,8 @@ def install(current: Any) -> None:
         patches.set(torch.Tensor, "is_npu", property(lambda self: type(self) is _tensor.FakeDeviceTensor))
     _install_accelerator(current, names)
     patches.set(_tensor.FakeDeviceTensor, "record_stream", _record_stream_method(names["Stream"]))
+    _report.name_api(f"torch.{kind}")  # (fixes in race reports name the API the user's code calls)
+    current.undo.append(lambda: _report.name_api(None))
     from . import _emulate_dist
 
     _emulate_dist.install(current)

@@ -27,6 +27,20 @@ _ASSIGN = re.compile(r"^\s*(?:self\.)?([A-Za-z_]\w*)\s*(?::[^=]+)?=\s*[\w.]*Stre
 _LABELS: "weakref.WeakKeyDictionary[StreamState, tuple[str, str, str]]" = weakref.WeakKeyDictionary()
 
 
+# How a report's fix names the default stream and record_stream in code: streamkit's API, or the
+# emulated device's while device emulation is installed (the user's code calls torch.cuda, not sk).
+_API = {"default": "sk.default_stream()", "record": "sk.record_stream(tensor, {stream})"}
+
+
+def name_api(module: str | None) -> None:
+    """Fixes name code in ``module``'s API (``"torch.cuda"``, ``"torch.npu"``: ``torch.cuda.default_stream()``,
+    ``tensor.record_stream(s)``), or in streamkit's (``None``)."""
+    if module is None:
+        _API.update(default="sk.default_stream()", record="sk.record_stream(tensor, {stream})")
+    else:
+        _API.update(default=f"{module}.default_stream()", record="tensor.record_stream({stream})")
+
+
 def label_stream(state: StreamState, label: str, code_name: str, role: str) -> None:
     """Name a stream that no user code created (``role``: ``"collective"`` for a process group's)."""
     _LABELS[state] = (label, code_name, role)
@@ -38,7 +52,7 @@ def stream_description(state: StreamState) -> tuple[str, str]:
     if named is not None:
         return named[0], named[1]
     if state.idx == 0:
-        return "the default stream", "sk.default_stream()"
+        return "the default stream", _API["default"]
     frames = user_stack(state.site)
     where = frames[-1] if frames else None
     name = None
@@ -169,7 +183,7 @@ def suggest_fix(first: Access, second: Access, first_stream: StreamState, second
         )
     if second.kind == "free":
         return (
-            f"call sk.record_stream(tensor, {first_name}) after {first.location} (the allocator then keeps the"
+            f"call {_API['record'].format(stream=first_name)} after {first.location} (the allocator then keeps the"
             f" memory until {first_name}'s work is done), or {second_name}.wait_stream({first_name}) before the"
             f" last reference is dropped at {second.location}"
         )
