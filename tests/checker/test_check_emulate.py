@@ -89,3 +89,25 @@ def test_a_script_opening_an_emulating_session_under_the_plain_checker(tmp_path)
     out = io.StringIO()
     assert check_script(str(script), out=out) == 1, out.getvalue()
     assert f"own_session.py:{marker_line(script, 'block-read')}" in out.getvalue()
+
+
+@pytest.mark.parametrize("racy", [False, True], ids=["fixed", "racy"])
+def test_the_readme_engine_example_runs_unmodified(racy, monkeypatch, capsys):
+    # examples/aux_stream_cuda.py (the README's `check --emulate cuda` line): an import-time aux
+    # stream, inference_mode, .double()/.float() casts, param.data = ..., nccl init and an async
+    # all_reduce, written against torch.cuda only
+    from _support import REPO, free_port
+
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    example = REPO / "examples" / "aux_stream_cuda.py"
+    out = io.StringIO()
+    code = check_script(str(example), ["--racy"] if racy else [], out=out, emulate="cuda")
+    text = out.getvalue()
+    assert code == (1 if racy else 0), text
+    if racy:
+        assert "2 race(s)" in text and "on stream #1 'AUX' (created at aux_stream_cuda.py:17)" in text
+        assert "fix: AUX.wait_stream(torch.cuda.default_stream())" in text
+    else:
+        assert "0 race(s)" in text
+        assert "heat 8" in capsys.readouterr().out  # the script ran to its end (its all_reduce on 1 rank)
+    assert _emulate.installed() is None and not torch.cuda.is_available()
