@@ -418,36 +418,59 @@ class Race(Policy):
         return _oldest([k for k in ready if needed(k, clock)] or ready)
 
 
+class PairHolds:
+    """Pairs ``(a, b)`` of kernel keys: the kernel named ``b`` is held until the one named ``a`` has
+    run. A host sync that needs a held kernel runs it anyway: its pairs are then in :attr:`dropped`.
+    (The ``"order"`` policy and the ``"constraints"`` rule keep their pairs here.)"""
+
+    def __init__(self, pairs: Any) -> None:
+        self.waiting: dict = {}  # b key -> keys of the kernels it still waits for
+        self.blocks: dict = {}  # a key -> keys of the kernels waiting for it
+        for a, b in pairs:
+            self.waiting.setdefault(b, set()).add(a)
+            self.blocks.setdefault(a, []).append(b)
+        self.dropped: list = []  # (a key, b key) pairs a host sync overrode
+
+    def names(self, key: Any) -> bool:
+        """Whether some pair names ``key``."""
+        return key in self.waiting or key in self.blocks
+
+    def held(self, key: Any) -> bool:
+        return key is not None and bool(self.waiting.get(key))
+
+    def ran(self, key: Any) -> None:
+        """The kernel named ``key`` ran: the kernels it held may run."""
+        if key is None:
+            return
+        left = self.waiting.pop(key, None)
+        if left:
+            self.dropped.extend((a, key) for a in left)
+        for b in self.blocks.pop(key, ()):
+            waiting = self.waiting.get(b)
+            if waiting is not None:
+                waiting.discard(key)
+
+
 class _Holds(Policy):
     """Eager order (each kernel runs as soon as it is ready, oldest first), except that a kernel
     named as the later one of a pair ``(a, b)`` waits until ``a`` has run. A host sync that needs a
     held kernel runs it anyway (its pairs are then in :attr:`dropped`). Subclasses name kernels."""
 
     def _setup(self, pairs: Any) -> None:
-        self._waiting: dict = {}  # b key -> keys of the kernels it still waits for
-        self._blocks: dict = {}  # a key -> keys of the kernels waiting for it
-        for a, b in pairs:
-            self._waiting.setdefault(b, set()).add(a)
-            self._blocks.setdefault(a, []).append(b)
-        self.dropped: list = []
+        self.holds = PairHolds(pairs)
+
+    @property
+    def dropped(self) -> list:
+        return self.holds.dropped
 
     def key(self, kernel: Any) -> Any:
         raise NotImplementedError
 
     def held(self, kernel: Any) -> bool:
-        return bool(self._waiting.get(self.key(kernel)))
+        return self.holds.held(self.key(kernel))
 
     def ran(self, kernel: Any) -> None:
-        key = self.key(kernel)
-        if key is None:
-            return
-        left = self._waiting.pop(key, None)
-        if left:
-            self.dropped.extend((a, key) for a in left)
-        for b in self._blocks.pop(key, ()):
-            waiting = self._waiting.get(b)
-            if waiting is not None:
-                waiting.discard(key)
+        self.holds.ran(self.key(kernel))
 
     def settle(self, sched: Any) -> None:
         """Run every ready kernel no pair holds back, oldest first (as eager would at issue)."""
@@ -577,7 +600,7 @@ class ConstraintsPolicy(_Holds):
     def __init__(self, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None) -> None:
         super().__init__(seed, depth, target)
         self.rule = target
-        self._waiting = {}
+        self.holds = PairHolds(())  # (the rule keeps the pairs)
 
     @classmethod
     def check(cls, seed: Any, depth: Any, target: Any) -> tuple[int, int, Any]:

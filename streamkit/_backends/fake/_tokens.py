@@ -17,7 +17,7 @@ import zlib
 from typing import Any, NamedTuple, Sequence
 
 from ..._errors import ReplayFallbackWarning  # noqa: F401  (re-exported: fake.ReplayFallbackWarning)
-from ._policies import PCT_DEPTH, SCHEDULES, ScheduleError, check_args, parse_short, token_format
+from ._policies import PCT_DEPTH, SCHEDULES, PairHolds, ScheduleError, check_args, parse_short, token_format
 from ._report import stream_description
 from ._sites import line_of
 
@@ -123,38 +123,25 @@ class Constraints:
                 f"session(target): schedule=\"constraints\" takes pairs (a, b) of fake.KernelId, got {pairs!r}"
             ) from None
         self._namer = Namer()
-        self._waiting: dict = {}  # b.key -> keys of the kernels it still waits for
-        self._blocks: dict = {}  # a.key -> keys of the kernels waiting for it
-        for a, b in self.pairs:
-            self._waiting.setdefault(b.key, set()).add(a.key)
-            self._blocks.setdefault(a.key, []).append(b.key)
+        self._holds = PairHolds((a.key, b.key) for a, b in self.pairs)
+        #: (a key, b key) pairs a host sync overrode
+        self.dropped = self._holds.dropped
         self._keys: dict = {}  # id(kernel) -> key, for the kernels a constraint names
         self._alive: list = []  # (those kernels: their ids stay unique)
         self._matched: set = set()
-        self.dropped: list = []  # (a key, b key) pairs a host sync overrode
 
     def issued(self, kernel: Any) -> None:
         key = self._namer(kernel).key
-        if key in self._waiting or key in self._blocks:
+        if self._holds.names(key):
             self._keys[id(kernel)] = key
             self._alive.append(kernel)
             self._matched.add(key)
 
     def held(self, kernel: Any) -> bool:
-        key = self._keys.get(id(kernel))
-        return key is not None and bool(self._waiting.get(key))
+        return self._holds.held(self._keys.get(id(kernel)))
 
     def ran(self, kernel: Any) -> None:
-        key = self._keys.get(id(kernel))
-        if key is None:
-            return
-        left = self._waiting.pop(key, None)
-        if left:
-            self.dropped.extend((a, key) for a in left)
-        for b in self._blocks.pop(key, ()):
-            waiting = self._waiting.get(b)
-            if waiting is not None:
-                waiting.discard(key)
+        self._holds.ran(self._keys.get(id(kernel)))
 
     def unmatched(self) -> list[tuple[KernelId, KernelId]]:
         """The constraints one of whose kernels this run never issued."""
