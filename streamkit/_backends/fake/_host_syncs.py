@@ -86,16 +86,13 @@ def _fake_values(plan: Any, args: Any, kwargs: dict, fake: type) -> list:
     return out
 
 
-def _run_split(plan: Any, args: Any, kwargs: dict, frame: Any, before: list, after: list, sync: str, new_args: Any = None, new_kwargs: Any = None) -> Any:
+def _run_split(plan: Any, args: Any, kwargs: dict, frame: Any, before: list, after: list, sync: str) -> Any:
     first = _engine.DispatchCall(plan, frame)  # the part before the sync: its reads, then the sync
     first.call, first.accesses = _nothing, before
     first.launch(sync)
     call = _engine.DispatchCall(plan, None, first.session)  # the part after it, at the same site
     call.site, call.stream = first.site, first.stream
-    if new_args is None:
-        call.unwrap(args, kwargs)
-    else:
-        call.args, call.kwargs = new_args, new_kwargs
+    call.unwrap(args, kwargs)
     call.accesses = after
     return call.wrap(call.launch(), args, kwargs)
 
@@ -148,18 +145,9 @@ def index_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
     host = [t for t in indices if isinstance(t, torch.Tensor) and type(t) is not fake]
     if not masks and not host:
         return _tensor.run_kernel(plan, args, kwargs, frame)
-    call = _tensor.DispatchCall(plan, None)  # (only to unwrap: _run_split launches)
-    call.unwrap(args, kwargs)
-    new_args, new_kwargs = call.args, call.kwargs
-    if host:
-        # CUDA copies a host index to the device at the call: later host writes to it don't reach
-        # the kernel (it may run later under a deferred schedule)
-        copied = [
-            inner.clone() if isinstance(given, torch.Tensor) and type(given) is not fake else inner
-            for given, inner in zip(indices, new_args[1])
-        ]
-        new_args = [new_args[0], copied, *new_args[2:]]
+    # (a host index is copied at the call, as CUDA's blocking copy to the device: _unwrap clones host
+    # operands when a deferred schedule may run the kernel later)
     before = [(t, READ) for t in masks]
     after = [(args[0], READ)] + [(t, READ) for t in indices if type(t) is fake and t.dtype not in _MASK_DTYPES]
-    return _run_split(plan, args, kwargs, frame, before, after, "implicit_syncs" if masks else "blocking_copies", new_args, new_kwargs)
+    return _run_split(plan, args, kwargs, frame, before, after, "implicit_syncs" if masks else "blocking_copies")
 
