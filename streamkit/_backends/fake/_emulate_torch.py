@@ -22,7 +22,7 @@ from typing import Any, Iterator
 
 import torch
 
-from . import _emulate, _handles, _report, _tensor
+from . import _blocks, _emulate, _handles, _report, _tensor
 from ._fake_backend import BACKEND
 from ._handles import DEFAULT_STREAM
 
@@ -396,7 +396,8 @@ def make_module(kind: str) -> dict[str, Any]:
     def is_current_stream_capturing() -> bool:
         return _session().capture is not None  # engine hook: the capture underway
 
-    # memory: the fake device's live allocations (what is still referenced), in 512-byte blocks
+    # memory: the fake device's live allocations (what is still referenced), in the caching
+    # allocator's block sizes (_blocks.round_size), reserved in whole 2 MiB segments
     peak = {"allocated": 0, "reserved": 0}
 
     def _allocated() -> int:
@@ -408,12 +409,12 @@ def make_module(kind: str) -> dict[str, Any]:
                 state = obj.sk_state
                 if state.session is s and id(state) not in seen:
                     seen.add(id(state))
-                    total += -(-state.nbytes // 512) * 512
+                    total += _blocks.round_size(state.nbytes) if state.nbytes else 0
         peak["allocated"] = max(peak["allocated"], total)
         return total
 
     def _reserved() -> int:
-        block = 2 * 1024**2
+        block = _blocks.K_SMALL_BUFFER
         value = -(-_allocated() // block) * block
         peak["reserved"] = max(peak["reserved"], value)
         return value
