@@ -10,9 +10,9 @@ import warnings
 from contextlib import contextmanager
 from typing import Any, Iterator
 
-from ._backends.fake import _emulate
 import torch
 
+from ._backends.fake import _emulate
 from ._backends.fake._engine import DETECT_MODES, Session
 from ._backends.fake._fake_backend import BACKEND, FakeBackend
 from ._backends.fake._interface import engine_members
