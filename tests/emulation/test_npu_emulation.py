@@ -59,6 +59,14 @@ def test_racy():
     with torch.npu.stream(side):
         y = x * 2  # <racy-read>
 
+def test_pinned_round_trip_is_a_device_copy_not_a_host_access():
+    # x.to("npu", non_blocking=True) of a pinned buffer is a copy ordered on the stream, not a host
+    # read racing the D2H copy that fills the buffer (the device name is "npu" in this process)
+    d = torch.ones(4, device="npu")
+    h = d.to("cpu", non_blocking=True)
+    back = h.to("npu", non_blocking=True)
+    assert back.cpu().tolist() == [1.0] * 4
+
 def test_fixed():
     x = torch.ones(4, device="npu:0")
     side.wait_stream(torch.npu.current_stream())
@@ -116,6 +124,6 @@ def test_pytest_option_runs_a_torch_npu_suite(tmp_path):
         cwd=str(REPO), env=child_env(), capture_output=True, text=True, timeout=180,
     )
     out = proc.stdout
-    assert "1 failed, 15 passed" in out and "skipped" not in out, out + proc.stderr
+    assert "1 failed, 16 passed" in out and "skipped" not in out, out + proc.stderr
     assert f"test_engine_npu.py:{marker_line(test_file, 'racy-read')}" in out
     assert f"created at test_engine_npu.py:{marker_line(test_file, 'import-stream')}" in out

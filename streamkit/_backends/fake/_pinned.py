@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from ._pipeline import OpCall
 
 _T = torch.Tensor
-DEVICE_TYPE = "fake"
+DEVICE_TYPE = "fake"  # the fake device's name ("npu" in a process emulating npu: set by _tensor)
 DEVICE_TENSOR: Any = None  # FakeDeviceTensor (set by _tensor, which imports this module)
 _DisableSubclass = torch._C.DisableTorchFunctionSubclass
 

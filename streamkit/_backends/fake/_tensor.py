@@ -79,7 +79,7 @@ def ensure_registered(name: str = "fake") -> None:
         if current == "privateuseone":
             torch.utils.backend_registration._setup_privateuseone_for_python_backend(rename=name)
         global DEVICE
-        DEVICE_TYPE = name
+        DEVICE_TYPE = _pinned.DEVICE_TYPE = name  # (pinned memory tells device-side copies by it)
         DEVICE = BACKEND.torch_device = torch.device(name, 0)
         _library = torch.library.Library("_", "IMPL", "PrivateUse1")
         _library.fallback(factory_fallback)
