@@ -215,20 +215,24 @@ class Session:
 
     def launch(
         self, op: Any, call: Any, stream: StreamState | None, site: Any, args: Any, kwargs: Any, accesses: list,
-        sync: str | None = None,
+        sync: str | None = None, sync_before: str | None = None,
     ) -> tuple[Kernel, Any]:
         """Issue a kernel on ``stream`` (``None``: the current stream; it is ``kernel.stream``) and
         hand it to the scheduler: ``(kernel, result)``. See :meth:`issue`.
 
         ``sync`` names the host synchronization that follows the kernel (a ``Stats`` field), if any:
-        bincount and friends wait for their output size, as on CUDA.
+        ``.cpu()`` waits for its copy, as on CUDA. ``sync_before`` names one that precedes it: the
+        host waits for ``stream``'s earlier work, then the kernel is issued (``_host_syncs``: an op
+        whose reads before its internal sync are among its reads after it).
         """
         if stream is None:
             stream = self._tls.stream or self.default_stream
         if self.capture is not None:  # a graph capture records the kernels of captured streams
-            captured = self.capture.launch(op, call, stream, site, args, kwargs, accesses, sync)
+            captured = self.capture.launch(op, call, stream, site, args, kwargs, accesses, sync or sync_before)
             if captured is not None:
                 return captured
+        if sync_before is not None:
+            self.host_sync(stream.clock, sync_before)
         lock = self.lock
         lock.acquire()
         try:

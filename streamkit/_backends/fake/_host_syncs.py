@@ -18,6 +18,11 @@ index (x[m])       the bool/uint8 masks       self, the other indices         ``
 index (x[cpu_i])   - (a blocking H2D copy)    self, the device indices        ``TensorAdvancedIndexing.cpp`` (``make_info``: ``indices[i].to(self.device())``: ``copy_`` from pageable memory, ``memcpy_and_sync``)
 =================  =========================  ==============================  ===========================================
 
+When the reads before the sync are among the reads after it (nonzero, bincount), kernel A checks
+nothing that kernel B doesn't check again at a later point of the same stream, and the host sync
+orders no access of A that B doesn't repeat: the fake then makes the host sync (with the stream's
+earlier work) and issues B alone, one kernel instead of two (``SYNC_FIRST``).
+
 Other syncing ops read their inputs only before the sync (``unique``: a sorted copy;
 ``repeat_interleave`` without ``output_size``: the cumulative sum) and stay one kernel followed by
 the sync (``_tensor.SYNCING_OPS``).
@@ -40,6 +45,8 @@ SPLIT_OPS: dict[str, tuple[frozenset, frozenset]] = {
     "bincount": (frozenset({"self"}), frozenset({"self", "weights"})),
     "masked_select": (frozenset({"mask"}), frozenset({"self"})),
 }
+#: the split ops whose reads before the sync are among those after it: the sync, then kernel B only
+SYNC_FIRST = frozenset(name for name, (before, after) in SPLIT_OPS.items() if before <= after)
 _MASK_DTYPES = (torch.bool, torch.uint8)
 
 
@@ -87,6 +94,11 @@ def _fake_values(plan: Any, args: Any, kwargs: dict, fake: type) -> list:
 
 
 def _run_split(plan: Any, args: Any, kwargs: dict, frame: Any, before: list, after: list, sync: str) -> Any:
+    if all(any(t is u for u, _ in after) for t, _ in before):  # (SYNC_FIRST: B repeats A's reads)
+        call = _engine.DispatchCall(plan, frame)
+        call.unwrap(args, kwargs)
+        call.accesses = after
+        return call.wrap(call.launch(sync_before=sync), args, kwargs)
     first = _engine.DispatchCall(plan, frame)  # the part before the sync: its reads, then the sync
     first.call, first.accesses = _nothing, before
     first.launch(sync)
@@ -112,20 +124,26 @@ def split_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
 def fast_split_positions(plan: Any, names: dict) -> tuple | None:
     """For the fast path (``_fastpath``): ``(positions read before the sync, positions read after
     it)`` of a split op whose fake tensor arguments at those call positions have these schema
-    ``names``; ``None`` for any other op."""
+    ``names`` (``None`` before: a ``SYNC_FIRST`` op); ``None`` for any other op."""
     found = SPLIT_OPS.get(plan.name)
     if found is None or "out" in plan.op._overloadname:
         return None
     before_names, after_names = found
     return (
-        tuple(p for p, name in names.items() if name in before_names),
+        None if plan.name in SYNC_FIRST else tuple(p for p, name in names.items() if name in before_names),
         tuple(p for p, name in names.items() if name in after_names),
     )
 
 
 def fast_split(session: Any, fast: Any, func: Any, args: tuple, inner: list, kwargs: dict, accesses: list, site: Any) -> Any:
-    """The fast path's run of a split op: kernel A (reads before the sync), the sync, kernel B."""
+    """The fast path's run of a split op: kernel A (reads before the sync), the sync, kernel B; for
+    ``SYNC_FIRST`` ops the sync, then kernel B."""
     before, after = fast.split
+    if before is None:
+        call = OpCall(session, fast.op, func, site=site)
+        call.args, call.kwargs, call.accesses = inner, kwargs, [(args[p], READ) for p in after]
+        result = call.launch(sync_before="implicit_syncs")
+        return _engine.wrap_fresh(session, result, call.stream, call.kernel, site)
     first = OpCall(session, fast.op, _nothing, site=site)
     first.accesses = [(args[p], READ) for p in before]
     first.launch("implicit_syncs")

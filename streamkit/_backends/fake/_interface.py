@@ -64,7 +64,7 @@ class Engine(Protocol):
     # -- kernels -------------------------------------------------------------------------------
     def launch(
         self, op: Any, call: Any, stream: "StreamState | None", site: Any, args: Any, kwargs: Any, accesses: list,
-        sync: str | None = None,
+        sync: str | None = None, sync_before: str | None = None,
     ) -> "tuple[Kernel, Any]":
         """Issue a kernel and hand it to the scheduler: ``(kernel, result)``."""
         ...

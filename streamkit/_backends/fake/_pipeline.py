@@ -60,11 +60,11 @@ class OpCall:
         self.accesses: list = []
         self.kernel: "Kernel | None" = None
 
-    def launch(self, sync: str | None = None) -> Any:
+    def launch(self, sync: str | None = None, sync_before: str | None = None) -> Any:
         """Issue the kernel and hand it to the scheduler (see ``Engine.launch``): its result (a
         deferred schedule's placeholders, or what a graph capture hands back)."""
         self.kernel, result = self.session.launch(
-            self.op, self.call, self.stream, self.site, self.args, self.kwargs, self.accesses, sync
+            self.op, self.call, self.stream, self.site, self.args, self.kwargs, self.accesses, sync, sync_before
         )
         return result
 
