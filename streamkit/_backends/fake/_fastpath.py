@@ -58,12 +58,14 @@ FAST_FUNCS: frozenset = frozenset(
 class FastPlan:
     """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
 
-    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair", "split")
+    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair", "split", "sync_before")
 
     def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None, lists: tuple = ()) -> None:
         self.op = op
         # an op that syncs the host partway (_host_syncs): ((positions read before), (positions read after))
         self.split: tuple | None = None
+        # the host sync before the kernel (nonzero, bincount: _host_syncs.SYNC_FIRST), if any
+        self.sync_before: str | None = None
         # the commonest shape, x.add_(y) or x + y: two fake tensors, both accessed (kinds), no lists
         self.pair = (tensors[0][1], tensors[1][1]) if (
             len(tensors) == 2 and not lists and tensors[0][0] == 0 and tensors[1][0] == 1 and all(k for _, k in tensors)
@@ -128,6 +130,9 @@ def _analyse(args: tuple, observed: list) -> FastPlan | None:
         if all(out.sk_state is not t.sk_state for t in inputs):
             fast = FastPlan(plan.op, tuple(tensors), False, plan.host_sync, tuple(lists))
             fast.split = _host_syncs.fast_split_positions(plan, names)
+            fast.sync_before = _host_syncs.fast_sync_first(plan)
+            if fast.sync_before is not None:
+                fast.host_sync = None  # (the sync comes first)
             return fast
     return None
 
@@ -154,9 +159,10 @@ _BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.aut
 
 def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
     """``FakeDeviceTensor.__torch_function__``: the fast path when it applies, else plain dispatch."""
-    if func not in FAST_FUNCS:
+    method = _fast_methods.get(func)
+    if method is None:
         return not_fast(func, types, args, kwargs)
-    return fast_call(func, args, kwargs)
+    return method(*args, **kwargs) if kwargs else method(*args)
 
 
 def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
@@ -169,11 +175,6 @@ def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
             " native device guard for it); forward passes are tracked, run backward checks on a real device"
         )
     return _disabled(func, types, args, kwargs or {})
-
-
-def fast_call(func: Any, args: tuple, kwargs: Any) -> Any:
-    """Run whitelisted ``func`` through its learned plan (learning it on first use)."""
-    return _fast_methods[func](*args, **(kwargs or _NO_KWARGS))
 
 
 def _method(func: Any) -> Any:
@@ -223,7 +224,7 @@ def _method(func: Any) -> Any:
         site = capture_site(_getframe(1)) if session.tracked else None
         if fast.split is not None:  # (bincount: reads before its host sync and after it)
             return _host_syncs.fast_split(session, fast, func, args, inner, kwargs, accesses, site)
-        kernel, result = session.launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync)
+        kernel, result = session.launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync, fast.sync_before)
         if fast.returns_self:
             return args[0]
         for p, _ in fast.tensors:

@@ -121,29 +121,32 @@ def split_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
     return out
 
 
+def fast_sync_first(plan: Any) -> str | None:
+    """For the fast path (``_fastpath``): the host sync that precedes ``plan``'s kernel when it is
+    a ``SYNC_FIRST`` op (its accesses are then the reads after the sync: every tensor argument),
+    else ``None``."""
+    if plan.name in SYNC_FIRST and "out" not in plan.op._overloadname:
+        return "implicit_syncs"
+    return None
+
+
 def fast_split_positions(plan: Any, names: dict) -> tuple | None:
     """For the fast path (``_fastpath``): ``(positions read before the sync, positions read after
-    it)`` of a split op whose fake tensor arguments at those call positions have these schema
-    ``names`` (``None`` before: a ``SYNC_FIRST`` op); ``None`` for any other op."""
+    it)`` of a split op (not ``SYNC_FIRST``) whose fake tensor arguments at those call positions
+    have these schema ``names``; ``None`` for any other op."""
     found = SPLIT_OPS.get(plan.name)
-    if found is None or "out" in plan.op._overloadname:
+    if found is None or plan.name in SYNC_FIRST or "out" in plan.op._overloadname:
         return None
     before_names, after_names = found
     return (
-        None if plan.name in SYNC_FIRST else tuple(p for p, name in names.items() if name in before_names),
+        tuple(p for p, name in names.items() if name in before_names),
         tuple(p for p, name in names.items() if name in after_names),
     )
 
 
 def fast_split(session: Any, fast: Any, func: Any, args: tuple, inner: list, kwargs: dict, accesses: list, site: Any) -> Any:
-    """The fast path's run of a split op: kernel A (reads before the sync), the sync, kernel B; for
-    ``SYNC_FIRST`` ops the sync, then kernel B."""
+    """The fast path's run of a split op: kernel A (reads before the sync), the sync, kernel B."""
     before, after = fast.split
-    if before is None:
-        call = OpCall(session, fast.op, func, site=site)
-        call.args, call.kwargs, call.accesses = inner, kwargs, [(args[p], READ) for p in after]
-        result = call.launch(sync_before="implicit_syncs")
-        return _engine.wrap_fresh(session, result, call.stream, call.kernel, site)
     first = OpCall(session, fast.op, _nothing, site=site)
     first.accesses = [(args[p], READ) for p in before]
     first.launch("implicit_syncs")
