@@ -15,7 +15,8 @@ nonzero            self                       self                            ``
 bincount           self                       self, weights                   ``aten/src/ATen/native/cuda/SummaryOps.cu`` (``_bincount_cuda_template``: ``self.min()``/``self.max().item()``, then the histogram kernel)
 masked_select      mask                       self                            ``aten/src/ATen/native/cuda/IndexKernel.cu`` (``masked_select_out_cuda_impl`` -> ``index(self, {mask})``: ``nonzero(mask)`` then the index kernel)
 index (x[m])       the bool/uint8 masks       self, the other indices         ``aten/src/ATen/native/IndexingUtils.h`` (``expandTensors``: ``index.nonzero()`` for a mask), ``TensorAdvancedIndexing.cpp`` (``index``)
-index (x[cpu_i])   - (a blocking H2D copy)    self, the device indices        ``TensorAdvancedIndexing.cpp`` (``make_info``: ``indices[i].to(self.device())``: ``copy_`` from pageable memory, ``memcpy_and_sync``)
+index (x[cpu_i])   - (a blocking H2D copy)    self, the device indices        ``IndexingUtils.h`` (``expandTensors(..., ensure_same_device=true)`` from ``make_info``: ``index.to(self.device())``: ``copy_`` from pageable memory, ``memcpy_and_sync``); a host mask: no sync (``nonzero`` on the host into pinned memory, copied ``non_blocking``)
+index_put_         masks; a 0-dim host value  values, device indices          ``TensorAdvancedIndexing.cpp`` (``_index_put_impl_``: ``masked_fill_`` for one device mask and a one-element host value, no sync; else ``value.to(self.device())`` (blocking), ``make_info``); ``accumulate=True``: ``cuda/Indexing.cu`` (``index_put_with_sort_kernel``, ``makeLinearIndex``)
 =================  =========================  ==============================  ===========================================
 
 When the reads before the sync are among the reads after it (nonzero, bincount), kernel A checks
