@@ -169,14 +169,17 @@ def run(call: OpCall, plan: Any, args: Any, kwargs: dict) -> Any:
     return result
 
 
-def register_work(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> None:
+def register_work(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> "_Pending":
+    """Keep ``work`` (a c10d work or its Python object) until its first ``wait()``: its completion
+    is ``clock``; returns the entry (a batch of p2p ops moves its clock to the batch's end)."""
     _install()
     _users.add(session)
     if isinstance(work, torch.ScriptObject):
         work = _Work.unbox(work)  # the Python object dist.* will return (while this one lives)
     if len(_pending) >= _PURGE_AT:
         _purge()
-    _pending[id(work)] = _Pending(work, session, clock, stash, **flags)
+    entry = _pending[id(work)] = _Pending(work, session, clock, stash, **flags)
+    return entry
 
 
 _PURGE_AT = 256
