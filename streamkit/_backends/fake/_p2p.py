@@ -101,7 +101,7 @@ def run(call: Any, plan: Any, args: Any, kwargs: dict) -> Any:
     batch = getattr(_batch, "works", None)
     with session.lock:
         if batch is not None:  # pointToPoint in ncclGroupStart: the group's key, as its collectives
-            call.stream = stream = _collectives._group_stream(session, plan, args, kwargs)
+            call.stream = stream = _collectives.group_stream(session, plan, args, kwargs)
         else:
             call.stream = stream = _pair_stream(session, plan, args, kwargs)
         for tensor, _ in call.accesses:  # recordStream(tensor, ncclStream)
