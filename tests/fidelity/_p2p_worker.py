@@ -104,6 +104,34 @@ def batch_racy(device, rank, peer):
     return [early.item() * 0]
 
 
+def batch_after_async_collective(device, rank, peer):
+    """An async all_reduce, then a batch sending its output without waiting for it: on NCCL the
+    batch runs on the group's stream, after the all_reduce; waiting one work of the batch (NCCL
+    returns one) orders the current stream after all of it."""
+    x = filled(device, 1.0 + rank)
+    y = torch.empty(N, device=device)
+    reduced = dist.all_reduce(x, async_op=True)
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, y, peer)])
+    works[0].wait()  # (the send's work: it ends with the batch's receive too)
+    out = (y * 2).cpu().tolist()
+    for work in works + [reduced]:
+        work.wait()
+    return out
+
+
+def batch_then_single_send(device, rank, peer):
+    """A batch receives into y; a single isend of y issued before the batch is waited for runs on
+    the rank pair's stream, unordered with the batch on the group's stream."""
+    x = filled(device, 80.0 + rank)
+    y = torch.zeros(N, device=device)
+    z = torch.zeros(N, device=device)
+    works = dist.batch_isend_irecv([dist.P2POp(dist.isend, x, peer), dist.P2POp(dist.irecv, y, peer)])  # <batch-recv>
+    works += [dist.isend(y, peer), dist.irecv(z, peer)]  # <single-send>
+    for work in works:
+        work.wait()
+    return (z * 0).cpu().tolist()
+
+
 def barrier_orders_the_current_stream(device, rank, peer):
     """Written on the current stream, then dist.barrier(): the host is synchronized with the
     current stream, so a side stream's later read is ordered after the write."""
@@ -173,13 +201,21 @@ def expected(name, rank, peer):
         return [2 * (60.0 + rank)] * N
     if name == "is_completed_polling":
         return [2 * (1.0 + rank + 1.0 + peer)] * N
+    if name == "batch_after_async_collective":
+        return [2 * (1.0 + rank + 1.0 + peer)] * N
     if name == "batch_racy":
         return [0.0]
     return [0.0] * N  # racy scenarios return zeros (their values are a lucky order's)
 
 
-CLEAN = ("rank_ordered_send_recv", "isend_irecv_clean", "batch_clean", "barrier_orders_the_current_stream", "is_completed_polling")
-RACY = ("irecv_read_before_wait", "batch_racy", "barrier_does_not_order_another_stream", "is_completed_of_another_work")
+CLEAN = (
+    "rank_ordered_send_recv", "isend_irecv_clean", "batch_clean", "batch_after_async_collective",
+    "barrier_orders_the_current_stream", "is_completed_polling",
+)
+RACY = (
+    "irecv_read_before_wait", "batch_racy", "batch_then_single_send", "barrier_does_not_order_another_stream",
+    "is_completed_of_another_work",
+)
 
 
 def _describe(access):

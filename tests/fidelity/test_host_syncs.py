@@ -5,9 +5,11 @@ tensor are host syncs too."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import streamkit as sk
+from streamkit import fake
 from _support import marker_line
 from _programs import assert_matches_cpu, races_of
 
@@ -146,3 +148,170 @@ def test_repeat_interleave_syncs_only_without_output_size():
         ("aten.add_.Tensor", marker_line(__file__, "after-repeat")),
         ("aten.repeat_interleave.Tensor", marker_line(__file__, "after-repeat")),
     ]
+
+
+def _syncs(setup, act):
+    """``(kernels, blocking_copies, implicit_syncs)`` of ``act(*setup(device))`` in an eager fake
+    session (what ``setup`` does not counted)."""
+    with fake.session(detect="record") as s:
+        state = setup(s.device)
+        before = s.stats.copy()
+        act(*state)
+        d = s.stats - before
+    return d.kernels, d.blocking_copies, d.implicit_syncs
+
+
+# CUDA: in x[mask] = number the number is a 0-dim host tensor (torch/csrc/autograd/python_variable_indexing.cpp THPVariable_setitem: valueToTensor(..., at::Device(kCPU)) on CUDA) and _index_put_impl_ dispatches to masked_fill_(mask, value.item()) (TensorAdvancedIndexingUtils.h canDispatchToMaskedFill: one-element host value, one mask on the device): one kernel, no host sync
+def test_mask_assignment_of_a_number_is_a_masked_fill_without_a_host_sync():
+    def program(device, ordered=True):
+        x = torch.arange(6.0, device=device)
+        mask = x > 2
+        side = _side(device)
+        x[mask] = -1.0  # <mask-fill>
+        if ordered:
+            side.wait_stream(sk.current_stream())
+        with sk.switch(side):
+            mask.fill_(False)  # <mask-fill-overwrite>
+        sk.current_stream().wait_stream(side)
+        return x, mask
+
+    x, mask = assert_matches_cpu(program)
+    assert x.tolist() == [0.0, 1.0, 2.0, -1.0, -1.0, -1.0] and not mask.any()
+    races = races_of(lambda d: program(d, ordered=False))  # no sync: the mask is still being read
+    assert [(r.first.op, r.first.kind, r.first.lineno, r.second.lineno) for r in races] == [
+        ("aten.index_put_.default", "read", marker_line(__file__, "mask-fill"), marker_line(__file__, "mask-fill-overwrite"))
+    ]
+
+    def setup(device):
+        x = torch.arange(6.0, device=device)
+        return x, x > 2, torch.tensor(-2.0)
+
+    def fills(x, mask, minus_two):
+        x[mask] = -1.0
+        x.index_put_((mask,), minus_two)
+
+    assert _syncs(setup, fills) == (2, 0, 0)
+
+
+# CUDA: index_put_ with a mask and device values: expandTensors turns the mask into nonzero(mask) (IndexingUtils.h; a host sync, cuda/Nonzero.cu memcpy_and_sync), then the put kernel reads the values and writes self; with accumulate=True the same in index_put_with_sort_kernel (cuda/Indexing.cu makeLinearIndex -> expandTensors)
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_mask_assignment_of_a_tensor_syncs_at_the_mask_and_reads_the_values_after(accumulate):
+    def program(device, ordered=True):
+        x = torch.arange(6.0, device=device)
+        v = torch.tensor([7.0, 8.0, 9.0], device=device)
+        mask = x > 2
+        if accumulate:
+            x.index_put_((mask,), v, accumulate=True)  # <mask-put-accumulate>
+        else:
+            x[mask] = v  # <mask-put>
+        side = sk.Stream()  # made after the sync: it needs no wait for the mask's reads
+        with sk.switch(side):
+            mask.fill_(False)
+            if not ordered:
+                v.fill_(0.0)  # <mask-put-values-write>
+        sk.current_stream().wait_stream(side)
+        return x, mask
+
+    x, _ = assert_matches_cpu(program)
+    assert x.tolist() == ([0.0, 1.0, 2.0, 10.0, 12.0, 14.0] if accumulate else [0.0, 1.0, 2.0, 7.0, 8.0, 9.0])
+    races = races_of(lambda d: program(d, ordered=False))
+    assert [(r.first.op, r.first.kind, r.first.lineno, r.second.lineno) for r in races] == [
+        ("aten.index_put_.default", "read", marker_line(__file__, "mask-put-accumulate" if accumulate else "mask-put"),
+         marker_line(__file__, "mask-put-values-write"))
+    ]
+
+
+# CUDA: x[idx] = number with a device index: the 0-dim host value is not a masked fill, so _index_put_impl_ copies it with value.to(self.device()) (a blocking copy: memcpy_and_sync, cuda/Copy.cu) before the put kernel, which reads idx after it (TensorAdvancedIndexing.cpp _index_put_impl_; pytorch PR 186486 proposed removing this sync and was closed); x[idx] = device_tensor syncs nothing
+def test_index_assignment_of_a_number_copies_the_value_with_a_host_sync():
+    def program(device, number=True, ordered=True):
+        x = torch.zeros(6, device=device)
+        idx = torch.tensor([1, 4], device=device)
+        five = torch.tensor(5.0, device=device)
+        w = torch.ones(2, device=device)
+        side = sk.Stream()  # made before: only a host sync orders it after w.mul_
+        w.mul_(3.0)  # <index-put-earlier>
+        if number:
+            x[idx] = 5.0  # <index-put-number>
+        else:
+            x[idx] = five
+        with sk.switch(side):
+            total = w.sum()  # <index-put-side-read>
+            if not ordered:
+                idx.fill_(0)  # <index-put-index-write>
+        sk.current_stream().wait_stream(side)
+        return x, total
+
+    x, total = assert_matches_cpu(program)
+    assert x.tolist() == [0.0, 5.0, 0.0, 0.0, 5.0, 0.0] and total.item() == 6.0
+    races = races_of(lambda d: program(d, ordered=False))  # the put reads idx after the sync
+    assert [(r.first.op, r.first.kind, r.first.lineno, r.second.lineno) for r in races] == [
+        ("aten.index_put_.default", "read", marker_line(__file__, "index-put-number"), marker_line(__file__, "index-put-index-write"))
+    ]
+    races = races_of(lambda d: program(d, number=False))  # no sync: the side stream's read of w races
+    assert [(r.first.op, r.first.lineno, r.second.lineno) for r in races] == [
+        ("aten.mul_.Tensor", marker_line(__file__, "index-put-earlier"), marker_line(__file__, "index-put-side-read"))
+    ]
+
+
+# CUDA: make_info (TensorAdvancedIndexingUtils.h) calls expandTensors(self, orig, /*ensure_same_device=*/true): a mask on the host becomes a host nonzero copied to the device from pinned memory with non_blocking (no sync; IndexingUtils.h), an index on the host index.to(self.device()) (blocking: a sync)
+def test_a_host_mask_costs_no_sync_and_a_host_index_a_blocking_copy():
+    def program(device, host_mask=True):
+        x = torch.arange(6.0, device=device)
+        v = torch.tensor([7.0, 8.0], device=device)
+        keep = torch.tensor([False, True, False, False, True, False])
+        where = keep if host_mask else torch.tensor([1, 4])
+        w = torch.ones(2, device=device)
+        side = sk.Stream()  # made before: only a host sync orders it after w.mul_
+        w.mul_(3.0)  # <host-index-earlier>
+        picked = x[where]
+        x[where] = v
+        keep.fill_(True)  # the host mask was read at the call
+        with sk.switch(side):
+            total = w.sum()  # <host-index-side-read>
+        sk.current_stream().wait_stream(side)
+        return picked, x, total
+
+    picked, x, total = assert_matches_cpu(lambda d: program(d, host_mask=False))
+    assert picked.tolist() == [1.0, 4.0] and x.tolist() == [0.0, 7.0, 2.0, 3.0, 8.0, 5.0] and total.item() == 6.0
+    races = races_of(program)  # a host mask: no sync, so the side stream's read races with w.mul_
+    assert [(r.first.op, r.first.lineno, r.second.lineno) for r in races] == [
+        ("aten.mul_.Tensor", marker_line(__file__, "host-index-earlier"), marker_line(__file__, "host-index-side-read"))
+    ]
+
+    def setup(device):
+        x = torch.arange(6.0, device=device)
+        return x, torch.tensor([7.0, 8.0, 9.0], device=device)
+
+    def host_mask(x, v):
+        where = torch.tensor([False, True] * 3)
+        x[where] = v  # (a host mask: no sync)
+
+    def host_index(x, v):
+        where = torch.tensor([1, 4])
+        x[where] = v[:2]  # (a blocking copy of the host index)
+
+    assert _syncs(setup, host_mask)[1:] == (0, 0)
+    assert _syncs(setup, host_index)[1:] == (1, 0)
+
+
+# CUDA: index_put_(accumulate=True) with a device index syncs nothing (cuda/Indexing.cu wrapIndexOnce: at::aminmax and at::_assert_async, no .item()); two unordered ones on the same memory are read-modify-writes that may lose an update
+def test_accumulating_index_put_with_a_device_index_syncs_nothing_and_may_lose_an_update():
+    def program():
+        acc = torch.zeros(4, device=sk.device())
+        idx = torch.tensor([0, 2], device=sk.device())
+        ones = torch.ones(2, device=sk.device())
+        side = _side(None)
+        acc.index_put_((idx,), ones, accumulate=True)
+        with sk.switch(side):
+            acc.index_put_((idx,), ones * 2, accumulate=True)  # unordered with the one above
+        sk.current_stream().wait_stream(side)
+        return acc.cpu()
+
+    def setup(device):
+        return torch.zeros(4, device=device), torch.tensor([0, 2], device=device), torch.ones(2, device=device)
+
+    assert _syncs(setup, lambda acc, idx, ones: acc.index_put_((idx,), ones, accumulate=True)) == (1, 0, 0)
+    found = fake.explore(program, schedules=3)
+    assert found.reference.values.tolist() == [3.0, 0.0, 3.0, 0.0]
+    f = found.failure
+    assert f.schedule == "split" and f.values.tolist() in ([1.0, 0.0, 1.0, 0.0], [2.0, 0.0, 2.0, 0.0])

@@ -12,6 +12,7 @@ from _support import marker_line, rank_entries, rank_results
 
 WORKER = Path(__file__).with_name("_p2p_worker.py")
 P2P_STREAM = "process group 'default_pg' p2p stream 0:1"
+GROUP_STREAM = "process group 'default_pg' stream"
 SCHEDULES = ("eager", "lazy", "adversarial", "random")
 
 
@@ -31,8 +32,8 @@ def _races(entry):
     return [(r["first"]["op"].split(".")[1], r["first"]["kind"], r["first"]["lineno"], r["second"]["kind"], r["second"]["lineno"]) for r in entry["races"]]
 
 
-# CUDA: send/recv/isend/irecv and batch_isend_irecv run on the process group's NCCL stream, which first waits for the issuing stream; wait() makes the current stream wait for them (ProcessGroupNCCL::pointToPoint: syncStreams, recordStream; WorkNCCL::synchronizeStream)
-@pytest.mark.parametrize("scenario", ["rank_ordered_send_recv", "isend_irecv_clean", "batch_clean"])
+# CUDA: send/recv/isend/irecv and batch_isend_irecv run on the process group's NCCL stream, which first waits for the issuing stream; wait() makes the current stream wait for them (ProcessGroupNCCL::pointToPoint: syncStreams, recordStream; WorkNCCL::synchronizeStream); a batch runs on the group's own stream, after the group's async_op=True collectives, and its one work ends after ncclGroupEnd (pointToPoint: batchP2P -> getKeyFromDevice; endCoalescing)
+@pytest.mark.parametrize("scenario", ["rank_ordered_send_recv", "isend_irecv_clean", "batch_clean", "batch_after_async_collective"])
 def test_ordered_point_to_point_equals_cpu_under_every_schedule(results, scenario):
     for schedule in SCHEDULES:
         for entry in _entries(results, f"{scenario}/{schedule}"):
@@ -52,6 +53,16 @@ def test_buffers_touched_before_wait_race_with_the_p2p_kernels(results):
     assert all(r["first"]["stream"].startswith(P2P_STREAM) for r in rank0["races"] + rank1["races"])
     for entry in _entries(results, "batch_racy/eager"):
         assert _races(entry) == [("recv_", "write", line("batch"), "read", line("batch-read"))]
+        assert entry["races"][0]["first"]["stream"].startswith(GROUP_STREAM)
+
+
+# CUDA: batch_isend_irecv's ops run on the group's stream (ProcessGroupNCCL::pointToPoint: "For batch P2P, we need to treat it like a collective when selecting communicator": key = getKeyFromDevice), a single isend on the rank pair's (key = getKeySendRecv): the single send of what the batch received, before the batch is waited for, races with the batch's receive
+def test_a_single_send_after_a_batch_runs_on_another_stream(results):
+    line = lambda m: marker_line(WORKER, m)  # noqa: E731
+    for entry in _entries(results, "batch_then_single_send/eager"):
+        assert _races(entry) == [("recv_", "write", line("batch-recv"), "read", line("single-send"))]
+        race = entry["races"][0]
+        assert race["first"]["stream"].startswith(GROUP_STREAM) and race["second"]["stream"].startswith(P2P_STREAM)
 
 
 # CUDA: dist.barrier()'s work ends with cudaStreamSynchronize(currentStream) (WorkNCCL::synchronize: "if (barrierTensor_.defined()) ... sync the **current stream** back to host")

@@ -307,3 +307,31 @@ def test_a_backend_without_graphs_raises_graph_unsupported():
 
     with pytest.raises(sk.GraphUnsupportedError, match="does not support graph capture"):
         NoGraphs().new_graph()
+
+
+# CUDA: CUDAGraph::replay is cudaGraphLaunch(graph_exec_, getCurrentCUDAStream()); a graph launch into a capturing stream fails with cudaErrorStreamCaptureUnsupported ("operation not permitted when stream is capturing") and invalidates the capture (measured on an H200, CUDA 12.6: onnxruntime PR 32081)
+def test_replaying_a_graph_inside_another_capture_raises_the_cuda_error():
+    with fake.session():
+        x = torch.ones(4, device=sk.device())
+        inner, y, _ = _captured_axpy(x)
+        outer = sk.Graph()
+        with pytest.raises(sk.GraphCaptureError, match="cudaErrorStreamCaptureInvalidated"):
+            with sk.graph(outer):
+                with pytest.raises(sk.GraphCaptureError, match=r"cudaGraphLaunch.*cudaErrorStreamCaptureUnsupported"):
+                    inner.replay()
+                x.add_(1)  # the capture is invalidated: later captured work fails too
+        with pytest.raises(sk.GraphCaptureError, match="cudaErrorStreamCaptureImplicit"):
+            with sk.graph(outer):
+                with sk.switch(sk.default_stream()):
+                    inner.replay()  # the legacy stream may not be used during a capture
+        side = sk.Stream()
+        with sk.graph(outer):
+            x.mul_(2)
+            with pytest.raises(sk.GraphCaptureError, match="outside the capture"):
+                with sk.switch(side):
+                    inner.replay()  # not modelled: refused, the capture stays valid
+        inner.replay()  # after the capture: an ordinary replay
+        assert y.cpu().tolist() == [3.0] * 4
+        outer.replay()
+        inner.replay()
+        assert x.cpu().tolist() == [2.0] * 4 and y.cpu().tolist() == [5.0] * 4

@@ -95,9 +95,9 @@ def argument_value(op: Any, args: Any, kwargs: dict, index: int | None, default:
     return kwargs.get(op._schema.arguments[index].name, default)
 
 
-def _group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> StreamState:
-    """The stream of the op's process group in ``session`` (made on first use). Call with the
-    session lock held."""
+def group_stream(session: "Engine", plan: Any, args: Any, kwargs: dict) -> StreamState:
+    """The stream of the op's process group in ``session`` (made on first use): its
+    ``async_op=True`` collectives and its batched p2p ops (``_p2p``). Call with the session lock held."""
     group = argument_value(plan.op, args, kwargs, argument_positions(plan.op)[2])
     name = desc = "?"
     if group is not None:
@@ -154,7 +154,7 @@ def run(call: OpCall, plan: Any, args: Any, kwargs: dict) -> Any:
     if asynchronous:
         issuing = call.stream
         with session.lock:
-            call.stream = _group_stream(session, plan, args, kwargs)
+            call.stream = group_stream(session, plan, args, kwargs)
     # syncStream: the pg stream waits for the issuing one. Run outside the lock: it blocks on
     # peers, and other threads must keep issuing. (a deferred schedule runs it now, after what it
     # is ordered after: collectives keep their issue order on every rank)
@@ -169,14 +169,17 @@ def run(call: OpCall, plan: Any, args: Any, kwargs: dict) -> Any:
     return result
 
 
-def register_work(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> None:
+def register_work(work: Any, session: "Engine", clock: list[int] | None, stash: list, **flags: Any) -> "_Pending":
+    """Keep ``work`` (a c10d work or its Python object) until its first ``wait()``: its completion
+    is ``clock``; returns the entry (a batch of p2p ops moves its clock to the batch's end)."""
     _install()
     _users.add(session)
     if isinstance(work, torch.ScriptObject):
         work = _Work.unbox(work)  # the Python object dist.* will return (while this one lives)
     if len(_pending) >= _PURGE_AT:
         _purge()
-    _pending[id(work)] = _Pending(work, session, clock, stash, **flags)
+    entry = _pending[id(work)] = _Pending(work, session, clock, stash, **flags)
+    return entry
 
 
 _PURGE_AT = 256

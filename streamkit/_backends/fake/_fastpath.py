@@ -155,6 +155,7 @@ def _learn(func: Any, types: Any, args: tuple, kwargs: dict, key: tuple) -> Any:
 
 
 _BACKWARD = frozenset({torch.Tensor.backward, torch.autograd.backward, torch.autograd.grad})
+_SETITEM = torch.Tensor.__setitem__
 
 
 def torch_function(cls: Any, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
@@ -174,6 +175,8 @@ def not_fast(func: Any, types: Any, args: tuple, kwargs: Any) -> Any:
             "autograd backward is not supported on the fake device (PyTorch's autograd engine needs a"
             " native device guard for it); forward passes are tracked, run backward checks on a real device"
         )
+    if func is _SETITEM:  # x[idx] = 1.0: the number is a host tensor, as on CUDA (_host_syncs)
+        args = _host_syncs.setitem_args(args, _FAKE)
     return _disabled(func, types, args, kwargs or {})
 
 

@@ -148,10 +148,7 @@ class FakeGraph:
         if not self.captured:
             raise GraphError("Graph.replay() without a preceding successful capture: capture it with `with sk.graph(g):` first")
         if session.capture is not None:
-            raise GraphCaptureError(
-                "Graph.replay() while a capture is underway: the fake device doesn't capture replays into another graph;"
-                " replay it before or after the capture"
-            )
+            _refuse_replay_in_capture(session.capture, stream)
         streams = self._replay_streams(session)
         # A fix names the stream replay() ran on: ordering it orders the replay (it starts after
         # that stream's earlier work, and that stream's later work waits for all of it).
@@ -192,6 +189,32 @@ class FakeGraph:
         self.pool = []  # (the pool's memory: freed now, as far as no tensor still refers to it)
         self.roles = 0
         self.captured = False
+
+
+def _refuse_replay_in_capture(capture: "Capture", stream: StreamState) -> None:
+    """``Graph.replay()`` while ``capture`` is underway, on ``stream``: always a GraphCaptureError.
+
+    CUDA: ``CUDAGraph::replay`` is ``cudaGraphLaunch(graph_exec_, getCurrentCUDAStream())``, and a
+    graph launch into a capturing stream fails with cudaErrorStreamCaptureUnsupported ("operation not
+    permitted when stream is capturing"), which invalidates the capture (measured on an H200, CUDA
+    12.6 runtime: onnxruntime PR 32081; NVIDIA Warp's ``capture_launch`` documents the same failure).
+    Nesting a graph needs the graph API (a child graph node, ``cudaGraphAddChildGraphNode``), which
+    ``torch.cuda.CUDAGraph`` doesn't use. On the default stream the legacy-stream rule fails first.
+    A replay on a stream outside the capture is not modelled during a capture: refused, the capture
+    left valid."""
+    if stream in capture.roles:
+        capture._fail(
+            f"Graph.replay() on {_stream_name(stream)}, which is capturing: CUDAGraph::replay launches the graph with"
+            f" cudaGraphLaunch on the current stream, and a graph launch can't be captured ({_CUDA_UNSUPPORTED}); a"
+            " graph can't replay another inside its capture: replay the other graph before the `with sk.graph(...)`"
+            " block or after it (or capture its work into this graph directly)"
+        )
+    capture._role("Graph.replay()", stream)  # (on the default stream: cudaErrorStreamCaptureImplicit)
+    raise GraphCaptureError(
+        f"Graph.replay() on {_stream_name(stream)} while a graph capture is underway on other streams: the fake device"
+        " doesn't model a graph launch on a stream outside the capture during it; replay the graph before the"
+        " `with sk.graph(...)` block or after it"
+    )
 
 
 def _replayed(session: "Engine", record: "_Record", streams: list[StreamState], site: Any) -> OpCall:

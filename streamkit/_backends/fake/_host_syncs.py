@@ -15,7 +15,8 @@ nonzero            self                       self                            ``
 bincount           self                       self, weights                   ``aten/src/ATen/native/cuda/SummaryOps.cu`` (``_bincount_cuda_template``: ``self.min()``/``self.max().item()``, then the histogram kernel)
 masked_select      mask                       self                            ``aten/src/ATen/native/cuda/IndexKernel.cu`` (``masked_select_out_cuda_impl`` -> ``index(self, {mask})``: ``nonzero(mask)`` then the index kernel)
 index (x[m])       the bool/uint8 masks       self, the other indices         ``aten/src/ATen/native/IndexingUtils.h`` (``expandTensors``: ``index.nonzero()`` for a mask), ``TensorAdvancedIndexing.cpp`` (``index``)
-index (x[cpu_i])   - (a blocking H2D copy)    self, the device indices        ``TensorAdvancedIndexing.cpp`` (``make_info``: ``indices[i].to(self.device())``: ``copy_`` from pageable memory, ``memcpy_and_sync``)
+index (x[cpu_i])   - (a blocking H2D copy)    self, the device indices        ``IndexingUtils.h`` (``expandTensors(..., ensure_same_device=true)`` from ``make_info``: ``index.to(self.device())``: ``copy_`` from pageable memory, ``memcpy_and_sync``); a host mask: no sync (``nonzero`` on the host into pinned memory, copied ``non_blocking``)
+index_put_         masks; a 0-dim host value  values, device indices          ``TensorAdvancedIndexing.cpp`` (``_index_put_impl_``: ``masked_fill_`` for one device mask and a one-element host value, no sync; else ``value.to(self.device())`` (blocking), ``make_info``); ``accumulate=True``: ``cuda/Indexing.cu`` (``index_put_with_sort_kernel``, ``makeLinearIndex``)
 =================  =========================  ==============================  ===========================================
 
 When the reads before the sync are among the reads after it (nonzero, bincount), kernel A checks
@@ -63,6 +64,8 @@ def handler_for(plan: Any, engine: Any) -> Any:
         return split_kernel
     if plan.name == "index" and plan.op._overloadname in ("Tensor", "Tensor_hacked_twin"):
         return index_kernel
+    if plan.name in ("index_put_", "_index_put_impl_", "index_put") and "out" not in plan.op._overloadname:
+        return index_put_kernel
     if plan.name == "repeat_interleave" and plan.op._overloadname == "Tensor":
         return repeat_interleave_kernel
     return None
@@ -93,19 +96,74 @@ def _fake_values(plan: Any, args: Any, kwargs: dict, fake: type) -> list:
     return out
 
 
+class _Nonzero:
+    """The part before a mask's host sync: ``nonzero(mask)`` (CUDA's ``expandTensors``), kept for
+    the kernel after the sync, which reads it instead of the mask (the mask itself is finished)."""
+
+    __slots__ = ("mask", "value")
+
+    def __init__(self, mask: Any) -> None:
+        self.mask = mask  # (the unwrapped mask, at the call)
+        self.value = None
+
+    def __call__(self) -> None:
+        self.value = self.mask.nonzero()
+
+
+def _expand_masks(indices: Any, found: dict) -> Any:
+    """``indices`` (unwrapped) with each mask that has a computed ``nonzero`` replaced by its columns
+    (``IndexingUtils.h`` ``expandTensors``: ``nonzero.select(1, j)`` per mask dimension)."""
+    out = []
+    for t in indices:
+        nonzero = found.get(id(t))
+        if nonzero is None:
+            out.append(t)
+        else:
+            out.extend(nonzero.value.select(1, j) for j in range(nonzero.value.shape[1]))
+    return type(indices)(out) if type(indices) is tuple else out
+
+
+def _run_steps(plan: Any, args: Any, kwargs: dict, frame: Any, steps: list, after: Any) -> Any:
+    """Launch ``plan``'s op as CUDA runs it: for each ``(reads, sync)`` or ``(reads, sync, mask)``
+    of ``steps`` a kernel with those reads (computing ``nonzero(mask)`` when a mask is given)
+    followed by that host sync (``sync``: a ``Stats`` field), then the op's own kernel with the
+    ``after`` accesses (a list, or a function of the unwrapped call's accesses), all at the call's
+    site, on its stream; that kernel indexes with the masks' ``nonzero`` (computed before the sync:
+    a later write to a mask doesn't change it). Returns that kernel's call, unlaunched."""
+    session = stream = site = None
+    found: dict = {}
+    for step in steps:
+        reads, sync = step[0], step[1]
+        part = _engine.DispatchCall(plan, frame if stream is None else None, session)
+        if stream is not None:
+            part.site, part.stream = site, stream
+        part.call, part.accesses = _nothing, reads
+        mask = step[2] if len(step) > 2 else None
+        if mask is not None and mask.dim() > 0:
+            nonzero = part.call = _Nonzero(mask.sk_inner)
+            found[id(mask.sk_inner)] = nonzero
+        part.launch(sync)  # (the host waits for it: it has run when launch returns)
+        session, stream, site = part.session, part.stream, part.site
+    call = _engine.DispatchCall(plan, frame if stream is None else None, session)
+    if stream is not None:
+        call.site, call.stream = site, stream
+    call.unwrap(args, kwargs)
+    call.accesses = after(call.accesses) if callable(after) else after
+    if found:
+        if len(call.args) > 1:
+            call.args[1] = _expand_masks(call.args[1], found)
+        elif "indices" in call.kwargs:
+            call.kwargs["indices"] = _expand_masks(call.kwargs["indices"], found)
+    return call
+
+
 def _run_split(plan: Any, args: Any, kwargs: dict, frame: Any, before: list, after: list, sync: str) -> Any:
     if all(any(t is u for u, _ in after) for t, _ in before):  # (SYNC_FIRST: B repeats A's reads)
         call = _engine.DispatchCall(plan, frame)
         call.unwrap(args, kwargs)
         call.accesses = after
         return call.wrap(call.launch(sync_before=sync), args, kwargs)
-    first = _engine.DispatchCall(plan, frame)  # the part before the sync: its reads, then the sync
-    first.call, first.accesses = _nothing, before
-    first.launch(sync)
-    call = _engine.DispatchCall(plan, None, first.session)  # the part after it, at the same site
-    call.site, call.stream = first.site, first.stream
-    call.unwrap(args, kwargs)
-    call.accesses = after
+    call = _run_steps(plan, args, kwargs, frame, [(before, sync)], after)
     return call.wrap(call.launch(), args, kwargs)
 
 
@@ -156,19 +214,125 @@ def fast_split(session: Any, fast: Any, func: Any, args: tuple, inner: list, kwa
     return _engine.wrap_fresh(session, result, call.stream, call.kernel, site)
 
 
+def _indexing_steps(indices: Any, fake: type, linear: bool, reads: list) -> tuple[list, list]:
+    """CUDA's host syncs of advanced indexing with ``indices`` (``None`` or tensors), after
+    ``reads`` (accesses made before them): ``(steps, reads left)``; ``steps`` as
+    :func:`_run_steps` takes them, ``reads left`` the reads of the last kernel among those.
+
+    ``linear=False``: ``make_info`` (``index``, ``index_put_`` without ``accumulate``):
+    ``expandTensors(..., ensure_same_device=true)`` turns each mask on the device into
+    ``nonzero(mask)`` (a host sync), a mask on the host into a host ``nonzero`` copied from pinned
+    memory with ``non_blocking`` (no sync), an index on the host into ``index.to(device)`` (a
+    blocking copy: a sync); the kernel then reads the device indices.
+    ``linear=True``: CUDA's ``index_put_with_sort_kernel`` (``accumulate=True``):
+    ``expandTensors(self, orig)`` (device masks: ``nonzero``), then ``computeLinearIndex`` reads each
+    index in turn (``wrapIndexOnce``: ``aminmax`` and ``_assert_async``, no sync) and copies one on
+    the host with ``.to(device)`` (blocking)."""
+    steps: list = []
+    pending = list(reads)
+    late: list = []
+    defined = [t for t in indices if isinstance(t, torch.Tensor)]
+    for t in defined:
+        if type(t) is fake and t.dtype in _MASK_DTYPES:  # nonzero(mask): its count is copied to the host
+            pending.append((t, READ))
+            steps.append((pending, "implicit_syncs", t))
+            pending = []
+        elif type(t) is fake:
+            late.append((t, READ))
+        elif not linear and t.dtype not in _MASK_DTYPES:  # index.to(self.device()): blocking
+            steps.append((pending, "blocking_copies"))
+            pending = []
+    if linear:
+        for t in defined:
+            if type(t) is fake and t.dtype not in _MASK_DTYPES:
+                pending.append((t, READ))
+            elif type(t) is not fake:  # (a host mask became a host index by then)
+                steps.append((pending, "blocking_copies"))
+                pending = []
+        late = []
+    return steps, pending + late
+
+
 def index_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
-    """``x[indices]``: a bool/uint8 mask costs a ``nonzero`` (a host sync) before the index kernel;
-    a CPU index tensor a blocking copy to the device (a host sync); else one ordinary kernel."""
+    """``x[indices]``: a bool/uint8 mask on the device costs a ``nonzero`` (a host sync) before the
+    index kernel, an index tensor on the host a blocking copy to the device (a host sync), a mask on
+    the host neither (a host ``nonzero`` copied from pinned memory); else one ordinary kernel
+    (:func:`_indexing_steps`)."""
     _tensor = _engine
     fake = _tensor.FakeDeviceTensor
     indices = args[1] if len(args) > 1 else kwargs.get("indices", ())
-    masks = [t for t in indices if type(t) is fake and t.dtype in _MASK_DTYPES]
-    host = [t for t in indices if isinstance(t, torch.Tensor) and type(t) is not fake]
-    if not masks and not host:
+    steps, late = _indexing_steps(indices, fake, False, [])
+    if not steps:
         return _tensor.run_kernel(plan, args, kwargs, frame)
     # (a host index is copied at the call, as CUDA's blocking copy to the device: _unwrap clones host
     # operands when a deferred schedule may run the kernel later)
-    before = [(t, READ) for t in masks]
-    after = [(args[0], READ)] + [(t, READ) for t in indices if type(t) is fake and t.dtype not in _MASK_DTYPES]
-    return _run_split(plan, args, kwargs, frame, before, after, "implicit_syncs" if masks else "blocking_copies")
+    call = _run_steps(plan, args, kwargs, frame, steps, [(args[0], READ)] + late)
+    return call.wrap(call.launch(), args, kwargs)
 
+
+def _schema_arg(plan: Any, args: Any, kwargs: dict, name: str, default: Any) -> Any:
+    for i, arg in enumerate(plan.op._schema.arguments):
+        if arg.name == name:
+            return args[i] if i < len(args) else kwargs.get(name, default)
+    return default
+
+
+def index_put_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
+    """``index_put_``, ``_index_put_impl_``, ``index_put`` (``x[indices] = v``) as CUDA runs them
+    (``TensorAdvancedIndexing.cpp`` ``_index_put_impl_``; ``index_put`` clones ``self`` first):
+
+    - without ``accumulate``, a one-element host ``values`` and a single bool/uint8 mask on the
+      device (``canDispatchToMaskedFill``): ``masked_fill_(mask, values.item())``, one kernel, no
+      sync (``x[mask] = 1.0``: Python numbers are 0-dim host tensors on CUDA);
+    - else a 0-dim host ``values`` is copied to the device first (``value.to(self.device())``,
+      blocking: a host sync), then the indices as :func:`_indexing_steps` says (``accumulate``: CUDA's
+      ``index_put_with_sort_kernel``), then the kernel that writes ``self`` (reading the values)."""
+    _tensor = _engine
+    fake = _tensor.FakeDeviceTensor
+    self = args[0]
+    indices = _schema_arg(plan, args, kwargs, "indices", ())
+    values = _schema_arg(plan, args, kwargs, "values", None)
+    accumulate = bool(_schema_arg(plan, args, kwargs, "accumulate", False))
+    defined = [t for t in indices if isinstance(t, torch.Tensor)]
+    host_values = isinstance(values, torch.Tensor) and type(values) is not fake
+    if (
+        not accumulate and host_values and values.numel() == 1 and len(defined) == 1
+        and type(defined[0]) is fake and defined[0].dtype in _MASK_DTYPES
+    ):
+        return _tensor.run_kernel(plan, args, kwargs, frame)  # masked_fill_: reads the mask, writes self
+    before = [(self, READ)] if plan.name == "index_put" else []  # (self.clone(), before anything)
+    value_copy = host_values and values.dim() == 0  # value.to(self.device()): a blocking copy
+    steps, reads = _indexing_steps(indices, fake, accumulate, [] if value_copy else before)
+    if value_copy:
+        steps.insert(0, (before, "blocking_copies"))
+    if not steps:
+        return _tensor.run_kernel(plan, args, kwargs, frame)
+    if type(values) is fake:
+        reads.append((values, READ))
+    call = _run_steps(plan, args, kwargs, frame, steps, lambda accesses: [a for a in accesses if a[1] != READ] + reads)
+    result = call.launch()
+    return self if plan.returns_self else call.wrap(result, args, kwargs)
+
+
+_HOST_NUMBERS = (bool, int, float, complex)
+
+
+def _advanced(key: Any) -> bool:
+    parts = key if type(key) is tuple else (key,)
+    return any(isinstance(k, (torch.Tensor, list)) for k in parts)
+
+
+def setitem_args(args: tuple, fake: type) -> tuple:
+    """The arguments of ``Tensor.__setitem__`` as CUDA's Python binding uses them: in
+    ``x[indices] = number`` with tensor indices on a device tensor, the number becomes a 0-dim tensor
+    of ``x``'s dtype on the host (``torch/csrc/autograd/python_variable_indexing.cpp``
+    ``THPVariable_setitem``: ``valueToTensor(self_.options(), py_value, at::Device(kCPU))`` when
+    ``self_device.is_cuda()``), so ``index_put_`` sees a host value (:func:`index_put_kernel`).
+    ``fake``: the fake tensor class."""
+    if len(args) == 3 and type(args[2]) in _HOST_NUMBERS and type(args[0]) is fake:
+        if _advanced(args[1]):
+            try:
+                return (args[0], args[1], torch.tensor(args[2], dtype=args[0].dtype, device="cpu"))
+            except (TypeError, RuntimeError):
+                return args  # (the binding raises its own error for it)
+    return args

@@ -1,9 +1,8 @@
 """Point-to-point c10d ops, ``barrier`` and ``Work.is_completed()`` on the fake backend, ordered as
 ProcessGroupNCCL orders them (torch 2.13).
 
-- ``send``/``recv``/``isend``/``irecv`` (and ``batch_isend_irecv``, which gloo runs as separate
-  ``isend``/``irecv`` calls): a kernel on the process group's stream for the rank pair, which
-  first waits for the issuing stream (``ProcessGroupNCCL::pointToPoint``: ``key =
+- ``send``/``recv``/``isend``/``irecv``: a kernel on the process group's stream for the rank pair,
+  which first waits for the issuing stream (``ProcessGroupNCCL::pointToPoint``: ``key =
   getKeySendRecv(rank_, peer)``, ``syncStreams(devices, ncclEvents_[key], ncclStreams_[key])``);
   the tensors are ``recordStream``-ed on that stream (so dropping them early is no free race); the
   returned work's ``wait()`` makes the current stream wait for it (``WorkNCCL::synchronizeStream``).
@@ -11,6 +10,13 @@ ProcessGroupNCCL orders them (torch 2.13).
   Gloo's own work of a send or a recv can be waited only once: the fake waits a receive's gloo work
   at issue (so its values are there at once, as on a synchronous device) and a send's at the
   first ``wait()``; later ``wait()`` calls only order streams.
+- ``batch_isend_irecv``: NCCL runs the batch inside ``_coalescing_manager`` (``ncclGroupStart``), where
+  ``pointToPoint`` picks the group's own key (``batchP2P = ncclActiveGroupCounter_ > 0`` ->
+  ``getKeyFromDevice``: "treat it like a collective"), so every op of the batch is on the stream of
+  the group's ``async_op=True`` collectives, after the issuing stream; ``endCoalescing`` records the
+  batch's one work's end event after ``ncclGroupEnd``. Gloo doesn't coalesce (the batch runs as
+  separate ``isend``/``irecv``): inside the hooked ``batch_isend_irecv`` (:func:`_batched`) the fake
+  puts each on the group's stream, and every work it returns ends with the whole batch.
 - ``dist.barrier()``: NCCL's barrier is an all-reduce whose ``wait()``/``synchronize()`` ends with
   ``cudaStreamSynchronize(currentStream)`` (``WorkNCCL::synchronize``: "if
   (barrierTensor_.defined()) ... sync the **current stream** back to host"): on the fake, the
@@ -20,8 +26,10 @@ ProcessGroupNCCL orders them (torch 2.13).
   a ``True`` answer orders the host after the collective, as ``Event.query()`` does.
 
 The hooks on ``ProcessGroup`` (``barrier``, and ``_get_backend`` for the fake device, which
-``batch_isend_irecv`` asks for) are installed when the first fake session opens and pass straight
-through when no fake session is open; ``Work.is_completed`` is patched with ``Work.wait``.
+``batch_isend_irecv`` asks for) and on ``torch.distributed.batch_isend_irecv`` are installed when the
+first fake session opens and pass straight through when no fake session is open (the batch hook
+only marks the calling thread's p2p ops as one batch); ``Work.is_completed`` is patched with
+``Work.wait``.
 """
 
 from __future__ import annotations
@@ -81,13 +89,21 @@ def _pair_stream(session: Any, plan: Any, args: Any, kwargs: dict) -> StreamStat
     return stream
 
 
+#: the calling thread's batch (inside ``batch_isend_irecv``): ``.works``, its ops' work entries so far
+_batch = threading.local()
+
+
 def run(call: Any, plan: Any, args: Any, kwargs: dict) -> Any:
-    """Issue one p2p op (``call``: an unwrapped ``OpCall``) on its pair stream and run it (see the
-    module doc)."""
+    """Issue one p2p op (``call``: an unwrapped ``OpCall``) on its pair stream (in a batch: its
+    process group's stream) and run it (see the module doc)."""
     session = call.session
     issuing = call.stream
+    batch = getattr(_batch, "works", None)
     with session.lock:
-        call.stream = stream = _pair_stream(session, plan, args, kwargs)
+        if batch is not None:  # pointToPoint in ncclGroupStart: the group's key, as its collectives
+            call.stream = stream = _collectives.group_stream(session, plan, args, kwargs)
+        else:
+            call.stream = stream = _pair_stream(session, plan, args, kwargs)
         for tensor, _ in call.accesses:  # recordStream(tensor, ncclStream)
             state = tensor.sk_state
             if type(state.record_streams) is tuple:
@@ -99,8 +115,35 @@ def run(call: Any, plan: Any, args: Any, kwargs: dict) -> Any:
     for work in _collectives.works_of(result):
         if receiving:
             work.wait()  # the values are there at issue (a synchronous device); gloo's work is done
-        _collectives.register_work(work, session, end, [], gloo_waited=receiving)
+        entry = _collectives.register_work(work, session, end, [], gloo_waited=receiving)
+        if batch is not None:
+            batch.append(entry)
     return result
+
+
+def _batched(original: Any) -> Any:
+    """``batch_isend_irecv`` as NCCL coalesces it (module doc): its ops on the group's stream, and
+    each work it returns ending with the whole batch (``endCoalescing`` records the one work's end
+    event after ``ncclGroupEnd``)."""
+
+    def batch_isend_irecv(p2p_op_list: list) -> list:
+        entries: list = []  # (the _collectives entries of the batch's works)
+        outer = getattr(_batch, "works", None)
+        _batch.works = entries
+        try:
+            result = original(p2p_op_list)
+        finally:
+            _batch.works = outer
+        entries = [e for e in entries if e.clock is not None]
+        if entries:
+            end = entries[-1].clock  # (the last op's: FIFO on the group's stream, it follows the rest)
+            for entry in entries:
+                entry.clock = end
+        return result
+
+    batch_isend_irecv.__doc__ = original.__doc__
+    batch_isend_irecv.__wrapped__ = original  # type: ignore[attr-defined]
+    return batch_isend_irecv
 
 
 # -- ProcessGroup hooks: barrier, _get_backend ------------------------------------------------
@@ -142,6 +185,12 @@ def install() -> None:
         _barrier.__doc__, _get_backend.__doc__ = barrier.__doc__, get_backend.__doc__
         pg_class.barrier = _barrier
         pg_class._get_backend = _get_backend
+        c10d = dist.distributed_c10d
+        original = c10d.batch_isend_irecv
+        batched = _batched(original)
+        c10d.batch_isend_irecv = batched
+        if getattr(dist, "batch_isend_irecv", None) is original:
+            dist.batch_isend_irecv = batched
         _installed = True
 
 
