@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 
-@dataclass
+@dataclass(slots=True)
 class Stats:
     """What a session did: kernels, events, and host synchronizations by kind."""
 
