@@ -6,7 +6,7 @@ Per layer: bincount the layer's expert ids, then on a side stream (fork: side wa
 default stream) accumulate into the layer's counter; after all layers, join (default waits for
 side), stack the counters and copy them to the host.
 
-Targets (all measured in this one process): the step on fake/raise at most 3x the untracked run
+Targets (all measured in this one process): the step on fake/raise at most 2.5x the untracked run
 (median of paired ratios); tracked tiny ops, best run against the best plain CPU run: `x.add_(y)`
 at most 5x, `x + y` at most 8x; the step under `schedule="random"` (deferred kernels, issue 11)
 at most 2x the eager tracked step (median over blocks: sessions don't nest, so each block times
@@ -201,7 +201,7 @@ def main() -> None:
     print(f"  plain CPU tensors          {statistics.median(plains) * 1e3:8.3f} ms/step (median; best {min(plains) * 1e3:.3f})")
     print(f"  fake backend, detect=raise {statistics.median(trackeds) * 1e3:8.3f} ms/step (median; best {min(trackeds) * 1e3:.3f})")
     print(f"  ratio, median of pairs     {ratio:8.2f}x  (quartiles {q1:.2f}x to {q3:.2f}x; best vs best {min(trackeds) / min(plains):.2f}x)"
-          f"   target <= 3x: {'met' if ratio <= 3 else 'MISSED'}")
+          f"   target <= 2.5x: {'met' if ratio <= 2.5 else 'MISSED'}")
     d_ratio = statistics.median(deferred_ratios)
     print(f"  schedule=\"random\" (deferred) {statistics.median(random_steps) * 1e3:8.3f} ms/step vs eager tracked"
           f" {statistics.median(eager_steps) * 1e3:.3f} ms/step ({args.deferred_blocks} blocks of {args.deferred_steps})")

@@ -58,7 +58,7 @@ FAST_FUNCS: frozenset = frozenset(
 class FastPlan:
     """What the observed call did: the aten op, which argument positions it read/wrote, the output."""
 
-    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair", "split", "sync_before")
+    __slots__ = ("op", "tensors", "lists", "returns_self", "host_sync", "pair", "single", "split", "sync_before")
 
     def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None, lists: tuple = ()) -> None:
         self.op = op
@@ -70,6 +70,9 @@ class FastPlan:
         self.pair = (tensors[0][1], tensors[1][1]) if (
             len(tensors) == 2 and not lists and tensors[0][0] == 0 and tensors[1][0] == 1 and all(k for _, k in tensors)
         ) else None
+        # the next commonest, torch.bincount(ids, ...) or x.sum(0): one fake tensor, first, no lists
+        # (its access kind; None when it is not accessed)
+        self.single = (tensors[0][1],) if len(tensors) == 1 and not lists and tensors[0][0] == 0 else None
         self.tensors = tensors  # ((position, kind), ...): fake tensor arguments
         self.lists = lists  # ((position, kind), ...): lists of fake tensors (torch.stack, torch.cat)
         self.returns_self = returns_self
@@ -215,6 +218,13 @@ def _method(func: Any) -> Any:
                 return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
             inner = [a.sk_inner, b.sk_inner]
             accesses = [(a, pair[0]), (b, pair[1])]
+        elif fast.single is not None:
+            a = args[0]
+            if a.sk_state.session is not session:
+                return _disabled(func, _TYPES, args, kwargs)  # the dispatch path raises the right error
+            inner = [a.sk_inner, *args[1:]] if n > 1 else [a.sk_inner]
+            kind = fast.single[0]
+            accesses = [(a, kind)] if kind else []
         else:
             inner, accesses = _unwrap_general(fast, args, session)
             if inner is None:
