@@ -14,7 +14,8 @@ outputs that alias an input other than as the input itself.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
@@ -30,6 +31,7 @@ TRACE_LIMIT = 1 << 17
 _AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
 
 _META = torch.device("meta")
+_Tensor = torch.Tensor
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _InferenceMode = torch._C._InferenceMode
 
@@ -84,6 +86,26 @@ def _describe(value: Any, slots: dict, tensors: list) -> Any:
     return (tp, value)
 
 
+def _describe_args(args: Any, slots: dict, tensors: list) -> Any:
+    """``_describe(tuple(args), ...)``, one loop for the usual flat argument list (this runs for
+    every deferred kernel)."""
+    out = []
+    for value in args:
+        if isinstance(value, _Tensor):
+            slot = slots.get(id(value))
+            if slot is None:
+                slot = slots[id(value)] = len(tensors)
+                tensors.append(value)
+            out.append(("T", slot, tuple(value.shape), value.stride(), value.dtype))
+            continue
+        tp = type(value)
+        if tp is float or tp is int or tp is bool or value is None:
+            out.append((tp, value))
+        else:
+            out.append(_describe(value, slots, tensors))
+    return (tuple, tuple(out))
+
+
 def _meta_value(desc: Any, metas: dict) -> Any:
     tag = desc[0]
     if tag == "T":
@@ -124,7 +146,7 @@ def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
     slots: dict = {}
     tensors: list = []
     try:
-        key = (call, _describe(tuple(args), slots, tensors), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
+        key = (call, _describe_args(args, slots, tensors), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
     except TypeError:
         raise AtOnce from None
     template = _meta_cache.get(key)
@@ -165,6 +187,35 @@ def placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
     return tag(placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
 
 
+def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
+    """:func:`placeholders` for the deferred scheduler: ``fills`` holds ``(path, output, shape,
+    stride)``, the layout of issue time, which :meth:`DeferredScheduler._execute` restores only if
+    the pending output's metadata changed meanwhile (t_(), squeeze_(), resize_() shrinking)."""
+    if template is None:
+        return None
+    tag = template[0]
+    if tag == "arg":
+        return tensors[template[1]]
+    if tag == "fresh":
+        _, shape, stride, dtype = template
+        out = poison(torch.empty_strided(shape, stride, dtype=dtype))
+        fills.append((path, out, shape, stride))
+        return out
+    return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
+
+
+def _frozen(checks: list) -> dict | None:
+    """The arguments whose metadata changed since issue (``checks``: ``(tensor, shape, stride,
+    offset)`` then), as ``{id: a view with the layout of issue time}``; None if none changed."""
+    frozen = None
+    for t, shape, stride, offset in checks:
+        if t.shape != shape or t.stride() != stride or t.storage_offset() != offset:
+            if frozen is None:
+                frozen = {}
+            frozen[id(t)] = t.as_strided(shape, stride, offset)
+    return frozen
+
+
 def refreeze(value: Any, frozen: dict) -> Any:
     if isinstance(value, torch.Tensor):
         return frozen.get(id(value), value)
@@ -199,6 +250,7 @@ class DeferredScheduler:
         self.order = 0  # issue number of the last deferred kernel
         self.split_pairs: list = []  # (kernel, partner): a read-modify-write kernel run split around a racing one
         self.error: BaseException | None = None  # the first kernel that failed when it ran
+        self._contexts = False  # inside contexts(): kernels run without entering their modes again
 
     # issue
     def submit(self, kernel: Any, sync: Any = None) -> Any:
@@ -222,15 +274,12 @@ class DeferredScheduler:
         if not self.pending and policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)
         fills: list = []
-        result = placeholders(template, tensors, fills, ())
+        result = _placeholders(template, tensors, fills, ())
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
-        # of an argument, such as unsqueeze_ or .data =, doesn't reach it)
-        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
-        kernel.args = refreeze(kernel.args, frozen)
-        if kernel.kwargs:
-            kernel.kwargs = {k: refreeze(v, frozen) for k, v in kernel.kwargs.items()}
+        # of an argument, such as unsqueeze_, doesn't reach it): recorded here, checked when it runs
+        # (.data = and set_ give the wrapper a new CPU tensor: the one bound here doesn't change)
         kernel.deps = list(kernel.stream.clock)
-        kernel.fills = fills
+        kernel.fills = (fills, [(t, t.shape, t.stride(), t.storage_offset()) for t in tensors])
         self.order += 1
         kernel.order = self.order
         queue = self.queues.get(kernel.stream.idx)
@@ -280,7 +329,20 @@ class DeferredScheduler:
 
     def ready(self) -> list:
         """The kernels that may run now: heads of their queues whose dependencies have run."""
-        return [q[0] for q in self.queues.values() if q and not self._blocked(q[0].deps, q[0].stream.idx)]
+        queues = self.queues
+        found = []
+        for q in queues.values():
+            if q:
+                k = q[0]
+                own = k.stream.idx
+                for j, c in enumerate(k.deps):  # (_blocked, inline: this runs at every scheduling point)
+                    if j != own:
+                        other = queues.get(j)
+                        if other and other[0].seq <= c:
+                            break
+                else:
+                    found.append(k)
+        return found
 
     def run(self, kernel: Any) -> None:
         """Run ``kernel`` (a ready one): a policy that splits read-modify-write kernels may run a
@@ -303,6 +365,11 @@ class DeferredScheduler:
         # atomicity; two unordered ones on the same memory may both load before either stores,
         # and one update is lost (the order below is one such interleaving)
         self.split_pairs.append((kernel, partner))
+        fills, checks = kernel.fills
+        frozen = _frozen(checks)
+        if frozen is not None:
+            kernel.args = refreeze(kernel.args, frozen)
+        kernel.fills = (fills, ())
         target = kernel.args[0]
         scratch = target.clone()
         kernel.args = (scratch,) + tuple(kernel.args[1:])
@@ -330,38 +397,70 @@ class DeferredScheduler:
         return found
 
     def _execute(self, kernel: Any) -> None:
+        fills, checks = kernel.fills
+        kernel.fills = kernel.deps = None
+        frozen = _frozen(checks)
+        if frozen is not None:
+            kernel.args = refreeze(kernel.args, frozen)
+            if kernel.kwargs:
+                kernel.kwargs = {k: refreeze(v, frozen) for k, v in kernel.kwargs.items()}
         try:
-            # (in inference mode: a placeholder or argument made in inference mode may be updated)
-            with _NoTorchFunction(), _InferenceMode(True):
-                result = kernel.run()
-                for path, out in kernel.fills:
-                    value = result
-                    for i in path:
-                        value = value[i]
-                    if value.shape != out.shape and value.numel() == 0:
-                        continue  # meta and CPU disagree about an unused output (batch norm's saved stats in eval)
-                    out.copy_(value)
+            if self._contexts:
+                self._fill(kernel.run(), fills)
+            else:
+                # (in inference mode: a placeholder or argument made in inference mode may be updated)
+                with _NoTorchFunction(), _InferenceMode(True):
+                    self._fill(kernel.run(), fills)
         except Exception as error:  # raised at the next host sync; its outputs stay poisoned
             if self.error is None:
                 self.error = error
-        kernel.fills = kernel.deps = None
+
+    @staticmethod
+    def _fill(result: Any, fills: list) -> None:
+        for path, out, shape, stride in fills:
+            value = result
+            for i in path:
+                value = value[i]
+            if out.shape != shape or out.stride() != stride or out.storage_offset():
+                out = out.as_strided(shape, stride, 0)  # (the pending output's metadata changed since issue)
+            if value.shape != shape and value.numel() == 0:
+                continue  # meta and CPU disagree about an unused output (batch norm's saved stats in eval)
+            out.copy_(value)
 
     def drain(self, clock: Any) -> None:
         """Run kernels until every kernel ordered by ``clock`` has run."""
         with self.session.lock:
             policy = self.policy
-            while self.pending and self._blocked(clock):
-                ready = self.ready()
-                if not ready:
-                    raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
-                self.run(policy.pick(self, ready, clock))
+            if self.pending and self._blocked(clock):
+                with self.contexts():
+                    while self.pending and self._blocked(clock):
+                        ready = self.ready()
+                        if not ready:
+                            raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
+                        self.run(policy.pick(self, ready, clock))
             policy.settle(self)  # (what the kernels just run released)
 
     def drain_all(self) -> None:
         with self.session.lock:
             policy = self.policy
-            while self.pending:
-                self.run(policy.pick(self, self.ready(), ()))
+            if self.pending:
+                with self.contexts():
+                    while self.pending:
+                        self.run(policy.pick(self, self.ready(), ()))
+
+    @contextmanager
+    def contexts(self) -> Iterator[None]:
+        """The modes kernels run in (no torch function, inference mode), entered once for a batch
+        of kernel runs rather than once per kernel."""
+        if self._contexts:
+            yield
+            return
+        self._contexts = True
+        try:
+            with _NoTorchFunction(), _InferenceMode(True):
+                yield
+        finally:
+            self._contexts = False
 
     def progress(self, clock: Any) -> bool:
         """``query()``: run one kernel ``clock`` waits for (if any); whether all of them have run."""
