@@ -86,17 +86,21 @@ def _describe(value: Any, slots: dict, tensors: list) -> Any:
     return (tp, value)
 
 
-def _describe_args(args: Any, slots: dict, tensors: list) -> Any:
+def _describe_args(args: Any, slots: dict, tensors: list, checks: list | None = None) -> Any:
     """``_describe(tuple(args), ...)``, one loop for the usual flat argument list (this runs for
-    every deferred kernel)."""
+    every deferred kernel); ``checks`` gets ``(tensor, shape, stride, offset)`` of each tensor
+    argument (not those in lists), the layout of issue time."""
     out = []
     for value in args:
         if isinstance(value, _Tensor):
             slot = slots.get(id(value))
+            shape, stride = tuple(value.shape), value.stride()
             if slot is None:
                 slot = slots[id(value)] = len(tensors)
                 tensors.append(value)
-            out.append(("T", slot, tuple(value.shape), value.stride(), value.dtype))
+                if checks is not None:
+                    checks.append((value, shape, stride, value.storage_offset()))
+            out.append(("T", slot, shape, stride, value.dtype))
             continue
         tp = type(value)
         if tp is float or tp is int or tp is bool or value is None:
@@ -140,15 +144,18 @@ def _template(result: Any, metas: dict, descs: dict) -> Any:
     raise AtOnce  # a host value (a scalar): the host needs it now
 
 
-def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
+def layout(call: Any, args: Any, kwargs: Any, checks: list | None = None) -> tuple[Any, list]:
     """``(template, tensors)``: the outputs' layout from a meta evaluation, cached by the arguments'
-    metadata; raises ``AtOnce`` when the kernel can't be deferred."""
+    metadata; raises ``AtOnce`` when the kernel can't be deferred. ``checks``: filled with
+    ``(tensor, shape, stride, offset)`` of every tensor argument."""
     slots: dict = {}
     tensors: list = []
     try:
-        key = (call, _describe_args(args, slots, tensors), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
+        key = (call, _describe_args(args, slots, tensors, checks), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
     except TypeError:
         raise AtOnce from None
+    if checks is not None and len(checks) < len(tensors):  # (tensors in lists or keyword arguments)
+        checks[:] = [(t, t.shape, t.stride(), t.storage_offset()) for t in tensors]
     template = _meta_cache.get(key)
     if template is None:
         metas: dict = {}
@@ -267,8 +274,9 @@ class DeferredScheduler:
             return self.run_now(kernel)
         if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
+        checks: list = []
         try:
-            template, tensors = layout(kernel.call, kernel.args, kernel.kwargs)
+            template, tensors = layout(kernel.call, kernel.args, kernel.kwargs, checks)
         except AtOnce:
             return self.run_now(kernel)
         if not self.pending and policy.fast_draws and policy.fast(self, kernel):
@@ -279,7 +287,7 @@ class DeferredScheduler:
         # of an argument, such as unsqueeze_, doesn't reach it): recorded here, checked when it runs
         # (.data = and set_ give the wrapper a new CPU tensor: the one bound here doesn't change)
         kernel.deps = list(kernel.stream.clock)
-        kernel.fills = (fills, [(t, t.shape, t.stride(), t.storage_offset()) for t in tensors])
+        kernel.fills = (fills, checks)
         self.order += 1
         kernel.order = self.order
         queue = self.queues.get(kernel.stream.idx)

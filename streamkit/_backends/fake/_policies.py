@@ -357,11 +357,25 @@ class PCT(Policy):
             self._step(HOST)  # the host took a step (the issue)
         host = self.priority[HOST]
         while sched.pending:  # device threads of higher priority than the host run meanwhile
+            if self._below(sched, host):
+                break
             best = self._best(sched.ready())
             if self._priority(best.stream.idx) < host:
                 break
             sched.run(best)
             host = self.priority[HOST]
+
+    def _below(self, sched: Any, host: float) -> bool:
+        """Whether every stream with queued work has a priority below ``host`` (then no ready kernel
+        outranks the host: :meth:`after_issue` stops without looking for ready ones). False when one
+        has no priority yet (drawing it here would change the draws' order)."""
+        priority = self.priority
+        for i, q in sched.queues.items():
+            if q:
+                p = priority.get(i)
+                if p is None or p >= host:
+                    return False
+        return True
 
     def ran(self, kernel: Any) -> None:
         self._step(kernel.stream.idx)  # (a deferred kernel's run is a step; one run at issue is not)
