@@ -20,7 +20,7 @@ from typing import Any, Iterator
 import torch
 
 from ..._errors import InternalError
-from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, needed, is_rmw  # noqa: F401  (re-exported)
+from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, needed, is_rmw, is_update  # noqa: F401  (re-exported)
 from ._policies import policy as make_policy
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
@@ -371,7 +371,8 @@ class DeferredScheduler:
             return
         # CUDA: an in-place elementwise kernel loads, computes and stores per element with no
         # atomicity; two unordered ones on the same memory may both load before either stores,
-        # and one update is lost (the order below is one such interleaving)
+        # and one update is lost (the order below is one such interleaving). (Ops CUDA runs with
+        # atomic updates, scatter_add_ and index_add_, are not read-modify-write here: is_rmw.)
         self.split_pairs.append((kernel, partner))
         fills, checks = kernel.fills
         frozen = _frozen(checks)
@@ -379,16 +380,24 @@ class DeferredScheduler:
             kernel.args = refreeze(kernel.args, frozen)
         kernel.fills = (fills, ())
         target = kernel.args[0]
-        scratch = target.clone()
+        with _NoTorchFunction(), _InferenceMode(True):
+            read = target.clone()
+            scratch = read.clone()
         kernel.args = (scratch,) + tuple(kernel.args[1:])
         self._execute(kernel)  # the read half, into scratch
         self.run(partner)  # the racing kernel, whole
         with _NoTorchFunction(), _InferenceMode(True):
-            target.copy_(scratch)  # the write half: the partner's update is overwritten
+            # the write half: the elements the kernel changed get its values, over the partner's
+            # updates (lost); an element it left as it read it isn't stored (a kernel that updates
+            # some elements, index_put_ or a bincount's zero counts added, writes only those)
+            kept = scratch == read
+            if scratch.dtype.is_floating_point or scratch.dtype.is_complex:
+                kept |= scratch.isnan() & read.isnan()
+            target.copy_(torch.where(kept, target, scratch))
 
     def _partners(self, kernel: Any) -> list:
-        """Ready read-modify-write kernels of other streams on ``kernel``'s memory (unordered with
-        it: neither has run, and both may run now)."""
+        """Ready kernels of other streams that update ``kernel``'s memory in place (read-modify-write
+        or atomic: :func:`is_update`), unordered with it: neither has run, and both may run now."""
         args = kernel.args
         if not args or not isinstance(args[0], torch.Tensor):
             return []
@@ -399,7 +408,7 @@ class DeferredScheduler:
             deps = k.deps
             if idx < len(deps) and deps[idx] >= seq:
                 continue
-            if k.stream.idx != idx and is_rmw(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
+            if k.stream.idx != idx and is_update(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
                 if k.args[0].untyped_storage().data_ptr() == storage:
                     found.append(k)
         return found

@@ -27,7 +27,7 @@ from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from ._policies import PCT_DEPTH, is_rmw, run_seed
+from ._policies import PCT_DEPTH, is_rmw, is_update, run_seed
 from ._tracking import READ, WRITE
 
 #: the needle sweep: at most this many positions per race
@@ -331,8 +331,13 @@ def directed_slots(obs: Observation) -> list[Slot]:
         add(Slot("order", 0, PCT_DEPTH, tuple(pairs[:REVERSE_ALL_PAIRS])))
     for (a, b, fk, sk), last in ranked:
         ka, kb = obs.kernels.get(a), obs.kernels.get(b)
-        if ka is not None and kb is not None and is_rmw(ka.op) and is_rmw(kb.op):
-            add(Slot("split", 0, PCT_DEPTH, (a, b)))  # (reversing two add_ changes nothing: lose one)
+        if ka is not None and kb is not None:
+            # (reversing two add_ changes nothing: lose one; the one split reads and writes without
+            # atomics, the other may be an atomic update, scatter_add_ say, and is lost all the same)
+            if is_rmw(ka.op) and is_update(kb.op):
+                add(Slot("split", 0, PCT_DEPTH, (a, b)))
+            elif is_rmw(kb.op) and is_update(ka.op):
+                add(Slot("split", 0, PCT_DEPTH, (b, a)))
         if last[:2] != (a, b):
             add(Slot("race", 0, PCT_DEPTH, last[:2]))  # (a loop's last iteration: its result survives)
         add(Slot("race", 0, PCT_DEPTH, (a, b)))

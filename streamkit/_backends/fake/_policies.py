@@ -32,12 +32,21 @@ HOST = -1
 
 #: in-place ops that write ``self`` without reading it: not read-modify-write (not split)
 _BLIND_WRITES = frozenset({"fill_", "zero_", "copy_", "set_", "resize_", "resize_as_", "detach_", "requires_grad_"})
+#: in-place ops whose CUDA kernels update each element with an atomic, so two racing ones can't lose
+#: an update (not split): scatter_add_/scatter_reduce_/scatter_(reduce=) (ScatterGatherKernel.cu,
+#: ReduceAdd: fastAtomicAdd; gpuAtomicMul/Max/Min), index_add_/index_reduce_ (Indexing.cu,
+#: indexFuncSmallIndex/LargeIndex: gpuAtomicAdd), put_(accumulate=True) (IndexKernel.cu, put_kernel:
+#: fastAtomicAdd); without a reduction scatter_/put_ store without reading. (Under
+#: torch.use_deterministic_algorithms(True) CUDA runs index_add_ and a 1-D scatter_add_ as a sorted
+#: index_put_(accumulate=True), which isn't atomic: not modelled.)
+_ATOMIC_UPDATES = frozenset({"scatter_add_", "scatter_reduce_", "scatter_", "index_add_", "index_reduce_", "put_"})
 _rmw_ops: dict = {}
 
 
 def is_rmw(op: Any) -> bool:
-    """Whether ``op`` reads and writes its first argument in place (``add_``, ``index_add_``,
-    ``scatter_add_``, ``index_put_``...): two racing ones can lose an update on a GPU."""
+    """Whether ``op`` reads and writes its first argument in place without atomics (``add_``,
+    ``mul_``, ``index_put_(accumulate=True)``...): two racing ones can lose an update on a GPU.
+    ``scatter_add_`` and ``index_add_`` update with atomics on CUDA: not read-modify-write here."""
     found = _rmw_ops.get(op)
     if found is None:
         schema = getattr(op, "_schema", None)
@@ -47,11 +56,23 @@ def is_rmw(op: Any) -> bool:
             first = schema.arguments[0]
             info = first.alias_info
             found = bool(
-                name.endswith("_") and name not in _BLIND_WRITES and info is not None and info.is_write
+                name.endswith("_") and name not in _BLIND_WRITES and name not in _ATOMIC_UPDATES and info is not None and info.is_write
                 and sum(1 for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write) == 1
             )
         _rmw_ops[op] = found
     return found
+
+
+def is_update(op: Any) -> bool:
+    """Whether ``op`` updates its first argument in place, atomically or not (:func:`is_rmw`, or
+    ``scatter_add_``, ``index_add_``...): run between the read and the write of a racing
+    read-modify-write kernel, its update is lost."""
+    return is_rmw(op) or _op_name(op) in _ATOMIC_UPDATES
+
+
+def _op_name(op: Any) -> str:
+    schema = getattr(op, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else ""
 
 
 class ScheduleError(ValueError):
