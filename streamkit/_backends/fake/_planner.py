@@ -299,8 +299,11 @@ def _needles(obs: Observation, first: tuple, second: tuple, first_kind: Any, sec
     return slots
 
 
-def directed_slots(obs: Observation) -> list[Slot]:
-    """The directed runs of a reference run, in the order they are worth trying (module docstring)."""
+def directed_slots(obs: Observation, ranks: bool = False) -> list[Slot]:
+    """The directed runs of a reference run, in the order they are worth trying (module docstring).
+    ``ranks``: the runs an exploration over several ranks takes (:mod:`._ranks`): each race
+    reversed and the needle sweep, without the runs that hold many kernels at once (every race
+    reversed at once, a needle with every other race reversed) or split kernels."""
     groups: dict = {}
     for key, first, second, fk, sk in obs.occurrences:
         if first[0] == second[0]:
@@ -326,12 +329,12 @@ def directed_slots(obs: Observation) -> list[Slot]:
     for _, first, second, _, _ in obs.occurrences:
         if first[0] != second[0] and (second, first) not in pairs:
             pairs.append((second, first))
-    if len(pairs) > 1:
+    if len(pairs) > 1 and not ranks:
         # every race reversed at once, every occurrence (a conjunction of reversals in one run)
         add(Slot("order", 0, PCT_DEPTH, tuple(pairs[:REVERSE_ALL_PAIRS])))
     for (a, b, fk, sk), last in ranked:
         ka, kb = obs.kernels.get(a), obs.kernels.get(b)
-        if ka is not None and kb is not None:
+        if ka is not None and kb is not None and not ranks:
             # (reversing two add_ changes nothing: lose one; the one split reads and writes without
             # atomics, the other may be an atomic update, scatter_add_ say, and is lost all the same)
             if is_rmw(ka.op) and is_update(kb.op):
@@ -356,7 +359,7 @@ def directed_slots(obs: Observation) -> list[Slot]:
                 (second, first) for key, first, second, _, _ in obs.occurrences
                 if first[0] != second[0] and key != group_keys[g]
             )[:REVERSE_ALL_PAIRS]
-            if others:
+            if others and not ranks:
                 add(Slot("order", 0, PCT_DEPTH, slot.target + others))
             plain.append(slot)
     for slot in plain:
