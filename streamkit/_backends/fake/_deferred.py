@@ -59,13 +59,13 @@ _random_ops: dict = {}
 
 
 def _is_random(op: Any) -> bool:
-    found = _random_ops.get(op)
-    if found is None:
+    entry = _random_ops.get(id(op))  # (by id: an OpOverload's __hash__ is Python code; the entry keeps op alive)
+    if entry is None:
         schema = getattr(op, "_schema", None)
-        found = _random_ops[op] = schema is not None and (
+        entry = _random_ops[id(op)] = (op, schema is not None and (
             any("Generator" in str(a.type) for a in schema.arguments) or schema.name.split("::")[-1] in _AT_ONCE_NAMES
-        )
-    return found
+        ))
+    return entry[1]
 
 
 def _describe(value: Any, slots: dict, tensors: list) -> Any:
@@ -401,8 +401,13 @@ class DeferredScheduler:
         args = kernel.args
         if not args or not isinstance(args[0], torch.Tensor):
             return []
-        storage = args[0].untyped_storage().data_ptr()
         idx, seq = kernel.stream.idx, kernel.seq
+        for i, q in self.queues.items():
+            if q and i != idx and is_update(q[0].op):
+                break
+        else:
+            return []  # (no other stream's next kernel updates anything in place)
+        storage = args[0].untyped_storage().data_ptr()
         found = []
         for k in self.ready():  # (kernel has left its queue: a kernel ordered after it looks ready too)
             deps = k.deps

@@ -47,19 +47,19 @@ def is_rmw(op: Any) -> bool:
     """Whether ``op`` reads and writes its first argument in place without atomics (``add_``,
     ``mul_``, ``index_put_(accumulate=True)``...): two racing ones can lose an update on a GPU.
     ``scatter_add_`` and ``index_add_`` update with atomics on CUDA: not read-modify-write here."""
-    found = _rmw_ops.get(op)
-    if found is None:
-        schema = getattr(op, "_schema", None)
-        found = False
-        if schema is not None and schema.arguments:
-            name = schema.name.split("::")[-1]
-            first = schema.arguments[0]
-            info = first.alias_info
-            found = bool(
-                name.endswith("_") and name not in _BLIND_WRITES and name not in _ATOMIC_UPDATES and info is not None and info.is_write
-                and sum(1 for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write) == 1
-            )
-        _rmw_ops[op] = found
+    entry = _rmw_ops.get(id(op))  # (by id: an OpOverload's __hash__ is Python code; the entry keeps op alive)
+    if entry is not None:
+        return entry[1]
+    schema = getattr(op, "_schema", None)
+    found = False
+    if schema is not None and schema.arguments:
+        name = schema.name.split("::")[-1]
+        info = schema.arguments[0].alias_info
+        found = bool(
+            name.endswith("_") and name not in _BLIND_WRITES and name not in _ATOMIC_UPDATES and info is not None and info.is_write
+            and sum(1 for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write) == 1
+        )
+    _rmw_ops[id(op)] = (op, found)
     return found
 
 
@@ -67,7 +67,13 @@ def is_update(op: Any) -> bool:
     """Whether ``op`` updates its first argument in place, atomically or not (:func:`is_rmw`, or
     ``scatter_add_``, ``index_add_``...): run between the read and the write of a racing
     read-modify-write kernel, its update is lost."""
-    return is_rmw(op) or _op_name(op) in _ATOMIC_UPDATES
+    entry = _update_ops.get(id(op))
+    if entry is None:
+        entry = _update_ops[id(op)] = (op, is_rmw(op) or _op_name(op) in _ATOMIC_UPDATES)
+    return entry[1]
+
+
+_update_ops: dict = {}
 
 
 def _op_name(op: Any) -> str:
