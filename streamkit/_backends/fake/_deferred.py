@@ -206,9 +206,23 @@ def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any
     if tag == "fresh":
         _, shape, stride, dtype = template
         out = poison(torch.empty_strided(shape, stride, dtype=dtype))
-        fills.append((path, out, shape, stride))
+        if fills is not None:
+            fills.append((path, out, shape, stride))
         return out
     return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
+
+
+#: ``Kernel.fills`` of a kernel being issued whose outputs aren't made yet (see ``submit``)
+_NOT_RUN = object()
+
+
+class _Ran:
+    """``Kernel.fills`` of a kernel that ran while being issued: its outputs."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
 
 
 def _frozen(checks: list) -> dict | None:
@@ -281,13 +295,18 @@ class DeferredScheduler:
             return self.run_now(kernel)
         if not self.pending and policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)
-        fills: list = []
-        result = _placeholders(template, tensors, fills, ())
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
         # of an argument, such as unsqueeze_, doesn't reach it): recorded here, checked when it runs
         # (.data = and set_ give the wrapper a new CPU tensor: the one bound here doesn't change)
         kernel.deps = list(kernel.stream.clock)
-        kernel.fills = (fills, checks)
+        fresh = template is not None and template[0] != "arg"
+        if fresh:
+            # its outputs are made after the policy's turn below: a kernel that runs meanwhile
+            # hands its own outputs back, with no poisoned placeholder to fill (_execute)
+            kernel.fills = (_NOT_RUN, checks)
+        else:
+            result = _placeholders(template, tensors, None, ())  # (the arguments it writes)
+            kernel.fills = ((), checks)
         self.order += 1
         kernel.order = self.order
         queue = self.queues.get(kernel.stream.idx)
@@ -298,6 +317,16 @@ class DeferredScheduler:
         if self.pending > QUEUE_DEPTH:
             self.run(min(self.ready(), key=lambda k: k.order))
         policy.after_issue(self, kernel)
+        if not fresh:
+            return result
+        state = kernel.fills
+        if type(state) is _Ran:  # it ran during the policy's turn: its own outputs
+            return state.result
+        if state is None:
+            return _placeholders(template, tensors, None, ())  # (it failed when it ran: poison, never filled)
+        fills: list = []  # still queued: poisoned placeholders that it fills when it runs
+        result = _placeholders(template, tensors, fills, ())
+        kernel.fills = (fills, checks)
         return result
 
     def _run_at_issue(self, kernel: Any) -> Any:
@@ -426,6 +455,16 @@ class DeferredScheduler:
             kernel.args = refreeze(kernel.args, frozen)
             if kernel.kwargs:
                 kernel.kwargs = {k: refreeze(v, frozen) for k, v in kernel.kwargs.items()}
+        if fills is _NOT_RUN:
+            # (run while submit is still issuing it: its outputs are handed back as they are, made
+            # outside inference mode as eager makes them; submit is never inside a drain)
+            try:
+                with _NoTorchFunction():
+                    kernel.fills = _Ran(kernel.run())
+            except Exception as error:
+                if self.error is None:
+                    self.error = error
+            return
         try:
             if self._contexts:
                 self._fill(kernel.run(), fills)
