@@ -293,8 +293,13 @@ class DeferredScheduler:
             template, tensors = layout(kernel.call, kernel.args, kernel.kwargs, checks)
         except AtOnce:
             return self.run_now(kernel)
-        if not self.pending and policy.fast_draws and policy.fast(self, kernel):
-            return self._run_at_issue(kernel)
+        if policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH)) and policy.fast(self, kernel):
+            if not self.pending:
+                return self._run_at_issue(kernel)
+            # (the policy's turn would run it first: at issue, as eager does, then the rest of the turn)
+            result = self._run_at_issue(kernel)
+            policy.after_fast(self)
+            return result
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
         # of an argument, such as unsqueeze_, doesn't reach it): recorded here, checked when it runs
         # (.data = and set_ give the wrapper a new CPU tensor: the one bound here doesn't change)
@@ -330,8 +335,9 @@ class DeferredScheduler:
         return result
 
     def _run_at_issue(self, kernel: Any) -> Any:
-        """Nothing is queued and the policy runs ``kernel`` at once: run it as eager does, without
-        a placeholder (what run_now would do, minus the drain there is nothing for)."""
+        """The policy runs ``kernel`` at once (it is ready: nothing is queued, or nothing it waits
+        for): run it as eager does, without a placeholder (what run_now would do, minus the drain
+        there is nothing for)."""
         if self.ran is not None:
             self.ran.append(kernel)
         with _NoTorchFunction():

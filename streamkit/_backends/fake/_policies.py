@@ -134,6 +134,9 @@ class Policy:
     #: whether :meth:`fast` draws random numbers (then it is asked only for kernels that could be
     #: deferred, as :meth:`after_issue` would be; else before the meta evaluation, which it saves)
     fast_draws: ClassVar[bool] = False
+    #: whether :meth:`fast` is also asked while kernels are queued (a True answer then runs the
+    #: kernel at issue, and :meth:`after_fast` continues the turn :meth:`after_issue` would take)
+    fast_queued: ClassVar[bool] = False
     #: what the token's fields are, for the error message of a malformed token
     token_form: ClassVar[str] = "NAME:SEED"
 
@@ -178,6 +181,10 @@ class Policy:
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         pass
+
+    def after_fast(self, sched: Any) -> None:
+        """(:attr:`fast_queued` policies) ``fast`` ran a kernel at issue while others were queued:
+        the rest of what :meth:`after_issue` would have done after running it first."""
 
     def settle(self, sched: Any) -> None:
         pass
@@ -368,20 +375,48 @@ class PCT(Policy):
 
     _stepped = False
 
+    fast_queued = True
+
     def fast(self, sched: Any, kernel: Any) -> bool:
         if self.target is None:
             return False  # (legacy pct:SEED:DEPTH tokens: the exact path of earlier versions)
         self._step(HOST)  # the host took a step (the issue)
-        if self._priority(kernel.stream.idx) >= self.priority[HOST]:
+        if not sched.pending:
+            if self._priority(kernel.stream.idx) >= self.priority[HOST]:
+                return True
+        elif self._first(sched, kernel):
             return True
         self._stepped = True
         return False
+
+    def _first(self, sched: Any, kernel: Any) -> bool:
+        """With kernels queued: whether :meth:`after_issue` would run ``kernel`` first (it is ready,
+        its stream outranks the host and every stream with queued work), so it may run at issue.
+        No when its stream has no priority yet (drawing it here would change the draws' order)."""
+        priority = self.priority
+        mine = priority.get(kernel.stream.idx)
+        if mine is None or mine < priority[HOST]:
+            return False
+        own = kernel.stream.idx
+        queues = sched.queues
+        for i, q in queues.items():
+            if q:
+                p = priority.get(i)
+                if i == own or p is None or p >= mine:
+                    return False
+        return not sched._blocked(kernel.stream.clock, own)
+
+    def after_fast(self, sched: Any) -> None:
+        self._higher(sched)
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         if self._stepped:
             self._stepped = False
         else:
             self._step(HOST)  # the host took a step (the issue)
+        self._higher(sched)
+
+    def _higher(self, sched: Any) -> None:
         host = self.priority[HOST]
         while sched.pending:  # device threads of higher priority than the host run meanwhile
             if self._below(sched, host):
