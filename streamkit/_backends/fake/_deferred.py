@@ -3,9 +3,10 @@
 A kernel may run when it heads its stream's queue and every kernel it is ordered after (its
 stream's vector clock at issue, ``Kernel.deps``) has run. Host synchronizations run what they wait
 for (:meth:`DeferredScheduler.drain`); the policy decides the order, and may run unrelated ready
-work first. Fresh outputs are placeholders: CPU tensors of the layout a cached meta evaluation
-gives, filled with poison (NaN, all bits set for integers, True for bool) until the kernel runs
-and copies its values in. Kernels that can't be deferred run at once, after their dependencies
+work first. Fresh outputs of a kernel still queued once the policy's turn at its issue is over
+are placeholders: CPU tensors of the layout a cached meta evaluation gives, filled with poison
+(NaN, all bits set for integers, True for bool) until the kernel runs and copies its values in; a
+kernel that runs in that turn (or that the policy runs at issue) hands back its own outputs. Kernels that can't be deferred run at once, after their dependencies
 (:meth:`DeferredScheduler.run_now`): syncing ops, random ops (program order), collectives,
 ``resize_``, ops without a meta kernel or with data-dependent shapes, resized ``out=`` arguments,
 outputs that alias an input other than as the input itself.
