@@ -362,7 +362,9 @@ class DeferredScheduler:
         return result
 
     # running
-    def _blocked(self, clock: Any, skip: int = -1) -> bool:
+    def blocked(self, clock: Any, skip: int = -1) -> bool:
+        """Whether a kernel ``clock`` orders (its entries per stream; ``skip``: a stream not looked
+        at) is still queued."""
         queues = self.queues
         for j, c in enumerate(clock):
             if j != skip:
@@ -379,7 +381,7 @@ class DeferredScheduler:
             if q:
                 k = q[0]
                 own = k.stream.idx
-                for j, c in enumerate(k.deps):  # (_blocked, inline: this runs at every scheduling point)
+                for j, c in enumerate(k.deps):  # (blocked, inline: this runs at every scheduling point)
                     if j != own:
                         other = queues.get(j)
                         if other and other[0].seq <= c:
@@ -499,9 +501,9 @@ class DeferredScheduler:
         """Run kernels until every kernel ordered by ``clock`` has run."""
         with self.session.lock:
             policy = self.policy
-            if self.pending and self._blocked(clock):
+            if self.pending and self.blocked(clock):
                 with self.contexts():
-                    while self.pending and self._blocked(clock):
+                    while self.pending and self.blocked(clock):
                         ready = self.ready()
                         if not ready:
                             raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
@@ -533,11 +535,11 @@ class DeferredScheduler:
     def progress(self, clock: Any) -> bool:
         """``query()``: run one kernel ``clock`` waits for (if any); whether all of them have run."""
         with self.session.lock:
-            if self.pending and self._blocked(clock):
+            if self.pending and self.blocked(clock):
                 ready = self.ready()
                 wanted = [k for k in ready if needed(k, clock)] or ready
                 self.run(min(wanted, key=lambda k: k.order))
-            return not self._blocked(clock)
+            return not self.blocked(clock)
 
     def take_error(self) -> BaseException | None:
         error, self.error = self.error, None

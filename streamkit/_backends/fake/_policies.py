@@ -341,7 +341,7 @@ def _ready_with(sched: Any, kernel: Any) -> list:
     mine = queues.get(own)
     if mine:
         return sched.ready()  # (it queues behind its stream's head: not ready)
-    ready = not sched._blocked(kernel.stream.clock, own)
+    ready = not sched.blocked(kernel.stream.clock, own)
     if mine is None:  # (its stream's queue will be the last one)
         found = sched.ready()
         if ready:
@@ -352,7 +352,7 @@ def _ready_with(sched: Any, kernel: Any) -> list:
         if i == own:
             if ready:
                 found.append(kernel)
-        elif q and not sched._blocked(q[0].deps, i):
+        elif q and not sched.blocked(q[0].deps, i):
             found.append(q[0])
     return found
 
@@ -447,7 +447,7 @@ class PCT(Policy):
                 p = priority.get(i)
                 if i == own or p is None or p >= mine:
                     return False
-        return not sched._blocked(kernel.stream.clock, own)
+        return not sched.blocked(kernel.stream.clock, own)
 
     def after_fast(self, sched: Any) -> None:
         self._higher(sched)
