@@ -287,37 +287,17 @@ class Rates(Policy):
         return None  # (the host's step)
 
     _decided = False
-    _choice: Any = None  # (the first step of the turn, drawn by fast: a kernel, or None: the host)
-    fast_queued = True
 
     def fast(self, sched: Any, kernel: Any) -> bool:
-        if not sched.pending:
-            if self._choose([kernel], self.rates[HOST]) is not None:
-                return True
-            self._decided = True
-            return False
-        # with kernels queued: the turn's first draw, over the ready kernels as they are once
-        # ``kernel`` is queued; if it picks ``kernel`` (and no split can be drawn for it), it runs
-        # at issue; otherwise after_issue takes that step once it is queued
-        choice = self._choose(_ready_with(sched, kernel), self.rates[HOST])
-        if choice is kernel and not is_rmw(kernel.op):
+        if self._choose([kernel], self.rates[HOST]) is not None:
             return True
-        self._decided, self._choice = True, choice
+        self._decided = True
         return False
-
-    def after_fast(self, sched: Any) -> None:
-        self._turn(sched)
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         if self._decided:
             self._decided = False
-            choice, self._choice = self._choice, None
-            if choice is None:
-                return  # (the host's step)
-            sched.run(choice)
-        self._turn(sched)
-
-    def _turn(self, sched: Any) -> None:
+            return
         host = self.rates[HOST]
         while sched.pending:
             k = self._choose(sched.ready(), host)
@@ -332,29 +312,6 @@ class Rates(Policy):
         if self.rng.random() < 0.5:
             return self.rng.choice(partners)
         return None
-
-
-def _ready_with(sched: Any, kernel: Any) -> list:
-    """``sched.ready()`` as it will be once ``kernel`` (being issued) is queued, in the same order."""
-    own = kernel.stream.idx
-    queues = sched.queues
-    mine = queues.get(own)
-    if mine:
-        return sched.ready()  # (it queues behind its stream's head: not ready)
-    ready = not sched.blocked(kernel.stream.clock, own)
-    if mine is None:  # (its stream's queue will be the last one)
-        found = sched.ready()
-        if ready:
-            found.append(kernel)
-        return found
-    found = []
-    for i, q in queues.items():
-        if i == own:
-            if ready:
-                found.append(kernel)
-        elif q and not sched.blocked(q[0].deps, i):
-            found.append(q[0])
-    return found
 
 
 class PCT(Policy):
