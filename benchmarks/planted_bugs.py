@@ -31,7 +31,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from _planted import BUDGET, suite  # noqa: E402
 
-from streamkit._backends.fake._explore import Explorer, _run, replay, same_values  # noqa: E402
+from streamkit._backends.fake._explore import Explorer, replay, run_schedule, same_values  # noqa: E402
 from streamkit._backends.fake._policies import pct_bound  # noqa: E402
 
 
@@ -51,7 +51,7 @@ def cost(fn, repeats: int = 5, schedules: int = 20) -> tuple[float, float]:
     eager = explored = float("inf")
     for _ in range(repeats):
         t = time.perf_counter()
-        _run(fn, "eager", 0, "record")
+        run_schedule(fn, "eager", 0, "record")
         eager = min(eager, time.perf_counter() - t)
         t = time.perf_counter()
         for slot in slots:

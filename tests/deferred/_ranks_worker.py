@@ -123,6 +123,28 @@ def two_streams():
     return fn
 
 
+def needle(at: int = 3, writes: int = 8):
+    """A needle on every rank: the default stream writes ``x`` ``writes`` times (7 at write
+    ``at``, else 1), the side stream (forked before the writes) reads it with no wait and
+    all_reduces whether it saw a 7: wrong only when the read falls between write ``at`` and the
+    next (depth 2), which the race reversal alone doesn't reach."""
+
+    def fn():
+        dev = sk.device()
+        side = sk.Stream()
+        x = torch.zeros(N, device=dev)
+        side.wait_stream(sk.current_stream())
+        for i in range(writes):
+            x.fill_(7.0 if i == at else 1.0)
+        with sk.switch(side):
+            seen = (x == 7.0).any().to(torch.float32).reshape(1)
+            dist.all_reduce(seen)
+        sk.current_stream().wait_stream(side)
+        return (seen * 1).cpu()
+
+    return fn
+
+
 PROGRAMS = {
     "lopsided": lopsided,
     "two-streams": two_streams,
@@ -131,6 +153,7 @@ PROGRAMS = {
     "no-join": lambda: pr4214("no-join"),
     "fixed": lambda: pr4214("fixed"),
     "collector": collector,
+    "needle": needle,
 }
 
 

@@ -212,6 +212,37 @@ def test_session_exit_runs_everything_queued():
     assert fake.peek(y).tolist() == [3.0] * 4
 
 
+# CUDA: a launched kernel keeps the sizes, strides and offset its arguments had at the launch;
+# t_(), unsqueeze_(), as_strided_(), resize_() shrinking change the host-side metadata only
+# (c10/core/TensorImpl.h). The scheduler checks the layouts when the kernel runs, instead of
+# freezing a view of every argument at issue.
+@pytest.mark.parametrize("schedule", ["lazy", "adversarial"])
+def test_queued_kernels_use_their_arguments_layouts_of_issue_time(schedule):
+    def program(device):
+        a = torch.arange(16.0, device=device).view(4, 4)
+        b = torch.arange(16.0, device=device).view(4, 4)
+        c = torch.zeros(16, device=device)
+        d = torch.arange(8.0, device=device)
+        out1 = a * torch.arange(4.0, device=device)  # reads a (4, 4) as issued
+        a.t_()
+        b.add_(torch.arange(4.0, device=device))  # writes b (4, 4) as issued
+        b.unsqueeze_(0)
+        c[4:8].fill_(3.0)
+        c.as_strided_((2, 2), (1, 4), 1)
+        out2 = d + 1
+        d.resize_(3)
+        e = out2 * 1  # (a pending output as an argument)
+        out2.t_()
+        return out1, a.contiguous(), b.contiguous(), c.contiguous(), d, e
+
+    with fake.session(schedule="eager"):
+        expected = [fake.peek(t).clone() for t in program(sk.device())]
+    with fake.session(schedule=schedule):
+        got = program(sk.device())
+    got = [fake.peek(t) for t in got]
+    assert len(got) == len(expected) and all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
 def test_views_of_pending_outputs_see_the_values():
     with fake.session(schedule="lazy"):
         y = torch.arange(6, device=sk.device(), dtype=torch.float32) * 2

@@ -3,7 +3,8 @@
 the fixed pattern and the collector is ``benchmarks/explore_ranks.py``).
 
 The PR-4214 variants (merged, early, no-join) give wrong heat within the first 2 schedules on both
-ranks, each rank's own token replays its run bit for bit; the fixed pattern and streamkit_eplb's
+ranks, each rank's own token replays its run bit for bit; a needle (a read wrong between two of
+eight writes) is found by the needle sweep on both ranks; the fixed pattern and streamkit_eplb's
 HeatCollector give the eager values under every schedule; the ranks agree on the plan even when
 their races differ, a run that raises on one rank doesn't hang the other, and an eager run that
 raises on one rank raises on all.
@@ -78,7 +79,7 @@ def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
     r0, r1 = rank_entries(results, "lopsided")
     assert r0["all_tokens"] == r1["all_tokens"]
     slots = [i for i, t in enumerate(r1["tokens"]) if t.split(":")[0] in ("race", "order", "split")]
-    assert slots[:2] == [0, 1] and all(r1["tokens"][i].startswith("race:") for i in slots)  # (first, then interleaved)
+    assert slots[:2] == [0, 1] and all(r1["tokens"][i].split(":")[0] in ("race", "order") for i in slots)  # (first, then interleaved)
     short = lambda t: t.split("/")[0]  # noqa: E731  (the failure's token is full: fingerprint, constraints)
     assert [short(r0["tokens"][i]) for i in slots] == ["lazy:0"] * len(slots)
     others = [i for i in range(len(r1["tokens"])) if i not in slots]
@@ -94,6 +95,19 @@ def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
     assert r0["runs"] == r1["runs"] == SCHEDULES
     assert r1["replay_error"] == r1["failure_error"]  # rank 1's token reproduces its failure
     assert r0["replay_bits_equal"]
+
+
+def test_the_needle_sweep_runs_over_ranks_and_each_ranks_token_replays_it(results):
+    # a read that is wrong only between two of eight writes, on both ranks, all_reduced: the race
+    # reversal (slot 0) misses it, the needle sweep's first position (slot 1) finds it everywhere
+    entries = rank_entries(results, "needle")
+    for rank, entry in enumerate(entries):
+        assert entry["eager"] == [0.0] and entry["failure_values"] == [2.0]
+        assert entry["tokens"][0].startswith("race:") and entry["failure_index"] == 1
+        assert entry["failure_token"].startswith("order:") and entry["failed_ranks"] == [0, 1]
+        assert entry["replay_bits_equal"] and entry["replay_ok"] is False
+        assert entry["failure_token"] == entry["failure_tokens"][str(rank)]
+    assert entries[0]["all_tokens"] == entries[1]["all_tokens"]
 
 
 def test_unordered_collectives_on_one_group_keep_their_issue_order_under_every_schedule(results):

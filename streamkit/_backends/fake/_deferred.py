@@ -3,9 +3,10 @@
 A kernel may run when it heads its stream's queue and every kernel it is ordered after (its
 stream's vector clock at issue, ``Kernel.deps``) has run. Host synchronizations run what they wait
 for (:meth:`DeferredScheduler.drain`); the policy decides the order, and may run unrelated ready
-work first. Fresh outputs are placeholders: CPU tensors of the layout a cached meta evaluation
-gives, filled with poison (NaN, all bits set for integers, True for bool) until the kernel runs
-and copies its values in. Kernels that can't be deferred run at once, after their dependencies
+work first. Fresh outputs of a kernel still queued once the policy's turn at its issue is over
+are placeholders: CPU tensors of the layout a cached meta evaluation gives, filled with poison
+(NaN, all bits set for integers, True for bool) until the kernel runs and copies its values in; a
+kernel that runs in that turn (or that the policy runs at issue) hands back its own outputs. Kernels that can't be deferred run at once, after their dependencies
 (:meth:`DeferredScheduler.run_now`): syncing ops, random ops (program order), collectives,
 ``resize_``, ops without a meta kernel or with data-dependent shapes, resized ``out=`` arguments,
 outputs that alias an input other than as the input itself.
@@ -14,12 +15,13 @@ outputs that alias an input other than as the input itself.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import torch
 
 from ..._errors import InternalError
-from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, needed, is_rmw  # noqa: F401  (re-exported)
+from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, needed, is_rmw, is_update  # noqa: F401  (re-exported)
 from ._policies import policy as make_policy
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
@@ -30,6 +32,7 @@ TRACE_LIMIT = 1 << 17
 _AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
 
 _META = torch.device("meta")
+_Tensor = torch.Tensor
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _InferenceMode = torch._C._InferenceMode
 
@@ -57,13 +60,13 @@ _random_ops: dict = {}
 
 
 def _is_random(op: Any) -> bool:
-    found = _random_ops.get(op)
-    if found is None:
+    entry = _random_ops.get(id(op))  # (by id: an OpOverload's __hash__ is Python code; the entry keeps op alive)
+    if entry is None:
         schema = getattr(op, "_schema", None)
-        found = _random_ops[op] = schema is not None and (
+        entry = _random_ops[id(op)] = (op, schema is not None and (
             any("Generator" in str(a.type) for a in schema.arguments) or schema.name.split("::")[-1] in _AT_ONCE_NAMES
-        )
-    return found
+        ))
+    return entry[1]
 
 
 def _describe(value: Any, slots: dict, tensors: list) -> Any:
@@ -82,6 +85,30 @@ def _describe(value: Any, slots: dict, tensors: list) -> Any:
         return ("D",)
     hash(value)  # (TypeError: not cacheable, so not deferrable)
     return (tp, value)
+
+
+def _describe_args(args: Any, slots: dict, tensors: list, checks: list | None = None) -> Any:
+    """``_describe(tuple(args), ...)``, one loop for the usual flat argument list (this runs for
+    every deferred kernel); ``checks`` gets ``(tensor, shape, stride, offset)`` of each tensor
+    argument (not those in lists), the layout of issue time."""
+    out = []
+    for value in args:
+        if isinstance(value, _Tensor):
+            slot = slots.get(id(value))
+            shape, stride = tuple(value.shape), value.stride()
+            if slot is None:
+                slot = slots[id(value)] = len(tensors)
+                tensors.append(value)
+                if checks is not None:
+                    checks.append((value, shape, stride, value.storage_offset()))
+            out.append(("T", slot, shape, stride, value.dtype))
+            continue
+        tp = type(value)
+        if tp is float or tp is int or tp is bool or value is None:
+            out.append((tp, value))
+        else:
+            out.append(_describe(value, slots, tensors))
+    return (tuple, tuple(out))
 
 
 def _meta_value(desc: Any, metas: dict) -> Any:
@@ -118,15 +145,18 @@ def _template(result: Any, metas: dict, descs: dict) -> Any:
     raise AtOnce  # a host value (a scalar): the host needs it now
 
 
-def layout(call: Any, args: Any, kwargs: Any) -> tuple[Any, list]:
+def layout(call: Any, args: Any, kwargs: Any, checks: list | None = None) -> tuple[Any, list]:
     """``(template, tensors)``: the outputs' layout from a meta evaluation, cached by the arguments'
-    metadata; raises ``AtOnce`` when the kernel can't be deferred."""
+    metadata; raises ``AtOnce`` when the kernel can't be deferred. ``checks``: filled with
+    ``(tensor, shape, stride, offset)`` of every tensor argument."""
     slots: dict = {}
     tensors: list = []
     try:
-        key = (call, _describe(tuple(args), slots, tensors), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
+        key = (call, _describe_args(args, slots, tensors, checks), _describe(tuple(kwargs.items()), slots, tensors) if kwargs else None)
     except TypeError:
         raise AtOnce from None
+    if checks is not None and len(checks) < len(tensors):  # (tensors in lists or keyword arguments)
+        checks[:] = [(t, t.shape, t.stride(), t.storage_offset()) for t in tensors]
     template = _meta_cache.get(key)
     if template is None:
         metas: dict = {}
@@ -165,6 +195,49 @@ def placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
     return tag(placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
 
 
+def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
+    """:func:`placeholders` for the deferred scheduler: ``fills`` holds ``(path, output, shape,
+    stride)``, the layout of issue time, which :meth:`DeferredScheduler._execute` restores only if
+    the pending output's metadata changed meanwhile (t_(), squeeze_(), resize_() shrinking)."""
+    if template is None:
+        return None
+    tag = template[0]
+    if tag == "arg":
+        return tensors[template[1]]
+    if tag == "fresh":
+        _, shape, stride, dtype = template
+        out = poison(torch.empty_strided(shape, stride, dtype=dtype))
+        if fills is not None:
+            fills.append((path, out, shape, stride))
+        return out
+    return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
+
+
+#: ``Kernel.fills`` of a kernel being issued whose outputs aren't made yet (see ``submit``)
+_NOT_RUN = object()
+
+
+class _Ran:
+    """``Kernel.fills`` of a kernel that ran while being issued: its outputs."""
+
+    __slots__ = ("result",)
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+
+def _frozen(checks: list) -> dict | None:
+    """The arguments whose metadata changed since issue (``checks``: ``(tensor, shape, stride,
+    offset)`` then), as ``{id: a view with the layout of issue time}``; None if none changed."""
+    frozen = None
+    for t, shape, stride, offset in checks:
+        if t.shape != shape or t.stride() != stride or t.storage_offset() != offset:
+            if frozen is None:
+                frozen = {}
+            frozen[id(t)] = t.as_strided(shape, stride, offset)
+    return frozen
+
+
 def refreeze(value: Any, frozen: dict) -> Any:
     if isinstance(value, torch.Tensor):
         return frozen.get(id(value), value)
@@ -199,6 +272,7 @@ class DeferredScheduler:
         self.order = 0  # issue number of the last deferred kernel
         self.split_pairs: list = []  # (kernel, partner): a read-modify-write kernel run split around a racing one
         self.error: BaseException | None = None  # the first kernel that failed when it ran
+        self._contexts = False  # inside contexts(): kernels run without entering their modes again
 
     # issue
     def submit(self, kernel: Any, sync: Any = None) -> Any:
@@ -215,22 +289,30 @@ class DeferredScheduler:
             return self.run_now(kernel)
         if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
+        checks: list = []
         try:
-            template, tensors = layout(kernel.call, kernel.args, kernel.kwargs)
+            template, tensors = layout(kernel.call, kernel.args, kernel.kwargs, checks)
         except AtOnce:
             return self.run_now(kernel)
-        if not self.pending and policy.fast_draws and policy.fast(self, kernel):
-            return self._run_at_issue(kernel)
-        fills: list = []
-        result = placeholders(template, tensors, fills, ())
+        if policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH)) and policy.fast(self, kernel):
+            if not self.pending:
+                return self._run_at_issue(kernel)
+            # (the policy's turn would run it first: at issue, as eager does, then the rest of the turn)
+            result = self._run_at_issue(kernel)
+            policy.after_fast(self)
+            return result
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
-        # of an argument, such as unsqueeze_ or .data =, doesn't reach it)
-        frozen = {id(t): t.as_strided(t.size(), t.stride(), t.storage_offset()) for t in tensors}
-        kernel.args = refreeze(kernel.args, frozen)
-        if kernel.kwargs:
-            kernel.kwargs = {k: refreeze(v, frozen) for k, v in kernel.kwargs.items()}
+        # of an argument, such as unsqueeze_, doesn't reach it): recorded here, checked when it runs
+        # (.data = and set_ give the wrapper a new CPU tensor: the one bound here doesn't change)
         kernel.deps = list(kernel.stream.clock)
-        kernel.fills = fills
+        fresh = template is not None and template[0] != "arg"
+        if fresh:
+            # its outputs are made after the policy's turn below: a kernel that runs meanwhile
+            # hands its own outputs back, with no poisoned placeholder to fill (_execute)
+            kernel.fills = (_NOT_RUN, checks)
+        else:
+            result = _placeholders(template, tensors, None, ())  # (the arguments it writes)
+            kernel.fills = ((), checks)
         self.order += 1
         kernel.order = self.order
         queue = self.queues.get(kernel.stream.idx)
@@ -241,11 +323,22 @@ class DeferredScheduler:
         if self.pending > QUEUE_DEPTH:
             self.run(min(self.ready(), key=lambda k: k.order))
         policy.after_issue(self, kernel)
+        if not fresh:
+            return result
+        state = kernel.fills
+        if type(state) is _Ran:  # it ran during the policy's turn: its own outputs
+            return state.result
+        if state is None:
+            return _placeholders(template, tensors, None, ())  # (it failed when it ran: poison, never filled)
+        fills: list = []  # still queued: poisoned placeholders that it fills when it runs
+        result = _placeholders(template, tensors, fills, ())
+        kernel.fills = (fills, checks)
         return result
 
     def _run_at_issue(self, kernel: Any) -> Any:
-        """Nothing is queued and the policy runs ``kernel`` at once: run it as eager does, without
-        a placeholder (what run_now would do, minus the drain there is nothing for)."""
+        """The policy runs ``kernel`` at once (it is ready: nothing is queued, or nothing it waits
+        for): run it as eager does, without a placeholder (what run_now would do, minus the drain
+        there is nothing for)."""
         if self.ran is not None:
             self.ran.append(kernel)
         with _NoTorchFunction():
@@ -269,7 +362,9 @@ class DeferredScheduler:
         return result
 
     # running
-    def _blocked(self, clock: Any, skip: int = -1) -> bool:
+    def blocked(self, clock: Any, skip: int = -1) -> bool:
+        """Whether a kernel ``clock`` orders (its entries per stream; ``skip``: a stream not looked
+        at) is still queued."""
         queues = self.queues
         for j, c in enumerate(clock):
             if j != skip:
@@ -280,7 +375,20 @@ class DeferredScheduler:
 
     def ready(self) -> list:
         """The kernels that may run now: heads of their queues whose dependencies have run."""
-        return [q[0] for q in self.queues.values() if q and not self._blocked(q[0].deps, q[0].stream.idx)]
+        queues = self.queues
+        found = []
+        for q in queues.values():
+            if q:
+                k = q[0]
+                own = k.stream.idx
+                for j, c in enumerate(k.deps):  # (blocked, inline: this runs at every scheduling point)
+                    if j != own:
+                        other = queues.get(j)
+                        if other and other[0].seq <= c:
+                            break
+                else:
+                    found.append(k)
+        return found
 
     def run(self, kernel: Any) -> None:
         """Run ``kernel`` (a ready one): a policy that splits read-modify-write kernels may run a
@@ -301,76 +409,137 @@ class DeferredScheduler:
             return
         # CUDA: an in-place elementwise kernel loads, computes and stores per element with no
         # atomicity; two unordered ones on the same memory may both load before either stores,
-        # and one update is lost (the order below is one such interleaving)
+        # and one update is lost (the order below is one such interleaving). (Ops CUDA runs with
+        # atomic updates, scatter_add_ and index_add_, are not read-modify-write here: is_rmw.)
         self.split_pairs.append((kernel, partner))
+        fills, checks = kernel.fills
+        frozen = _frozen(checks)
+        if frozen is not None:
+            kernel.args = refreeze(kernel.args, frozen)
+        kernel.fills = (fills, ())
         target = kernel.args[0]
-        scratch = target.clone()
+        with _NoTorchFunction(), _InferenceMode(True):
+            read = target.clone()
+            scratch = read.clone()
         kernel.args = (scratch,) + tuple(kernel.args[1:])
         self._execute(kernel)  # the read half, into scratch
         self.run(partner)  # the racing kernel, whole
         with _NoTorchFunction(), _InferenceMode(True):
-            target.copy_(scratch)  # the write half: the partner's update is overwritten
+            # the write half: the elements the kernel changed get its values, over the partner's
+            # updates (lost); an element it left as it read it isn't stored (a kernel that updates
+            # some elements, index_put_ or a bincount's zero counts added, writes only those)
+            kept = scratch == read
+            if scratch.dtype.is_floating_point or scratch.dtype.is_complex:
+                kept |= scratch.isnan() & read.isnan()
+            target.copy_(torch.where(kept, target, scratch))
 
     def _partners(self, kernel: Any) -> list:
-        """Ready read-modify-write kernels of other streams on ``kernel``'s memory (unordered with
-        it: neither has run, and both may run now)."""
+        """Ready kernels of other streams that update ``kernel``'s memory in place (read-modify-write
+        or atomic: :func:`is_update`), unordered with it: neither has run, and both may run now."""
         args = kernel.args
         if not args or not isinstance(args[0], torch.Tensor):
             return []
-        storage = args[0].untyped_storage().data_ptr()
         idx, seq = kernel.stream.idx, kernel.seq
+        for i, q in self.queues.items():
+            if q and i != idx and is_update(q[0].op):
+                break
+        else:
+            return []  # (no other stream's next kernel updates anything in place)
+        storage = args[0].untyped_storage().data_ptr()
         found = []
         for k in self.ready():  # (kernel has left its queue: a kernel ordered after it looks ready too)
             deps = k.deps
             if idx < len(deps) and deps[idx] >= seq:
                 continue
-            if k.stream.idx != idx and is_rmw(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
+            if k.stream.idx != idx and is_update(k.op) and k.args and isinstance(k.args[0], torch.Tensor):
                 if k.args[0].untyped_storage().data_ptr() == storage:
                     found.append(k)
         return found
 
     def _execute(self, kernel: Any) -> None:
+        fills, checks = kernel.fills
+        kernel.fills = kernel.deps = None
+        frozen = _frozen(checks)
+        if frozen is not None:
+            kernel.args = refreeze(kernel.args, frozen)
+            if kernel.kwargs:
+                kernel.kwargs = {k: refreeze(v, frozen) for k, v in kernel.kwargs.items()}
+        if fills is _NOT_RUN:
+            # (run while submit is still issuing it: its outputs are handed back as they are, made
+            # outside inference mode as eager makes them; submit is never inside a drain)
+            try:
+                with _NoTorchFunction():
+                    kernel.fills = _Ran(kernel.run())
+            except Exception as error:
+                if self.error is None:
+                    self.error = error
+            return
         try:
-            # (in inference mode: a placeholder or argument made in inference mode may be updated)
-            with _NoTorchFunction(), _InferenceMode(True):
-                result = kernel.run()
-                for path, out in kernel.fills:
-                    value = result
-                    for i in path:
-                        value = value[i]
-                    if value.shape != out.shape and value.numel() == 0:
-                        continue  # meta and CPU disagree about an unused output (batch norm's saved stats in eval)
-                    out.copy_(value)
+            if self._contexts:
+                self._fill(kernel.run(), fills)
+            else:
+                # (in inference mode: a placeholder or argument made in inference mode may be updated)
+                with _NoTorchFunction(), _InferenceMode(True):
+                    self._fill(kernel.run(), fills)
         except Exception as error:  # raised at the next host sync; its outputs stay poisoned
             if self.error is None:
                 self.error = error
-        kernel.fills = kernel.deps = None
+
+    @staticmethod
+    def _fill(result: Any, fills: list) -> None:
+        for path, out, shape, stride in fills:
+            value = result
+            for i in path:
+                value = value[i]
+            if out.shape != shape or out.stride() != stride or out.storage_offset():
+                out = out.as_strided(shape, stride, 0)  # (the pending output's metadata changed since issue)
+            if value.shape != shape and value.numel() == 0:
+                continue  # meta and CPU disagree about an unused output (batch norm's saved stats in eval)
+            out.copy_(value)
 
     def drain(self, clock: Any) -> None:
         """Run kernels until every kernel ordered by ``clock`` has run."""
         with self.session.lock:
             policy = self.policy
-            while self.pending and self._blocked(clock):
-                ready = self.ready()
-                if not ready:
-                    raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
-                self.run(policy.pick(self, ready, clock))
+            if self.pending and self.blocked(clock):
+                with self.contexts():
+                    while self.pending and self.blocked(clock):
+                        ready = self.ready()
+                        if not ready:
+                            raise InternalError("fake deferred scheduler: no kernel can run (a bug in streamkit)")
+                        self.run(policy.pick(self, ready, clock))
             policy.settle(self)  # (what the kernels just run released)
 
     def drain_all(self) -> None:
         with self.session.lock:
             policy = self.policy
-            while self.pending:
-                self.run(policy.pick(self, self.ready(), ()))
+            if self.pending:
+                with self.contexts():
+                    while self.pending:
+                        self.run(policy.pick(self, self.ready(), ()))
+
+    @contextmanager
+    def contexts(self) -> Iterator[None]:
+        """The modes kernels run in (no torch function, inference mode), entered once for a batch
+        of kernel runs rather than once per kernel."""
+        if self._contexts:
+            yield
+            return
+        self._contexts = True
+        try:
+            with _NoTorchFunction(), _InferenceMode(True):
+                yield
+        finally:
+            self._contexts = False
 
     def progress(self, clock: Any) -> bool:
         """``query()``: run one kernel ``clock`` waits for (if any); whether all of them have run."""
         with self.session.lock:
-            if self.pending and self._blocked(clock):
+            if self.pending and self.blocked(clock):
                 ready = self.ready()
                 wanted = [k for k in ready if needed(k, clock)] or ready
                 self.run(min(wanted, key=lambda k: k.order))
-            return not self._blocked(clock)
+            return not self.blocked(clock)
 
     def take_error(self) -> BaseException | None:
         error, self.error = self.error, None

@@ -20,13 +20,14 @@ and the number of kernels. From that:
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import zlib
 from typing import Any, Iterator, NamedTuple
 
 import torch
 
-from ._policies import PCT_DEPTH, is_rmw, run_seed
+from ._policies import PCT_DEPTH, is_rmw, is_update, run_seed
 from ._tracking import READ, WRITE
 
 #: the needle sweep: at most this many positions per race
@@ -78,6 +79,10 @@ class Observation:
         kernels = self.kernels
         key_of = self._key
 
+        # a storage's content (CRC) as of now, by storage key, with its size then: computed once
+        # between two writes to it (a kernel that writes it drops it, before it runs)
+        contents: dict = {}
+
         def observed(accesses: list, stream: Any, kernel: Any) -> None:
             check(accesses, stream, kernel)
             if len(kernels) >= OBSERVE_LIMIT:
@@ -85,10 +90,14 @@ class Observation:
             clock = stream.clock
             merged = tuple(max(c, host[i]) if i < len(host) else c for i, c in enumerate(clock))
             # (the eager run: the kernel runs after this check, so the content is what it finds)
-            kernels[(stream.idx, kernel.seq)] = _Kernel(
-                kernel.op, len(kernels), merged,
-                tuple((key_of(t.sk_state), t.sk_lo, t.sk_hi, kind, _content(t)) for t, kind in accesses),
-            )
+            records = []
+            for t, kind in accesses:
+                key = key_of(t.sk_state)
+                records.append((key, t.sk_lo, t.sk_hi, kind, _cached_content(contents, key, t)))
+            for record in records:
+                if record[3] == WRITE:
+                    contents.pop(record[0], None)  # (stale once it runs)
+            kernels[(stream.idx, kernel.seq)] = _Kernel(kernel.op, len(kernels), merged, tuple(records))
 
         session._check = observed
         session.race_hook = self._race
@@ -169,6 +178,23 @@ class Observation:
         return s == b[0] and n <= b[1] or (s < len(kb.clock) and kb.clock[s] >= n)
 
 
+def _cached_content(contents: dict, key: int, tensor: Any) -> int | None:
+    """:func:`_content`, from ``contents`` (by storage key: ``(size, crc)``, ``crc`` None once a
+    kernel wrote the storage) while the storage has its size of then (a resize that changes bytes
+    without a write access computes it again)."""
+    inner = getattr(tensor, "sk_inner", None)
+    if inner is None:
+        return None
+    storage = inner.untyped_storage()
+    size = storage.nbytes()
+    found = contents.get(key)
+    if found is not None and found[0] == size and found[1] is not None:
+        return found[1]
+    crc = _storage_crc(storage, size)
+    contents[key] = (size, crc)
+    return crc
+
+
 def _content(tensor: Any) -> int | None:
     """A CRC of the whole storage's bytes as the eager run has them now (small storages only):
     the needle sweep skips positions whose value the racing access would read anyway."""
@@ -176,11 +202,15 @@ def _content(tensor: Any) -> int | None:
     if inner is None:
         return None
     storage = inner.untyped_storage()
-    size = storage.nbytes()
+    return _storage_crc(storage, storage.nbytes())
+
+
+def _storage_crc(storage: Any, size: int) -> int | None:
     if not size or size > CONTENT_BYTES or storage.device.type != "cpu":
         return None
-    # (a copy: numpy() on the storage itself would make it non-resizable for the program's out= ops)
-    return zlib.crc32(torch.empty(0, dtype=torch.uint8).set_(storage).clone().numpy())
+    # (read in place, no tensor op: a CPU storage's bytes at its address; numpy() on the storage
+    # would make it non-resizable for the program's out= ops)
+    return zlib.crc32((ctypes.c_char * size).from_address(storage.data_ptr()))
 
 
 def race_key(earlier: Any, earlier_kind: Any, kernel: Any, kind: Any) -> tuple:
@@ -269,8 +299,11 @@ def _needles(obs: Observation, first: tuple, second: tuple, first_kind: Any, sec
     return slots
 
 
-def directed_slots(obs: Observation) -> list[Slot]:
-    """The directed runs of a reference run, in the order they are worth trying (module docstring)."""
+def directed_slots(obs: Observation, ranks: bool = False) -> list[Slot]:
+    """The directed runs of a reference run, in the order they are worth trying (module docstring).
+    ``ranks``: the runs an exploration over several ranks takes (:mod:`._ranks`): each race
+    reversed and the needle sweep, without the runs that hold many kernels at once (every race
+    reversed at once, a needle with every other race reversed) or split kernels."""
     groups: dict = {}
     for key, first, second, fk, sk in obs.occurrences:
         if first[0] == second[0]:
@@ -296,13 +329,18 @@ def directed_slots(obs: Observation) -> list[Slot]:
     for _, first, second, _, _ in obs.occurrences:
         if first[0] != second[0] and (second, first) not in pairs:
             pairs.append((second, first))
-    if len(pairs) > 1:
+    if len(pairs) > 1 and not ranks:
         # every race reversed at once, every occurrence (a conjunction of reversals in one run)
         add(Slot("order", 0, PCT_DEPTH, tuple(pairs[:REVERSE_ALL_PAIRS])))
     for (a, b, fk, sk), last in ranked:
         ka, kb = obs.kernels.get(a), obs.kernels.get(b)
-        if ka is not None and kb is not None and is_rmw(ka.op) and is_rmw(kb.op):
-            add(Slot("split", 0, PCT_DEPTH, (a, b)))  # (reversing two add_ changes nothing: lose one)
+        if ka is not None and kb is not None and not ranks:
+            # (reversing two add_ changes nothing: lose one; the one split reads and writes without
+            # atomics, the other may be an atomic update, scatter_add_ say, and is lost all the same)
+            if is_rmw(ka.op) and is_update(kb.op):
+                add(Slot("split", 0, PCT_DEPTH, (a, b)))
+            elif is_rmw(kb.op) and is_update(ka.op):
+                add(Slot("split", 0, PCT_DEPTH, (b, a)))
         if last[:2] != (a, b):
             add(Slot("race", 0, PCT_DEPTH, last[:2]))  # (a loop's last iteration: its result survives)
         add(Slot("race", 0, PCT_DEPTH, (a, b)))
@@ -321,7 +359,7 @@ def directed_slots(obs: Observation) -> list[Slot]:
                 (second, first) for key, first, second, _, _ in obs.occurrences
                 if first[0] != second[0] and key != group_keys[g]
             )[:REVERSE_ALL_PAIRS]
-            if others:
+            if others and not ranks:
                 add(Slot("order", 0, PCT_DEPTH, slot.target + others))
             plain.append(slot)
     for slot in plain:

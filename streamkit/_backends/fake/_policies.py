@@ -32,26 +32,53 @@ HOST = -1
 
 #: in-place ops that write ``self`` without reading it: not read-modify-write (not split)
 _BLIND_WRITES = frozenset({"fill_", "zero_", "copy_", "set_", "resize_", "resize_as_", "detach_", "requires_grad_"})
+#: in-place ops whose CUDA kernels update each element with an atomic, so two racing ones can't lose
+#: an update (not split): scatter_add_/scatter_reduce_/scatter_(reduce=) (ScatterGatherKernel.cu,
+#: ReduceAdd: fastAtomicAdd; gpuAtomicMul/Max/Min), index_add_/index_reduce_ (Indexing.cu,
+#: indexFuncSmallIndex/LargeIndex: gpuAtomicAdd), put_(accumulate=True) (IndexKernel.cu, put_kernel:
+#: fastAtomicAdd); without a reduction scatter_/put_ store without reading. (Under
+#: torch.use_deterministic_algorithms(True) CUDA runs index_add_ and a 1-D scatter_add_ as a sorted
+#: index_put_(accumulate=True), which isn't atomic: not modelled.)
+_ATOMIC_UPDATES = frozenset({"scatter_add_", "scatter_reduce_", "scatter_", "index_add_", "index_reduce_", "put_"})
 _rmw_ops: dict = {}
 
 
 def is_rmw(op: Any) -> bool:
-    """Whether ``op`` reads and writes its first argument in place (``add_``, ``index_add_``,
-    ``scatter_add_``, ``index_put_``...): two racing ones can lose an update on a GPU."""
-    found = _rmw_ops.get(op)
-    if found is None:
-        schema = getattr(op, "_schema", None)
-        found = False
-        if schema is not None and schema.arguments:
-            name = schema.name.split("::")[-1]
-            first = schema.arguments[0]
-            info = first.alias_info
-            found = bool(
-                name.endswith("_") and name not in _BLIND_WRITES and info is not None and info.is_write
-                and sum(1 for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write) == 1
-            )
-        _rmw_ops[op] = found
+    """Whether ``op`` reads and writes its first argument in place without atomics (``add_``,
+    ``mul_``, ``index_put_(accumulate=True)``...): two racing ones can lose an update on a GPU.
+    ``scatter_add_`` and ``index_add_`` update with atomics on CUDA: not read-modify-write here."""
+    entry = _rmw_ops.get(id(op))  # (by id: an OpOverload's __hash__ is Python code; the entry keeps op alive)
+    if entry is not None:
+        return entry[1]
+    schema = getattr(op, "_schema", None)
+    found = False
+    if schema is not None and schema.arguments:
+        name = schema.name.split("::")[-1]
+        info = schema.arguments[0].alias_info
+        found = bool(
+            name.endswith("_") and name not in _BLIND_WRITES and name not in _ATOMIC_UPDATES and info is not None and info.is_write
+            and sum(1 for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write) == 1
+        )
+    _rmw_ops[id(op)] = (op, found)
     return found
+
+
+def is_update(op: Any) -> bool:
+    """Whether ``op`` updates its first argument in place, atomically or not (:func:`is_rmw`, or
+    ``scatter_add_``, ``index_add_``...): run between the read and the write of a racing
+    read-modify-write kernel, its update is lost."""
+    entry = _update_ops.get(id(op))
+    if entry is None:
+        entry = _update_ops[id(op)] = (op, is_rmw(op) or _op_name(op) in _ATOMIC_UPDATES)
+    return entry[1]
+
+
+_update_ops: dict = {}
+
+
+def _op_name(op: Any) -> str:
+    schema = getattr(op, "_schema", None)
+    return schema.name.split("::")[-1] if schema is not None else ""
 
 
 class ScheduleError(ValueError):
@@ -107,6 +134,9 @@ class Policy:
     #: whether :meth:`fast` draws random numbers (then it is asked only for kernels that could be
     #: deferred, as :meth:`after_issue` would be; else before the meta evaluation, which it saves)
     fast_draws: ClassVar[bool] = False
+    #: whether :meth:`fast` is also asked while kernels are queued (a True answer then runs the
+    #: kernel at issue, and :meth:`after_fast` continues the turn :meth:`after_issue` would take)
+    fast_queued: ClassVar[bool] = False
     #: what the token's fields are, for the error message of a malformed token
     token_form: ClassVar[str] = "NAME:SEED"
 
@@ -151,6 +181,10 @@ class Policy:
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         pass
+
+    def after_fast(self, sched: Any) -> None:
+        """(:attr:`fast_queued` policies) ``fast`` ran a kernel at issue while others were queued:
+        the rest of what :meth:`after_issue` would have done after running it first."""
 
     def settle(self, sched: Any) -> None:
         pass
@@ -341,27 +375,69 @@ class PCT(Policy):
 
     _stepped = False
 
+    fast_queued = True
+
     def fast(self, sched: Any, kernel: Any) -> bool:
         if self.target is None:
             return False  # (legacy pct:SEED:DEPTH tokens: the exact path of earlier versions)
         self._step(HOST)  # the host took a step (the issue)
-        if self._priority(kernel.stream.idx) >= self.priority[HOST]:
+        if not sched.pending:
+            if self._priority(kernel.stream.idx) >= self.priority[HOST]:
+                return True
+        elif self._first(sched, kernel):
             return True
         self._stepped = True
         return False
+
+    def _first(self, sched: Any, kernel: Any) -> bool:
+        """With kernels queued: whether :meth:`after_issue` would run ``kernel`` first (it is ready,
+        its stream outranks the host and every stream with queued work), so it may run at issue.
+        No when its stream has no priority yet (drawing it here would change the draws' order)."""
+        priority = self.priority
+        mine = priority.get(kernel.stream.idx)
+        if mine is None or mine < priority[HOST]:
+            return False
+        own = kernel.stream.idx
+        queues = sched.queues
+        for i, q in queues.items():
+            if q:
+                p = priority.get(i)
+                if i == own or p is None or p >= mine:
+                    return False
+        return not sched.blocked(kernel.stream.clock, own)
+
+    def after_fast(self, sched: Any) -> None:
+        self._higher(sched)
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         if self._stepped:
             self._stepped = False
         else:
             self._step(HOST)  # the host took a step (the issue)
+        self._higher(sched)
+
+    def _higher(self, sched: Any) -> None:
         host = self.priority[HOST]
         while sched.pending:  # device threads of higher priority than the host run meanwhile
+            if self._below(sched, host):
+                break
             best = self._best(sched.ready())
             if self._priority(best.stream.idx) < host:
                 break
             sched.run(best)
             host = self.priority[HOST]
+
+    def _below(self, sched: Any, host: float) -> bool:
+        """Whether every stream with queued work has a priority below ``host`` (then no ready kernel
+        outranks the host: :meth:`after_issue` stops without looking for ready ones). False when one
+        has no priority yet (drawing it here would change the draws' order)."""
+        priority = self.priority
+        for i, q in sched.queues.items():
+            if q:
+                p = priority.get(i)
+                if p is None or p >= host:
+                    return False
+        return True
 
     def ran(self, kernel: Any) -> None:
         self._step(kernel.stream.idx)  # (a deferred kernel's run is a step; one run at issue is not)

@@ -8,8 +8,8 @@ they agree on everything that decides a run over the group, with host-side colle
 runs (no fake session is open then, so none of ``fn``'s collectives is pending):
 
 - whether the eager reference run raised anywhere (then every rank raises);
-- the plan: each rank's directed runs (:func:`~._planner.directed_slots` of its own eager run)
-  are gathered, and every rank runs their union, in rank order then plan order, each once. A
+- the plan: each rank's directed runs (:func:`~._planner.directed_slots` of its own eager run,
+  ``ranks=True``: race reversals and the needle sweep) are gathered, and every rank runs their union, in rank order then plan order, each once. A
   rank that didn't plan that run runs the slot under ``lazy:seed``, so the slot still exists
   there. They are interleaved with the undirected runs as in one process (the same kinds and
   seeds on every rank; PCT's step count is each rank's own);
@@ -33,7 +33,7 @@ from ._explore import (
     check_explore_args,
 )
 from ._tokens import Constraints, explanation, fingerprint, occurrence_totals
-from ._planner import Slot
+from ._planner import Slot, directed_slots
 
 
 @dataclass(repr=False)
@@ -183,9 +183,9 @@ def explore_group(fn: Callable[[], Any], schedules: int, seed: int, detect: str,
     failed = {r: e for r, e in enumerate(errors) if e is not None}
     if failed:
         raise RuntimeError(f"explore: the eager run raised on rank(s) {sorted(failed)} (not on rank {rank}): {failed}")
-    # (race reversals only: the order/split runs around collectives didn't replay bit for bit
-    # across ranks in testing, docs/exploration.md "Several ranks")
-    own = [tuple(slot) for slot in explorer.directed() if slot.schedule == "race"]
+    # (race reversals and the needle sweep: directed_slots(ranks=True), docs/exploration.md
+    # "Several ranks")
+    own = [tuple(slot) for slot in directed_slots(explorer.observation, ranks=True)] if detect == "record" else []
     runs: list[RankRun] = []
     failure = None
     for slot in slots([Slot(*t) for t in own], _gather(own, group), explorer):
