@@ -60,6 +60,20 @@ def ranks():
     return run_ranks
 
 
+@pytest.fixture(scope="module")
+def main_ranks():
+    """``main_ranks(backend_name, world)`` -> list of RankResult of the ``main`` scenario (which runs
+    the shape mismatch first), launched once per backend per module: the tests of both share it."""
+    launched: dict[tuple[str, int], list[RankResult]] = {}
+
+    def get(backend_name: str, world: int) -> list[RankResult]:
+        if (backend_name, world) not in launched:
+            launched[backend_name, world] = run_ranks("main", world=world, backend=backend_name)
+        return launched[backend_name, world]
+
+    return get
+
+
 @pytest.fixture
 def eplb_world():
     """``eplb_world(backend_name)`` -> ranks a multi-rank test uses there (skips if too few devices)."""
