@@ -74,6 +74,20 @@ def main_ranks():
     return get
 
 
+@pytest.fixture(scope="module")
+def peer_failure_ranks(tmp_path_factory):
+    """``peer_failure_ranks()`` -> list of RankResult of the ``peers`` scenario (a stalled peer, then
+    a dead one, on fake), launched once per module: the tests of both share it."""
+    launched: list[list[RankResult]] = []
+
+    def get() -> list[RankResult]:
+        if not launched:
+            launched.append(run_ranks("peers", timeout=90, args=(str(tmp_path_factory.mktemp("stall")),)))
+        return launched[0]
+
+    return get
+
+
 @pytest.fixture
 def eplb_world():
     """``eplb_world(backend_name)`` -> ranks a multi-rank test uses there (skips if too few devices)."""
