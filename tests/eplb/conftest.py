@@ -60,6 +60,34 @@ def ranks():
     return run_ranks
 
 
+@pytest.fixture(scope="module")
+def main_ranks():
+    """``main_ranks(backend_name, world)`` -> list of RankResult of the ``main`` scenario (which runs
+    the shape mismatch first), launched once per backend per module: the tests of both share it."""
+    launched: dict[tuple[str, int], list[RankResult]] = {}
+
+    def get(backend_name: str, world: int) -> list[RankResult]:
+        if (backend_name, world) not in launched:
+            launched[backend_name, world] = run_ranks("main", world=world, backend=backend_name)
+        return launched[backend_name, world]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def peer_failure_ranks(tmp_path_factory):
+    """``peer_failure_ranks()`` -> list of RankResult of the ``peers`` scenario (a stalled peer, then
+    a dead one, on fake), launched once per module: the tests of both share it."""
+    launched: list[list[RankResult]] = []
+
+    def get() -> list[RankResult]:
+        if not launched:
+            launched.append(run_ranks("peers", timeout=90, args=(str(tmp_path_factory.mktemp("stall")),)))
+        return launched[0]
+
+    return get
+
+
 @pytest.fixture
 def eplb_world():
     """``eplb_world(backend_name)`` -> ranks a multi-rank test uses there (skips if too few devices)."""

@@ -66,8 +66,10 @@ def host_syncs(session) -> int:
 
 def scenario_main(backend: str, seeds: str = "1,2,3") -> None:
     """Race-free, sync-free, conserving: random records of every kind on every rank, collects on a
-    schedule shared by the ranks; checked per rank, layer and expert for several seeds."""
+    schedule shared by the ranks; checked per rank, layer and expert for several seeds. First, in
+    the same launch (a rank launch costs seconds), the shape mismatch (_mismatch)."""
     with environment(backend) as session:
+        _mismatch()  # the group stays usable: every rank failed in the same one all_gather
         total_records = total_collects = record_syncs = collect_syncs = 0
         checksums = []
         for seed in map(int, seeds.split(",")):
@@ -326,68 +328,77 @@ def _engines_and_placements(session) -> None:
     say("ENGINES", "ok")
 
 
-def scenario_mismatch(backend: str) -> None:
+def _mismatch() -> None:
     """Rank 1 disagrees on num_experts: every rank fails at construction, nobody hangs."""
-    with environment(backend):
-        experts = 8 if RANK == 0 else 16
-        try:
-            HeatCollector(4, experts, group=dist.group.WORLD)
-        except ValueError as exc:
-            say("MISMATCH", str(exc))
-        else:
-            say("NO_ERROR")
-    os._exit(0)
+    experts = 8 if RANK == 0 else 16
+    try:
+        HeatCollector(4, experts, group=dist.group.WORLD)
+    except ValueError as exc:
+        say("MISMATCH", str(exc))
+    else:
+        say("NO_ERROR")
 
 
-def collect_and_report(collector) -> None:
-    """Collect with a peer gone: say how wait() ended (RAISED after how long, or RETURNED), then DONE."""
+def collect_and_report(collector, case: str) -> None:
+    """Collect with a peer gone: say how wait() ended (``case`` RAISED after how long, or ``case``
+    RETURNED), then ``case`` DONE."""
     start = time.monotonic()
     handle = collector.collect()
     try:
         heat = handle.wait()
     except CollectError as exc:
         cause = exc.__cause__
-        say("RAISED", f"{time.monotonic() - start:.2f} {type(cause).__name__} {str(cause).splitlines()[0][:200] if str(cause) else ''}")
+        say(f"{case} RAISED", f"{time.monotonic() - start:.2f} {type(cause).__name__} {str(cause).splitlines()[0][:200] if str(cause) else ''}")
     else:
-        say("RETURNED", repr(heat))
-    say("DONE")
+        say(f"{case} RETURNED", repr(heat))
+    say(f"{case} DONE")
 
 
-def scenario_peer_death(backend: str) -> None:
-    """Rank 1 dies after construction; rank 0's wait() raises CollectError within the PG timeout."""
-    timeout_s = 5.0
+def scenario_peers(backend: str, flag_dir: str = "") -> None:
+    """The two peer failures in one launch (a rank launch costs seconds): first rank 1 stalls
+    (_peer_stall), then, on a new group, it dies (_peer_death). Each case has a group of its own,
+    so the timed-out collective of the first leaves the second's group clean."""
     with environment(backend):
-        dev = sk.device()
-        c = HeatCollector(2, 4, group=short_group(timeout_s))
-        c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
-        c.collect().wait()  # one healthy window first
-        if RANK != 0:
-            say("DYING")
-            os._exit(3)
-        time.sleep(0.5)
-        c.record(1, torch.tensor([2, 2, 2, 2]).to(dev))
-        collect_and_report(c)
+        # (each collector stays alive to the session's end, as in a scenario of its own: freeing
+        # one whose collective failed would be a free racing that collective's side-stream read)
+        collectors = [_peer_stall(flag_dir), _peer_death()]
+    del collectors
     os._exit(0)
 
 
-def scenario_peer_stall(backend: str, flag_dir: str = "") -> None:
+def _peer_stall(flag_dir: str) -> HeatCollector:
     """Rank 1 stays alive but never joins the collect: rank 0's wait() raises while rank 1 still
     stalls (it marks its return in ``flag_dir``), so the group's timeout bounded the wait."""
     timeout_s = 1.5
     flag = os.path.join(flag_dir or ".", f"stall_over_{os.getppid()}")
-    with environment(backend):
-        dev = sk.device()
-        c = HeatCollector(2, 4, group=short_group(timeout_s))
-        if RANK != 0:
-            say("STALLING")
-            time.sleep(timeout_s + 1.5)
-            with open(flag, "w"):
-                pass
-            os._exit(0)
-        c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
-        collect_and_report(c)
-        say("PEER_STILL_STALLING", str(not os.path.exists(flag)))
-    os._exit(0)
+    dev = sk.device()
+    c = HeatCollector(2, 4, group=short_group(timeout_s))
+    if RANK != 0:
+        say("STALL STALLING")
+        time.sleep(timeout_s + 1.5)
+        with open(flag, "w"):
+            pass
+        return c
+    c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
+    collect_and_report(c, "STALL")
+    say("STALL PEER_STILL_STALLING", str(not os.path.exists(flag)))
+    return c
+
+
+def _peer_death() -> HeatCollector:
+    """Rank 1 dies after construction; rank 0's wait() raises CollectError within the PG timeout."""
+    timeout_s = 5.0
+    dev = sk.device()
+    c = HeatCollector(2, 4, group=short_group(timeout_s))
+    c.record(0, torch.tensor([1, 1, 1, 1]).to(dev))
+    c.collect().wait()  # one healthy window first
+    if RANK != 0:
+        say("DEATH DYING")
+        os._exit(3)
+    time.sleep(0.5)
+    c.record(1, torch.tensor([2, 2, 2, 2]).to(dev))
+    collect_and_report(c, "DEATH")
+    return c
 
 
 if __name__ == "__main__":

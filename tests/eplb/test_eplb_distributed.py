@@ -18,10 +18,9 @@ def _assert_ok(results):
         assert r.returncode == 0, r.describe()
 
 
-def test_ranks_are_race_free_sync_free_and_conserve_every_token(streamkit_backend, ranks, eplb_world):
+def test_ranks_are_race_free_sync_free_and_conserve_every_token(streamkit_backend, main_ranks, eplb_world):
     name = streamkit_backend.name
-    world = eplb_world(name)
-    results = ranks("main", world=world, backend=name)
+    results = main_ranks(name, eplb_world(name))
     _assert_ok(results)
     for r in results:
         assert r.lines("OK") == [""], r.describe()
@@ -38,9 +37,9 @@ def test_ranks_are_race_free_sync_free_and_conserve_every_token(streamkit_backen
             assert r.lines("COLLECT_SYNCS") == ["0"], r.describe()
 
 
-def test_ranks_disagreeing_on_the_shape_fail_at_construction(streamkit_backend, ranks, eplb_world):
+def test_ranks_disagreeing_on_the_shape_fail_at_construction(streamkit_backend, main_ranks, eplb_world):
     name = streamkit_backend.name
-    results = ranks("mismatch", world=eplb_world(name), backend=name, timeout=90)
+    results = main_ranks(name, eplb_world(name))  # (the main scenario's launch runs the mismatch first)
     _assert_ok(results)
     for r in results:
         (message,) = r.lines("MISMATCH") or [r.describe()]
@@ -48,38 +47,42 @@ def test_ranks_disagreeing_on_the_shape_fail_at_construction(streamkit_backend, 
         assert "rank 0: (4, 8)" in message and "rank 1: (4, 16)" in message
 
 
-def _survivor_raised(results) -> tuple[str, str]:
-    """Rank 0 must have raised CollectError from wait() (not returned a partial heat): the cause's
-    type and message."""
+def _survivor_raised(results, case: str) -> tuple[str, str]:
+    """Rank 0 must have raised CollectError from wait() (not returned a partial heat) in ``case``
+    (STALL or DEATH): the cause's type and message."""
     survivor = results[0]
     assert survivor.returncode == 0, survivor.describe()
-    assert survivor.lines("RETURNED") == [], survivor.describe()
-    (raised,) = survivor.lines("RAISED") or [survivor.describe()]
+    assert survivor.lines(f"{case} RETURNED") == [], survivor.describe()
+    (raised,) = survivor.lines(f"{case} RAISED") or [survivor.describe()]
     _seconds, cause, *message = raised.split(" ", 2)
-    assert survivor.lines("DONE") == [""], survivor.describe()
+    assert survivor.lines(f"{case} DONE") == [""], survivor.describe()
     return cause, " ".join(message)
 
 
+# The two peer failures share one launch (the ``peers`` scenario: the stall, then the death).
+@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
-def test_a_dead_peer_makes_wait_raise_not_return_a_partial_heat(streamkit_backend, ranks):
-    results = ranks("peer_death", timeout=90)
-    cause, _message = _survivor_raised(results)
+def test_a_dead_peer_makes_wait_raise_not_return_a_partial_heat(streamkit_backend, peer_failure_ranks):
+    results = peer_failure_ranks()
+    cause, _message = _survivor_raised(results, "DEATH")
     assert cause != "NoneType"  # the collective's own error is attached as __cause__
-    assert results[1].lines("DYING") == [""]
+    assert results[1].lines("DEATH DYING") == [""]
 
 
+@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
-def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_backend, ranks, tmp_path):
-    results = ranks("peer_stall", timeout=90, args=(str(tmp_path),))
-    cause, message = _survivor_raised(results)
+def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_backend, peer_failure_ranks):
+    results = peer_failure_ranks()
+    cause, message = _survivor_raised(results, "STALL")
     assert "timed out" in message.lower() or "timeout" in message.lower(), (cause, message)
     # the wait ended while the peer still stalled: the group's timeout bounded it, not the peer's return
-    assert results[0].lines("PEER_STILL_STALLING") == ["True"], results[0].describe()
+    assert results[0].lines("STALL PEER_STILL_STALLING") == ["True"], results[0].describe()
 
 
 SMALL = ("--layers", "4", "--experts", "8", "--redundant", "2", "--steps", "4", "--window", "4", "--tokens", "32", "--timeout", "100")
 
 
+@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
 def test_demo_closes_the_loop_and_plots_before_and_after(streamkit_backend, eplb_demo, tmp_path):
     out = tmp_path / "heat.png"
@@ -101,6 +104,7 @@ def test_demo_closes_the_loop_and_plots_before_and_after(streamkit_backend, eplb
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
 def test_demo_buggy_reports_the_race_and_exits_non_zero(streamkit_backend, eplb_demo):
     proc = eplb_demo(*SMALL, "--buggy", "--steps", "2")
