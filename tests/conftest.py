@@ -1,8 +1,7 @@
 """Suite-wide set-up: ``tests/`` is on ``sys.path`` (pytest's default import mode puts a
 conftest's folder there), so every test can ``import _support``; Hypothesis profiles; the fake
 backend as the default choice; the ``eager_only`` marker for runs with a forced deferred schedule
-(``STREAMKIT_SCHEDULE``); under ``-n`` (pytest-xdist), tests sharing a module-scoped fixture kept on
-one worker and ``slow``-marked tests handed out first; pytester runs that keep PyTorch's modules."""
+(``STREAMKIT_SCHEDULE``)."""
 
 from __future__ import annotations
 
