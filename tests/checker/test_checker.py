@@ -156,7 +156,6 @@ def test_last_line(source, line):
 
 
 # -- spawned children --------------------------------------------------------------------------------
-@pytest.mark.slow
 def test_spawned_and_forked_children_are_checked_and_merged():
     path = SCRIPTS / "spawn_ranks.py"
     proc = subprocess.run(

@@ -7,8 +7,6 @@ import re
 import subprocess
 import sys
 
-import pytest
-
 from streamkit.conformance import Table, _split_id
 
 from _support import REPO, child_env
@@ -57,7 +55,6 @@ print(json.dumps({"cli": cli, "out": out.getvalue(), "broken": broken, "broken_o
 """
 
 
-@pytest.mark.slow
 def test_conformance_cli_table_and_exit_status():
     proc = subprocess.run(
         [sys.executable, "-c", SCENARIO], cwd=str(REPO), env=child_env({"STREAMKIT_BACKEND": "fake"}), capture_output=True,

@@ -18,8 +18,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import pytest
-
 REPO = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
@@ -49,7 +47,6 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
 def test_backward_is_refused_clearly_and_forward_works():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))

@@ -48,7 +48,6 @@ def test_pin_memory_is_the_fakes_only_inside_a_session():
         assert type(torch.ones(3).pin_memory()) is fake.PinnedHostTensor
 
 
-@pytest.mark.slow
 def test_fake_is_unavailable_when_another_extension_named_privateuse1():
     out = _run(FOREIGN, {})
     assert out["reason"] and "'foo' already uses it" in out["reason"]

@@ -44,7 +44,6 @@ def test_unmarked_sees_no_emulation():
 '''
 
 
-@pytest.mark.slow
 def test_streamkit_emulate_marker(pytester):
     with fake.session():
         pass  # (this process is a fake process: the npu test must go to a child)

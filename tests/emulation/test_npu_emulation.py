@@ -29,7 +29,6 @@ def test_npu_in_a_fake_process_is_refused_saying_why_and_what_to_do():
     assert _emulate.installed() is None and "torch_npu" not in sys.modules
 
 
-@pytest.mark.slow
 def test_pr4214_script_on_two_ranks_racy_reported_with_its_lines_and_fixed_clean():
     """Each rank runs the reverted step, then the fixed one: every race names the reverted call,
     none the fixed one, and both gather every rank's loads."""
@@ -112,7 +111,6 @@ def test_custom_op_names_itself():
 '''
 
 
-@pytest.mark.slow
 def test_pytest_option_runs_a_torch_npu_suite(tmp_path):
     """``pytest --streamkit-emulate=npu`` on an engine's torch.npu test file, and on the torch.npu
     cases of tests/fidelity/test_device_api.py (which this process skips), in one child process."""

@@ -4,8 +4,6 @@ import os
 import subprocess
 import sys
 
-import pytest
-
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -15,7 +13,6 @@ def run_check(*args):
     )
 
 
-@pytest.mark.slow
 def test_racy_example_is_reported_with_both_lines_and_exit_1():
     proc = run_check("examples/side_stream_racy.py")
     assert proc.returncode == 1, proc.stdout + proc.stderr

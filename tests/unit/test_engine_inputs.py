@@ -83,7 +83,6 @@ def test_check_without_a_script_names_only_the_script():
     assert "required: script" in err.getvalue() and "args" not in err.getvalue().split("required:")[1]
 
 
-@pytest.mark.slow
 def test_a_checked_script_ending_with_os_exit_still_reports_its_race(tmp_path):
     script = tmp_path / "exits.py"
     script.write_text(textwrap.dedent("""
