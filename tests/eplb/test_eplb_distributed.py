@@ -60,7 +60,6 @@ def _survivor_raised(results, case: str) -> tuple[str, str]:
 
 
 # The two peer failures share one launch (the ``peers`` scenario: the stall, then the death).
-@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
 def test_a_dead_peer_makes_wait_raise_not_return_a_partial_heat(streamkit_backend, peer_failure_ranks):
     results = peer_failure_ranks()
@@ -69,7 +68,6 @@ def test_a_dead_peer_makes_wait_raise_not_return_a_partial_heat(streamkit_backen
     assert results[1].lines("DEATH DYING") == [""]
 
 
-@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
 def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_backend, peer_failure_ranks):
     results = peer_failure_ranks()
@@ -82,7 +80,6 @@ def test_a_stalled_peer_makes_wait_raise_within_the_group_timeout(streamkit_back
 SMALL = ("--layers", "4", "--experts", "8", "--redundant", "2", "--steps", "4", "--window", "4", "--tokens", "32", "--timeout", "100")
 
 
-@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
 def test_demo_closes_the_loop_and_plots_before_and_after(streamkit_backend, eplb_demo, tmp_path):
     out = tmp_path / "heat.png"
@@ -104,7 +101,6 @@ def test_demo_closes_the_loop_and_plots_before_and_after(streamkit_backend, eplb
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.mark.slow
 @pytest.mark.streamkit_backends("fake")
 def test_demo_buggy_reports_the_race_and_exits_non_zero(streamkit_backend, eplb_demo):
     proc = eplb_demo(*SMALL, "--buggy", "--steps", "2")
