@@ -29,6 +29,7 @@ import time
 from typing import Any, Callable
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "deferred"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
 
@@ -37,8 +38,7 @@ from streamkit import fake  # noqa: E402
 from streamkit._backends.fake._explore import Explorer, run_schedule  # noqa: E402
 
 from _planted import late  # noqa: E402
-
-LAYERS, EXPERTS, TOKENS, TOPK = 16, 256, 2048, 8
+from detector_overhead import EXPERTS, LAYERS, TOKENS, TOPK, tracked_step  # noqa: E402
 
 
 def eplb_step() -> Callable[[], Any]:
@@ -50,14 +50,7 @@ def eplb_step() -> Callable[[], Any]:
         ids = [t.to(dev) for t in host_ids]
         side = sk.Stream()
         counters = [torch.zeros(EXPERTS, dtype=torch.long, device=dev) for _ in range(LAYERS)]
-        for layer in range(LAYERS):
-            counts = torch.bincount(ids[layer], minlength=EXPERTS)
-            side.wait_stream(sk.current_stream())  # fork
-            with sk.switch(side):
-                counters[layer].add_(counts)
-                sk.record_stream(counts, side)
-        sk.current_stream().wait_stream(side)  # join
-        return torch.stack(counters).cpu()
+        return tracked_step(ids, counters, side)  # (detector_overhead's step)
 
     return program
 

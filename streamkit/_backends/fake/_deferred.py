@@ -179,26 +179,14 @@ def layout(call: Any, args: Any, kwargs: Any, checks: list | None = None) -> tup
     return template, tensors
 
 
-def placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
-    if template is None:
-        return None
-    tag = template[0]
-    if tag == "arg":
-        return tensors[template[1]]
-    if tag == "fresh":
-        _, shape, stride, dtype = template
-        out = poison(torch.empty_strided(shape, stride, dtype=dtype))
-        # the kernel fills the memory in the layout of issue time: an alias, so that an in-place
-        # metadata change of the pending output (t_(), squeeze_(), resize_() shrinking) doesn't reach it
-        fills.append((path, out.as_strided(shape, stride)))
-        return out
-    return tag(placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
-
-
-def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any:
-    """:func:`placeholders` for the deferred scheduler: ``fills`` holds ``(path, output, shape,
-    stride)``, the layout of issue time, which :meth:`DeferredScheduler._execute` restores only if
-    the pending output's metadata changed meanwhile (t_(), squeeze_(), resize_() shrinking)."""
+def placeholders(template: Any, tensors: list, fills: list | None, path: tuple, alias: bool = True) -> Any:
+    """The outputs of a kernel not run yet, as ``template`` (:func:`layout`) describes them: the
+    argument tensors it returns, and poisoned fresh memory, each noted in ``fills`` (if given) with
+    its ``path`` in the result for the kernel to fill when it runs, in the layout of issue time so
+    that an in-place metadata change of the pending output (t_(), squeeze_(), resize_() shrinking)
+    doesn't reach it: ``(path, alias)`` with ``alias`` (a graph capture: the alias is filled), else
+    ``(path, output, shape, stride)`` (the deferred scheduler: :meth:`DeferredScheduler._execute`
+    restores that layout only if the pending output's metadata changed meanwhile)."""
     if template is None:
         return None
     tag = template[0]
@@ -208,9 +196,9 @@ def _placeholders(template: Any, tensors: list, fills: list, path: tuple) -> Any
         _, shape, stride, dtype = template
         out = poison(torch.empty_strided(shape, stride, dtype=dtype))
         if fills is not None:
-            fills.append((path, out, shape, stride))
+            fills.append((path, out.as_strided(shape, stride)) if alias else (path, out, shape, stride))
         return out
-    return tag(_placeholders(t, tensors, fills, path + (i,)) for i, t in enumerate(template[1]))
+    return tag(placeholders(t, tensors, fills, path + (i,), alias) for i, t in enumerate(template[1]))
 
 
 #: ``Kernel.fills`` of a kernel being issued whose outputs aren't made yet (see ``submit``)
@@ -311,7 +299,7 @@ class DeferredScheduler:
             # hands its own outputs back, with no poisoned placeholder to fill (_execute)
             kernel.fills = (_NOT_RUN, checks)
         else:
-            result = _placeholders(template, tensors, None, ())  # (the arguments it writes)
+            result = placeholders(template, tensors, None, (), False)  # (the arguments it writes)
             kernel.fills = ((), checks)
         self.order += 1
         kernel.order = self.order
@@ -329,9 +317,9 @@ class DeferredScheduler:
         if type(state) is _Ran:  # it ran during the policy's turn: its own outputs
             return state.result
         if state is None:
-            return _placeholders(template, tensors, None, ())  # (it failed when it ran: poison, never filled)
+            return placeholders(template, tensors, None, (), False)  # (it failed when it ran: poison, never filled)
         fills: list = []  # still queued: poisoned placeholders that it fills when it runs
-        result = _placeholders(template, tensors, fills, ())
+        result = placeholders(template, tensors, fills, (), False)
         kernel.fills = (fills, checks)
         return result
 
