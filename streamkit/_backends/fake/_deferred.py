@@ -261,6 +261,8 @@ class DeferredScheduler:
         self.split_pairs: list = []  # (kernel, partner): a read-modify-write kernel run split around a racing one
         self.error: BaseException | None = None  # the first kernel that failed when it ran
         self._contexts = False  # inside contexts(): kernels run without entering their modes again
+        self._ready: list | None = None  # what ready() found, while it stays true
+        self._ready_heads: dict = {}  # stream index -> its queue's head, once found ready (ready())
 
     # issue
     def submit(self, kernel: Any, sync: Any = None) -> Any:
@@ -306,6 +308,8 @@ class DeferredScheduler:
         queue = self.queues.get(kernel.stream.idx)
         if queue is None:
             queue = self.queues[kernel.stream.idx] = deque()
+        if not queue:
+            self._ready = None  # (a new head: ready() looks again)
         queue.append(kernel)
         self.pending += 1
         if self.pending > QUEUE_DEPTH:
@@ -362,26 +366,39 @@ class DeferredScheduler:
         return False
 
     def ready(self) -> list:
-        """The kernels that may run now: heads of their queues whose dependencies have run."""
+        """The kernels that may run now: heads of their queues whose dependencies have run. (The
+        list is kept until a queue loses its head or an empty one gains one, the only changes that
+        change it: callers don't change it.)"""
+        found = self._ready
+        if found is not None:
+            return found
         queues = self.queues
+        heads = self._ready_heads
         found = []
-        for q in queues.values():
+        for i, q in queues.items():
             if q:
                 k = q[0]
-                own = k.stream.idx
+                if heads.get(i) is k:
+                    found.append(k)
+                    continue
                 for j, c in enumerate(k.deps):  # (blocked, inline: this runs at every scheduling point)
-                    if j != own:
+                    if j != i:
                         other = queues.get(j)
                         if other and other[0].seq <= c:
                             break
                 else:
+                    # (a head found ready stays ready until it runs: queues only lose their heads
+                    # and gain later kernels, so the scan is not repeated for it)
+                    heads[i] = k
                     found.append(k)
+        self._ready = found
         return found
 
     def run(self, kernel: Any) -> None:
         """Run ``kernel`` (a ready one): a policy that splits read-modify-write kernels may run a
         racing ready one between its read and its write."""
         self.queues[kernel.stream.idx].popleft()
+        self._ready = None
         self.pending -= 1
         policy = self.policy
         partner = None

@@ -278,7 +278,8 @@ class Rates(Policy):
         return found
 
     def _choose(self, ready: list, host: float) -> Any:
-        weights = [self._rate(k.stream.idx) for k in ready]
+        rates = self.rates  # (rates are > 0: a missing one is drawn, in the order of ready)
+        weights = [rates.get(k.stream.idx) or self._rate(k.stream.idx) for k in ready]
         r = self.rng.random() * (sum(weights) + host)
         for k, w in zip(ready, weights):
             if r < w:
@@ -289,7 +290,10 @@ class Rates(Policy):
     _decided = False
 
     def fast(self, sched: Any, kernel: Any) -> bool:
-        if self._choose([kernel], self.rates[HOST]) is not None:
+        # (_choose([kernel], host), inline: the same draws and sums)
+        idx = kernel.stream.idx
+        weight = self.rates.get(idx) or self._rate(idx)
+        if self.rng.random() * (weight + self.rates[HOST]) < weight:
             return True
         self._decided = True
         return False
@@ -364,7 +368,18 @@ class PCT(Policy):
         return found
 
     def _best(self, ready: list) -> Any:
-        return max(ready, key=lambda k: (self._priority(k.stream.idx), -k.order))
+        """The ready kernel of the highest-priority stream, the oldest of it (priorities drawn in
+        the order of ``ready``)."""
+        priority = self.priority
+        best = None
+        top = 0.0
+        for k in ready:
+            p = priority.get(k.stream.idx)
+            if p is None:
+                p = self._priority(k.stream.idx)
+            if best is None or p > top or (p == top and k.order < best.order):
+                best, top = k, p
+        return best
 
     def _step(self, thread: int) -> None:
         self.step += 1
