@@ -137,6 +137,8 @@ class Policy:
     #: whether :meth:`fast` is also asked while kernels are queued (a True answer then runs the
     #: kernel at issue, and :meth:`after_fast` continues the turn :meth:`after_issue` would take)
     fast_queued: ClassVar[bool] = False
+    #: whether :meth:`seen` is overridden (the scheduler calls it only then)
+    sees: ClassVar[bool] = False
     #: what the token's fields are, for the error message of a malformed token
     token_form: ClassVar[str] = "NAME:SEED"
 
@@ -712,6 +714,8 @@ class ConstraintsPolicy(_Holds):
         if fields:
             raise ValueError(fields)
         return 0, PCT_DEPTH, None
+
+    sees = True
 
     def seen(self, kernel: Any) -> None:
         self.rule.issued(kernel)
