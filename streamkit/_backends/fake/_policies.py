@@ -457,7 +457,13 @@ class PCT(Policy):
         return True
 
     def ran(self, kernel: Any) -> None:
-        self._step(kernel.stream.idx)  # (a deferred kernel's run is a step; one run at issue is not)
+        # (a deferred kernel's run is a step; one run at issue is not): _step, inline
+        self.step += 1
+        change = self.changes.get(self.step)
+        if change is not None:
+            thread = kernel.stream.idx
+            self._priority(thread)
+            self.priority[thread] = change
 
     def pick(self, sched: Any, ready: list, clock: Any) -> Any:
         return self._best(ready)
