@@ -94,10 +94,11 @@ def _describe_args(args: Any, slots: dict, tensors: list, checks: list | None = 
     out = []
     for value in args:
         if isinstance(value, _Tensor):
-            slot = slots.get(id(value))
-            shape, stride = tuple(value.shape), value.stride()
+            vid = id(value)
+            slot = slots.get(vid)
+            shape, stride = value.shape, value.stride()  # (a torch.Size hashes and compares as its tuple)
             if slot is None:
-                slot = slots[id(value)] = len(tensors)
+                slot = slots[vid] = len(tensors)
                 tensors.append(value)
                 if checks is not None:
                     checks.append((value, shape, stride, value.storage_offset()))
@@ -261,6 +262,8 @@ class DeferredScheduler:
         self.split_pairs: list = []  # (kernel, partner): a read-modify-write kernel run split around a racing one
         self.error: BaseException | None = None  # the first kernel that failed when it ran
         self._contexts = False  # inside contexts(): kernels run without entering their modes again
+        self._ready: list | None = None  # what ready() found, while it stays true
+        self._ready_heads: dict = {}  # stream index -> its queue's head, once found ready (ready())
 
     # issue
     def submit(self, kernel: Any, sync: Any = None) -> Any:
@@ -272,8 +275,12 @@ class DeferredScheduler:
             else:
                 self.trace = self.ran = None
         policy = self.policy
-        policy.seen(kernel)
-        if sync is not None or _is_random(kernel.op):
+        if policy.sees:
+            policy.seen(kernel)
+        if sync is not None:
+            return self.run_now(kernel)
+        random_op = _random_ops.get(id(kernel.op))  # (_is_random, inline)
+        if random_op[1] if random_op is not None else _is_random(kernel.op):
             return self.run_now(kernel)
         if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
@@ -299,13 +306,16 @@ class DeferredScheduler:
             # hands its own outputs back, with no poisoned placeholder to fill (_execute)
             kernel.fills = (_NOT_RUN, checks)
         else:
-            result = placeholders(template, tensors, None, (), False)  # (the arguments it writes)
+            # (the arguments it writes: placeholders(template, tensors, None, (), False))
+            result = None if template is None else tensors[template[1]] if template[0] == "arg" else placeholders(template, tensors, None, (), False)
             kernel.fills = ((), checks)
         self.order += 1
         kernel.order = self.order
         queue = self.queues.get(kernel.stream.idx)
         if queue is None:
             queue = self.queues[kernel.stream.idx] = deque()
+        if not queue:
+            self._ready = None  # (a new head: ready() looks again)
         queue.append(kernel)
         self.pending += 1
         if self.pending > QUEUE_DEPTH:
@@ -362,26 +372,39 @@ class DeferredScheduler:
         return False
 
     def ready(self) -> list:
-        """The kernels that may run now: heads of their queues whose dependencies have run."""
+        """The kernels that may run now: heads of their queues whose dependencies have run. (The
+        list is kept until a queue loses its head or an empty one gains one, the only changes that
+        change it: callers don't change it.)"""
+        found = self._ready
+        if found is not None:
+            return found
         queues = self.queues
+        heads = self._ready_heads
         found = []
-        for q in queues.values():
+        for i, q in queues.items():
             if q:
                 k = q[0]
-                own = k.stream.idx
+                if heads.get(i) is k:
+                    found.append(k)
+                    continue
                 for j, c in enumerate(k.deps):  # (blocked, inline: this runs at every scheduling point)
-                    if j != own:
+                    if j != i:
                         other = queues.get(j)
                         if other and other[0].seq <= c:
                             break
                 else:
+                    # (a head found ready stays ready until it runs: queues only lose their heads
+                    # and gain later kernels, so the scan is not repeated for it)
+                    heads[i] = k
                     found.append(k)
+        self._ready = found
         return found
 
     def run(self, kernel: Any) -> None:
         """Run ``kernel`` (a ready one): a policy that splits read-modify-write kernels may run a
         racing ready one between its read and its write."""
         self.queues[kernel.stream.idx].popleft()
+        self._ready = None
         self.pending -= 1
         policy = self.policy
         partner = None
@@ -447,7 +470,11 @@ class DeferredScheduler:
     def _execute(self, kernel: Any) -> None:
         fills, checks = kernel.fills
         kernel.fills = kernel.deps = None
-        frozen = _frozen(checks)
+        frozen = None  # (_frozen(checks), inline: this runs for every deferred kernel)
+        for t, shape, stride, offset in checks:
+            if t.shape != shape or t.stride() != stride or t.storage_offset() != offset:
+                frozen = _frozen(checks)
+                break
         if frozen is not None:
             kernel.args = refreeze(kernel.args, frozen)
             if kernel.kwargs:
@@ -464,11 +491,15 @@ class DeferredScheduler:
             return
         try:
             if self._contexts:
-                self._fill(kernel.run(), fills)
+                result = kernel.run()
+                if fills:
+                    self._fill(result, fills)
             else:
                 # (in inference mode: a placeholder or argument made in inference mode may be updated)
                 with _NoTorchFunction(), _InferenceMode(True):
-                    self._fill(kernel.run(), fills)
+                    result = kernel.run()
+                    if fills:
+                        self._fill(result, fills)
         except Exception as error:  # raised at the next host sync; its outputs stay poisoned
             if self.error is None:
                 self.error = error

@@ -137,6 +137,8 @@ class Policy:
     #: whether :meth:`fast` is also asked while kernels are queued (a True answer then runs the
     #: kernel at issue, and :meth:`after_fast` continues the turn :meth:`after_issue` would take)
     fast_queued: ClassVar[bool] = False
+    #: whether :meth:`seen` is overridden (the scheduler calls it only then)
+    sees: ClassVar[bool] = False
     #: what the token's fields are, for the error message of a malformed token
     token_form: ClassVar[str] = "NAME:SEED"
 
@@ -278,7 +280,8 @@ class Rates(Policy):
         return found
 
     def _choose(self, ready: list, host: float) -> Any:
-        weights = [self._rate(k.stream.idx) for k in ready]
+        rates = self.rates  # (rates are > 0: a missing one is drawn, in the order of ready)
+        weights = [rates.get(k.stream.idx) or self._rate(k.stream.idx) for k in ready]
         r = self.rng.random() * (sum(weights) + host)
         for k, w in zip(ready, weights):
             if r < w:
@@ -289,7 +292,10 @@ class Rates(Policy):
     _decided = False
 
     def fast(self, sched: Any, kernel: Any) -> bool:
-        if self._choose([kernel], self.rates[HOST]) is not None:
+        # (_choose([kernel], host), inline: the same draws and sums)
+        idx = kernel.stream.idx
+        weight = self.rates.get(idx) or self._rate(idx)
+        if self.rng.random() * (weight + self.rates[HOST]) < weight:
             return True
         self._decided = True
         return False
@@ -364,7 +370,18 @@ class PCT(Policy):
         return found
 
     def _best(self, ready: list) -> Any:
-        return max(ready, key=lambda k: (self._priority(k.stream.idx), -k.order))
+        """The ready kernel of the highest-priority stream, the oldest of it (priorities drawn in
+        the order of ``ready``)."""
+        priority = self.priority
+        best = None
+        top = 0.0
+        for k in ready:
+            p = priority.get(k.stream.idx)
+            if p is None:
+                p = self._priority(k.stream.idx)
+            if best is None or p > top or (p == top and k.order < best.order):
+                best, top = k, p
+        return best
 
     def _step(self, thread: int) -> None:
         self.step += 1
@@ -440,7 +457,13 @@ class PCT(Policy):
         return True
 
     def ran(self, kernel: Any) -> None:
-        self._step(kernel.stream.idx)  # (a deferred kernel's run is a step; one run at issue is not)
+        # (a deferred kernel's run is a step; one run at issue is not): _step, inline
+        self.step += 1
+        change = self.changes.get(self.step)
+        if change is not None:
+            thread = kernel.stream.idx
+            self._priority(thread)
+            self.priority[thread] = change
 
     def pick(self, sched: Any, ready: list, clock: Any) -> Any:
         return self._best(ready)
@@ -697,6 +720,8 @@ class ConstraintsPolicy(_Holds):
         if fields:
             raise ValueError(fields)
         return 0, PCT_DEPTH, None
+
+    sees = True
 
     def seen(self, kernel: Any) -> None:
         self.rule.issued(kernel)
