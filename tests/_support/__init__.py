@@ -59,10 +59,30 @@ class RanksTimedOut(AssertionError):
     pass
 
 
+#: what rank 0 prints when the store's port was taken meanwhile (see :func:`run_ranks`)
+_PORT_TAKEN = ("EADDRINUSE", "Address already in use", "address already in use")
+
+
 def run_ranks(argv: Sequence[str], world: int = 2, timeout: float = 120.0, env: dict[str, str] | None = None) -> list[RankResult]:
     """Run ``python *argv`` as ``world`` processes that can join one gloo process group
     (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE`` set). Never hangs: after ``timeout``
-    seconds every process is killed and :class:`RanksTimedOut` (an AssertionError) is raised."""
+    seconds every process is killed and :class:`RanksTimedOut` (an AssertionError) is raised.
+
+    The port is free when chosen, but rank 0 binds it seconds later (after ``import torch``), and
+    meanwhile another launch (``-n 2`` runs two at once: their gloo sockets take ephemeral ports)
+    may take it. Rank 0 then fails with EADDRINUSE and the others wait for a store that never
+    comes: such a launch is run again on a new port (at most three tries)."""
+    for attempt in range(3):
+        results, timed_out = _run_ranks_once(argv, world, timeout, env)
+        port_taken = any(r.returncode != 0 and any(m in r.stderr for m in _PORT_TAKEN) for r in results)
+        if not port_taken or attempt == 2:
+            break
+    if timed_out:
+        raise RanksTimedOut(f"{argv} did not finish within {timeout} s:\n" + "\n".join(r.describe() for r in results))
+    return results
+
+
+def _run_ranks_once(argv: Sequence[str], world: int, timeout: float, env: dict[str, str] | None) -> tuple[list[RankResult], bool]:
     port = free_port()
     procs = []
     for rank in range(world):
@@ -91,9 +111,7 @@ def run_ranks(argv: Sequence[str], world: int = 2, timeout: float = 120.0, env: 
             if proc.poll() is None:
                 proc.kill()
                 proc.communicate()
-    if timed_out:
-        raise RanksTimedOut(f"{argv} did not finish within {timeout} s:\n" + "\n".join(r.describe() for r in results))
-    return results
+    return results, timed_out
 
 
 def rank_results(
