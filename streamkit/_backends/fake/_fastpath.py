@@ -62,7 +62,8 @@ class FastPlan:
 
     def __init__(self, op: Any, tensors: tuple, returns_self: bool, host_sync: str | None, lists: tuple = ()) -> None:
         self.op = op
-        # an op that syncs the host partway (_host_syncs): ((positions read before), (positions read after))
+        # an op that syncs the host partway with two kernels (_host_syncs, masked_select): ((positions
+        # read before), (positions read after))
         self.split: tuple | None = None
         # the host sync before the kernel (nonzero, bincount: _host_syncs.SYNC_FIRST), if any
         self.sync_before: str | None = None
@@ -235,7 +236,7 @@ def _method(func: Any) -> Any:
             return _disabled(func, _TYPES, args, kwargs)
         # (from __torch_function__, frame 1 is streamkit's: the walk skips it)
         site = capture_site(_getframe(1)) if session.tracked else None
-        if fast.split is not None:  # (bincount: reads before its host sync and after it)
+        if fast.split is not None:  # (masked_select: reads before its host sync and after it)
             return _host_syncs.fast_split(session, fast, func, args, inner, kwargs, accesses, site)
         kernel, result = session.launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync, fast.sync_before)
         if fast.returns_self:

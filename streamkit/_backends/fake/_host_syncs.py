@@ -157,25 +157,23 @@ def _run_steps(plan: Any, args: Any, kwargs: dict, frame: Any, steps: list, afte
     return call
 
 
-def _run_split(plan: Any, args: Any, kwargs: dict, frame: Any, before: list, after: list, sync: str) -> Any:
-    if all(any(t is u for u, _ in after) for t, _ in before):  # (SYNC_FIRST: B repeats A's reads)
-        call = _engine.DispatchCall(plan, frame)
-        call.unwrap(args, kwargs)
-        call.accesses = after
-        return call.wrap(call.launch(sync_before=sync), args, kwargs)
-    call = _run_steps(plan, args, kwargs, frame, [(before, sync)], after)
-    return call.wrap(call.launch(), args, kwargs)
-
-
 def split_kernel(plan: Any, args: Any, kwargs: dict, frame: Any) -> Any:
-    """nonzero, bincount, masked_select: reads before the sync, the sync, reads after it (table above)."""
+    """nonzero, bincount, masked_select: reads before the sync, the sync, reads after it (table
+    above); for ``SYNC_FIRST`` ops the sync, then the one kernel with the reads after it."""
     _tensor = _engine
     before_names, after_names = SPLIT_OPS[plan.name]
     named = _fake_values(plan, args, kwargs, _tensor.FakeDeviceTensor)
-    before = [(t, READ) for name, t in named if name in before_names]
     after = [(t, READ) for name, t in named if name in after_names]
-    out = _run_split(plan, args, kwargs, frame, before, after, "implicit_syncs")
-    _tensor.observed(plan, args, kwargs, out)  # (the fast path learns it: fast_split)
+    if plan.name in SYNC_FIRST:
+        call = _engine.DispatchCall(plan, frame)
+        call.unwrap(args, kwargs)
+        call.accesses = after
+        out = call.wrap(call.launch(sync_before="implicit_syncs"), args, kwargs)
+    else:
+        before = [(t, READ) for name, t in named if name in before_names]
+        call = _run_steps(plan, args, kwargs, frame, [(before, "implicit_syncs")], after)
+        out = call.wrap(call.launch(), args, kwargs)
+    _tensor.observed(plan, args, kwargs, out)  # (the fast path learns it: fast_sync_first, fast_split)
     return out
 
 
