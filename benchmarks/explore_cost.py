@@ -136,6 +136,11 @@ def main() -> int:
     parser.add_argument("--kinds", action="store_true", help="also time one run of each schedule kind")
     parser.add_argument("--only", default=None, help="run the programs whose name contains this")
     args = parser.parse_args()
+    for name in ("schedules", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name}: expected a positive number, got {getattr(args, name)}")
+    if args.only is not None and not any(args.only in name for name in PROGRAMS):
+        parser.error(f"--only: {args.only!r} names none of the programs ({', '.join(PROGRAMS)})")
     torch.set_num_threads(1)
     print(f"explore(fn, schedules={args.schedules}, shrink=False) / {args.schedules} against one eager tracked run;"
           f" best of {args.repeats}")

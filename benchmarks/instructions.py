@@ -105,6 +105,11 @@ def main() -> None:
     if args.child:
         child(args.child, args.calls)
         return
+    unknown = [c for c in args.cases if c not in CASES]
+    if unknown:
+        parser.error(f"cases: unknown {', '.join(map(repr, unknown))}; expected any of {', '.join(CASES)}")
+    if args.calls is not None and args.calls < 1:
+        parser.error(f"--calls: expected a positive number of calls, got {args.calls}")
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not on PATH: this benchmark counts instructions with callgrind")
     counts = {}
