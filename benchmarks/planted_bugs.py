@@ -82,7 +82,7 @@ def main() -> int:
         steps = None
         for seed in range(args.seeds):
             n, found, explorer = schedules_to_find(bug.make(False), budget, seed)
-            steps = explorer.observation.steps
+            steps = explorer.steps
             counts.append(n)
             if n is None:
                 misses += 1

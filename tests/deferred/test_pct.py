@@ -84,8 +84,12 @@ def test_the_undirected_plan_cycles_pct_depths_over_the_real_length_with_hashed_
     assert len(seeds) == 8 and not seeds & set(range(100))  # hashed: no run repeats explore seed 5's
     assert not seeds & {e.seed for e in fake.plan(10, 5, steps=120) if e.schedule in ("pct", "rates")}
     found = fake.explore(readme_program(wait=True), schedules=4)  # (race-free: no directed runs)
-    assert [r.short_token for r in found.runs] == [fake.Run(*e).short_token for e in fake.plan(4, 0, steps=found.runs[0].target)]
-    assert found.runs[0].short_token.startswith("pct:") and found.runs[0].target >= 8  # (k: twice the eager run's kernels)
+    assert [r.short_token for r in found.runs] == [fake.Run(*e, focus=frozenset()).short_token for e in fake.plan(4, 0, steps=2)]
+    # race-free: no kernel is in the focus, so every kernel ran at issue and PCT has its least k
+    assert found.runs[0].short_token.startswith("pct:") and found.runs[0].target == 2 and found.runs[0].focus == frozenset()
+    racy = fake.explore(readme_program(wait=False), schedules=6)
+    pct = [r for r in racy.runs if r.schedule == "pct"]
+    assert pct and all(r.target == 2 * len(r.focus) >= 4 for r in pct)  # (k: twice the focus kernels)
 
 
 def test_pct_change_points_reach_late_steps():

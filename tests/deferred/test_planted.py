@@ -109,6 +109,7 @@ def test_shrinking_names_the_conflicting_write_not_the_filler_after_it():
     f = explorer.run(Slot("adversarial", 0))  # (the sync runs the write and all the filler before the sum)
     assert f.values == 32.0
     explorer.shrink(f, None)
-    assert f.deviations >= 2 and len(f.constraints) == 1, f.explanation
+    # (the filler touches no raced memory: it ran at issue, outside the schedule, and is no deviation)
+    assert f.deviations >= 1 and len(f.constraints) == 1, f.explanation
     ((a, b),) = f.constraints
     assert (a.op, b.op) == ("aten.mul_", "aten.sum"), f.explanation  # the write, not pad.add_

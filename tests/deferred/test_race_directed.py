@@ -19,7 +19,8 @@ def test_the_race_directed_run_comes_first_and_fails_the_racy_program():
     (run,) = found.runs
     race = found.reference.races[0]
     (i, a), (j, b) = race.kernels
-    assert run.schedule == "race" and run.short_token == f"race:{i}.{a}:{j}.{b}" and i != j
+    assert run.schedule == "race" and run.short_token.startswith(f"race:{i}.{a}:{j}.{b}+focus=") and i != j
+    assert run.focus == {(i, a), (j, b)} | {(0, 1)}  # (the racing kernels and x's fill: they touch x)
     assert run.token.startswith(run.short_token + "/")  # (with the fingerprint and the shrunk constraints)
     assert math.isnan(run.values) or run.values == 1024.0  # the sum ran before the doubling
     again = fake.replay(readme_program(wait=False), run.token)

@@ -46,11 +46,11 @@ def test_pr4214_variants_give_wrong_heat_within_two_schedules_on_both_ranks(resu
         assert entry["replay_token"] == entry["failure_token"]
         assert entry["replay_bits_equal"] and entry["replay_ok"] is False
         assert f"failed on ranks [0, 1] of {WORLD}" in entry["explain"]
-    # shrinking runs over both ranks together (the same runs on each); "merged" has no deviation
-    # but the collective's (collectives run at issue, outside what a constraint holds), the others
-    # shrink to a constraint form on the rank whose orderings matter
-    assert entries[0]["shrink_runs"] == entries[1]["shrink_runs"] == (0 if variant == "merged" else entries[0]["shrink_runs"])
-    if variant != "merged":
+    # shrinking runs over both ranks together (the same runs on each); "no-join" shrinks to a
+    # constraint form on the rank whose orderings matter (in "merged" and "early" the ordering that
+    # matters is the collective's, which runs at issue, outside what a constraint holds)
+    assert entries[0]["shrink_runs"] == entries[1]["shrink_runs"]
+    if variant == "no-join":
         assert entries[0]["shrink_runs"] >= 1
         assert any(e["failure_token"].count("/") == 2 and "shrunk to" in e["explain"] for e in entries)
     # the ranks ran the same slots and agree on every outcome
@@ -80,10 +80,10 @@ def test_ranks_agree_on_the_plan_when_only_one_rank_has_the_race(results):
     assert r0["all_tokens"] == r1["all_tokens"]
     slots = [i for i, t in enumerate(r1["tokens"]) if t.split(":")[0] in ("race", "order", "split")]
     assert slots[:2] == [0, 1] and all(r1["tokens"][i].split(":")[0] in ("race", "order") for i in slots)  # (first, then interleaved)
-    short = lambda t: t.split("/")[0]  # noqa: E731  (the failure's token is full: fingerprint, constraints)
+    short = lambda t: t.split("/")[0].split("+")[0]  # noqa: E731  (the schedule alone: no focus, fingerprint, constraints)
     assert [short(r0["tokens"][i]) for i in slots] == ["lazy:0"] * len(slots)
     others = [i for i in range(len(r1["tokens"])) if i not in slots]
-    kind = lambda t: ":".join(t.split(":")[:3])  # noqa: E731  (pct's step count is each rank's own)
+    kind = lambda t: ":".join(short(t).split(":")[:3])  # noqa: E731  (pct's step count and the focus are each rank's own)
     assert [kind(r0["tokens"][i]) for i in others] == [kind(r1["tokens"][i]) for i in others]  # the same plan elsewhere
     assert r0["failure_index"] == r1["failure_index"] == 0
     assert {r: short(t) for r, t in r0["failure_tokens"].items()} == {"0": "lazy:0", "1": short(r1["tokens"][0])}

@@ -157,7 +157,8 @@ def test_tokens_round_trip_and_replay_bit_for_bit():
     f = found.failure
     t = fake.read_token(f.token)
     assert (t.fingerprint, t.constraints) == (f.fingerprint, f.constraints) and len(t.fingerprint) == 8
-    assert fake.Run(t.schedule, t.seed, t.depth, t.target, fingerprint=t.fingerprint, constraints=t.constraints).token == f.token
+    assert fake.Run(t.schedule, t.seed, t.depth, t.target, fingerprint=t.fingerprint, constraints=t.constraints, focus=t.focus).token == f.token
+    assert t.focus == f.focus and f.focus  # (the kernels the schedule ordered travel in the token)
     assert fake.parse_token(f.token) == (f.schedule, f.seed, f.depth, f.target)
     with warnings.catch_warnings():
         warnings.simplefilter("error", fake.ReplayFallbackWarning)  # (nothing changed: no fallback)

@@ -110,6 +110,8 @@ def free(session: "Engine", state: StorageState) -> None:
             state.pool()  # other streams' uses are ordered before the allocation stream
             return
         if session.detect != "off":  # (clocks kept for a deferred schedule only)
+            if session.on_raced is not None:
+                session.on_raced(state, tuple(r.kernel for r, _ in pending))
             earlier, kind = max(pending, key=lambda found: found[0].seq)
             # (where the last reference was dropped: the user frames above the finalizer)
             race, new = session.reporter.free_race(earlier, kind, state, site_here())
@@ -211,6 +213,13 @@ def reuse_memory(session: "Engine", old: StorageState, stream: StreamState, out:
         shared = torch.empty(0, dtype=inner.dtype).set_(mem, inner.storage_offset(), inner.size(), inner.stride())
     poison(shared)
     out.sk_inner = shared
+    busy = session.scheduler.busy
+    if busy is not None:
+        # (fake.explore's focus: the old owner's queued kernels use this memory: the new owner's
+        # kernels conflict with them, whatever storage they name)
+        counts = busy.get(id(old))
+        if counts is not None:
+            busy[id(out.sk_state)] = counts
 
 
 def reallocate(

@@ -23,6 +23,7 @@ import torch
 from ..._errors import InternalError
 from ._policies import PCT_DEPTH, PCT_STEPS, SCHEDULES, needed, is_rmw, is_update  # noqa: F401  (re-exported)
 from ._policies import policy as make_policy
+from ._tracking import AccessKind
 #: pending kernels beyond this run oldest first (CUDA's launch queue holds about 1k entries)
 QUEUE_DEPTH = 1024
 #: kernels a deferred session records for fake.explore (fingerprint, deviations); a longer session
@@ -32,6 +33,7 @@ TRACE_LIMIT = 1 << 17
 _AT_ONCE_NAMES = frozenset({"resize_", "set_", "resize_as_"})
 
 _META = torch.device("meta")
+_WRITE = AccessKind.WRITE
 _Tensor = torch.Tensor
 _NoTorchFunction = torch._C.DisableTorchFunctionSubclass
 _InferenceMode = torch._C._InferenceMode
@@ -264,9 +266,85 @@ class DeferredScheduler:
         self._contexts = False  # inside contexts(): kernels run without entering their modes again
         self._ready: list | None = None  # what ready() found, while it stays true
         self._ready_heads: dict = {}  # stream index -> its queue's head, once found ready (ready())
+        #: fake.explore's focus (:meth:`set_focus`): the kernels, as (stream, seq), whose order may
+        #: change values; None: every kernel goes through the policy
+        self.focus: frozenset | None = None
+        #: with a focus: per storage (by id of its access table) still used by queued kernels,
+        #: ``[reads, writes]`` of them
+        self.busy: dict | None = None
+
+    def set_focus(self, focus: frozenset) -> None:
+        """Run every kernel outside ``focus`` at issue, as eager does, when no queued kernel uses
+        memory it writes or writes memory it uses (:meth:`inert`); the policy sees only the rest.
+
+        Why that changes no value: two kernels' order changes what they compute only when they
+        touch common memory and one writes it (they conflict). Kernels ordered by the program run
+        in that order in every schedule; a conflicting pair that is not ordered is a race, which
+        the eager run reported (on every storage where such a pair exists, it reports one: a record
+        it drops is ordered before the access that replaced it). ``focus`` (from the eager run:
+        :meth:`._planner.Observation.focus`) holds every kernel that touched a storage with a race.
+        A kernel outside it conflicts with no kernel it isn't ordered with, and with no queued one
+        (checked here), so running it now gives the values of running it after everything queued:
+        the schedule the policy makes of the focus kernels, with the others where any legal
+        schedule may have put them."""
+        self.focus = focus
+        self.busy = {}
+
+    def inert(self, kernel: Any, accesses: list) -> bool:
+        """With a focus: whether ``kernel`` runs at issue, outside the policy (:meth:`set_focus`);
+        then it is recorded as issued and run."""
+        if (kernel.stream.idx, kernel.seq) in self.focus:
+            return False
+        busy = self.busy
+        if busy:
+            for t, kind in accesses:
+                counts = busy.get(id(t.sk_state))
+                if counts is not None and (counts[1] or (kind is _WRITE and counts[0])):
+                    return False
+        trace = self.trace
+        if trace is not None:
+            # (issued, not in ``ran``: its place in the run order changes nothing, so the
+            # deviations of the run, fake.explore's constraints, leave it out)
+            if len(trace) < TRACE_LIMIT:
+                trace.append(kernel)
+            else:
+                self.trace = self.ran = None
+        return True
+
+    def _hold(self, kernel: Any, accesses: Any) -> None:
+        """A queued kernel's accesses count in :attr:`busy` until it runs."""
+        busy = self.busy
+        held = []
+        for t, kind in accesses or ():
+            key = id(t.sk_state)
+            counts = busy.get(key)
+            if counts is None:
+                counts = busy[key] = [0, 0]
+            write = kind is _WRITE
+            counts[write] += 1
+            held.append((key, write))
+        kernel.held = held
+
+    def hold_output(self, kernel: Any, state: Any) -> None:
+        """``state`` is a fresh output of ``kernel``, still queued: it writes it when it runs."""
+        key = id(state)
+        counts = self.busy.get(key)
+        if counts is None:
+            counts = self.busy[key] = [0, 0]
+        counts[1] += 1
+        kernel.held.append((key, True))
+
+    def _release(self, kernel: Any) -> None:
+        busy = self.busy
+        for key, write in kernel.held:
+            counts = busy[key]
+            counts[write] -= 1
+            if not counts[0] and not counts[1]:
+                del busy[key]  # (a recycled block's new owner may still name the same counts: at zero they block nothing)
+        kernel.held = None
 
     # issue
-    def submit(self, kernel: Any, sync: Any = None) -> Any:
+    def submit(self, kernel: Any, sync: Any = None, accesses: Any = None) -> Any:
         """Queue ``kernel`` (bound) and return its outputs: placeholders, or the arguments it writes."""
         trace = self.trace
         if trace is not None:
@@ -317,6 +395,8 @@ class DeferredScheduler:
         if not queue:
             self._ready = None  # (a new head: ready() looks again)
         queue.append(kernel)
+        if self.busy is not None:
+            self._hold(kernel, accesses)
         self.pending += 1
         if self.pending > QUEUE_DEPTH:
             self.run(min(self.ready(), key=lambda k: k.order))
@@ -470,6 +550,8 @@ class DeferredScheduler:
     def _execute(self, kernel: Any) -> None:
         fills, checks = kernel.fills
         kernel.fills = kernel.deps = None
+        if self.busy is not None:
+            self._release(kernel)
         frozen = None  # (_frozen(checks), inline: this runs for every deferred kernel)
         for t, shape, stride, offset in checks:
             if t.shape != shape or t.stride() != stride or t.storage_offset() != offset:

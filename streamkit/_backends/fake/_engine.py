@@ -82,6 +82,10 @@ class Session:
         #: fake.explore's hook (streamkit._backends.fake._planner): called first for every race the
         #: detector finds; True skips the report (a race the eager run already reported)
         self.race_hook: Any = None
+        #: fake.explore's observation hook (streamkit._backends.fake._planner): called with
+        #: ``(state, kernels)`` for every race found, access, free or host (``state``: the storage's
+        #: access table, None for pinned host memory; ``kernels``: the device side's kernels)
+        self.on_raced: Any = None
         #: ``pytest --streamkit-emulate``'s per-test session: a ``fake.session()`` the test opens
         #: itself steps this one aside while it is open (fake sessions don't nest)
         self.yields_to_sessions = False
@@ -102,6 +106,8 @@ class Session:
         self.lock = threading.RLock()
         self.clocks = Clocks()
         self.scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
+        if spec.focus is not None:  # (a token of fake.explore's: the kernels its schedule orders)
+            self.scheduler.set_focus(spec.focus)
         self.eager = self.scheduler.runs_at_issue
         self.reporter = Reporter(self.races, self._wrap_stream)
         self.detector = Detector(self._on_race, self.clocks.host)
@@ -240,8 +246,12 @@ class Session:
             try:
                 if self.eager:  # the kernel runs right here and keeps no arguments
                     result = call(*args, **kwargs) if kwargs else call(*args)
+                elif self.scheduler.focus is not None and self.scheduler.inert(kernel, accesses):
+                    # (fake.explore: no race touches its memory and no queued kernel conflicts
+                    # with it, so no schedule changes what it computes: it runs as eager runs it)
+                    result = call(*args, **kwargs) if kwargs else call(*args)
                 else:
-                    result = self.scheduler.submit(kernel.bind(call, args, kwargs), sync)
+                    result = self.scheduler.submit(kernel.bind(call, args, kwargs), sync, accesses)
             except BaseException:
                 # The op refused its arguments (dtypes, shapes): as on a device, the host raised
                 # before anything was launched, so the kernel leaves no trace.
@@ -311,6 +321,8 @@ class Session:
     def _on_race(self, earlier: AccessRecord, earlier_kind: AccessKind, kernel: Kernel, kind: AccessKind, tensor: Any, state: StorageState) -> None:
         if self.detect == "off":
             return  # (clocks kept for a deferred schedule only)
+        if self.on_raced is not None:
+            self.on_raced(state, (earlier.kernel, kernel))
         if self.race_hook is not None and self.race_hook(earlier, earlier_kind, kernel, kind):
             return
         race, _ = self.reporter.access_race(earlier, earlier_kind, kernel, kind, tensor, state)

@@ -31,7 +31,7 @@ from ._report import Race
 from ._session import DETECT_MODES, session
 from ._tensor import FakeDeviceTensor
 from ._tokens import (  # noqa: F401  (TOKEN_FORMAT, Token, parse_token, read_token: the public token API)
-    TOKEN_FORMAT, Constraints, KernelId, ReplayFallbackWarning, Token, encode_constraints, Namer, describe, explanation, fingerprint,
+    FOCUS_MARK, TOKEN_FORMAT, Constraints, decode_focus, encode_focus, KernelId, ReplayFallbackWarning, Token, encode_constraints, Namer, describe, explanation, fingerprint,
     occurrence_totals, parse_token, read_token,
 )
 
@@ -69,6 +69,9 @@ class Run:
     #: explore: the deviations the failing run made (before shrinking), and the runs shrinking took
     deviations: int = 0
     shrink_runs: int = 0
+    #: the kernels the schedule ordered (fake.explore's runs: the eager run's focus, in the token
+    #: after ``+focus=``; :meth:`._deferred.DeferredScheduler.set_focus`); None: every kernel
+    focus: frozenset | None = None
     #: read-modify-write kernels the run split around a racing one (kernel, partner)
     split_pairs: list = field(default_factory=list, repr=False, compare=False)
     _trace: Any = field(default=None, repr=False, compare=False)  # (kernels in issue order, in run order)
@@ -77,7 +80,8 @@ class Run:
     def short_token(self) -> str:
         """The schedule alone: ``"rates:7"``, ``"pct:3:3:412"``, ``"race:0.2:1.1"``, ``"constraints"``
         (the formats come from the policy registry, :mod:`._policies`)."""
-        return short_token(self.schedule, self.seed, self.depth, self.target)
+        short = short_token(self.schedule, self.seed, self.depth, self.target)
+        return short if self.focus is None else short + FOCUS_MARK + encode_focus(self.focus)
 
     @property
     def token(self) -> str:
@@ -202,15 +206,19 @@ def same_values(a: Any, b: Any) -> bool:
 
 def run_schedule(
     fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH, target: Any = None,
-    observe: Observation | None = None, known: dict | None = None,
+    observe: Observation | None = None, known: dict | None = None, focus: frozenset | None = None,
 ) -> Run:
     """One run of ``fn`` in a fresh session. ``observe``: the eager reference run's observation
     (:mod:`._planner`); ``known``: races of the reference by :func:`._planner.race_key` (with
-    ``detect="record"``, their reports aren't built again: the reference's Race is listed)."""
-    run = Run(schedule, seed, depth, None if schedule == "constraints" else target)
+    ``detect="record"``, their reports aren't built again: the reference's Race is listed);
+    ``focus``: the reference's focus kernels, the only ones the schedule orders
+    (:meth:`._deferred.DeferredScheduler.set_focus`)."""
+    run = Run(schedule, seed, depth, None if schedule == "constraints" else target, focus=focus)
     hits: list = []
     try:
         with session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
+            if focus is not None:
+                s.scheduler.set_focus(focus)
             if observe is not None:
                 observe.install(s)
             elif known and detect == "record":
@@ -269,8 +277,10 @@ def deviations(run: Run, ids: list[KernelId], obs: Observation | None = None) ->
     trace, ran = run._trace
     issue = {id(k): i for i, k in enumerate(trace)}
     streams: dict = {}
+    ran_ids = {id(k) for k in ran}
     for k in trace:
-        streams.setdefault(k.stream.idx, []).append(k)
+        if id(k) in ran_ids:  # (a kernel a focus ran at issue isn't in ``ran``: no order of it matters)
+            streams.setdefault(k.stream.idx, []).append(k)
     head = dict.fromkeys(streams, 0)
     done: set = set()
     found: dict = {}
@@ -490,6 +500,8 @@ class Explorer:
         self.observation = Observation()
         self.reference: Run | None = None
         self.known: dict = {}
+        #: the reference's focus kernels (None: every kernel goes through the schedule)
+        self.focus: frozenset | None = None
 
     def run_reference(self) -> Run:
         """The eager run (values, races, and what the plan needs); its races' reports are not
@@ -497,6 +509,7 @@ class Explorer:
         ref = self.reference = run_schedule(self.fn, "eager", 0, self.detect, observe=self.observation)
         if ref.error is None:
             check_values(ref.values)
+        self.focus = focus_of(self.observation, ref, self.detect)
         by_kernels = {race.kernels: race for race in ref.races if race.kernels is not None}
         for key, first, second, _, _ in self.observation.occurrences:
             race = by_kernels.get((first, second))
@@ -512,11 +525,20 @@ class Explorer:
         undirected ones, ``schedules`` in all."""
         if directed is None:
             directed = self.directed()
-        return interleave(directed, self.seed, self.observation.steps, self.schedules)
+        return interleave(directed, self.seed, self.steps, self.schedules)
+
+    @property
+    def steps(self) -> int:
+        """PCT's step count k: every kernel issued and run (:attr:`._planner.Observation.steps`);
+        with a focus, the focus kernels' (the others take no step)."""
+        if self.focus is None:
+            return self.observation.steps
+        return max(2 * len(self.focus), 2)
 
     def run(self, slot: Slot) -> Run:
         schedule, seed, depth, target = slot
-        run = run_schedule(self.fn, schedule, seed, self.detect, depth, target, known=self.known)
+        focus = self.focus if schedule in FOCUSED else None
+        run = run_schedule(self.fn, schedule, seed, self.detect, depth, target, known=self.known, focus=focus)
         if run.error is None:
             run.ok = same_values(self.reference.values, run.values)
         return run
@@ -573,6 +595,19 @@ def explore(
     return Explorer(fn, schedules, seed, detect).explore(shrink)
 
 
+#: the schedules explore runs with the eager run's focus (:meth:`._deferred.DeferredScheduler.set_focus`):
+#: all but the constraint form (shrinking's runs and edit-proof replays: kernels named, not numbered)
+FOCUSED = frozenset({"pct", "rates", "lazy", "adversarial", "random", "race", "order", "split"})
+
+
+def focus_of(observation: Observation, reference: Run, detect: str) -> frozenset | None:
+    """The focus of an observed eager run: known only when it recorded every race
+    (``detect="record"``) and ran to the end."""
+    if detect != "record" or reference.error is not None:
+        return None
+    return observation.focus()
+
+
 def run_token(
     fn: Callable[[], Any], token: str, detect: str = "record", where: str = "fake.replay", keep_failure: bool = False
 ) -> Run:
@@ -582,7 +617,7 @@ def run_token(
     t = read_token(token)
     by = "constraints" if t.schedule == "constraints" else "schedule"
     if by == "schedule":
-        run = run_schedule(fn, t.schedule, t.seed, detect, t.depth, t.target)
+        run = run_schedule(fn, t.schedule, t.seed, detect, t.depth, t.target, focus=t.focus)
         ids = identify_kernels(run)
         if t.fingerprint is not None and ids is not None:
             now = fingerprint(ids)
@@ -615,6 +650,7 @@ def run_token(
             )
     run.schedule, run.seed, run.depth, run.target = t.schedule, t.seed, t.depth, t.target
     run.fingerprint, run.constraints, run.replayed_by = t.fingerprint, t.constraints, by
+    run.focus = t.focus
     run.explanation = explanation(t.constraints) if t.constraints else None
     run._trace = None
     return run

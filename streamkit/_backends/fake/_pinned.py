@@ -146,6 +146,8 @@ def _check(tensor: PinnedHostTensor, write: bool, func: Any, frame: Any) -> None
         return
     (session, kernel), earlier = max(conflicts, key=lambda found: found[0][1].seq)
     site = capture_site(frame)
+    if session.on_raced is not None:
+        session.on_raced(None, tuple(k for (owner, k), _ in conflicts if owner is session))
     with session.lock:
         race, _ = session.reporter.host_race(
             kernel, earlier, AccessKind.HOST_WRITE if write else AccessKind.HOST_READ, _name(func), site, tensor.shape, tensor.dtype

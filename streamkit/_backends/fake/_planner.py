@@ -21,6 +21,8 @@ and the number of kernels. From that:
 from __future__ import annotations
 
 import ctypes
+import functools
+import weakref
 import itertools
 import zlib
 from typing import Any, Iterator, NamedTuple
@@ -65,9 +67,13 @@ class Observation:
     def __init__(self) -> None:
         self.kernels: dict[tuple[int, int], _Kernel] = {}
         self.occurrences: list[tuple] = []  # (race key, (stream, seq), (stream, seq), first kind, second kind)
-        self._states: list = []  # (the storages named by key: their ids stay unique)
+        # storages named by key, by id while they live (weak: keeping them alive would keep their
+        # blocks from being freed, and the reference run would miss free races and reuse)
         self._state_keys: dict[int, int] = {}
+        self._state_refs: dict[int, Any] = {}
         self.sinks: set[int] = set()
+        self.raced: set[int] = set()  # storage keys some race (access, free) was on
+        self.racers: set[tuple[int, int]] = set()  # kernels of every race, host races included
 
     # -- the hooks --------------------------------------------------------------------------------
     def install(self, session: Any) -> None:
@@ -101,13 +107,19 @@ class Observation:
 
         session._check = observed
         session.race_hook = self._race
+        session.on_raced = self._raced
 
     def _key(self, state: Any) -> int:
-        key = self._state_keys.get(id(state))
+        sid = id(state)
+        key = self._state_keys.get(sid)
         if key is None:
-            key = self._state_keys[id(state)] = len(self._states)
-            self._states.append(state)
+            key = self._state_keys[sid] = len(self._state_refs)
+            self._state_refs[key] = weakref.ref(state, functools.partial(self._gone, sid, key))
         return key
+
+    def _gone(self, sid: int, key: int, ref: Any) -> None:
+        if self._state_keys.get(sid) == key:
+            del self._state_keys[sid]  # (its id may name a new storage now)
 
     def _race(self, earlier: Any, earlier_kind: Any, kernel: Any, kind: Any) -> bool:
         first = earlier.kernel
@@ -116,6 +128,11 @@ class Observation:
             (first.stream.idx, first.seq), (kernel.stream.idx, kernel.seq), earlier_kind, kind,
         ))
         return False  # (the report is built as usual)
+
+    def _raced(self, state: Any, kernels: tuple) -> None:
+        if state is not None:
+            self.raced.add(self._key(state))
+        self.racers.update((k.stream.idx, k.seq) for k in kernels if k.seq)
 
     def returned(self, values: Any) -> None:
         """The fake tensors ``fn`` returned: their storages are sinks."""
@@ -131,14 +148,30 @@ class Observation:
 
     def release(self) -> None:
         """Drop the storages (the run is over; keys stay valid as numbers)."""
-        self._states = []
         self._state_keys = {}
+        self._state_refs = {}
 
     # -- what the plan reads ------------------------------------------------------------------------
     @property
     def steps(self) -> int:
         """PCT's step count k: every kernel issued and run."""
         return max(2 * len(self.kernels), 2)
+
+    def focus(self) -> frozenset | None:
+        """The kernels whose order may change values (:meth:`._deferred.DeferredScheduler.set_focus`):
+        every kernel of a race and every kernel that touched a storage some race was on. None when
+        the observation is cut short (:data:`OBSERVE_LIMIT`): then every kernel is a focus."""
+        if len(self.kernels) >= OBSERVE_LIMIT:
+            return None
+        raced = self.raced
+        found = set(self.racers)
+        if raced:
+            for key, k in self.kernels.items():
+                for a in k.accesses:
+                    if a[0] in raced:
+                        found.add(key)
+                        break
+        return frozenset(found)
 
     @property
     def streams(self) -> int:

@@ -308,6 +308,9 @@ def wrap_fresh(session: "Engine", inner: torch.Tensor, stream: Any, kernel: Any,
         _allocator.recycle(session, state, stream, out)
     if not session.eager:
         state.mem = out.sk_inner.untyped_storage()  # (a recycled block's memory, once this one is freed)
+        scheduler = session.scheduler
+        if scheduler.busy is not None and kernel is not None and getattr(kernel, "held", None) is not None:
+            scheduler.hold_output(kernel, state)  # (the kernel is still queued: it writes this when it runs)
     return out
 
 

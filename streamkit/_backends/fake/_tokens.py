@@ -197,6 +197,40 @@ def explanation(pairs: Sequence[tuple[KernelId, KernelId]], totals: dict | None 
     return "\n".join(f"ran {describe(a, totals)} before {describe(b, totals)}" for a, b in pairs)
 
 
+#: what joins a schedule's focus to its short token (``rates:7+focus=BLOB``; :func:`encode_focus`):
+#: the kernels the run ordered, the rest ran at issue (fake.explore's runs)
+FOCUS_MARK = "+focus="
+
+
+def encode_focus(focus: frozenset) -> str:
+    """The focus kernels ``(stream, seq)`` as text: per stream the gaps between sequence numbers,
+    JSON, zlib, URL-safe base64 without padding (a loop's kernels compress to a few characters);
+    empty for none."""
+    if not focus:
+        return ""
+    streams: dict = {}
+    for stream, seq in sorted(focus):
+        streams.setdefault(stream, []).append(seq)
+    data = [[stream, [b - a for a, b in zip([0, *seqs], seqs)]] for stream, seqs in streams.items()]
+    return base64.urlsafe_b64encode(zlib.compress(json.dumps(data, separators=(",", ":")).encode(), 9)).decode().rstrip("=")
+
+
+def decode_focus(text: str) -> frozenset:
+    """:func:`encode_focus` read back; ValueError for anything else."""
+    if not text:
+        return frozenset()
+    data = json.loads(zlib.decompress(base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))))
+    found = set()
+    for stream, gaps in data:
+        if type(stream) is not int or stream < 0 or not all(type(g) is int and g > 0 for g in gaps):
+            raise ValueError(text)
+        seq = 0
+        for gap in gaps:
+            seq += gap
+            found.add((stream, seq))
+    return frozenset(found)
+
+
 class Token(NamedTuple):
     """A parsed token (:func:`read_token`)."""
 
@@ -206,6 +240,8 @@ class Token(NamedTuple):
     target: Any
     fingerprint: str | None
     constraints: tuple
+    #: the kernels the schedule ordered, the rest ran at issue (:data:`FOCUS_MARK`); None: all
+    focus: frozenset | None = None
 
 
 def _parse_short(token: str) -> tuple[str, int, int, Any]:
@@ -219,7 +255,11 @@ def read_token(token: str) -> Token:
         parts = str(token).split("/")
         if len(parts) > 3:
             raise ValueError(token)
-        name, seed, depth, target = _parse_short(parts[0])
+        short, mark, blob = parts[0].partition(FOCUS_MARK)
+        focus = decode_focus(blob) if mark else None
+        name, seed, depth, target = _parse_short(short)
+        if focus is not None and name in ("constraints", "eager"):
+            raise ValueError(token)
         fp = None
         if len(parts) > 1:
             fp = parts[1]
@@ -232,7 +272,7 @@ def read_token(token: str) -> Token:
             raise ValueError(token)
     except Exception:  # (base64, zlib and json errors too)
         raise ValueError(f"schedule token: expected {TOKEN_FORMAT}; got {token!r}") from None
-    return Token(name, seed, depth, target, fp, constraints)
+    return Token(name, seed, depth, target, fp, constraints, focus)
 
 
 def parse_token(token: str) -> tuple[str, int, int, Any]:
@@ -243,17 +283,17 @@ def parse_token(token: str) -> tuple[str, int, int, Any]:
     return tuple(read_token(token)[:4])  # type: ignore[return-value]
 
 
-def session_args(token: str, where: str = "session(schedule)") -> tuple[str, int, int, Any, str | None]:
-    """``fake.session(schedule=TOKEN)``: ``(schedule, seed, depth, target, fingerprint)``. A
+def session_args(token: str, where: str = "session(schedule)") -> tuple[str, int, int, Any, str | None, frozenset | None]:
+    """``fake.session(schedule=TOKEN)``: ``(schedule, seed, depth, target, fingerprint, focus)``. A
     ``"constraints/..."`` token runs its constraint form; any other its seed's schedule (the
-    session warns at exit when the fingerprint doesn't match)."""
+    session warns at exit when the fingerprint doesn't match), over its focus if it has one."""
     try:
         t = read_token(token)
     except ValueError as error:
         raise ScheduleError(f"{where}: a schedule name in {SCHEDULES} or a {error}") from None
     target = Constraints(t.constraints) if t.schedule == "constraints" else t.target
     # (the constraint form matches kernels by name, not by the sequence: nothing to check)
-    return t.schedule, t.seed, t.depth, target, None if t.schedule == "constraints" else t.fingerprint
+    return t.schedule, t.seed, t.depth, target, None if t.schedule == "constraints" else t.fingerprint, t.focus
 
 
 class ScheduleSpec(NamedTuple):
@@ -266,6 +306,8 @@ class ScheduleSpec(NamedTuple):
     target: Any
     token: str | None = None
     fingerprint: str | None = None
+    #: the token's focus (:data:`FOCUS_MARK`): the kernels the schedule orders; None: every kernel
+    focus: frozenset | None = None
 
 
 #: the environment variable a session that names no schedule reads
@@ -285,10 +327,10 @@ def resolve_schedule(schedule: Any, seed: Any = 0, depth: Any = PCT_DEPTH, targe
     if not isinstance(schedule, str):
         raise ScheduleError(f"{where}: expected a schedule name in {SCHEDULES} or a token, got {schedule!r} ({type(schedule).__name__})")
     if schedule not in SCHEDULES and (":" in schedule or "/" in schedule):
-        name, seed, depth, target, fp = session_args(schedule, where)
+        name, seed, depth, target, fp, focus = session_args(schedule, where)
         if name == "constraints":
             return ScheduleSpec(name, seed, depth, target, schedule, fp)
-        return ScheduleSpec(*check_args(name, seed, depth, target), schedule, fp)
+        return ScheduleSpec(*check_args(name, seed, depth, target), schedule, fp, focus)
     if schedule not in SCHEDULES:
         raise ScheduleError(f"{where}: expected one of {', '.join(map(repr, SCHEDULES))} or a token ({TOKEN_FORMAT}), got {schedule!r}")
     if schedule == "constraints" and target is not None and not isinstance(target, Constraints):

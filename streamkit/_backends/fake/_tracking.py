@@ -193,8 +193,8 @@ class Kernel:
     run at issue is never bound (it keeps no arguments alive).
     """
 
-    # (deps, fills, order: set by a deferred scheduler when it queues the kernel)
-    __slots__ = ("op", "stream", "seq", "site", "call", "args", "kwargs", "deps", "fills", "order")
+    # (deps, fills, order, held: set by a deferred scheduler when it queues the kernel)
+    __slots__ = ("op", "stream", "seq", "site", "call", "args", "kwargs", "deps", "fills", "order", "held")
 
     def __init__(self, op: Any, stream: StreamState, seq: int, site: Any) -> None:
         self.op = op
@@ -225,7 +225,7 @@ class EagerScheduler:
 
     runs_at_issue = True  # submit() runs the kernel before returning: launchers may run it inline
 
-    def submit(self, kernel: Kernel, sync: Any = None) -> Any:
+    def submit(self, kernel: Kernel, sync: Any = None, accesses: Any = None) -> Any:
         return kernel.run()
 
     run_now = submit
