@@ -22,6 +22,7 @@ from ._fake_backend import BACKEND
 from ._handles import DEFAULT_STREAM
 from ._allocator import StorageState
 from ._report import Race, Reporter
+from ._sites import STACK_DEPTH
 from ._stats import Stats
 from ._tokens import check_fingerprint, resolve_schedule
 from ._tensor import FakeDeviceTensor
@@ -86,6 +87,9 @@ class Session:
         #: ``(state, kernels)`` for every race found, access, free or host (``state``: the storage's
         #: access table, None for pinned host memory; ``kernels``: the device side's kernels)
         self.on_raced: Any = None
+        #: user frames captured per kernel (fake.explore's runs keep 1: the kernel's own line names it,
+        #: and the reports of the races they meet again are the eager run's)
+        self.site_depth = STACK_DEPTH
         #: ``pytest --streamkit-emulate``'s per-test session: a ``fake.session()`` the test opens
         #: itself steps this one aside while it is open (fake sessions don't nest)
         self.yields_to_sessions = False

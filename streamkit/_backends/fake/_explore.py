@@ -207,18 +207,22 @@ def same_values(a: Any, b: Any) -> bool:
 def run_schedule(
     fn: Callable[[], Any], schedule: str, seed: int, detect: str, depth: int = PCT_DEPTH, target: Any = None,
     observe: Observation | None = None, known: dict | None = None, focus: frozenset | None = None,
+    site_depth: int | None = None,
 ) -> Run:
     """One run of ``fn`` in a fresh session. ``observe``: the eager reference run's observation
     (:mod:`._planner`); ``known``: races of the reference by :func:`._planner.race_key` (with
     ``detect="record"``, their reports aren't built again: the reference's Race is listed);
     ``focus``: the reference's focus kernels, the only ones the schedule orders
-    (:meth:`._deferred.DeferredScheduler.set_focus`)."""
+    (:meth:`._deferred.DeferredScheduler.set_focus`); ``site_depth``: user frames per kernel site
+    (explore's runs: 1, their kernels are named by their own line; None: the session's default)."""
     run = Run(schedule, seed, depth, None if schedule == "constraints" else target, focus=focus)
     hits: list = []
     try:
         with session(detect=detect, schedule=schedule, seed=seed, depth=depth, target=target) as s:
             if focus is not None:
                 s.scheduler.set_focus(focus)
+            if site_depth is not None:
+                s.site_depth = site_depth
             if observe is not None:
                 observe.install(s)
             elif known and detect == "record":
@@ -388,7 +392,7 @@ def _shrink(
             if failure.shrink_runs >= allowed():
                 return False
             failure.shrink_runs += 1
-            run = run_schedule(fn, "constraints", 0, detect, target=Constraints([pairs[i] for i in key]))
+            run = run_schedule(fn, "constraints", 0, detect, target=Constraints([pairs[i] for i in key]), site_depth=EXPLORED_SITE_DEPTH)
             cache[key] = failed_against(run, reference)
             if cache[key]:
                 if len(key) <= len(best[0]):
@@ -538,7 +542,7 @@ class Explorer:
     def run(self, slot: Slot) -> Run:
         schedule, seed, depth, target = slot
         focus = self.focus if schedule in FOCUSED else None
-        run = run_schedule(self.fn, schedule, seed, self.detect, depth, target, known=self.known, focus=focus)
+        run = run_schedule(self.fn, schedule, seed, self.detect, depth, target, known=self.known, focus=focus, site_depth=EXPLORED_SITE_DEPTH)
         if run.error is None:
             run.ok = same_values(self.reference.values, run.values)
         return run
@@ -595,6 +599,9 @@ def explore(
     return Explorer(fn, schedules, seed, detect).explore(shrink)
 
 
+#: user frames per kernel site in explore's runs (the eager run's reports have the full stacks; a
+#: kernel is named by its own line: :class:`._tokens.KernelId`, :func:`._planner.race_key`)
+EXPLORED_SITE_DEPTH = 1
 #: the schedules explore runs with the eager run's focus (:meth:`._deferred.DeferredScheduler.set_focus`):
 #: all but the constraint form (shrinking's runs and edit-proof replays: kernels named, not numbered)
 FOCUSED = frozenset({"pct", "rates", "lazy", "adversarial", "random", "race", "order", "split"})

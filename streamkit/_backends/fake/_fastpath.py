@@ -235,7 +235,7 @@ def _method(func: Any) -> Any:
             # (_any_requires_grad reads the flag without a __torch_function__ round trip.)
             return _disabled(func, _TYPES, args, kwargs)
         # (from __torch_function__, frame 1 is streamkit's: the walk skips it)
-        site = capture_site(_getframe(1)) if session.tracked else None
+        site = capture_site(_getframe(1), session.site_depth) if session.tracked else None
         if fast.split is not None:  # (masked_select: reads before its host sync and after it)
             return _host_syncs.fast_split(session, fast, func, args, inner, kwargs, accesses, site)
         kernel, result = session.launch(fast.op, func, None, site, inner, kwargs, accesses, fast.host_sync, fast.sync_before)
@@ -296,7 +296,7 @@ def _cpu(self: Any, memory_format: torch.memory_format = torch.preserve_format) 
         or self.sk_state.session is not session or (_grad_enabled() and _any_requires_grad(self))
     ):
         return _tensor_cpu(self, memory_format=memory_format)
-    site = capture_site(_getframe(1)) if session.tracked else None
+    site = capture_site(_getframe(1), session.site_depth) if session.tracked else None
     kwargs = {"memory_format": memory_format}
     _, result = session.launch(_to_copy, _clone, None, site, [self.sk_inner], kwargs, [(self, _READ_KIND)], "blocking_copies")
     return result

@@ -47,6 +47,8 @@ class Engine(Protocol):
     capture: Any  #: the graph capture underway (``_graph.Capture``), or None
     pending: Any  #: a RaceError found meanwhile (a free race), raised at the next launch or sync
     default_stream: "StreamState"
+    site_depth: int  #: user frames captured per kernel's issue site
+    on_raced: Any  #: fake.explore's observation hook (``(state, kernels)`` per race found), or None
 
     # -- streams -------------------------------------------------------------------------------
     def current_stream(self) -> "StreamState":

@@ -54,7 +54,7 @@ class OpCall:
         self.call = call
         self.stream = session.current_stream() if stream is None else stream
         # the site is captured once per entry point, and only when something may report it
-        self.site = capture_site(frame) if frame is not None and session.tracked else site
+        self.site = capture_site(frame, session.site_depth) if frame is not None and session.tracked else site
         self.args: Any = ()
         self.kwargs: dict = {}
         self.accesses: list = []

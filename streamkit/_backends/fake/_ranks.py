@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from . import _explore
 from ._explore import (
-    SHRINK_RUNS, SHRINK_RUNS_PER_CONSTRAINT, Exploration, Explorer, Run, ddmin, deviations, failed_against, identify_kernels, run_schedule,
+    EXPLORED_SITE_DEPTH, SHRINK_RUNS, SHRINK_RUNS_PER_CONSTRAINT, Exploration, Explorer, Run, ddmin, deviations, failed_against, identify_kernels, run_schedule,
     check_explore_args,
 )
 from ._tokens import Constraints, explanation, fingerprint, occurrence_totals
@@ -231,7 +231,7 @@ def shrink_group(explorer: Explorer, failure: RankRun, group: Any) -> None:
                 return False  # (the same on every rank: the budget follows shared outcomes)
             failure.shrink_runs += 1
             mine = [pairs[i - offset] for i in key if offset <= i < offset + len(pairs)]
-            run = run_schedule(explorer.fn, "constraints", 0, explorer.detect, target=Constraints(mine))
+            run = run_schedule(explorer.fn, "constraints", 0, explorer.detect, target=Constraints(mine), site_depth=EXPLORED_SITE_DEPTH)
             cache[key] = any(_gather(failed_against(run, explorer.reference), group))
             if cache[key]:
                 best[0] = min(best[0], len(key))
