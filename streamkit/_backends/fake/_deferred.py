@@ -312,7 +312,8 @@ class DeferredScheduler:
         return True
 
     def _hold(self, kernel: Any, accesses: Any) -> None:
-        """A queued kernel's accesses count in :attr:`busy` until it runs."""
+        """A queued kernel's accesses count in :attr:`busy` until it runs. (Counts at zero stay:
+        they block nothing, and a recycled block's new owner may name the same counts.)"""
         busy = self.busy
         held = []
         for t, kind in accesses or ():
@@ -322,25 +323,17 @@ class DeferredScheduler:
                 counts = busy[key] = [0, 0]
             write = kind is _WRITE
             counts[write] += 1
-            held.append((key, write))
+            held.append((counts, write))
         kernel.held = held
 
     def hold_output(self, kernel: Any, state: Any) -> None:
         """``state`` is a fresh output of ``kernel``, still queued: it writes it when it runs."""
-        key = id(state)
-        counts = self.busy.get(key)
-        if counts is None:
-            counts = self.busy[key] = [0, 0]
-        counts[1] += 1
-        kernel.held.append((key, True))
+        counts = self.busy[id(state)] = [0, 1]  # (new memory: nothing else holds it)
+        kernel.held.append((counts, True))
 
     def _release(self, kernel: Any) -> None:
-        busy = self.busy
-        for key, write in kernel.held:
-            counts = busy[key]
+        for counts, write in kernel.held:
             counts[write] -= 1
-            if not counts[0] and not counts[1]:
-                del busy[key]  # (a recycled block's new owner may still name the same counts: at zero they block nothing)
         kernel.held = None
 
     # issue

@@ -294,13 +294,14 @@ class Session:
     def drained(self, clock: Any) -> None:
         """A deferred schedule: run what the host waits for (``None``: everything); a kernel that
         failed when it ran raises now."""
-        if clock is None:
-            self.scheduler.drain_all()
-        else:
-            self.scheduler.drain(clock)
-        failed = self.scheduler.take_error()
-        if failed is not None:
-            raise failed
+        scheduler = self.scheduler
+        if scheduler.pending:  # (nothing queued: nothing to run, and every policy's settle is idle)
+            if clock is None:
+                scheduler.drain_all()
+            else:
+                scheduler.drain(clock)
+        if scheduler.error is not None:
+            raise scheduler.take_error()
 
     def query(self, clock: Any) -> bool:
         """``query()``: whether the work ordered by ``clock`` has run (a deferred schedule runs one

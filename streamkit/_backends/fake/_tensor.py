@@ -17,6 +17,7 @@ import torch
 from ..._errors import BackendMismatchError, BackendUnavailableError, DeviceIndexError, SessionClosedError
 from . import _aliases, _allocator, _host_syncs, _pinned
 from ._allocator import StorageState
+from ._deferred import poison
 from ._fake_backend import BACKEND
 from ._overlap import layout_of
 from ._pipeline import OpCall
@@ -117,8 +118,6 @@ def session_closed() -> None:
 
 
 def _poison(result: Any) -> None:
-    from ._deferred import poison
-
     for t in result if isinstance(result, (list, tuple)) else (result,):
         if isinstance(t, torch.Tensor):
             poison(t)
