@@ -8,7 +8,8 @@ floods of 20 and 60 benign races, races repeated in loops) and their race-free t
 For every bug and seed, explore runs with the budget issue 19 sets for its depth (20 schedules for
 depth 1 and 2, 50 for 3, 200 for 4) and stops at the first failing schedule; the table gives the
 schedules-to-find per seed ("-" = not found within the budget), beside the PCT bound
-1 / (n k^(d-1)) (n threads: the streams plus the host; k steps: twice the eager run's kernels) and
+1 / (n k^(d-1)) (n threads: the streams plus the host; k steps: twice the focus kernels, those on
+memory a race was on: the others run at issue and take no step) and
 the same search without the directed runs (``detect="off"``: PCT and rates alone). Then every
 failure's token is replayed (same values bit for bit), every twin is explored (no failure may
 appear), and the cost of one explored schedule is compared with one eager tracked run.

@@ -289,14 +289,15 @@ class DeferredScheduler:
         schedule may have put them."""
         self.focus = focus
         self.busy = {}
+        self.session.inert = self.inert
 
     def inert(self, kernel: Any, accesses: list) -> bool:
         """With a focus: whether ``kernel`` runs at issue, outside the policy (:meth:`set_focus`);
         then it is recorded as issued and run."""
         if (kernel.stream.idx, kernel.seq) in self.focus:
             return False
-        busy = self.busy
-        if busy:
+        if self.busy:
+            busy = self.busy
             for t, kind in accesses:
                 counts = busy.get(id(t.sk_state))
                 if counts is not None and (counts[1] or (kind is _WRITE and counts[0])):
@@ -355,12 +356,23 @@ class DeferredScheduler:
             return self.run_now(kernel)
         if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
+        # a focus run asks a policy that draws before the meta evaluation, which a kernel it runs
+        # at issue doesn't need (runs without a focus ask after it: the draws of earlier tokens)
+        early = self.focus is not None and policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH))
+        if early and policy.fast(self, kernel):
+            if not self.pending:
+                return self._run_at_issue(kernel)
+            result = self._run_at_issue(kernel)
+            policy.after_fast(self)
+            return result
         checks: list = []
         try:
             template, tensors = layout(kernel.call, kernel.args, kernel.kwargs, checks)
         except AtOnce:
+            if early:
+                policy.cancel_fast()
             return self.run_now(kernel)
-        if policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH)) and policy.fast(self, kernel):
+        if not early and policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH)) and policy.fast(self, kernel):
             if not self.pending:
                 return self._run_at_issue(kernel)
             # (the policy's turn would run it first: at issue, as eager does, then the rest of the turn)

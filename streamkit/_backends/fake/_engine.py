@@ -109,6 +109,9 @@ class Session:
         self.tracked = detect != "off" or schedule != "eager"
         self.lock = threading.RLock()
         self.clocks = Clocks()
+        #: with a focus (fake.explore's runs), the scheduler's :meth:`~._deferred.DeferredScheduler.inert`
+        #: (bound once: launch asks it for every kernel), else None
+        self.inert: Any = None
         self.scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
         if spec.focus is not None:  # (a token of fake.explore's: the kernels its schedule orders)
             self.scheduler.set_focus(spec.focus)
@@ -250,7 +253,7 @@ class Session:
             try:
                 if self.eager:  # the kernel runs right here and keeps no arguments
                     result = call(*args, **kwargs) if kwargs else call(*args)
-                elif self.scheduler.focus is not None and self.scheduler.inert(kernel, accesses):
+                elif self.inert is not None and self.inert(kernel, accesses):
                     # (fake.explore: no race touches its memory and no queued kernel conflicts
                     # with it, so no schedule changes what it computes: it runs as eager runs it)
                     result = call(*args, **kwargs) if kwargs else call(*args)

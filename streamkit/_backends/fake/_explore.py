@@ -6,9 +6,10 @@ and shrinks the first failure to the few ordering constraints that cause it;
 Tokens (docs/exploration.md, "Tokens"): ``SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]``. ``SCHEDULE`` is
 the short form, from the policy registry (:mod:`._policies`): ``"schedule:seed"``
 (``"adversarial:0"``, ``"rates:7"``), ``"pct:seed:depth[:steps]"``, ``"race:S.N:S.N"``,
-``"split:S.N:S.N"``, ``"order:S.N-S.N,..."`` or ``"constraints"``: a schedule is a deterministic function of the program,
-the scheduler and its seed, so it reproduces the run of the same program (one host thread, one
-process). ``FINGERPRINT`` is a CRC-32 of the run's kernel sequence (op, file, line, in issue
+``"split:S.N:S.N"``, ``"order:S.N-S.N,..."`` or ``"constraints"``, then in explore's runs
+``+focus=`` and the kernels the schedule ordered (the eager run's focus; the others ran at
+issue): a schedule is a deterministic function of the program, the scheduler, its seed and its
+focus, so it reproduces the run of the same program (one host thread, one process). ``FINGERPRINT`` is a CRC-32 of the run's kernel sequence (op, file, line, in issue
 order); ``CONSTRAINTS`` the shrunk constraint form ("kernel A runs before kernel B", kernels named
 by op, file, function, source line and occurrence), which replay runs instead of the seed when
 the fingerprint no longer matches (the program was edited).

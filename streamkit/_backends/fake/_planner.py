@@ -12,10 +12,14 @@ and the number of kernels. From that:
   fall between (``order:``: it runs after the ``i``-th of the unordered writes to its bytes and
   before the ``i+1``-th). Races whose kernels reach the returned values come first.
 - **undirected runs** (:func:`undirected_slots`): PCT with change points over the real step count
-  (``pct:SEED:DEPTH:STEPS``, depths cycling 1, 2, 3, 4), random runs with per-stream rates
+  (``pct:SEED:DEPTH:STEPS``: twice the focus kernels, the steps a run takes; depths cycling 1, 2, 3, 4), random runs with per-stream rates
   (``rates:SEED``), adversarial and lazy. Seeds are hashes of (explore's seed, run index).
 - :func:`interleave` mixes them from the first schedules on, so no flood of benign races starves
   the random search.
+
+Every run but the constraint form orders only the **focus** (:meth:`Observation.focus`): the
+kernels of every race and those that touched a storage some race was on; the rest run at issue
+(:meth:`._deferred.DeferredScheduler.set_focus` says why no value is lost or added).
 """
 
 from __future__ import annotations

@@ -188,6 +188,10 @@ class Policy:
         """(:attr:`fast_queued` policies) ``fast`` ran a kernel at issue while others were queued:
         the rest of what :meth:`after_issue` would have done after running it first."""
 
+    def cancel_fast(self) -> None:
+        """``fast`` said False for a kernel that then ran at once (it can't be deferred): no
+        :meth:`after_issue` comes for it, so the choice ``fast`` made for it is dropped."""
+
     def settle(self, sched: Any) -> None:
         pass
 
@@ -299,6 +303,9 @@ class Rates(Policy):
             return True
         self._decided = True
         return False
+
+    def cancel_fast(self) -> None:
+        self._decided = False
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         if self._decided:
@@ -425,6 +432,9 @@ class PCT(Policy):
 
     def after_fast(self, sched: Any) -> None:
         self._higher(sched)
+
+    def cancel_fast(self) -> None:
+        self._stepped = False  # (the host's step for the issue was taken)
 
     def after_issue(self, sched: Any, kernel: Any) -> None:
         if self._stepped:

@@ -23,8 +23,8 @@ from ._sites import line_of
 
 TOKEN_FORMAT = (
     f"'SCHEDULE[/FINGERPRINT[/CONSTRAINTS]]': SCHEDULE one of {token_format()} (S.N: a kernel as stream"
-    " index . sequence number); FINGERPRINT 8 hex digits (or '-'); CONSTRAINTS the encoded constraint list of a"
-    " token fake.explore made"
+    " index . sequence number), followed in fake.explore's tokens by '+focus=' and its encoded focus;"
+    " FINGERPRINT 8 hex digits (or '-'); CONSTRAINTS the encoded constraint list of a token fake.explore made"
 )
 
 
