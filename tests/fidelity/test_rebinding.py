@@ -65,6 +65,10 @@ def test_data_assignment_frees_the_old_memory_and_checks_the_free():
 
 
 # CUDA: Module._apply assigns param.data = fn(param) for casts (.double(), .half()) of device parameters (torch/nn/modules/module.py _apply); the cast is a _to_copy kernel on the current stream
+@pytest.mark.eager_only(
+    "asserts the eager run's races; under a deferred schedule the recycled old bias block's next owner"
+    " also reports the access (docs/exploration.md, Limits: detection and schedules)"
+)
 def test_module_casts_and_moves_assign_param_data():
     def program(device, ordered=True):
         torch.manual_seed(0)

@@ -68,7 +68,7 @@ def test_an_op_call_captures_its_site_once_from_the_frame_it_is_given():
         call.launch()
         assert call.kernel.site is call.site and call.kernel.stream is call.stream
         assert torch.equal(x.cpu(), torch.ones(4))
-    with fake.session(detect="off") as off:
+    with fake.session(detect="off", schedule="eager") as off:  # (a deferred schedule keeps clocks, sites too)
         assert DispatchCall(plan, sys._getframe(0)).site is None  # nothing to report: not captured
         assert off.tracked is False
 
