@@ -66,6 +66,23 @@ class Session:
     names with a leading underscore are the engine's own.
     """
 
+    # (Hooks a few sessions set, as class-level defaults: a session's instance attributes stay
+    # within the 30 that CPython's shared-key instance dicts hold, past which every attribute
+    # read of the session, several per op, gets slower.)
+    #: fake.explore's hook (streamkit._backends.fake._planner): called first for every race the
+    #: detector finds; True skips the report (a race the eager run already reported)
+    race_hook: Any = None
+    #: fake.explore's observation hook (streamkit._backends.fake._planner): called with
+    #: ``(state, kernels)`` for every race found, access, free or host (``state``: the storage's
+    #: access table, None for pinned host memory; ``kernels``: the device side's kernels)
+    on_raced: Any = None
+    #: with a focus (fake.explore's runs), the scheduler's :meth:`~._deferred.DeferredScheduler.inert`
+    #: (bound once: launch asks it for every kernel), else None
+    inert: Any = None
+    #: ``pytest --streamkit-emulate``'s per-test session: a ``fake.session()`` the test opens
+    #: itself steps this one aside while it is open (fake sessions don't nest)
+    yields_to_sessions = False
+
     def __init__(
         self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None,
         emulate: str | None = None,
@@ -80,19 +97,9 @@ class Session:
         self._token, self._token_fingerprint = spec.token, spec.fingerprint
         #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
         self.fingerprint_matched: bool | None = None
-        #: fake.explore's hook (streamkit._backends.fake._planner): called first for every race the
-        #: detector finds; True skips the report (a race the eager run already reported)
-        self.race_hook: Any = None
-        #: fake.explore's observation hook (streamkit._backends.fake._planner): called with
-        #: ``(state, kernels)`` for every race found, access, free or host (``state``: the storage's
-        #: access table, None for pinned host memory; ``kernels``: the device side's kernels)
-        self.on_raced: Any = None
         #: user frames captured per kernel (fake.explore's runs keep 1: the kernel's own line names it,
         #: and the reports of the races they meet again are the eager run's)
         self.site_depth = STACK_DEPTH
-        #: ``pytest --streamkit-emulate``'s per-test session: a ``fake.session()`` the test opens
-        #: itself steps this one aside while it is open (fake sessions don't nest)
-        self.yields_to_sessions = False
         _emulate.claim(emulate)  # (names PrivateUse1 as this session needs, or says why it can't)
         #: the device type this session emulates (``"cuda"``, ``"npu"``), or ``None``: the fake device
         self.emulate = emulate
@@ -109,9 +116,6 @@ class Session:
         self.tracked = detect != "off" or schedule != "eager"
         self.lock = threading.RLock()
         self.clocks = Clocks()
-        #: with a focus (fake.explore's runs), the scheduler's :meth:`~._deferred.DeferredScheduler.inert`
-        #: (bound once: launch asks it for every kernel), else None
-        self.inert: Any = None
         self.scheduler: Any = EagerScheduler() if schedule == "eager" else DeferredScheduler(self, schedule, seed, depth, target)
         if spec.focus is not None:  # (a token of fake.explore's: the kernels its schedule orders)
             self.scheduler.set_focus(spec.focus)
