@@ -82,6 +82,10 @@ class Session:
     #: ``pytest --streamkit-emulate``'s per-test session: a ``fake.session()`` the test opens
     #: itself steps this one aside while it is open (fake sessions don't nest)
     yields_to_sessions = False
+    #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
+    fingerprint_matched: bool | None = None
+    _token: str | None = None  # (schedule=TOKEN: the token, and its fingerprint)
+    _token_fingerprint: str | None = None
 
     def __init__(
         self, detect: str = "raise", schedule: str | None = None, seed: int = 0, depth: int = PCT_DEPTH, target: Any = None,
@@ -94,9 +98,8 @@ class Session:
         # (schedule checks: the policy registry, streamkit._backends.fake._policies)
         spec = resolve_schedule(schedule, seed, depth, target)
         schedule, seed, depth, target = spec.schedule, spec.seed, spec.depth, spec.target
-        self._token, self._token_fingerprint = spec.token, spec.fingerprint
-        #: schedule=TOKEN with a fingerprint: whether the kernel sequence still matched it (at exit)
-        self.fingerprint_matched: bool | None = None
+        if spec.token is not None:
+            self._token, self._token_fingerprint = spec.token, spec.fingerprint
         #: user frames captured per kernel (fake.explore's runs keep 1: the kernel's own line names it,
         #: and the reports of the races they meet again are the eager run's)
         self.site_depth = STACK_DEPTH
