@@ -296,7 +296,7 @@ class DeferredScheduler:
         then it is recorded as issued and run."""
         if (kernel.stream.idx, kernel.seq) in self.focus:
             return False
-        if self.busy:
+        if self.pending:  # (counts are above zero only while their kernels are queued)
             busy = self.busy
             for t, kind in accesses:
                 counts = busy.get(id(t.sk_state))
