@@ -107,3 +107,48 @@ def test_one_access_vocabulary_for_records_and_reports():
     assert race.first.stream == side and race.first.stream_code == "side"
     assert race.second.stream_label == "the default stream"
     assert sk.RaceError is fake.RaceError and sk.RaceError.__module__ == "streamkit._errors"
+
+
+def test_sessions_stay_within_the_shared_key_instance_dict():
+    """CPython keeps an instance's attributes in the class's shared-key table up to 30 names; past
+    that every attribute read of a session (several per op) gets slower (it once cost x.add_(y)
+    1.7%). The eager session, explore's observed reference run and its focused runs all fit."""
+    from streamkit._backends.fake import _explore
+
+    sessions = []
+    real = _explore.session
+
+    def spy(**kwargs):
+        cm = real(**kwargs)
+
+        class Wrapped:
+            def __enter__(self):
+                s = cm.__enter__()
+                sessions.append(s)
+                return s
+
+            def __exit__(self, *exc):
+                return cm.__exit__(*exc)
+
+        return Wrapped()
+
+    def program():
+        side = sk.Stream()
+        x = torch.ones(8, device=sk.device())
+        x.mul_(2)
+        with sk.switch(side):
+            total = x.sum()
+        sk.current_stream().wait_stream(side)
+        return total.item()
+
+    _explore.session = spy
+    try:
+        fake.explore(program, schedules=3)
+    finally:
+        _explore.session = real
+    with fake.session(detect="record", schedule="rates:3") as plain:
+        program()
+    names = set(vars(plain))
+    for s in sessions:
+        names |= set(vars(s))
+    assert len(sessions) >= 4 and len(names) <= 30, sorted(names)
