@@ -302,15 +302,20 @@ class DeferredScheduler:
                 counts = busy.get(id(t.sk_state))
                 if counts is not None and (counts[1] or (kind is _WRITE and counts[0])):
                     return False
+        # (issued, not in ``ran``: its place in the run order changes nothing, so the deviations
+        # of the run, fake.explore's constraints, leave it out)
+        self._issued(kernel)
+        return True
+
+    def _issued(self, kernel: Any) -> None:
+        """Record ``kernel`` in :attr:`trace` (issue order); a session past :data:`TRACE_LIMIT`
+        kernels stops recording."""
         trace = self.trace
         if trace is not None:
-            # (issued, not in ``ran``: its place in the run order changes nothing, so the
-            # deviations of the run, fake.explore's constraints, leave it out)
             if len(trace) < TRACE_LIMIT:
                 trace.append(kernel)
             else:
                 self.trace = self.ran = None
-        return True
 
     def _hold(self, kernel: Any, accesses: Any) -> None:
         """A queued kernel's accesses count in :attr:`busy` until it runs. (Counts at zero stay:
@@ -340,12 +345,7 @@ class DeferredScheduler:
     # issue
     def submit(self, kernel: Any, sync: Any = None, accesses: Any = None) -> Any:
         """Queue ``kernel`` (bound) and return its outputs: placeholders, or the arguments it writes."""
-        trace = self.trace
-        if trace is not None:
-            if len(trace) < TRACE_LIMIT:
-                trace.append(kernel)
-            else:
-                self.trace = self.ran = None
+        self._issued(kernel)
         policy = self.policy
         if policy.sees:
             policy.seen(kernel)
@@ -356,15 +356,12 @@ class DeferredScheduler:
             return self.run_now(kernel)
         if not self.pending and not policy.fast_draws and policy.fast(self, kernel):
             return self._run_at_issue(kernel)  # (before the meta evaluation: nothing to defer)
+        asks = policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH))
         # a focus run asks a policy that draws before the meta evaluation, which a kernel it runs
         # at issue doesn't need (runs without a focus ask after it: the draws of earlier tokens)
-        early = self.focus is not None and policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH))
+        early = asks and self.focus is not None
         if early and policy.fast(self, kernel):
-            if not self.pending:
-                return self._run_at_issue(kernel)
-            result = self._run_at_issue(kernel)
-            policy.after_fast(self)
-            return result
+            return self._run_first(kernel)
         checks: list = []
         try:
             template, tensors = layout(kernel.call, kernel.args, kernel.kwargs, checks)
@@ -372,13 +369,8 @@ class DeferredScheduler:
             if early:
                 policy.cancel_fast()
             return self.run_now(kernel)
-        if not early and policy.fast_draws and (not self.pending or (policy.fast_queued and self.pending < QUEUE_DEPTH)) and policy.fast(self, kernel):
-            if not self.pending:
-                return self._run_at_issue(kernel)
-            # (the policy's turn would run it first: at issue, as eager does, then the rest of the turn)
-            result = self._run_at_issue(kernel)
-            policy.after_fast(self)
-            return result
+        if asks and not early and policy.fast(self, kernel):
+            return self._run_first(kernel)
         # the kernel runs on the memory, with the layouts of issue time (a later metadata change
         # of an argument, such as unsqueeze_, doesn't reach it): recorded here, checked when it runs
         # (.data = and set_ give the wrapper a new CPU tensor: the one bound here doesn't change)
@@ -427,6 +419,15 @@ class DeferredScheduler:
         with _NoTorchFunction():
             result = kernel.run()
         self.policy.ran(kernel)
+        return result
+
+    def _run_first(self, kernel: Any) -> Any:
+        """The policy's turn at issue runs ``kernel`` first: at issue, as eager does, then the rest
+        of the turn (if others are queued)."""
+        queued = self.pending
+        result = self._run_at_issue(kernel)
+        if queued:
+            self.policy.after_fast(self)
         return result
 
     def run_now(self, kernel: Any) -> Any:
@@ -605,6 +606,8 @@ class DeferredScheduler:
 
     def drain(self, clock: Any) -> None:
         """Run kernels until every kernel ordered by ``clock`` has run."""
+        if not self.pending:
+            return  # (nothing queued: nothing to run, and every policy's settle runs queued kernels only)
         with self.session.lock:
             policy = self.policy
             if self.pending and self.blocked(clock):

@@ -305,11 +305,10 @@ class Session:
         """A deferred schedule: run what the host waits for (``None``: everything); a kernel that
         failed when it ran raises now."""
         scheduler = self.scheduler
-        if scheduler.pending:  # (nothing queued: nothing to run, and every policy's settle is idle)
-            if clock is None:
-                scheduler.drain_all()
-            else:
-                scheduler.drain(clock)
+        if clock is None:
+            scheduler.drain_all()
+        else:
+            scheduler.drain(clock)
         if scheduler.error is not None:
             raise scheduler.take_error()
 

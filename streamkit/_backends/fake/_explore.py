@@ -658,7 +658,7 @@ def run_token(
             )
     run.schedule, run.seed, run.depth, run.target = t.schedule, t.seed, t.depth, t.target
     run.fingerprint, run.constraints, run.replayed_by = t.fingerprint, t.constraints, by
-    run.focus = t.focus
+    run.focus = t.focus  # (the token's, also when its constraint form ran: the run names the token)
     run.explanation = explanation(t.constraints) if t.constraints else None
     run._trace = None
     return run
