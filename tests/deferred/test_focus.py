@@ -17,6 +17,7 @@ from streamkit._backends.fake._tokens import decode_focus, encode_focus
 
 from test_deferred import readme_program
 from test_recycle import N, freed_while_side_reads
+from test_shrink import tensors_program
 
 
 def race_free(steps: int = 6):
@@ -124,15 +125,7 @@ def test_focus_round_trips_through_the_token():
 
 
 def test_a_session_given_an_explored_token_runs_that_schedule_bit_for_bit():
-    def fn():
-        side = sk.Stream()
-        x = torch.arange(256, device=sk.device(), dtype=torch.float32)
-        x.mul_(3)
-        with sk.switch(side):
-            y = x * 0.1 + 1
-        sk.current_stream().wait_stream(side)
-        return [y, x]
-
+    fn = tensors_program
     for run in fake.explore(fn, schedules=6).runs:
         assert run.focus is not None and "+focus=" in run.token
         with fake.session(detect="record", schedule=run.token):

@@ -174,16 +174,19 @@ def test_tokens_round_trip_and_replay_bit_for_bit():
     assert fake.replay(readme_program, "random:5").token == "random:5"
 
 
-def test_replay_of_tensors_is_bit_identical():
-    def fn():
-        side = sk.Stream()
-        x = torch.arange(256, device=sk.device(), dtype=torch.float32)
-        x.mul_(3)
-        with sk.switch(side):
-            y = x * 0.1 + 1
-        sk.current_stream().wait_stream(side)
-        return [y, x]
+def tensors_program():
+    """Tensor values: the side stream scales ``x`` without waiting for the default stream's write."""
+    side = sk.Stream()
+    x = torch.arange(256, device=sk.device(), dtype=torch.float32)
+    x.mul_(3)
+    with sk.switch(side):
+        y = x * 0.1 + 1
+    sk.current_stream().wait_stream(side)
+    return [y, x]
 
+
+def test_replay_of_tensors_is_bit_identical():
+    fn = tensors_program
     for run in fake.explore(fn, schedules=6).runs:
         again = fake.replay(fn, run.token)
         assert all(torch.equal(a.nan_to_num(7.0), b.nan_to_num(7.0)) for a, b in zip(run.values, again.values))
