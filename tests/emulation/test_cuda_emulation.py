@@ -96,6 +96,24 @@ def test_stream_event_graph_memory_surface():
         assert not s.races
 
 
+# CUDA: torch.manual_seed seeds the CPU generator and calls torch.cuda.manual_seed_all (torch/random.py
+# _manual_seed_impl), torch.seed likewise; fake kernels draw from the CPU generator, so the emulated
+# torch.cuda seeding functions seed that one
+def test_seeding_through_torch_and_torch_cuda_draws_what_the_cpu_draws():
+    torch.manual_seed(3)
+    expected = torch.randn(4)
+    with fake.session(emulate="cuda"):
+        draws = []
+        for seed_with in (torch.manual_seed, torch.cuda.manual_seed, torch.cuda.manual_seed_all):
+            seed_with(3)  # (torch.manual_seed once recursed without end through the emulated manual_seed_all)
+            draws.append(torch.randn(4, device="cuda").cpu())
+        torch.seed()
+        torch.cuda.seed()
+        torch.cuda.seed_all()
+        assert torch.cuda.initial_seed() == torch.initial_seed()
+    assert all(torch.equal(d, expected) for d in draws)
+
+
 def test_racy_side_stream_names_the_users_lines_and_fix():
     with fake.session(emulate="cuda", detect="record") as s:
         x = torch.ones(4, device="cuda")

@@ -455,15 +455,17 @@ def make_module(kind: str) -> dict[str, Any]:
             "reserved_bytes.all.current": _reserved(), "reserved_bytes.all.peak": peak["reserved"],
         }
 
-    # random numbers: fake kernels run on the CPU generator, so seeding the device seeds it
+    # random numbers: fake kernels run on the CPU generator, so seeding the device seeds it. (The
+    # generator itself, not torch.manual_seed / torch.seed: those seed every available device's
+    # generators, this one's too, and would call back here without end.)
     def manual_seed(seed: int) -> None:
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(int(seed))
 
     def seed() -> None:
-        torch.seed()
+        torch.default_generator.seed()
 
     def initial_seed() -> int:
-        return torch.initial_seed()
+        return torch.default_generator.initial_seed()
 
     def _sleep(cycles: int) -> None:
         """A kernel that holds the current stream (its length is not modelled: streams are ordered, not timed)."""
